@@ -1,0 +1,206 @@
+"""Image I/O that keeps geometry exact, and the canonical axis order used inside heartcascade.
+
+All reading and writing goes through SimpleITK. A prediction is written with the *input's* size,
+spacing, origin and direction copied from the image that was read, so geometry round-trips exactly
+whatever the scan's orientation.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from heartcascade.utils.atomic import atomic_path
+from heartcascade.utils.errors import HCError
+
+IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+# Spacing ratio (thickest / second thickest) above which the thick axis is the acquisition's slice axis.
+ANISOTROPY_RATIO = 1.5
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The physical placement of a voxel grid (SimpleITK index order: x, y, z)."""
+
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> "Geometry":
+        return cls(tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()), tuple(image.GetDirection()))
+
+    def to_dict(self) -> dict:
+        return {"size": list(self.size), "spacing": list(self.spacing), "origin": list(self.origin), "direction": list(self.direction)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Geometry":
+        return cls(tuple(int(v) for v in d["size"]), tuple(float(v) for v in d["spacing"]),
+                   tuple(float(v) for v in d["origin"]), tuple(float(v) for v in d["direction"]))
+
+    def apply_to(self, image: sitk.Image) -> sitk.Image:
+        if tuple(image.GetSize()) != self.size:
+            raise HCError(f"array of size {image.GetSize()} cannot take geometry of size {self.size}")
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+    def mismatch(self, other: "Geometry", tol: float = 1e-4) -> str | None:
+        """Describe the first difference beyond ``tol`` (relative for spacing, mm for origin), else None."""
+        if self.size != other.size:
+            return f"size {self.size} vs {other.size}"
+        if not np.allclose(self.spacing, other.spacing, rtol=tol, atol=0):
+            return f"spacing {_fmt(self.spacing)} vs {_fmt(other.spacing)}"
+        scale = max(1.0, float(np.max(np.abs(self.spacing))))
+        if not np.allclose(self.origin, other.origin, rtol=0, atol=tol * scale * 10):
+            return f"origin {_fmt(self.origin)} vs {_fmt(other.origin)}"
+        if not np.allclose(self.direction, other.direction, rtol=0, atol=tol * 10):
+            return f"direction {_fmt(self.direction)} vs {_fmt(other.direction)}"
+        return None
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
+
+
+def strip_image_ending(name: str) -> str:
+    for ending in IMAGE_ENDINGS:
+        if name.lower().endswith(ending):
+            return name[: -len(ending)]
+    return name
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(IMAGE_ENDINGS) and not path.name.startswith(".")
+
+
+def read_image(path: str | os.PathLike) -> sitk.Image:
+    """Read a file SimpleITK understands, or a folder holding one DICOM series; one-line error otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        image = _read_dicom_series(path)
+    elif path.is_file():
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError as exc:
+            reason = str(exc).strip().splitlines()
+            short = next((line for line in reason if "Exception" not in line and line.strip()), "unreadable")
+            raise HCError(f"{path}: cannot read image ({short.strip()[:160]})") from None
+    else:
+        raise HCError(f"{path}: no such file or folder")
+    if image.GetDimension() != 3:
+        raise HCError(f"{path}: expected a 3D image, got {image.GetDimension()}D of size {image.GetSize()}")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise HCError(f"{path}: expected one value per voxel, got {image.GetNumberOfComponentsPerPixel()} (vector/RGB image)")
+    return image
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise HCError(f"{folder}: folder holds no DICOM series")
+    if len(series) > 1:
+        raise HCError(f"{folder}: folder holds {len(series)} DICOM series; put each series in its own folder")
+    files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
+    reader.SetFileNames(files)
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        raise HCError(f"{folder}: cannot read DICOM series ({str(exc).strip().splitlines()[-1][:160]})") from None
+
+
+def image_array(image: sitk.Image, path: str | os.PathLike = "image", dtype=np.float32) -> np.ndarray:
+    """Voxel array in SimpleITK order (z, y, x); rejects NaN/Inf so they never reach a network."""
+    array = sitk.GetArrayFromImage(image)
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        raise HCError(f"{path}: image contains {bad} NaN/Inf voxels")
+    return array.astype(dtype, copy=False)
+
+
+def label_array(image: sitk.Image, path: str | os.PathLike = "label") -> np.ndarray:
+    """Integer label array (z, y, x). Float labels are accepted when every value is integral."""
+    array = sitk.GetArrayFromImage(image)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(array)):
+            raise HCError(f"{path}: label map contains NaN/Inf values")
+        rounded = np.rint(array)
+        if not np.array_equal(rounded, array):
+            bad = np.unique(array[rounded != array])[:5]
+            raise HCError(f"{path}: label map has non-integral values, e.g. {', '.join(f'{v:g}' for v in bad)}")
+        array = rounded
+    if array.min(initial=0) < 0 or array.max(initial=0) > np.iinfo(np.int32).max:
+        raise HCError(f"{path}: label values out of range ({array.min()}..{array.max()})")
+    return array.astype(np.int32, copy=False)
+
+
+def write_array(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, compress: bool = True) -> None:
+    """Write an array in SimpleITK order with exactly ``geometry``; atomic."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    geometry.apply_to(image)
+    write_image(image, path, compress=compress)
+
+
+def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> None:
+    with atomic_path(path) as tmp:
+        try:
+            sitk.WriteImage(image, str(tmp), compress)
+        except RuntimeError as exc:
+            raise HCError(f"{path}: cannot write image ({str(exc).strip().splitlines()[-1][:160]})") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Slice axis and the canonical axis order (slice axis first)
+# ---------------------------------------------------------------------------------------------------
+
+def choose_slice_axis(spacing: Sequence[float], direction: Sequence[float]) -> int:
+    """Index axis (0=x, 1=y, 2=z in SimpleITK order) along which the case is processed slice by slice.
+
+    With anisotropic spacing it is the thick-slice axis (the acquisition's slice direction). Otherwise
+    it is the index axis whose direction is closest to the patient's superior-inferior axis, i.e. the
+    axial slices of a CT.
+    """
+    spacing = np.asarray(spacing, dtype=float)
+    order = np.argsort(spacing)[::-1]
+    if spacing[order[0]] >= ANISOTROPY_RATIO * spacing[order[1]]:
+        return int(order[0])
+    dmat = np.asarray(direction, dtype=float).reshape(3, 3)
+    # Column i is the physical direction of index axis i; physical row 2 is the S-I (LPS z) coordinate.
+    return int(np.argmax(np.abs(dmat[2, :])))
+
+
+def canonical_axes(slice_axis: int) -> tuple[int, int, int]:
+    """numpy axes of a SimpleITK array (z, y, x) in canonical order: slice axis first."""
+    np_axis = 2 - int(slice_axis)
+    return (np_axis,) + tuple(a for a in (0, 1, 2) if a != np_axis)
+
+
+def to_canonical(array: np.ndarray, slice_axis: int) -> np.ndarray:
+    """SimpleITK-order array (..., z, y, x) → canonical (..., D, H, W); leading axes (channels) kept."""
+    lead = array.ndim - 3
+    axes = tuple(range(lead)) + tuple(lead + a for a in canonical_axes(slice_axis))
+    return np.transpose(array, axes)
+
+
+def from_canonical(array: np.ndarray, slice_axis: int) -> np.ndarray:
+    """Inverse of :func:`to_canonical`."""
+    lead = array.ndim - 3
+    axes = tuple(lead + a for a in canonical_axes(slice_axis))
+    inverse = np.argsort(axes) + lead
+    return np.transpose(array, tuple(range(lead)) + tuple(int(a) for a in inverse))
+
+
+def canonical_spacing(spacing_xyz: Sequence[float], slice_axis: int) -> tuple[float, float, float]:
+    """Spacing in canonical (D, H, W) order."""
+    return tuple(float(spacing_xyz[2 - a]) for a in canonical_axes(slice_axis))
+
+
+def canonical_shape(size_xyz: Sequence[int], slice_axis: int) -> tuple[int, int, int]:
+    return tuple(int(size_xyz[2 - a]) for a in canonical_axes(slice_axis))
