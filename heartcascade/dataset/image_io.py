@@ -141,8 +141,21 @@ def label_array(image: sitk.Image, path: str | os.PathLike = "label") -> np.ndar
     return array.astype(np.int32, copy=False)
 
 
-def write_array(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, compress: bool = True) -> None:
-    """Write an array in SimpleITK order with exactly ``geometry``; atomic."""
+def write_array(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, compress: bool = True,
+                reference: str | os.PathLike | None = None) -> None:
+    """Write an array in SimpleITK order with exactly ``geometry``; atomic.
+
+    When ``reference`` is the NIfTI file the geometry was read from and ``path`` is NIfTI too, the
+    reference's header is reused (see :mod:`heartcascade.dataset.nifti_header`): SimpleITK's own NIfTI
+    writer re-derives the quaternion and can move an oblique direction by ~1e-8, while a copied header
+    reads back bit for bit.
+    """
+    from heartcascade.dataset import nifti_header
+
+    if reference is not None and nifti_header.can_copy_header(reference, path, geometry):
+        with atomic_path(path) as tmp:
+            nifti_header.write_with_header(np.ascontiguousarray(array), reference, tmp, compress)
+        return
     image = sitk.GetImageFromArray(np.ascontiguousarray(array))
     geometry.apply_to(image)
     write_image(image, path, compress=compress)
