@@ -1,9 +1,9 @@
 """Soft Dice losses of the paper (eqs. 1-4) and a hard Dice for validation.
 
-Conventions: probabilities/logits are (N, C, D, H, W); a target is either integer labels
-(N, D, H, W) or (N, 1, D, H, W), or a float one-hot / soft target shaped like the probabilities.
-Functions whose name ends in ``_from_logits`` apply a softmax over C first (in float32, so a bf16
-autocast forward still gets an accurate loss); the others expect probabilities.
+Conventions: probabilities/logits are (N, C, D, H, W); a target is either labels (N, D, H, W) or
+(N, 1, D, H, W) (integer, or float holding whole numbers), or a float one-hot / soft target shaped
+like the probabilities. Functions whose name ends in ``_from_logits`` apply a softmax over C first;
+half-precision inputs are upcast to float32 so a bf16 autocast forward still gets an accurate loss.
 
 eq. 1  S_c   = (2 * sum(p_c * g_c) + eps) / (sum(p_c) + sum(g_c) + eps)
 eq. 2  L     = 1 - sum_c w_c S_c, with w_c proportional to 1 / N_c (N_c = voxels of class c in the
@@ -17,7 +17,7 @@ eq. 3-4 L_ROI = 1 - S(1 - p_background, 1 - g_background): Dice of the foregroun
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -44,15 +44,14 @@ def _as_onehot(target: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """Accept labels or one-hot; return a float one-hot with the shape of ``probs``."""
     if target.is_floating_point() and target.shape == probs.shape:
         return target.to(probs.dtype)
-    if target.is_floating_point() or target.dtype == torch.bool:
+    label_shape = (probs.shape[0], *probs.shape[2:])
+    if target.dtype == torch.bool or tuple(target.shape) not in (label_shape, (probs.shape[0], 1, *probs.shape[2:])):
         raise HCError(
-            f"target must be integer labels or a one-hot shaped like the prediction {tuple(probs.shape)}, "
-            f"got {target.dtype} {tuple(target.shape)}"
+            f"target must be labels {label_shape} or a one-hot shaped like the prediction "
+            f"{tuple(probs.shape)}, got {target.dtype} {tuple(target.shape)}"
         )
-    onehot = to_onehot(target, probs.shape[1]).to(probs.dtype)
-    if onehot.shape != probs.shape:
-        raise HCError(f"target shape {tuple(target.shape)} does not match prediction {tuple(probs.shape)}")
-    return onehot
+    # integer labels, or float labels as data loaders often store them
+    return to_onehot(target.round().long() if target.is_floating_point() else target, probs.shape[1]).to(probs.dtype)
 
 
 def soft_dice_per_class(
@@ -80,6 +79,11 @@ def inverse_count_weights(target_onehot: torch.Tensor, batch_dice: bool = True) 
     inv = torch.where(counts > 0, 1.0 / counts.clamp_min(1e-12), torch.zeros_like(counts))
     total = inv.sum(-1, keepdim=True)
     return torch.where(total > 0, inv / total.clamp_min(1e-30), torch.zeros_like(inv))
+
+
+def _upcast(probs: torch.Tensor) -> torch.Tensor:
+    """Half-precision sums over a whole patch lose too many digits; compute those in float32."""
+    return probs.float() if probs.dtype in (torch.float16, torch.bfloat16) else probs
 
 
 def _weights(weighting: Weighting, g: torch.Tensor, batch_dice: bool) -> torch.Tensor:
@@ -110,16 +114,16 @@ def multiclass_dice_loss(
     ``weighting``: 'inverse_count' (eq. 2, weights from the target batch), 'uniform' (mean over the
     classes present) or an explicit (C,) tensor (normalised to sum 1, used as given).
     """
-    probs = probs.float()
+    probs = _upcast(probs)
     g = _as_onehot(target, probs)
     dice = soft_dice_per_class(probs, g, eps, batch_dice)
-    w = _weights(weighting, g, batch_dice)
-    loss = 1.0 - (w * dice).sum(-1)
-    if not batch_dice:
-        loss = loss.mean()
-    if float(w.sum()) == 0.0:  # empty target: nothing to score, keep the graph alive
-        return probs.sum() * 0.0
-    return loss
+    w = _weights(weighting, g, batch_dice).expand_as(dice)
+    # A target with no labelled voxel (all weights 0) scores 0 and is left out of the mean.
+    valid = w.sum(-1) > 0
+    loss = torch.where(valid, 1.0 - (w * dice).sum(-1), torch.zeros_like(dice[..., 0]))
+    if batch_dice:
+        return loss
+    return loss.sum() / valid.sum().clamp_min(1)
 
 
 def foreground_dice_loss(
@@ -130,7 +134,7 @@ def foreground_dice_loss(
     batch_dice: bool = True,
 ) -> torch.Tensor:
     """Eqs. 3-4 (L_ROI): 1 - soft Dice of foreground = reversed background, on probabilities."""
-    probs = probs.float()
+    probs = _upcast(probs)
     g = _as_onehot(target, probs)
     fg_p = 1.0 - probs[:, background_index:background_index + 1]
     fg_g = 1.0 - g[:, background_index:background_index + 1]
@@ -143,7 +147,7 @@ def multiclass_dice_loss_from_logits(
     eps: float = DEFAULT_EPS, batch_dice: bool = True,
 ) -> torch.Tensor:
     """:func:`multiclass_dice_loss` after a float32 softmax over the class axis."""
-    return multiclass_dice_loss(torch.softmax(logits.float(), dim=1), target, weighting, eps, batch_dice)
+    return multiclass_dice_loss(torch.softmax(_upcast(logits), dim=1), target, weighting, eps, batch_dice)
 
 
 def foreground_dice_loss_from_logits(
@@ -151,7 +155,7 @@ def foreground_dice_loss_from_logits(
     eps: float = DEFAULT_EPS, batch_dice: bool = True,
 ) -> torch.Tensor:
     """:func:`foreground_dice_loss` after a float32 softmax over the class axis."""
-    return foreground_dice_loss(torch.softmax(logits.float(), dim=1), target, background_index, eps, batch_dice)
+    return foreground_dice_loss(torch.softmax(_upcast(logits), dim=1), target, background_index, eps, batch_dice)
 
 
 class DiceLoss(nn.Module):
@@ -176,7 +180,7 @@ class DiceLoss(nn.Module):
         self.background_index = background_index
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(logits.float(), dim=1)
+        probs = torch.softmax(_upcast(logits), dim=1)
         loss = multiclass_dice_loss(probs, target, self.weighting, self.eps, self.batch_dice)
         if self.roi_weight:
             loss = loss + self.roi_weight * foreground_dice_loss(

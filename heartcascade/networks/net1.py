@@ -74,7 +74,7 @@ class Net1(nn.Module):
         in_channels: int,
         num_classes: int,
         base_features: int = 16,
-        max_features: int = 256,
+        max_features: int = 128,
         dilations: Sequence[Dilation] = DEFAULT_DILATIONS,
         dropout: float = 0.2,
         kernel_size: int = 5,
