@@ -1,0 +1,100 @@
+"""``hc_plan_and_preprocess``: fingerprint a raw dataset, write its plans and preprocess its training cases."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from heartcascade.utils.errors import HCError
+
+try:  # shared CLI helpers (another module); a minimal fallback keeps this command usable on its own
+    from heartcascade.cli.common import dataset_id as _dataset_id_type
+    from heartcascade.cli.common import run_cli
+except ImportError:  # pragma: no cover
+    def run_cli(body):  # type: ignore[no-redef]
+        try:
+            code = body()
+        except HCError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            return 130
+        return 0 if code is None else int(code)
+
+    def _dataset_id_type(value: str) -> int:  # type: ignore[no-redef]
+        from heartcascade.paths import parse_dataset_id
+
+        try:
+            return parse_dataset_id(value)
+        except HCError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {number}")
+    return number
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hc_plan_and_preprocess",
+        description="Fingerprint the raw dataset HC_RAW/DatasetXXX_Name, write plans.json for the memory target "
+                    "and preprocess the training cases into HC_PREPROCESSED/DatasetXXX_Name.")
+    parser.add_argument("-d", "--dataset", required=True, type=_dataset_id_type,
+                        help="dataset id (1, 001 or Dataset001_Name)")
+    parser.add_argument("--gpu-memory-gb", type=_positive_float, default=None,
+                        help="GPU memory to plan for (default: the preset's, else the detected CUDA GPU, else 12)")
+    parser.add_argument("--preset", default=None,
+                        help="planner preset: name in the presets folder (paper, demo) or path to a JSON file "
+                             "(default: paper, or the one of an existing plans.json)")
+    parser.add_argument("-np", "--num-processes", type=_positive_int, default=None,
+                        help="worker processes (default: min(CPUs, 4)); each needs ~2 GB for a 512x512x239 CT")
+    parser.add_argument("--plan-only", action="store_true", help="write fingerprint and plans, do not preprocess")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="recompute fingerprint and plans and preprocess every case again")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def body() -> int:
+        from heartcascade.preprocessing.run import plan_and_preprocess
+
+        result = plan_and_preprocess(args.dataset, gpu_memory_gb=args.gpu_memory_gb, preset=args.preset,
+                                     num_processes=args.num_processes, plan_only=args.plan_only,
+                                     overwrite=args.overwrite, progress=not args.no_progress)
+        plans = result.plans
+        mem = plans["memory"]
+        print(f"plans: {result.out_dir / 'plans.json'} (preset {plans['preset']}, memory target "
+              f"{mem['target_gb']:g} GB from {mem['target_source']}; K={plans['net2']['K']}, Net1 coarse spacing "
+              f"{', '.join(f'{v:g}' for v in plans['net1']['coarse_spacing'])} mm)")
+        if not args.plan_only:
+            print(f"preprocessed: {len(result.processed)} case(s), skipped (up to date): {len(result.skipped)}, "
+                  f"failed: {len(result.failed)}")
+        if result.failed:
+            print(f"error: {len(result.failed)} case(s) failed: {', '.join(sorted(result.failed))}", file=sys.stderr)
+        return result.exit_code
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Intensity normalisation to [-1, 1], as in the paper.
+
+* ``ct_clip`` (CT in HU): HU values mean the same thing in every scan, so one clip window for the whole
+  dataset is taken from the fingerprint -- the 0.5 / 99.5 percentiles of *foreground* (heart) voxels
+  pooled over the training cases -- and mapped linearly to [-1, 1].
+* ``percentile_clip`` (MR and other uncalibrated channels): intensities are arbitrary per scan, so the
+  window is the case's own 0.5 / 99.5 percentiles (of the cropped image), mapped to [-1, 1].
+
+The per-channel scheme and its parameters live in ``plans['normalization']`` (a list, one entry per
+input channel).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from heartcascade.utils.errors import HCError
+
+TARGET_RANGE = (-1.0, 1.0)
+# At most this many voxels are used to estimate a case's percentiles (exact enough, bounded time).
+_PERCENTILE_SAMPLE = 2_000_000
+
+
+def rescale_(out: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Clip a float32 array to [lo, hi] and map that window linearly to [-1, 1], in place."""
+    if hi <= lo:  # constant image or degenerate window: everything maps to the centre
+        out[...] = 0.0
+        return out
+    np.clip(out, lo, hi, out=out)
+    out -= np.float32(lo)
+    out *= np.float32((TARGET_RANGE[1] - TARGET_RANGE[0]) / (hi - lo))
+    out += np.float32(TARGET_RANGE[0])
+    return out
+
+
+def rescale(array: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Copying version of :func:`rescale_`."""
+    return rescale_(np.array(array, dtype=np.float32, copy=True), lo, hi)
+
+
+def case_percentiles(array: np.ndarray, low: float, high: float) -> tuple[float, float]:
+    """``low``/``high`` percentiles of one channel, from a strided sample when the volume is large."""
+    flat = np.asarray(array).ravel()
+    step = max(1, flat.size // _PERCENTILE_SAMPLE)
+    lo, hi = np.percentile(flat[::step], [low, high])
+    return float(lo), float(hi)
+
+
+def channel_window(array: np.ndarray, scheme: dict[str, Any]) -> tuple[float, float]:
+    """The clip window a plans normalisation entry gives for one channel of one case."""
+    kind = scheme.get("scheme")
+    if kind == "ct_clip":
+        return float(scheme["clip_low"]), float(scheme["clip_high"])
+    if kind == "percentile_clip":
+        return case_percentiles(array, float(scheme["percentile_low"]), float(scheme["percentile_high"]))
+    raise HCError(f"unknown normalisation scheme {kind!r} in plans (expected 'ct_clip' or 'percentile_clip')")
+
+
+def normalize_image(image: np.ndarray, schemes: list[dict[str, Any]]) -> tuple[np.ndarray, list[dict[str, float]]]:
+    """Normalise every channel of a (C, ...) image into a new float32 array; returns it and the windows used.
+
+    Works channel by channel in the output buffer, so peak memory is the input plus one float32 copy.
+    """
+    if len(schemes) != image.shape[0]:
+        raise HCError(f"plans list {len(schemes)} normalisation entries but the image has {image.shape[0]} channels")
+    out = np.empty(image.shape, dtype=np.float32)
+    windows = []
+    for c, scheme in enumerate(schemes):
+        out[c] = image[c]
+        lo, hi = channel_window(out[c], scheme)
+        rescale_(out[c], lo, hi)
+        windows.append({"clip_low": lo, "clip_high": hi})
+    return out, windows
+
+
+def normalize_image_inplace(image: np.ndarray, schemes: list[dict[str, Any]]) -> tuple[np.ndarray, list[dict[str, float]]]:
+    """Like :func:`normalize_image` but overwrites a float32 (C, ...) array (no extra copy)."""
+    if image.dtype != np.float32:
+        raise HCError(f"normalize_image_inplace needs float32, got {image.dtype}")
+    if len(schemes) != image.shape[0]:
+        raise HCError(f"plans list {len(schemes)} normalisation entries but the image has {image.shape[0]} channels")
+    windows = []
+    for c, scheme in enumerate(schemes):
+        lo, hi = channel_window(image[c], scheme)
+        rescale_(image[c], lo, hi)
+        windows.append({"clip_low": lo, "clip_high": hi})
+    return image, windows

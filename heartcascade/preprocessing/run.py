@@ -1,0 +1,205 @@
+"""The plan-and-preprocess driver: fingerprint -> plans -> preprocessed cases, in worker processes.
+
+Output, under ``HC_PREPROCESSED/DatasetXXX_Name/``::
+
+    dataset.json                 copy of the raw dataset's
+    dataset_fingerprint.json     planning/fingerprint.py
+    plans.json                   planning/planner.py
+    data/<case files>            preprocessing/storage.py
+
+Re-running is cheap: the fingerprint is reused while the raw files are unchanged, an existing
+``plans.json`` is kept (hand edits survive) unless ``--overwrite`` or a different ``--preset`` /
+``--gpu-memory-gb`` is given, and a case is skipped when its stored stamp (hash of the plans fields that
+preprocessing depends on + size and mtime of its input files) matches. A case that fails is reported by
+name; the others go on and the run ends with a non-zero status.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from heartcascade import paths
+from heartcascade.dataset.dataset_json import Case, DatasetInfo, load_dataset
+from heartcascade.planning import fingerprint as fpmod
+from heartcascade.planning import planner, presets
+from heartcascade.planning.plans import load_plans, plans_path, preprocessing_hash, save_plans
+from heartcascade.preprocessing import storage
+from heartcascade.preprocessing.preprocess import preprocess_case, read_images
+from heartcascade.utils.atomic import atomic_path
+from heartcascade.utils.errors import HCError
+from heartcascade.dataset import image_io
+
+
+@dataclass
+class RunResult:
+    """What a run did (the CLI prints it; tests inspect it)."""
+
+    out_dir: Path
+    plans: dict[str, Any]
+    processed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+def default_num_processes() -> int:
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+def case_stamp(case: Case, plans_hash: str) -> dict[str, Any]:
+    return {"plans_hash": plans_hash, "inputs": fpmod.case_stamp(case)}
+
+
+def case_is_current(folder: Path, case: Case, stamp: dict[str, Any]) -> bool:
+    props_path = storage.case_files(folder, case.case_id)["properties"]
+    if not props_path.is_file():
+        return False
+    try:
+        props = storage.load_properties(folder, case.case_id)
+    except HCError:
+        return False
+    files = storage.case_files(folder, case.case_id)
+    if not (files["image"].is_file() and files["coarse_image"].is_file()):
+        return False
+    return props.get("stamp") == stamp
+
+
+def _process_one(job: tuple) -> tuple[str, str | None, float]:
+    """Worker: preprocess and save one case; returns (case id, error message or None, seconds)."""
+    case, plans, folder, stamp = job
+    start = time.perf_counter()
+    try:
+        images = read_images(case.images)
+        label = image_io.read_image(case.label) if case.label is not None else None
+        result = preprocess_case(images, plans, label, case.case_id)
+        del images, label
+        result.properties["stamp"] = stamp
+        storage.save_case(folder, case.case_id, result)
+        return case.case_id, None, time.perf_counter() - start
+    except HCError as exc:
+        return case.case_id, str(exc), time.perf_counter() - start
+    except MemoryError:
+        return case.case_id, "out of memory (try fewer worker processes, -np)", time.perf_counter() - start
+    except Exception as exc:  # noqa: BLE001 - a bad case must not stop the others
+        return case.case_id, f"{type(exc).__name__}: {exc}", time.perf_counter() - start
+
+
+def _init_worker(threads: int) -> None:
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def preprocess_cases(cases: list[Case], plans: dict[str, Any], folder: Path, num_processes: int = 1,
+                     overwrite: bool = False, progress: bool = True, result: RunResult | None = None) -> RunResult:
+    """Preprocess ``cases`` into ``folder`` (skipping current ones unless ``overwrite``)."""
+    result = result or RunResult(folder.parent, plans)
+    folder.mkdir(parents=True, exist_ok=True)
+    h = preprocessing_hash(plans)
+    jobs = []
+    for case in cases:
+        stamp = case_stamp(case, h)
+        if not overwrite and case_is_current(folder, case, stamp):
+            result.skipped.append(case.case_id)
+        else:
+            jobs.append((case, plans, folder, stamp))
+    bar = None
+    if progress and jobs:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(jobs), desc="preprocess", unit="case")
+        except ImportError:  # pragma: no cover
+            bar = None
+
+    def record(cid: str, err: str | None, secs: float) -> None:
+        result.seconds[cid] = secs
+        if err is None:
+            result.processed.append(cid)
+        else:
+            result.failed[cid] = err
+            msg = f"error: case {cid}: {err}"
+            if bar is not None:
+                bar.write(msg, file=sys.stderr)
+            else:
+                print(msg, file=sys.stderr)
+        if bar is not None:
+            bar.update()
+
+    if num_processes <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            record(*_process_one(job))
+    else:
+        threads = max(1, (os.cpu_count() or 1) // num_processes)
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(min(num_processes, len(jobs)), initializer=_init_worker, initargs=(threads,),
+                      maxtasksperchild=8) as pool:
+            for out in pool.imap_unordered(_process_one, jobs):
+                record(*out)
+    if bar is not None:
+        bar.close()
+    return result
+
+
+def _copy_dataset_json(info: DatasetInfo, out_dir: Path) -> None:
+    with atomic_path(out_dir / "dataset.json") as tmp:
+        shutil.copyfile(info.folder / "dataset.json", tmp)
+
+
+def _remove_stale(folder: Path, keep: set[str]) -> list[str]:
+    stale = [cid for cid in storage.list_cases(folder) if cid not in keep]
+    for cid in stale:
+        storage.remove_case(folder, cid)
+    return stale
+
+
+def make_plans(info: DatasetInfo, out_dir: Path, dataset_id: int, preset_name: str | None,
+               gpu_memory_gb: float | None, num_processes: int, overwrite: bool, progress: bool) -> dict[str, Any]:
+    """Fingerprint (reused when current) and plans (reused unless overwrite or different arguments)."""
+    preset = presets.load_preset(preset_name or presets.DEFAULT_PRESET)  # fail early on a bad name
+    fingerprint = fpmod.get_fingerprint(info, out_dir, num_processes, overwrite, progress)
+    path = plans_path(out_dir)
+    if path.is_file() and not overwrite:
+        try:
+            existing = load_plans(path)
+        except HCError:
+            existing = None
+        if existing is not None:
+            same_preset = preset_name is None or existing.get("preset") == preset.get("name")
+            same_memory = gpu_memory_gb is None or abs(existing["memory"]["target_gb"] - gpu_memory_gb) < 1e-6
+            if same_preset and same_memory:
+                return existing
+    plans = planner.plan_experiment(fingerprint, preset, info, dataset_id, gpu_memory_gb)
+    save_plans(path, plans)
+    return plans
+
+
+def plan_and_preprocess(dataset_id: int | str, gpu_memory_gb: float | None = None, preset: str | None = None,
+                        num_processes: int | None = None, plan_only: bool = False, overwrite: bool = False,
+                        progress: bool = True) -> RunResult:
+    """The whole command (see module docstring)."""
+    num = paths.parse_dataset_id(dataset_id)
+    info = load_dataset(paths.raw_dataset_dir(num))
+    out_dir = paths.preprocessed_root() / info.folder.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    num_processes = num_processes or default_num_processes()
+    _copy_dataset_json(info, out_dir)
+    plans = make_plans(info, out_dir, num, preset, gpu_memory_gb, num_processes, overwrite, progress)
+    result = RunResult(out_dir, plans)
+    if plan_only:
+        return result
+    cases = info.training_cases()
+    folder = storage.data_dir(out_dir)
+    _remove_stale(folder, {c.case_id for c in cases})
+    return preprocess_cases(cases, plans, folder, num_processes, overwrite, progress, result)

@@ -1,0 +1,251 @@
+"""Planning: fingerprint statistics, planner rules, plans schema, presets, memory model vs measurement."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from heartcascade.dataset.dataset_json import MMWHS_LABELS, DatasetInfo, load_dataset
+from heartcascade.planning import fingerprint as fpmod
+from heartcascade.planning import memory_model as mm
+from heartcascade.planning import planner, presets
+from heartcascade.planning.plans import (
+    PLANS_VERSION,
+    load_plans,
+    net1_kwargs,
+    net2_kwargs,
+    preprocessing_hash,
+    save_plans,
+    training_step,
+)
+from heartcascade.utils.errors import HCError
+
+from test_preprocessing import make_raw_dataset  # noqa: E402 - shared tiny-dataset helper
+
+CT_INFO = DatasetInfo(Path("/nowhere/Dataset001_HeartCT"), {"0": "CT"}, dict(MMWHS_LABELS), 20, ".nii.gz")
+MR_INFO = DatasetInfo(Path("/nowhere/Dataset002_CMR"), {"0": "MR"}, {"background": 0, "Myo": 1, "LV": 2, "RV": 3},
+                      25, ".nii.gz", label_codes={1: 200, 2: 500, 3: 600})
+
+
+def synthetic_fingerprint(spacing, cropped_p95, cropped_median, min_slices, ratio=1.1, intensity=(-150.0, 650.0)):
+    """Aggregate-level fingerprint of a dataset geometry (all the planner reads)."""
+    fov95 = [a * b for a, b in zip(cropped_p95, spacing)]
+    fovm = [a * b for a, b in zip(cropped_median, spacing)]
+    return {"num_cases": 20, "spacing": {"median": list(spacing)}, "inplane_spacing_ratio": ratio,
+            "inplane_spacing_median": float(spacing[1]), "fov_mm": {"p95": fov95, "median": fovm},
+            "cropped_shape": {"p95": list(cropped_p95), "median": list(cropped_median)}, "min_slices": min_slices,
+            "intensity": [{"percentile_00_5": intensity[0], "percentile_99_5": intensity[1]}]}
+
+
+# MM-WHS CT: 512 x 512 x ~180-360 slices at ~0.45 x 0.45 x 0.625 mm (cropped to the body)
+MMWHS_CT = synthetic_fingerprint([0.625, 0.45, 0.45], [300, 480, 480], [230, 420, 430], 150)
+# MS-CMRSeg bSSFP: 256 x 256 x (11..19) at 1.25 x 1.25 x 7.99 mm
+MSCMR = synthetic_fingerprint([7.99, 1.25, 1.25], [17, 240, 240], [15, 220, 220], 11)
+
+
+@pytest.fixture(scope="module")
+def paper() -> dict:
+    return presets.load_preset("paper")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fingerprint
+# ---------------------------------------------------------------------------------------------------
+
+def test_fingerprint_statistics_match_numpy(tmp_path):
+    info = make_raw_dataset(tmp_path, 3, "Fp", n_cases=3, spacing=(0.8, 0.8, 2.5), size_xyz=(32, 30, 14))
+    fp = fpmod.compute_fingerprint(load_dataset(info.folder), num_processes=1, progress=False)
+    values, counts = [], np.zeros(4, int)
+    for case in info.training_cases():
+        img = sitk.GetArrayFromImage(sitk.ReadImage(str(case.images[0]))).astype(np.float64)
+        lab = sitk.GetArrayFromImage(sitk.ReadImage(str(case.label)))
+        values.append(img[lab > 0])
+        counts += np.bincount(lab.ravel(), minlength=4)
+        rec = next(r for r in fp["cases"] if r["case_id"] == case.case_id)
+        assert rec["slice_axis"] == 2 and rec["spacing"] == pytest.approx([2.5, 0.8, 0.8])
+        assert rec["shape"] == [14, 30, 32]
+        fg = np.argwhere(lab > 0)
+        extent = (fg.max(0) - fg.min(0) + 1) * np.array([2.5, 0.8, 0.8])
+        assert rec["foreground_extent_mm"] == pytest.approx(extent.tolist())
+        assert rec["intensity"][0]["mean"] == pytest.approx(img[lab > 0].mean())
+    pooled = np.concatenate(values)
+    assert pooled.size < 3 * fpmod.SAMPLES_PER_CASE  # every voxel sampled: statistics are exact
+    stats = fp["intensity"][0]
+    assert stats["n"] == pooled.size
+    assert stats["mean"] == pytest.approx(pooled.mean(), rel=1e-6)
+    assert stats["std"] == pytest.approx(pooled.std(), rel=1e-6)
+    assert stats["percentile_00_5"] == pytest.approx(np.percentile(pooled, 0.5), rel=1e-5)
+    assert stats["percentile_99_5"] == pytest.approx(np.percentile(pooled, 99.5), rel=1e-5)
+    assert fp["class_voxels_total"] == counts.tolist()
+    assert fp["spacing"]["median"] == pytest.approx([2.5, 0.8, 0.8])
+    assert fp["min_slices"] == min(r["cropped_shape"][0] for r in fp["cases"])
+    assert fpmod.fingerprint_is_current(fp, info)
+    json.dumps(fp)  # JSON-serialisable
+
+
+# ---------------------------------------------------------------------------------------------------
+# Planner rules
+# ---------------------------------------------------------------------------------------------------
+
+def test_k_rule():
+    assert planner.choose_k(0.625, 200) == 9  # MM-WHS CT
+    assert planner.choose_k(0.5, 200) == 9
+    assert planner.choose_k(0.65, 200) == 9
+    assert planner.choose_k(7.99, 11) == 3  # MS-CMRSeg
+    assert planner.choose_k(0.625, 7) == 7  # capped by the thinnest case
+    assert planner.choose_k(0.625, 8) == 7
+    assert planner.choose_k(7.99, 2) == 1
+    for spacing in (0.3, 0.9, 1.5, 2.5, 5.0):
+        assert planner.choose_k(spacing, 50) % 2 == 1
+
+
+def test_inplane_spacing_rule():
+    assert planner.choose_inplane_spacing(dict(MMWHS_CT, inplane_spacing_ratio=1.9)) is None
+    wide = dict(MMWHS_CT, inplane_spacing_ratio=2.3, inplane_spacing_median=0.41)
+    assert planner.choose_inplane_spacing(wide) == [0.41, 0.41]
+
+
+def _check_plans(plans: dict, usable_gb: float) -> None:
+    assert all(v % 16 == 0 for v in plans["net1"]["patch_shape"])
+    div = plans["net2"]["required_divisor"]
+    for step in plans["training"]["steps"]:
+        assert step["predicted_peak_gb"] <= usable_gb + 1e-6, step
+    for shape in training_step(plans, 3)["subvolume_shapes"]:
+        assert shape[1] % div == 0 and shape[2] % div == 0 and shape[0] >= plans["net2"]["K"]
+    # the whole 95th-percentile field of view fits Net1's patch
+    fov = plans["fingerprint_summary"]["fov_mm_p95"]
+    assert all(p * s >= f - 1e-6 for p, s, f in zip(plans["net1"]["patch_shape"], plans["net1"]["coarse_spacing"], fov))
+
+
+def test_plan_ct_geometry(paper):
+    plans = planner.plan_experiment(MMWHS_CT, paper, CT_INFO, 1, gpu_memory_gb=12)
+    assert plans["plans_version"] == PLANS_VERSION and plans["preset"] == "paper"
+    assert plans["net2"]["K"] == 9 and plans["modality"] == "ct" and plans["num_classes"] == 8
+    assert plans["full_resolution"]["inplane_spacing"] is None
+    assert plans["normalization"][0] == {"channel": 0, "name": "CT", "scheme": "ct_clip", "clip_low": -150.0,
+                                         "clip_high": 650.0, "target_range": [-1.0, 1.0]}
+    assert [s["losses"] for s in plans["training"]["steps"]] == [["L1_ROI"], ["L1", "L1_ROI"], ["L1", "L2"], ["L2"]]
+    assert training_step(plans, 4)["frozen"] == ["net1"] and training_step(plans, 4)["stack_shape"][0] == 9
+    assert all(s["epochs"] == 200 and s["iterations_per_epoch"] == 16 and s["lr"] == 1e-4
+               for s in plans["training"]["steps"])
+    _check_plans(plans, plans["memory"]["usable_gb"])
+    # the networks can be built from the plans
+    from heartcascade.networks import Net1, Net2
+
+    import torch
+    with torch.device("meta"):
+        Net1(**net1_kwargs(plans))
+        Net2(**net2_kwargs(plans))
+
+
+def test_plan_mr_geometry(paper):
+    plans = planner.plan_experiment(MSCMR, paper, MR_INFO, 2, gpu_memory_gb=12)
+    assert plans["net2"]["K"] == 3
+    assert plans["modality"] == "mr" and plans["label_codes"] == {"1": 200, "2": 500, "3": 600}
+    assert plans["net1"]["coarse_spacing"][0] == pytest.approx(7.99)  # thick slices are never resampled
+    assert plans["normalization"][0]["scheme"] == "percentile_clip"
+    assert plans["augmentation"]["rotation_deg"][1:] == [0.0, 0.0]  # in-plane rotation only
+    assert all(s[0] <= 11 for s in training_step(plans, 3)["subvolume_shapes"])
+    _check_plans(plans, plans["memory"]["usable_gb"])
+
+
+def test_coarse_spacing_grows_as_memory_shrinks(paper):
+    spacings = []
+    for gb in (24, 12, 6):
+        ctx = planner._Context(MMWHS_CT, paper, CT_INFO, gb)
+        spacing, patch, kwargs, peak = planner.choose_coarse_spacing(ctx)
+        assert peak <= ctx.usable and all(p % 16 == 0 for p in patch)
+        # the whole 95th-percentile field of view fits the patch
+        assert all(p * s >= f - 1e-6 for p, s, f in zip(patch, spacing, ctx.fov95))
+        # no coarser than needed: one grid step finer does not fit
+        finer = spacing[1] / paper["net1"]["coarse_spacing_step"]
+        if finer >= 0.45:
+            patch_f = planner.coarse_patch(ctx.fov95, planner._coarse_axes(ctx.native, finer))
+            assert mm.net1_memory(kwargs, 1, patch_f).peak > ctx.usable
+        spacings.append(spacing[1])
+    assert spacings[0] < spacings[1] < spacings[2]
+
+
+def test_widths_and_batches_adapt_to_memory(paper):
+    big = planner.plan_experiment(MSCMR, paper, MR_INFO, 2, gpu_memory_gb=16)
+    small = planner.plan_experiment(MSCMR, paper, MR_INFO, 2, gpu_memory_gb=1.2)
+    for plans in (big, small):
+        _check_plans(plans, plans["memory"]["usable_gb"])
+    batches = lambda p: [s["batch_size"] for s in p["training"]["steps"]]  # noqa: E731
+    assert all(b >= s for b, s in zip(batches(big), batches(small)))
+    assert big["net2"]["base_features"] >= small["net2"]["base_features"]
+    assert big["net1"]["base_features"] >= small["net1"]["base_features"]
+    assert (batches(big) != batches(small) or big["net2"]["base_features"] > small["net2"]["base_features"]
+            or big["net1"]["base_features"] > small["net1"]["base_features"])
+    assert big["net2"]["base_features"] == paper["net2"]["base_features"]  # ample memory: the preset's widths
+    assert sum(batches(big)) > sum(batches(small))
+
+
+def test_memory_target_sources(paper, monkeypatch):
+    monkeypatch.setattr(planner, "detect_gpu_memory_gb", lambda: None)
+    assert planner.memory_target(paper, None) == (12.0, "default (no CUDA GPU found; the paper's 12 GB K40)")
+    assert planner.memory_target(paper, 24.0)[0] == 24.0
+    monkeypatch.setattr(planner, "detect_gpu_memory_gb", lambda: 79.6)
+    assert planner.memory_target(paper, None) == (79.6, "detected CUDA GPU")
+    with pytest.raises(HCError):
+        planner.plan_experiment(MMWHS_CT, paper, CT_INFO, 1, gpu_memory_gb=0.55)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plans file, presets
+# ---------------------------------------------------------------------------------------------------
+
+def test_plans_roundtrip_and_validation(tmp_path):
+    demo = presets.load_preset("demo")
+    plans = planner.plan_experiment(synthetic_fingerprint([2.0, 2.0, 2.0], [50, 90, 90], [40, 80, 80], 32),
+                                    demo, CT_INFO, 1)
+    assert plans["memory"]["target_source"] == "preset 'demo'"
+    path = tmp_path / "plans.json"
+    save_plans(path, plans)
+    good = path.read_text()
+    assert load_plans(tmp_path) == plans
+    assert preprocessing_hash(plans) == preprocessing_hash(json.loads(path.read_text()))
+    changed = json.loads(path.read_text())
+    changed["training"]["steps"][0]["epochs"] = 1
+    assert preprocessing_hash(changed) == preprocessing_hash(plans)  # schedule changes keep the data valid
+    changed["net1"]["coarse_spacing"] = [5.0, 5.0, 5.0]
+    assert preprocessing_hash(changed) != preprocessing_hash(plans)
+    for breaker, message in ((lambda p: p.pop("net2"), "missing field"), (lambda p: p.update(plans_version=99), "99"),
+                             (lambda p: p["net2"].update(K=4), "odd")):
+        bad = json.loads(good)
+        breaker(bad)
+        path.write_text(json.dumps(bad))
+        with pytest.raises(HCError, match=message):
+            load_plans(path)
+
+
+def test_presets_folder_and_override(tmp_path, monkeypatch):
+    assert {"paper", "demo"} <= set(presets.available_presets())
+    paper = presets.load_preset("paper")
+    assert [s["epochs"] for s in paper["training"]["steps"]] == [200] * 4
+    assert paper["training"]["lr"] == 1e-4 and paper["subvolumes"]["reference_edges"] == [64, 128, 256]
+    custom = dict(paper, name="mine")
+    (tmp_path / "mine.json").write_text(json.dumps(custom))
+    monkeypatch.setenv("HC_PRESETS_DIR", str(tmp_path))
+    assert presets.load_preset("mine")["name"] == "mine"
+    with pytest.raises(HCError, match="unknown preset"):
+        presets.load_preset("paper")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Memory model against measurement (CPU; the same functions run on a GPU in the benchmark)
+# ---------------------------------------------------------------------------------------------------
+
+def test_memory_model_matches_measured_cpu():
+    net1 = {"in_channels": 1, "num_classes": 4, "base_features": 8, "max_features": 32, "dropout": 0.1}
+    net2 = {"in_channels": 5, "num_classes": 4, "K": 5, "base_features": 16, "num_levels": 2, "recursions": 2,
+            "max_features": 64}
+    results = [
+        mm.check_net1(net1, 1, (16, 32, 32)),
+        mm.check_cascade(net1, net2, "probs", 1, (10, 48, 48), (0.5, 0.5, 0.5)),  # Net1 + Net2 end to end
+    ]
+    for r in results:
+        assert 0.75 <= r["ratio"] <= 1.25, results
