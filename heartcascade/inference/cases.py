@@ -1,0 +1,190 @@
+"""Finding the cases to predict in what the user passed as input.
+
+Accepted inputs:
+
+* a folder of image files named the nnU-Net way, ``CASE_0000.nii.gz`` .. ``CASE_000C.nii.gz`` (one
+  file per channel);
+* a folder of plain image files (``scan.nii.gz``, ``patient7.mha``): each file is a single-channel case;
+* a single image file;
+* a folder holding one DICOM series, or a folder whose sub-folders each hold one DICOM series.
+
+Discovery never reads voxel data; a case whose files are incomplete (a missing channel) or ambiguous
+(two files for the same output name) is returned with ``error`` set so that the caller can report it
+as failed and go on with the others.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from heartcascade.dataset.image_io import IMAGE_ENDINGS, is_image_file, strip_image_ending
+from heartcascade.utils.errors import HCError
+
+_CHANNEL_RE = re.compile(r"^(.+)_(\d{4})$")
+#: Output ending per input ending; formats that need a second file (.mhd/.raw, .nhdr/.raw) and DICOM
+#: are written as a single self-contained file instead.
+_OUTPUT_ENDING = {".nii.gz": ".nii.gz", ".nii": ".nii", ".nrrd": ".nrrd", ".nhdr": ".nrrd", ".mha": ".mha",
+                  ".mhd": ".mha", ".dcm": ".nii.gz"}
+DEFAULT_OUTPUT_ENDING = ".nii.gz"
+
+
+@dataclass
+class InputCase:
+    """One case to predict.
+
+    Attributes:
+        case_id: output file name without ending.
+        files: one path per channel (a DICOM series folder counts as one file).
+        output_ending: ending of the prediction file (follows the input's format).
+        error: set when discovery already knows the case cannot be predicted.
+    """
+
+    case_id: str
+    files: list[Path]
+    output_ending: str = DEFAULT_OUTPUT_ENDING
+    error: str | None = None
+
+    def output_path(self, output_dir: str | Path) -> Path:
+        return Path(output_dir) / f"{self.case_id}{self.output_ending}"
+
+
+def image_ending(name: str) -> str | None:
+    lower = name.lower()
+    for ending in IMAGE_ENDINGS:
+        if lower.endswith(ending):
+            return ending
+    return None
+
+
+def output_ending_for(path: Path) -> str:
+    if path.is_dir():
+        return DEFAULT_OUTPUT_ENDING
+    return _OUTPUT_ENDING.get(image_ending(path.name) or "", DEFAULT_OUTPUT_ENDING)
+
+
+def _is_dicom_series_folder(folder: Path) -> bool:
+    import SimpleITK as sitk
+
+    try:
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    except RuntimeError:
+        return False
+
+
+def discover_cases(input_path: str | Path, num_channels: int = 1) -> list[InputCase]:
+    """The cases under ``input_path``, sorted by case id (the order sharding relies on)."""
+    path = Path(input_path)
+    if not path.exists():
+        raise HCError(f"{path}: input not found")
+    if path.is_file():
+        return [_single_file_case(path, num_channels)]
+    files = sorted((p for p in path.iterdir() if is_image_file(p) and image_ending(p.name) != ".dcm"),
+                   key=lambda p: p.name)
+    if files:
+        cases = _group_files(files, num_channels)
+    elif _is_dicom_series_folder(path):
+        cases = [_dicom_case(path, num_channels)]
+    else:
+        cases = [_dicom_case(sub, num_channels) for sub in sorted(path.iterdir(), key=lambda p: p.name)
+                 if sub.is_dir() and not sub.name.startswith(".") and _is_dicom_series_folder(sub)]
+    if not cases:
+        raise HCError(f"{path}: no images found (expected files ending in {', '.join(IMAGE_ENDINGS)} "
+                      f"or DICOM series)")
+    return _mark_duplicates(sorted(cases, key=lambda c: c.case_id))
+
+
+def _single_file_case(path: Path, num_channels: int) -> InputCase:
+    stem = strip_image_ending(path.name)
+    match = _CHANNEL_RE.match(stem)
+    case_id = match.group(1) if match and int(match.group(2)) == 0 else stem
+    case = InputCase(case_id, [path], output_ending_for(path))
+    if num_channels != 1:
+        case.error = f"{path}: the model needs {num_channels} channels but a single file was given"
+    return case
+
+
+def _dicom_case(folder: Path, num_channels: int) -> InputCase:
+    case = InputCase(folder.name, [folder], DEFAULT_OUTPUT_ENDING)
+    if num_channels != 1:
+        case.error = f"{folder}: the model needs {num_channels} channels but a DICOM series holds one"
+    return case
+
+
+def _group_files(files: Sequence[Path], num_channels: int) -> list[InputCase]:
+    groups: dict[str, dict[int, Path]] = {}
+    plain: list[Path] = []
+    for f in files:
+        match = _CHANNEL_RE.match(strip_image_ending(f.name))
+        if match:
+            groups.setdefault(match.group(1), {}).setdefault(int(match.group(2)), f)
+        else:
+            plain.append(f)
+    cases = []
+    wanted = set(range(num_channels))
+    for case_id, channels in groups.items():
+        first = channels[min(channels)]
+        if set(channels) == wanted:
+            cases.append(InputCase(case_id, [channels[c] for c in range(num_channels)], output_ending_for(first)))
+        elif num_channels == 1:
+            # Numbered plain files (scan_0001, scan_0002 ...) of a single-channel model: one case each.
+            plain.extend(channels.values())
+        else:
+            missing = sorted(wanted - set(channels))
+            extra = sorted(set(channels) - wanted)
+            what = []
+            if missing:
+                what.append("missing channel file(s) " + ", ".join(f"{case_id}_{c:04d}" for c in missing))
+            if extra:
+                what.append(f"unexpected channel(s) {', '.join(f'_{c:04d}' for c in extra)} "
+                            f"(the model takes {num_channels})")
+            cases.append(InputCase(case_id, [channels[c] for c in sorted(channels)], output_ending_for(first),
+                                   error=f"{first.parent}: case {case_id}: {'; '.join(what)}"))
+    for f in plain:
+        case = InputCase(strip_image_ending(f.name), [f], output_ending_for(f))
+        if num_channels != 1:
+            case.error = (f"{f}: the model needs {num_channels} channels; name the files "
+                          f"CASE_0000..CASE_{num_channels - 1:04d}")
+        cases.append(case)
+    return cases
+
+
+def _mark_duplicates(cases: list[InputCase]) -> list[InputCase]:
+    seen: dict[str, InputCase] = {}
+    for case in cases:
+        other = seen.get(case.case_id)
+        if other is not None:
+            case.error = case.error or (f"{case.files[0]}: case {case.case_id} also given as {other.files[0]}; "
+                                        f"rename one of them")
+        else:
+            seen[case.case_id] = case
+    return cases
+
+
+def shard(cases: Sequence[InputCase], part_id: int, num_parts: int) -> list[InputCase]:
+    """Part ``part_id`` of ``num_parts`` of the (sorted) case list: ``cases[part_id::num_parts]``."""
+    if num_parts < 1:
+        raise HCError(f"--num-parts must be at least 1, got {num_parts}")
+    if not 0 <= part_id < num_parts:
+        raise HCError(f"--part-id must be between 0 and {num_parts - 1}, got {part_id}")
+    ordered = sorted(cases, key=lambda c: c.case_id)
+    return ordered[part_id::num_parts]
+
+
+def cases_from_file_lists(files_per_case: Sequence[Sequence[str | Path]],
+                          case_ids: Sequence[str] | None = None) -> list[InputCase]:
+    """Build cases from explicit file lists (programmatic API); ids default to the first file's stem."""
+    cases = []
+    for i, files in enumerate(files_per_case):
+        files = [Path(f) for f in ([files] if isinstance(files, (str, Path)) else files)]
+        if not files:
+            raise HCError(f"case {i}: empty file list")
+        if case_ids is not None:
+            case_id = case_ids[i]
+        else:
+            stem = strip_image_ending(files[0].name)
+            match = _CHANNEL_RE.match(stem)
+            case_id = match.group(1) if match else stem
+        cases.append(InputCase(case_id, files, output_ending_for(files[0])))
+    return _mark_duplicates(cases)

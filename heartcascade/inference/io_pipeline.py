@@ -1,0 +1,123 @@
+"""Overlapping disk I/O with computation: read the next case and write the previous one in threads.
+
+Reading (decompressing a .nii.gz, normalising) and writing (compressing the label map) take seconds
+per CT volume; doing them in background threads while the network runs on the current case keeps the
+device busy. Both helpers capture exceptions per item, so one bad case never stops the others.
+"""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass
+class Loaded(Generic[T]):
+    """One item of :func:`prefetch`: the input item and either its loaded value or the exception."""
+
+    item: T
+    value: Any = None
+    error: BaseException | None = None
+
+
+def _call(load: Callable[[T], R], item: T) -> Loaded[T]:
+    try:
+        return Loaded(item, load(item))
+    except Exception as exc:  # reported per case by the caller
+        return Loaded(item, error=exc)
+
+
+def prefetch(items: Iterable[T], load: Callable[[T], R], ahead: int = 1) -> Iterator[Loaded[T]]:
+    """Yield ``Loaded(item, load(item))`` in order, loading up to ``ahead`` items in a background thread.
+
+    ``ahead=0`` loads in the calling thread (no concurrency). At most ``ahead + 1`` loaded values are
+    alive at once (the one being processed and those being prefetched), which bounds memory.
+    """
+    items = list(items)
+    if ahead <= 0:
+        for item in items:
+            yield _call(load, item)
+        return
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hc-read")
+    pending: list[Future] = []
+    try:
+        next_index = 0
+        while next_index < len(items) and len(pending) < ahead:
+            pending.append(pool.submit(_call, load, items[next_index]))
+            next_index += 1
+        while pending:
+            result = pending.pop(0).result()
+            if next_index < len(items):
+                pending.append(pool.submit(_call, load, items[next_index]))
+                next_index += 1
+            yield result
+            del result
+    finally:
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True)
+
+
+class BackgroundWriter:
+    """Run write jobs in one background thread; at most ``max_pending`` jobs wait (bounds memory).
+
+    ``submit(key, fn, *args)`` returns at once (blocking only while the queue is full). ``close()``
+    waits for all jobs and returns ``{key: exception}`` for the jobs that failed.
+    """
+
+    def __init__(self, max_pending: int = 2, enabled: bool = True) -> None:
+        self._enabled = enabled
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hc-write") if enabled else None
+        self._slots = threading.Semaphore(max(1, max_pending))
+        self._futures: list[tuple[Any, Future]] = []
+        self._errors: dict[Any, BaseException] = {}
+        self._done_callbacks: list[Callable[[Any, BaseException | None], None]] = []
+
+    def on_done(self, callback: Callable[[Any, BaseException | None], None]) -> None:
+        """Call ``callback(key, error_or_None)`` when a job finishes (from the writer thread)."""
+        self._done_callbacks.append(callback)
+
+    def submit(self, key: Any, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        if not self._enabled:
+            error = None
+            try:
+                fn(*args, **kwargs)
+            except Exception as exc:
+                error = exc
+                self._errors[key] = exc
+            for callback in self._done_callbacks:
+                callback(key, error)
+            return
+        self._slots.acquire()
+        future = self._pool.submit(self._run, key, fn, args, kwargs)
+        self._futures.append((key, future))
+
+    def _run(self, key: Any, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+        error = None
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:
+            error = exc
+            self._errors[key] = exc
+        finally:
+            self._slots.release()
+        for callback in self._done_callbacks:
+            callback(key, error)
+
+    def close(self) -> dict[Any, BaseException]:
+        if self._pool is not None:
+            for _, future in self._futures:
+                future.result()
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        return dict(self._errors)
+
+    def __enter__(self) -> "BackgroundWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,156 @@
+"""Finding and loading trained models (the model-folder contract of documentation/conventions.md).
+
+``HC_RESULTS/DatasetXXX_Name/<configuration>/fold_<f>/checkpoint_{final,best,latest}.pth``; each
+checkpoint holds ``format_version``, ``configuration``, ``plans`` and ``networks`` (state dicts), and
+the networks are rebuilt from the plans with :mod:`heartcascade.networks.from_plans`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from heartcascade.utils.errors import HCError
+
+CONFIGURATIONS = ("cascade", "baseline")
+CHECKPOINT_KINDS = ("final", "best", "latest")
+_FOLD_RE = re.compile(r"^fold_(\d+|all)$")
+
+
+@dataclass
+class LoadedFold:
+    """One trained fold: its plans, configuration and networks (eval mode, on the CPU)."""
+
+    name: str
+    folder: Path | None
+    configuration: str
+    plans: dict[str, Any]
+    networks: dict[str, torch.nn.Module]
+    dataset_json: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def model_dir_for(dataset_id: int | str, configuration: str) -> Path:
+    """``HC_RESULTS/DatasetXXX_Name/<configuration>``; it must exist."""
+    from heartcascade.paths import results_dataset_dir
+
+    if configuration not in CONFIGURATIONS:
+        raise HCError(f"unknown configuration {configuration!r}; expected one of {', '.join(CONFIGURATIONS)}")
+    folder = results_dataset_dir(dataset_id) / configuration
+    if not folder.is_dir():
+        raise HCError(f"{folder}: no trained '{configuration}' model (train it first with hc_train)")
+    return folder
+
+
+def _is_fold_dir(folder: Path) -> bool:
+    return any((folder / f"checkpoint_{k}.pth").is_file() for k in CHECKPOINT_KINDS)
+
+
+def available_folds(model_dir: Path) -> list[str]:
+    names = [m.group(1) for p in model_dir.iterdir() if p.is_dir() and (m := _FOLD_RE.match(p.name))]
+    return sorted(names, key=lambda n: (n == "all", int(n) if n.isdigit() else 0))
+
+
+def resolve_fold_dirs(model_dir: str | Path, folds: Sequence[str | int] | None = None) -> list[tuple[str, Path]]:
+    """``[(fold_name, folder)]`` for the requested folds of a configuration folder.
+
+    ``model_dir`` may also be a single ``fold_X`` folder (then ``folds`` must be empty). Without
+    ``folds`` every numbered fold present is used; a model trained only as ``fold_all`` uses that one.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise HCError(f"{model_dir}: model folder not found")
+    if _is_fold_dir(model_dir):
+        if folds:
+            raise HCError(f"{model_dir} is a single fold folder; do not pass -f with it (or pass its parent)")
+        return [(model_dir.name.removeprefix("fold_"), model_dir)]
+    present = available_folds(model_dir)
+    if not folds:
+        numbered = [f for f in present if f != "all"]
+        chosen = numbered or present
+        if not chosen:
+            raise HCError(f"{model_dir}: no fold_<f> folders with checkpoints (train a fold first)")
+    else:
+        chosen = []
+        for f in folds:
+            name = str(f)
+            if name != "all" and not name.isdigit():
+                raise HCError(f"-f: folds are numbers or 'all', got {name!r}")
+            name = name if name == "all" else str(int(name))
+            if name not in present:
+                raise HCError(f"{model_dir}: fold_{name} not found (available: {', '.join(present) or 'none'})")
+            if name not in chosen:
+                chosen.append(name)
+    return [(name, model_dir / f"fold_{name}") for name in chosen]
+
+
+def checkpoint_file(fold_dir: Path, kind: str) -> Path:
+    if kind not in CHECKPOINT_KINDS:
+        raise HCError(f"--checkpoint must be one of {', '.join(CHECKPOINT_KINDS)}, got {kind!r}")
+    path = fold_dir / f"checkpoint_{kind}.pth"
+    if not path.is_file():
+        others = [k for k in CHECKPOINT_KINDS if (fold_dir / f"checkpoint_{k}.pth").is_file()]
+        hint = f" (available: {', '.join(others)}; choose one with --checkpoint)" if others else ""
+        raise HCError(f"{path}: checkpoint not found{hint}")
+    return path
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    from heartcascade.training.checkpoint import load_checkpoint
+
+    state = load_checkpoint(path, map_location="cpu")
+    for key in ("configuration", "plans", "networks"):
+        if key not in state:
+            raise HCError(f"{path}: checkpoint lacks '{key}'")
+    return state
+
+
+def build_networks(configuration: str, plans: dict[str, Any]) -> dict[str, torch.nn.Module]:
+    """Fresh networks of a configuration, built from the plans (see networks.from_plans)."""
+    from heartcascade.networks import from_plans
+
+    if configuration not in CONFIGURATIONS:
+        raise HCError(f"unknown configuration {configuration!r}; expected one of {', '.join(CONFIGURATIONS)}")
+    return dict(from_plans.build_networks(configuration, plans))
+
+
+def load_fold(fold_dir: str | Path, checkpoint: str = "final", name: str | None = None,
+              configuration: str | None = None) -> LoadedFold:
+    """Load one fold folder's checkpoint and rebuild its networks (eval mode, CPU)."""
+    fold_dir = Path(fold_dir)
+    path = checkpoint_file(fold_dir, checkpoint)
+    state = read_checkpoint(path)
+    config = state["configuration"]
+    if configuration is not None and config != configuration:
+        raise HCError(f"{path}: checkpoint is a '{config}' model, not '{configuration}'")
+    plans = state["plans"]
+    networks = build_networks(config, plans)
+    stored = state["networks"]
+    for key, net in networks.items():
+        if key not in stored:
+            raise HCError(f"{path}: checkpoint has no weights for '{key}' (has {', '.join(stored) or 'none'})")
+        try:
+            net.load_state_dict(stored[key])
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0][:160]
+            raise HCError(f"{path}: weights of '{key}' do not fit the network built from its plans ({first})") from None
+        net.eval()
+    dataset_json = None
+    if (fold_dir / "dataset.json").is_file():
+        from heartcascade.utils.jsonio import load_json
+
+        dataset_json = load_json(fold_dir / "dataset.json")
+    return LoadedFold(name or fold_dir.name.removeprefix("fold_"), fold_dir, config, plans, networks, dataset_json)
+
+
+def load_folds(model_dir: str | Path, folds: Sequence[str | int] | None = None, checkpoint: str = "final",
+               configuration: str | None = None) -> list[LoadedFold]:
+    loaded = [load_fold(folder, checkpoint, name, configuration)
+              for name, folder in resolve_fold_dirs(model_dir, folds)]
+    configs = {f.configuration for f in loaded}
+    if len(configs) > 1:
+        raise HCError(f"{model_dir}: folds mix configurations {sorted(configs)}")
+    return loaded
