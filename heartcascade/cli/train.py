@@ -1,0 +1,84 @@
+"""``hc_train``: train one fold of the cascade (four-step curriculum) or of the 2 mm baseline U-Net.
+
+Examples::
+
+    hc_train 1 0                              # cascade, fold 0, all four steps
+    hc_train Dataset001_MMWHS all             # train on every case
+    hc_train 1 fold2 --steps 2,3,4            # ablation: skip step 1
+    hc_train 1 0 --continue                   # resume from checkpoint_latest.pth
+    hc_train 1 0 --config baseline
+    torchrun --nproc_per_node 4 $(which hc_train) 1 0    # DistributedDataParallel
+
+See documentation/training.md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from heartcascade.utils.errors import HCError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hc_train", description="Train a heartcascade model (one fold). "
+                                "Results go to HC_RESULTS/DatasetXXX_Name/<config>/fold_<f>/.")
+    p.add_argument("dataset", help="dataset id, e.g. 1, 001 or Dataset001_MMWHS (must be preprocessed)")
+    p.add_argument("fold", help="fold: 0..4 (or fold0..fold4), or 'all' to train on every case")
+    p.add_argument("--config", "-c", dest="configuration", default="cascade", choices=("cascade", "baseline"),
+                   help="cascade (Net1 + Net2, default) or baseline (3D U-Net at the plans' baseline spacing)")
+    p.add_argument("--steps", default=None,
+                   help="curriculum steps to run, comma separated (default 1,2,3,4); e.g. 2,3,4 for an ablation")
+    p.add_argument("--continue", dest="continue_training", action="store_true",
+                   help="resume from checkpoint_latest.pth of the fold folder (starts fresh if there is none)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the trained networks")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="data augmentation worker processes (0 = in the main process); default: env "
+                        "HC_N_PROC_DA, then the plans")
+    p.add_argument("--plans-override", "--preset-override", dest="plans_override", default=None,
+                   help="JSON object (or a JSON file) deep-merged into the plans, e.g. "
+                        "'{\"training\": {\"steps\": [{\"step\": 1, \"epochs\": 2}]}}' (steps are "
+                        "matched by number; {\"1\": {...}} works too)")
+    p.add_argument("--splits", default=None,
+                   help="custom splits file: JSON list of {\"train\": [...], \"val\": [...]} (default: "
+                        "splits_final.json in the preprocessed folder, created as a seeded 5-fold split)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: the plans' training.seed)")
+    p.add_argument("--no-validation", dest="predict_validation", action="store_false",
+                   help="do not predict and evaluate the validation cases at the end")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or log echo")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from heartcascade.training.trainer import Trainer
+
+        if args.num_workers is not None and args.num_workers < 0:
+            raise HCError(f"--num-workers must be >= 0, got {args.num_workers}")
+        steps = None
+        if args.steps is not None:
+            steps = [s for s in args.steps.replace(" ", "").split(",") if s]
+        trainer = Trainer(args.dataset, args.fold, configuration=args.configuration, steps=steps,
+                          continue_training=args.continue_training, device=args.device, compile=args.compile,
+                          num_workers=args.num_workers, plans_override=args.plans_override,
+                          splits_file=args.splits, seed=args.seed,
+                          predict_validation=args.predict_validation, progress=not args.quiet)
+        result = trainer.run()
+    except HCError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("hc_train: interrupted; resume with --continue", file=sys.stderr)
+        return 130
+    if trainer.dist.is_main:
+        print(f"hc_train: finished {result.configuration} fold {result.fold}: {result.final_checkpoint}")
+        if result.validation_summary is not None:
+            print(f"hc_train: validation summary in {result.output_folder / 'validation' / 'summary.json'} "
+                  f"({result.validation_method})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

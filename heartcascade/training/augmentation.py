@@ -1,0 +1,290 @@
+"""Data augmentation: rotation, translation, shear, scaling, elastic deformation and flipping.
+
+Spatial augmentation is fused with patch extraction. For every sample one random transform is drawn
+(:func:`random_spatial`): an affine map -- rotation, shear and scaling composed in *physical* space (so
+anisotropic voxels are handled correctly) plus a translation -- and optionally a smooth elastic
+displacement field. The patch is then read straight from the full case volume at the transformed
+coordinates (:func:`extract`), so there is no intermediate crop, no border artefacts from rotating a
+too-small crop, and the cost is proportional to the patch size. Images are interpolated linearly
+(order 1), label maps by nearest neighbour (order 0), so labels stay exact label values (no mixing).
+When no spatial augmentation was drawn the patch is a plain slice (fast path).
+
+batchgenerators has rotation, scaling and elastic deformation in ``SpatialTransform`` but no shear
+and no translation; and it rotates a pre-cut crop. Hence this module. Flipping uses batchgenerators'
+``MirrorTransform`` in the worker pipeline (:func:`batch_transforms`).
+
+All randomness comes from the ``numpy.random.Generator`` passed in (the data loaders derive it from
+the run seed and the batch number), except MirrorTransform, which uses numpy's global generator --
+the loaders reseed it per batch, so every batch is a deterministic function of (seed, step, batch
+number) whatever the number of worker processes.
+
+Parameters (``AugmentationParams``) come from the plans' ``augmentation`` section; see
+documentation/training.md.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from heartcascade.utils.errors import HCError
+
+
+@dataclass
+class AugmentationParams:
+    """Probabilities and ranges of the random spatial transform (angles in degrees, lengths in mm)."""
+
+    enabled: bool = True
+    p_rotation: float = 0.3
+    rotation_deg: tuple[float, float, float] = (15.0, 15.0, 15.0)  # max |angle| about axes D, H, W
+    p_scale: float = 0.3
+    scale_range: tuple[float, float] = (0.85, 1.15)  # zoom factor (>1 enlarges the anatomy)
+    p_shear: float = 0.2
+    shear: float = 0.1  # max |off-diagonal| of the shear matrix
+    p_translation: float = 0.3
+    translation_mm: float = 10.0  # max |shift| per axis
+    p_elastic: float = 0.2
+    elastic_magnitude_mm: float = 3.0  # std of control-point displacements
+    elastic_spacing_mm: float = 32.0  # distance between control points
+    p_flip: float = 0.0  # probability per sample that flipping is considered ...
+    flip_axes: tuple[int, ...] = ()  # ... along these canonical axes (0=D, 1=H, 2=W), each 50 %
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "AugmentationParams":
+        """Build from the plans' augmentation section; unknown keys are an error, missing ones default."""
+        if data is None:
+            return cls()
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise HCError(f"plans augmentation: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            kwargs[key] = tuple(value) if isinstance(value, list) else value
+        params = cls(**kwargs)
+        if len(params.rotation_deg) != 3:
+            raise HCError(f"plans augmentation: rotation_deg needs 3 values (about D, H, W), got {params.rotation_deg}")
+        if len(params.scale_range) != 2 or min(params.scale_range) <= 0:
+            raise HCError(f"plans augmentation: scale_range must be two positive numbers, got {params.scale_range}")
+        if any(a not in (0, 1, 2) for a in params.flip_axes):
+            raise HCError(f"plans augmentation: flip_axes must be among 0, 1, 2, got {params.flip_axes}")
+        return params
+
+    def disabled(self) -> "AugmentationParams":
+        return AugmentationParams(enabled=False)
+
+
+@dataclass
+class SpatialSample:
+    """One drawn transform: source = centre + matrix @ offset + translation + elastic(offset)."""
+
+    matrix: np.ndarray | None = None  # (3, 3) in voxel units, None = identity
+    translation: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    elastic: np.ndarray | None = None  # (3, d, h, w) displacement in voxels, None = none
+    applied: list[str] = field(default_factory=list)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.matrix is None and self.elastic is None and not np.any(self.translation)
+
+
+def _rot(axis: int, angle: float) -> np.ndarray:
+    """Rotation by ``angle`` (radians) in the plane of the two axes other than ``axis``."""
+    a, b = [i for i in range(3) if i != axis]
+    m = np.eye(3)
+    c, s = math.cos(angle), math.sin(angle)
+    m[a, a], m[a, b], m[b, a], m[b, b] = c, -s, s, c
+    return m
+
+
+def random_spatial(rng: np.random.Generator, params: AugmentationParams, spacing: Sequence[float],
+                   out_shape: Sequence[int], inplane_only: bool = False) -> SpatialSample:
+    """Draw a random transform for a patch of ``out_shape`` voxels on a grid of ``spacing`` mm.
+
+    ``inplane_only`` (slice stacks of step 4): rotation only about D, shear/scale/translation/elastic
+    only within the (H, W) plane, the same for every slice of the stack.
+    """
+    sample = SpatialSample()
+    if not params.enabled:
+        return sample
+    sp = np.asarray(spacing, dtype=float)
+    phys = np.eye(3)
+    if rng.random() < params.p_rotation:
+        axes = (0,) if inplane_only else (0, 1, 2)
+        for axis in axes:
+            limit = math.radians(params.rotation_deg[axis])
+            if limit > 0:
+                phys = _rot(axis, rng.uniform(-limit, limit)) @ phys
+        sample.applied.append("rotation")
+    if rng.random() < params.p_shear and params.shear > 0:
+        shear = np.eye(3)
+        pairs = [(1, 2), (2, 1)] if inplane_only else [(i, j) for i in range(3) for j in range(3) if i != j]
+        for i, j in pairs:
+            shear[i, j] = rng.uniform(-params.shear, params.shear)
+        phys = phys @ shear
+        sample.applied.append("shear")
+    if rng.random() < params.p_scale:
+        lo, hi = params.scale_range
+        zoom = math.exp(rng.uniform(math.log(lo), math.log(hi)))  # log-uniform: symmetric in/out
+        scale = np.diag([1.0 if inplane_only else 1.0 / zoom, 1.0 / zoom, 1.0 / zoom])
+        phys = phys @ scale
+        sample.applied.append("scale")
+    if sample.applied:
+        sample.matrix = np.diag(1.0 / sp) @ phys @ np.diag(sp)
+    if rng.random() < params.p_translation and params.translation_mm > 0:
+        shift = rng.uniform(-params.translation_mm, params.translation_mm, size=3) / sp
+        if inplane_only:
+            shift[0] = 0.0
+        sample.translation = shift
+        sample.applied.append("translation")
+    if rng.random() < params.p_elastic and params.elastic_magnitude_mm > 0:
+        sample.elastic = _elastic_field(rng, params, sp, out_shape, inplane_only)
+        sample.applied.append("elastic")
+    return sample
+
+
+def _elastic_field(rng: np.random.Generator, params: AugmentationParams, sp: np.ndarray,
+                   out_shape: Sequence[int], inplane_only: bool) -> np.ndarray:
+    """Smooth random displacement (3, *out_shape) in voxels: random control points, smoothed, upsampled."""
+    out_shape = tuple(int(s) for s in out_shape)
+    ctrl = [max(2, int(math.ceil(s * sp[i] / params.elastic_spacing_mm)) + 1) for i, s in enumerate(out_shape)]
+    if inplane_only:
+        ctrl[0] = 1
+    field_ = np.zeros((3,) + out_shape, dtype=np.float32)
+    for axis in range(3):
+        if inplane_only and axis == 0:
+            continue
+        coarse = rng.normal(0.0, params.elastic_magnitude_mm / sp[axis], size=ctrl)
+        coarse = ndimage.gaussian_filter(coarse, sigma=0.5, mode="nearest")
+        field_[axis] = upsample_at(coarse[None], out_shape, [None, None, None])[0]
+    return field_
+
+
+# --------------------------------------------------------------------------------------------------
+# Exact partial trilinear upsampling (numpy), identical to F.interpolate(trilinear, align_corners=False)
+# (used for the elastic field here and for Net1 probabilities by the step-4 loader)
+
+
+def linear_weights(positions: np.ndarray, in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices ``i0, i1`` and weight of ``i1`` for output positions (PyTorch's half-pixel rule)."""
+    scale = in_size / out_size
+    src = np.maximum((np.asarray(positions, dtype=np.float64) + 0.5) * scale - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    i1 = np.minimum(i0 + 1, in_size - 1)
+    w1 = np.clip(src - i0, 0.0, 1.0)
+    return i0, i1, w1
+
+
+def upsample_at(coarse: np.ndarray, full_shape: Sequence[int], indices: Sequence[np.ndarray | None]) -> np.ndarray:
+    """Trilinear upsampling of ``coarse`` (C, d, h, w) to ``full_shape`` evaluated only at ``indices``.
+
+    ``indices[a]`` lists full-resolution positions along axis ``a`` (``None`` = all). Separable, so
+    reading K slices costs K slices, not the whole volume. Returns float32 (C, len(i0), len(i1), len(i2)).
+    """
+    out = coarse.astype(np.float32, copy=False)
+    for axis in range(3):
+        idx = indices[axis]
+        f = int(full_shape[axis])
+        if idx is None:
+            idx = np.arange(f)
+        i0, i1, w1 = linear_weights(idx, out.shape[axis + 1], f)
+        a = np.take(out, i0, axis=axis + 1)
+        b = np.take(out, i1, axis=axis + 1)
+        shape = [1] * out.ndim
+        shape[axis + 1] = -1
+        out = a + (b - a) * w1.astype(np.float32).reshape(shape)
+    return out
+
+
+
+def extract(volumes: Sequence[np.ndarray], centre: Sequence[int], out_shape: Sequence[int],
+            sample: SpatialSample | None = None, orders: Sequence[int] | None = None,
+            cvals: Sequence[float] | None = None, dtypes: Sequence[Any] | None = None) -> list[np.ndarray]:
+    """Read a patch of ``out_shape`` around ``centre`` from each (D, H, W) volume.
+
+    Output voxel ``i`` (per axis) sits at offset ``i - out_shape // 2`` from the centre, so with the
+    identity transform the patch is ``volume[c - s//2 : c - s//2 + s]`` (zero/cval padded outside).
+    ``orders``: interpolation per volume (1 for images, 0 for labels); ``cvals``: value outside.
+    """
+    n = len(volumes)
+    orders = list(orders) if orders is not None else [1] * n
+    cvals = list(cvals) if cvals is not None else [0.0] * n
+    dtypes = list(dtypes) if dtypes is not None else [v.dtype for v in volumes]
+    out_shape = tuple(int(s) for s in out_shape)
+    centre = np.asarray(centre, dtype=np.int64)
+    if sample is None or sample.is_identity:
+        return [_crop_padded(v, centre - np.asarray(out_shape) // 2, out_shape, c).astype(t, copy=False)
+                for v, c, t in zip(volumes, cvals, dtypes)]
+    coords = _coordinates(centre, out_shape, sample)
+    outs = []
+    lo = np.floor(coords.reshape(3, -1).min(1)).astype(np.int64) - 1
+    hi = np.ceil(coords.reshape(3, -1).max(1)).astype(np.int64) + 2
+    for volume, order, cval, dtype in zip(volumes, orders, cvals, dtypes):
+        # Work on the bounding box of the coordinates only (keeps map_coordinates' input small).
+        box_lo = np.maximum(lo, 0)
+        box_hi = np.minimum(hi, volume.shape)
+        if np.any(box_hi <= box_lo):
+            outs.append(np.full(out_shape, cval, dtype=dtype))
+            continue
+        sub = volume[tuple(slice(a, b) for a, b in zip(box_lo, box_hi))]
+        local = coords - box_lo.reshape(3, 1, 1, 1)
+        if order == 0:
+            # Nearest neighbour by rounding, so label values are copied, never interpolated.
+            idx = np.rint(local).astype(np.int64)
+            inside = np.all((idx >= 0) & (idx < np.asarray(sub.shape).reshape(3, 1, 1, 1)), axis=0)
+            res = np.full(out_shape, cval, dtype=dtype)
+            res[inside] = sub[idx[0][inside], idx[1][inside], idx[2][inside]]
+        else:
+            res = ndimage.map_coordinates(sub if sub.dtype == np.float32 else sub.astype(np.float32), local,
+                                          order=order, mode="constant", cval=cval, prefilter=False)
+            res = res.astype(dtype, copy=False)
+        outs.append(res)
+    return outs
+
+
+def _coordinates(centre: np.ndarray, out_shape: tuple[int, int, int], sample: SpatialSample) -> np.ndarray:
+    grids = np.meshgrid(*[np.arange(s, dtype=np.float32) - (s // 2) for s in out_shape], indexing="ij")
+    offsets = np.stack(grids)  # (3, d, h, w)
+    if sample.matrix is not None:
+        coords = np.einsum("ij,j...->i...", sample.matrix.astype(np.float32), offsets)
+    else:
+        coords = offsets
+    if sample.elastic is not None:
+        coords = coords + sample.elastic
+    shift = (centre + sample.translation).astype(np.float32).reshape(3, 1, 1, 1)
+    return coords + shift
+
+
+def _crop_padded(volume: np.ndarray, start: np.ndarray, shape: Sequence[int], cval: float) -> np.ndarray:
+    """``volume[start:start+shape]`` with ``cval`` where the window leaves the volume."""
+    stop = start + np.asarray(shape)
+    src_lo = np.maximum(start, 0)
+    src_hi = np.minimum(stop, volume.shape[-3:])
+    if np.all(src_lo == start) and np.all(src_hi == stop):
+        return volume[..., start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]].copy()
+    out = np.full(volume.shape[:-3] + tuple(int(s) for s in shape), cval, dtype=volume.dtype)
+    if np.any(src_hi <= src_lo):
+        return out
+    dst_lo = src_lo - start
+    dst_hi = dst_lo + (src_hi - src_lo)
+    out[..., dst_lo[0]:dst_hi[0], dst_lo[1]:dst_hi[1], dst_lo[2]:dst_hi[2]] = \
+        volume[..., src_lo[0]:src_hi[0], src_lo[1]:src_hi[1], src_lo[2]:src_hi[2]]
+    return out
+
+
+def crop_padded(volume: np.ndarray, start: Sequence[int], shape: Sequence[int], cval: float = 0.0) -> np.ndarray:
+    """Public form of the padded crop (last three axes), used by the loaders' fast paths."""
+    return _crop_padded(volume, np.asarray(start, dtype=np.int64), shape, cval)
+
+
+def batch_transforms(params: AugmentationParams):
+    """The transforms run in the worker processes on whole batches (flipping), or None."""
+    if not params.enabled or params.p_flip <= 0 or not params.flip_axes:
+        return None
+    from batchgenerators.transforms.spatial_transforms import MirrorTransform
+
+    return MirrorTransform(axes=tuple(int(a) for a in params.flip_axes), data_key="data", label_key="seg",
+                           p_per_sample=float(params.p_flip))

@@ -1,0 +1,296 @@
+"""The trainer's view of the plans: one place that reads the training-related plans fields.
+
+Everything the trainer needs is turned into :class:`TrainingConfig` / :class:`StepConfig` here, so the
+rest of the training package never indexes the plans dict directly. Field names and defaults are those
+documented in documentation/plans.md; see documentation/training.md for how they are used.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from heartcascade.networks import from_plans
+from heartcascade.training.augmentation import AugmentationParams
+from heartcascade.utils.errors import HCError
+
+#: The paper's curriculum (Table 1): losses and trained networks per step, and the batch kind.
+CURRICULUM: dict[str, dict[str, Any]] = {
+    "1": {"kind": "coarse_volume", "losses": ["L1_ROI"], "train": ["net1"], "batch_size": 1},
+    "2": {"kind": "subvolume", "losses": ["L1", "L1_ROI"], "train": ["net1"], "batch_size": 2},
+    "3": {"kind": "subvolume", "losses": ["L1", "L2"], "train": ["net1", "net2"], "batch_size": 2},
+    "4": {"kind": "slices", "losses": ["L2"], "train": ["net2"], "batch_size": 2},
+}
+CASCADE_STEPS = ("1", "2", "3", "4")
+BASELINE_STAGE = "baseline"
+LOSS_NAMES = ("L1", "L1_ROI", "L2", "L2_ROI", "L")
+DEFAULT_LR = 1e-4
+
+
+@dataclass
+class StepConfig:
+    """One curriculum step (or the baseline's single stage)."""
+
+    name: str  # "1".."4" or "baseline"
+    kind: str  # coarse_volume | subvolume | slices
+    epochs: int
+    iterations_per_epoch: int
+    batch_size: int
+    lr: float
+    losses: list[str]
+    train: list[str]  # subset of net1, net2 (cascade) or [baseline]
+    patch_shapes: list[tuple[int, int, int]] = field(default_factory=list)
+    loss_weights: dict[str, float] = field(default_factory=dict)
+    weight_decay: float = 0.0
+
+    @property
+    def iterations(self) -> int:
+        return self.epochs * self.iterations_per_epoch
+
+
+@dataclass
+class TrainingConfig:
+    configuration: str
+    num_classes: int
+    image_channels: int
+    class_names: list[str]
+    steps: dict[str, StepConfig]
+    augmentation: AugmentationParams
+    num_workers: int | None = None
+    checkpoint_every: int = 0  # iterations; 0 = use checkpoint_every_epochs
+    checkpoint_every_epochs: int = 1
+    validate_every_epochs: int = 1
+    val_max_cases: int | None = None
+    ema_momentum: float = 0.9
+    grad_clip: float | None = 12.0
+    amp: str = "bf16"
+    K: int = 1
+    net2_divisor: int = 1
+    net1_divisor: int = 16
+    baseline_spacing: tuple[float, float, float] | None = None
+    baseline_divisor: int = 16
+    net2_chunk: int = 16
+    seed: int = 0
+    background_as_class: bool = True
+    warmup_iterations: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# Plans overrides
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` merged in recursively (dicts merge, everything else replaces)."""
+    out = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        elif _is_step_list(value) and _is_step_list(out.get(key)):
+            # training.steps: entries are matched by their "step" number, so an override may give
+            # only {"step": 2, "epochs": 3}.
+            merged = [copy.deepcopy(e) for e in out[key]]
+            index = {e["step"]: i for i, e in enumerate(merged)}
+            for entry in value:
+                if entry["step"] in index:
+                    merged[index[entry["step"]]] = deep_merge(merged[index[entry["step"]]], entry)
+                else:
+                    merged.append(copy.deepcopy(entry))
+            out[key] = merged
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _is_step_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(e, Mapping) and "step" in e for e in value)
+
+
+def parse_override(text: str | Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A plans override given as a JSON object, a path to a JSON file, or already a dict."""
+    if text is None:
+        return None
+    if isinstance(text, Mapping):
+        return normalise_override(dict(text))
+    candidate = Path(text)
+    source = "--plans-override"
+    if not text.lstrip().startswith("{") and candidate.is_file():
+        source = str(candidate)
+        text = candidate.read_text(encoding="utf-8")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise HCError(f"{source}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise HCError(f"{source}: must be a JSON object, e.g. '{{\"training\": {{...}}}}'")
+    return normalise_override(value)
+
+
+def normalise_override(value: dict[str, Any]) -> dict[str, Any]:
+    """Accept ``training.steps`` as ``{"2": {...}}`` as well as the plans' list ``[{"step": 2, ...}]``."""
+    steps = (value.get("training") or {}).get("steps") if isinstance(value.get("training"), Mapping) else None
+    if isinstance(steps, Mapping):
+        value = copy.deepcopy(value)
+        try:
+            value["training"]["steps"] = [{**dict(v), "step": int(k)} for k, v in steps.items()]
+        except (TypeError, ValueError):
+            raise HCError("plans override: training.steps keys must be step numbers 1..4") from None
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading (field names: documentation/plans.md; the planner writes them, planning/planner.py)
+
+_INPUT_KINDS = {"whole_coarse_volume": "coarse_volume", "subvolumes": "subvolume", "slice_stacks": "slices"}
+_LOSS_ALIASES = {"multiclass_dice": "L"}
+
+
+def _shape(value: Any, where: str) -> tuple[int, int, int]:
+    if isinstance(value, (int, float)):
+        return (int(value),) * 3
+    if isinstance(value, Sequence) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value):
+        shape = tuple(int(v) for v in value)
+        if min(shape) < 1:
+            raise HCError(f"plans: {where} has a non-positive size: {list(shape)}")
+        return shape  # type: ignore[return-value]
+    raise HCError(f"plans: {where} must be [d, h, w], got {value!r}")
+
+
+def _number(entry: Mapping[str, Any], key: str, default: Any, where: str, kind: type = int) -> Any:
+    value = entry.get(key, default)
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise HCError(f"plans: {where}.{key} must be a number, got {value!r}") from None
+
+
+def _step_from_plans(entry: Mapping[str, Any], default_lr: float, default_wd: float, where: str) -> StepConfig:
+    name = str(entry.get("step"))
+    curriculum = CURRICULUM[name]
+    kind = _INPUT_KINDS.get(str(entry.get("input")), curriculum["kind"])
+    epochs = _number(entry, "epochs", 1, where)
+    ipe = _number(entry, "iterations_per_epoch", 250, where)
+    batch = _number(entry, "batch_size", curriculum["batch_size"], where)
+    lr = _number(entry, "lr", default_lr, where, float)
+    if epochs < 0 or ipe < 1 or batch < 1 or lr <= 0:
+        raise HCError(f"plans: {where}: need epochs >= 0, iterations_per_epoch >= 1, batch_size >= 1, lr > 0 "
+                      f"(got {epochs}, {ipe}, {batch}, {lr})")
+    if not entry.get("enabled", True):
+        epochs = 0
+    losses = [_LOSS_ALIASES.get(str(x), str(x)) for x in entry.get("losses", curriculum["losses"])]
+    bad = sorted(set(losses) - set(LOSS_NAMES))
+    if bad:
+        raise HCError(f"plans: {where}.losses has unknown loss(es) {bad}; known: {', '.join(LOSS_NAMES)}")
+    train = [str(x) for x in entry.get("train", curriculum["train"])]
+    unknown = sorted(set(train) - {"net1", "net2"})
+    if unknown:
+        raise HCError(f"plans: {where}.train names unknown network(s) {unknown}")
+    if kind == "coarse_volume":
+        shapes = [_shape(entry["patch_shape"], f"{where}.patch_shape")] if entry.get("patch_shape") else []
+    elif kind == "slices":
+        shapes = [_shape(entry["stack_shape"], f"{where}.stack_shape")] if entry.get("stack_shape") else []
+    else:
+        raw = entry.get("subvolume_shapes")
+        if not raw:
+            raise HCError(f"plans: {where} needs 'subvolume_shapes' (the subvolume edge sizes)")
+        shapes = [_shape(s, f"{where}.subvolume_shapes") for s in raw]
+    return StepConfig(name=name, kind=kind, epochs=epochs, iterations_per_epoch=ipe, batch_size=batch, lr=lr,
+                      losses=losses, train=train, patch_shapes=shapes,
+                      loss_weights={str(k): float(v) for k, v in (entry.get("loss_weights") or {}).items()},
+                      weight_decay=_number(entry, "weight_decay", default_wd, where, float))
+
+
+def training_config(plans: Mapping[str, Any], configuration: str) -> TrainingConfig:
+    """Read everything training needs from ``plans`` (HCError naming the field when it is wrong)."""
+    section = plans.get("training")
+    if not isinstance(section, Mapping):
+        raise HCError("plans: 'training' section missing")
+    ncls = from_plans.num_classes(plans)
+    nimg = from_plans.image_channels(plans)
+    labels = plans.get("labels") or {}
+    by_value = {int(v): str(k) for k, v in labels.items()} if isinstance(labels, Mapping) else {}
+    names = [by_value.get(i, str(i)) for i in range(ncls)]
+    default_lr = _number(section, "lr", DEFAULT_LR, "training", float)
+    default_wd = _number(section, "weight_decay", 0.0, "training", float)
+    steps: dict[str, StepConfig] = {}
+    if configuration == "cascade":
+        entries = section.get("steps")
+        if not isinstance(entries, list):
+            raise HCError("plans: training.steps must be a list of the four step entries")
+        for entry in entries:
+            if not isinstance(entry, Mapping) or str(entry.get("step")) not in CASCADE_STEPS:
+                raise HCError(f"plans: training.steps entries need 'step' 1..4, got {entry!r}"[:200])
+            name = str(entry["step"])
+            steps[name] = _step_from_plans(entry, default_lr, default_wd, f"training.steps[{name}]")
+        missing = [s for s in CASCADE_STEPS if s not in steps]
+        if missing:
+            raise HCError(f"plans: training.steps lacks step(s) {', '.join(missing)}")
+    elif configuration == "baseline":
+        base = plans.get("baseline_unet")
+        if not isinstance(base, Mapping):
+            raise HCError("plans: 'baseline_unet' section missing (re-run hc_plan_and_preprocess)")
+        entry = {"step": BASELINE_STAGE, "epochs": base.get("epochs", 1),
+                 "iterations_per_epoch": base.get("iterations_per_epoch", 250),
+                 "batch_size": base.get("batch_size", 2), "lr": base.get("lr", default_lr),
+                 "weight_decay": base.get("weight_decay", default_wd), "losses": base.get("losses", ["L"])}
+        where = "baseline_unet"
+        epochs = _number(entry, "epochs", 1, where)
+        ipe = _number(entry, "iterations_per_epoch", 250, where)
+        batch = _number(entry, "batch_size", 2, where)
+        lr = _number(entry, "lr", default_lr, where, float)
+        if epochs < 0 or ipe < 1 or batch < 1 or lr <= 0:
+            raise HCError(f"plans: {where}: need epochs >= 0, iterations_per_epoch >= 1, batch_size >= 1, lr > 0")
+        if not base.get("patch_shape"):
+            raise HCError("plans: baseline_unet.patch_shape missing")
+        losses = [_LOSS_ALIASES.get(str(x), str(x)) for x in entry["losses"]]
+        steps[BASELINE_STAGE] = StepConfig(
+            name=BASELINE_STAGE, kind="subvolume", epochs=epochs, iterations_per_epoch=ipe, batch_size=batch, lr=lr,
+            losses=losses, train=["baseline"], patch_shapes=[_shape(base["patch_shape"], f"{where}.patch_shape")],
+            weight_decay=_number(entry, "weight_decay", default_wd, where, float))
+    else:
+        raise HCError(f"unknown configuration {configuration!r}; expected 'cascade' or 'baseline'")
+
+    aug = AugmentationParams.from_dict(plans.get("augmentation"))
+    net2 = plans.get("net2") or {}
+    base = plans.get("baseline_unet") or {}
+    inference = plans.get("inference") or {}
+    cfg = TrainingConfig(
+        configuration=configuration, num_classes=ncls, image_channels=nimg, class_names=names, steps=steps,
+        augmentation=aug,
+        num_workers=section.get("num_workers"),
+        checkpoint_every=int(section.get("checkpoint_interval_iterations", 0) or 0),
+        checkpoint_every_epochs=int(section.get("checkpoint_interval_epochs", 1) or 1),
+        validate_every_epochs=int(section.get("validation_interval_epochs", 1) or 1),
+        val_max_cases=section.get("val_max_cases"),
+        ema_momentum=float(section.get("ema_momentum", 0.9)),
+        grad_clip=section.get("grad_clip", 12.0),
+        amp=str(section.get("amp", "bf16")),
+        K=int(net2.get("K", 1)),
+        net2_divisor=int(net2.get("required_divisor", 2 ** int(net2.get("num_levels", 0)))),
+        net1_divisor=int((plans.get("net1") or {}).get("required_divisor", 16)),
+        baseline_spacing=tuple(float(s) for s in base["spacing"]) if base.get("spacing") else None,
+        baseline_divisor=2 ** int(base.get("num_levels", 4)),
+        net2_chunk=int(inference.get("z_chunk") or 16),
+        seed=int(section.get("seed", 0)),
+        background_as_class=bool((plans.get("sampling") or {}).get("background_as_class", True)),
+        warmup_iterations=int(section.get("warmup_iterations", 0) or 0),
+    )
+    if cfg.amp not in ("bf16", "fp16", "none"):
+        raise HCError(f"plans: training.amp must be bf16, fp16 or none, got {cfg.amp!r}")
+    if configuration == "cascade":
+        for shape in steps["3"].patch_shapes:
+            if shape[0] < cfg.K or shape[1] % cfg.net2_divisor or shape[2] % cfg.net2_divisor:
+                raise HCError(f"plans: training.steps[3] subvolume {list(shape)} must have D >= K={cfg.K} and H, W "
+                              f"divisible by {cfg.net2_divisor} (Net2)")
+    if configuration == "baseline" and cfg.baseline_spacing is None:
+        raise HCError("plans: baseline_unet.spacing (the baseline's resampling spacing) is missing")
+    return cfg
+
+
+def checkpoint_interval(cfg: TrainingConfig, step: StepConfig) -> int:
+    """Iterations between ``checkpoint_latest`` saves for a step."""
+    if cfg.checkpoint_every > 0:
+        return cfg.checkpoint_every
+    return max(1, cfg.checkpoint_every_epochs * step.iterations_per_epoch)

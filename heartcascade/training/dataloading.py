@@ -1,0 +1,323 @@
+"""batchgenerators data loaders, one per kind of training batch, and the worker pipeline around them.
+
+=========================  =============================================  ===========================
+loader                      one sample                                     used by
+=========================  =============================================  ===========================
+``CoarseVolumeLoader``      a whole coarse volume (+ labels), padded to    step 1 (Net1, L1_ROI)
+                            Net1's divisor of 16
+``SubvolumeLoader``         a full-resolution subvolume centred on a       steps 2, 3; baseline
+                            class-balanced voxel; edge sizes drawn per
+                            batch from the plans' set
+``SliceStackLoader``        K full slices around a class-balanced slice    step 4 (Net2, Net1 frozen)
+                            + Net1's probabilities upsampled to them
+=========================  =============================================  ===========================
+
+Batches are dicts ``{"data": (B, C, D, H, W) float32, "seg": (B, 1, D, H, W) int16, "batch_index": i,
+"patch_shape": [d, h, w]}``. For ``SliceStackLoader`` ``data`` holds the image channels followed by the
+``C`` Net1 probability channels (flipping must treat them together) and ``seg`` the K label slices
+(the trainer uses the centre one).
+
+Determinism: batch number ``i`` of a loader is made from ``numpy.random.default_rng(SeedSequence([seed,
+*stream, i]))`` -- and numpy's global generator is reseeded from it for batchgenerators' own transforms
+-- so the batch sequence is the same whatever the number of worker processes (the
+MultiThreadedAugmenter returns the workers' batches round-robin: worker ``t`` makes batches ``t, t+n,
+...``) and a resumed run continues with exactly the batches the killed run would have seen
+(``start_batch``).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+from batchgenerators.dataloading.data_loader import DataLoader
+
+from heartcascade.training.augmentation import (AugmentationParams, batch_transforms, extract, random_spatial,
+                                                upsample_at)
+from heartcascade.training.sampling import CaseLocations, ClassBalancedSampler
+
+# --------------------------------------------------------------------------------------------------
+# Cases as the loaders see them
+
+
+@dataclass
+class TrainCase:
+    """One training case in memory (canonical (D, H, W) order, see documentation/conventions.md).
+
+    ``net1_probs`` (C, d, h, w) float16 is filled at the start of step 4 with frozen Net1's softmax on
+    the case's coarse grid; ``coarse_image`` / ``coarse_seg`` feed step 1.
+    """
+
+    case_id: str
+    image: np.ndarray  # (Cimg, D, H, W) float32
+    seg: np.ndarray  # (D, H, W) integer
+    spacing: tuple[float, float, float]
+    locations: dict[int, np.ndarray]
+    coarse_image: np.ndarray | None = None  # (Cimg, d, h, w)
+    coarse_seg: np.ndarray | None = None  # (d, h, w)
+    coarse_spacing: tuple[float, float, float] | None = None
+    net1_probs: np.ndarray | None = None  # (C, d, h, w)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.seg.shape)  # type: ignore[return-value]
+
+    def sampler_entry(self) -> CaseLocations:
+        return CaseLocations(self.case_id, self.shape, self.locations, self.seg)
+
+
+def clamped_indices(start: int, stop: int, size: int) -> np.ndarray:
+    """``start..stop-1`` clamped to the volume: slices beyond the ends are edge-replicated (as in inference)."""
+    return np.clip(np.arange(start, stop), 0, size - 1)
+
+
+def round_up(value: int, multiple: int) -> int:
+    return int(math.ceil(value / multiple) * multiple)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loaders
+
+
+class _SeededLoader(DataLoader):
+    """Common part: deterministic per-batch random generators, infinite stream of batches."""
+
+    def __init__(self, cases: Sequence[TrainCase], batch_size: int, seed: int, stream: Sequence[int],
+                 augmentation: AugmentationParams, start_batch: int = 0, num_workers: int = 1,
+                 background_as_class: bool = True) -> None:
+        super().__init__(list(cases), batch_size, num_threads_in_multithreaded=max(1, num_workers),
+                         infinite=True, shuffle=False)
+        if not cases:
+            raise ValueError("a data loader needs at least one case")
+        self.cases = list(cases)
+        self.indices = np.arange(len(self.cases))
+        self.seed = int(seed)
+        self.stream = [int(s) for s in stream]
+        self.aug = augmentation
+        self.start_batch = int(start_batch)
+        self._next: int | None = None
+        self.sampler = ClassBalancedSampler([c.sampler_entry() for c in self.cases],
+                                            foreground_only=not background_as_class)
+
+    def generate_train_batch(self) -> dict[str, Any]:
+        if self._next is None:
+            self._next = self.start_batch + self.thread_id
+        index = self._next
+        self._next += self.number_of_threads_in_multithreaded
+        seq = np.random.SeedSequence([self.seed, *self.stream, index])
+        rng = np.random.default_rng(seq)
+        np.random.seed(int(seq.generate_state(1)[0]))  # batchgenerators transforms use the global RNG
+        batch = self.make_batch(rng)
+        batch["batch_index"] = index
+        return batch
+
+    def make_batch(self, rng: np.random.Generator) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def window_start(centre: np.ndarray, shape: Sequence[int], out: Sequence[int]) -> np.ndarray:
+    """Start of an ``out``-sized window: 0 on axes where the volume fits (padding at the high end, like
+    ``pad_to_multiple``), else centred on ``centre`` and shifted to stay inside the volume."""
+    start = np.zeros(3, dtype=np.int64)
+    for a in range(3):
+        if shape[a] > out[a]:
+            start[a] = int(np.clip(int(centre[a]) - out[a] // 2, 0, shape[a] - out[a]))
+    return start
+
+
+def pivot_about(spatial: Any, pivot: np.ndarray, grid_centre: np.ndarray) -> None:
+    """Make a transform drawn for :func:`extract` (which acts about ``grid_centre``) act about ``pivot``.
+
+    extract() maps output offset o to ``grid_centre + M o + t``; rotating/scaling about ``pivot``
+    instead needs ``t += (I - M)(pivot - grid_centre)``.
+    """
+    if spatial.is_identity or spatial.matrix is None:
+        return
+    spatial.translation = spatial.translation + (np.eye(3) - spatial.matrix) @ (pivot - grid_centre)
+
+
+class CoarseVolumeLoader(_SeededLoader):
+    """Step 1: whole coarse volumes (uniform over cases), augmented, padded to a multiple of ``divisor``.
+
+    The volume sits at the start of the padded grid (as with ``pad_to_multiple``; padding is image 0 /
+    label 0) and the random transform acts about the volume's centre. ``max_shape`` (the plans' step-1
+    ``patch_shape``, the 95th-percentile field of view Net1's memory was planned for) caps the grid: an
+    axis of a (rare) larger volume is cropped to a window around a random foreground voxel.
+    """
+
+    def __init__(self, *args: Any, divisor: int = 16, max_shape: Sequence[int] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.divisor = int(divisor)
+        self.max_shape = None if max_shape is None else [round_up(int(s), self.divisor) for s in max_shape]
+        for case in self.cases:
+            if case.coarse_image is None or case.coarse_seg is None:
+                raise ValueError(f"case {case.case_id} has no coarse image/labels for step 1")
+
+    def make_batch(self, rng: np.random.Generator) -> dict[str, Any]:
+        picks = [int(rng.integers(len(self.cases))) for _ in range(self.batch_size)]
+        shapes = np.array([self.cases[i].coarse_seg.shape for i in picks])
+        out_shape = [round_up(int(s), self.divisor) for s in shapes.max(0)]
+        if self.max_shape is not None:
+            out_shape = [min(o, m) for o, m in zip(out_shape, self.max_shape)]
+        out_shape = tuple(out_shape)
+        data, seg = [], []
+        for i in picks:
+            case = self.cases[i]
+            nch = len(case.coarse_image)
+            shape = np.asarray(case.coarse_seg.shape)
+            centre = shape // 2
+            if np.any(shape > np.asarray(out_shape)):
+                fg = [v for c, v in case.extra.get("coarse_locations", {}).items() if c != 0 and len(v)]
+                if fg:
+                    locs = fg[int(rng.integers(len(fg)))]
+                    centre = np.asarray(locs[int(rng.integers(len(locs)))])
+            start = window_start(centre, shape, out_shape)
+            grid_centre = start + np.asarray(out_shape) // 2
+            spatial = random_spatial(rng, self.aug, case.coarse_spacing or case.spacing, out_shape)
+            pivot_about(spatial, start + np.minimum(shape, out_shape) // 2, grid_centre)
+            outs = extract([*case.coarse_image, case.coarse_seg], grid_centre, out_shape, spatial,
+                           orders=[1] * nch + [0], dtypes=[np.float32] * nch + [np.int16])
+            data.append(np.stack(outs[:-1]))
+            seg.append(outs[-1][None])
+        return {"data": np.stack(data), "seg": np.stack(seg), "patch_shape": list(out_shape)}
+
+
+class SubvolumeLoader(_SeededLoader):
+    """Steps 2 and 3 (and the baseline): class-balanced full-resolution subvolumes.
+
+    ``patch_shapes``: the plans' set of subvolume shapes (each (d, h, w)); one is drawn per batch, so
+    every batch has a single shape while the network sees several sizes over training.
+    """
+
+    def __init__(self, *args: Any, patch_shapes: Sequence[Sequence[int]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not patch_shapes:
+            raise ValueError("SubvolumeLoader needs at least one patch shape")
+        self.patch_shapes = [tuple(int(v) for v in s) for s in patch_shapes]
+
+    def make_batch(self, rng: np.random.Generator) -> dict[str, Any]:
+        shape = self.patch_shapes[int(rng.integers(len(self.patch_shapes)))]
+        data, seg, factors = [], [], []
+        for _ in range(self.batch_size):
+            index, _cls, centre = self.sampler.draw(rng)
+            case = self.cases[index]
+            factors.append(case.extra.get("factors", (1.0, 1.0, 1.0)))
+            nch = len(case.image)
+            spatial = random_spatial(rng, self.aug, case.spacing, shape)
+            outs = extract([*case.image, case.seg], centre, shape, spatial,
+                           orders=[1] * nch + [0], dtypes=[np.float32] * nch + [np.int16])
+            data.append(np.stack(outs[:-1]))
+            seg.append(outs[-1][None])
+        return {"data": np.stack(data), "seg": np.stack(seg), "patch_shape": list(shape),
+                "factors": np.asarray(factors, dtype=np.float64)}
+
+
+class SliceStackLoader(_SeededLoader):
+    """Step 4: stacks of ``K`` slices (edge-replicated beyond the volume ends, as at inference).
+
+    Channels of ``data``: the image channels, then frozen Net1's class probabilities upsampled
+    (trilinear, exact) to exactly these slices. In-plane: the full slices, padded at the high end to
+    ``divisor`` (Net2's) with image 0, probabilities "background" and labels 0 -- unless the plans'
+    ``tile`` (step-4 ``stack_shape[1:]``, set when full slices do not fit in memory) is smaller, in
+    which case a tile around the sampled voxel is read. Augmentation is in-plane only and identical for
+    all K slices and all channels.
+    """
+
+    def __init__(self, *args: Any, K: int, divisor: int, tile: Sequence[int] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if K < 1 or K % 2 != 1:
+            raise ValueError(f"K must be odd, got {K}")
+        self.K = int(K)
+        self.divisor = int(divisor)
+        self.tile = None if tile is None else [max(self.divisor, (int(t) // self.divisor) * self.divisor)
+                                               for t in tile]
+        for case in self.cases:
+            if case.net1_probs is None:
+                raise ValueError(f"case {case.case_id} has no Net1 probabilities for step 4")
+
+    def make_batch(self, rng: np.random.Generator) -> dict[str, Any]:
+        draws = [self.sampler.draw(rng) for _ in range(self.batch_size)]
+        inplane = np.array([self.cases[i].shape[1:] for i, _, _ in draws]).max(0)
+        hw = [round_up(int(v), self.divisor) for v in inplane]
+        if self.tile is not None:
+            hw = [min(a, t) for a, t in zip(hw, self.tile)]
+        out_shape = (self.K, hw[0], hw[1])
+        margin = self.K // 2
+        data, seg = [], []
+        for index, _cls, voxel in draws:
+            case = self.cases[index]
+            nch = len(case.image)
+            ncls = len(case.net1_probs)
+            D, H, W = case.shape
+            z = clamped_indices(int(voxel[0]) - margin, int(voxel[0]) + margin + 1, D)
+            start = window_start(np.asarray(voxel), (self.K, H, W), out_shape)
+            rows = np.arange(start[1], min(H, start[1] + out_shape[1]))
+            cols = np.arange(start[2], min(W, start[2] + out_shape[2]))
+            image = case.image[:, z][:, :, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+            probs = upsample_at(case.net1_probs, case.shape, [z, rows, cols])
+            labels = case.seg[z][:, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+            local = (self.K, len(rows), len(cols))
+            grid_centre = np.asarray(out_shape) // 2
+            spatial = random_spatial(rng, self.aug, case.spacing, out_shape, inplane_only=True)
+            pivot_about(spatial, np.minimum(local, out_shape) // 2, grid_centre)
+            cvals = [0.0] * nch + [1.0] + [0.0] * (ncls - 1) + [0]
+            outs = extract([*image, *probs, labels], grid_centre, out_shape, spatial,
+                           orders=[1] * (nch + ncls) + [0], cvals=cvals,
+                           dtypes=[np.float32] * (nch + ncls) + [np.int16])
+            data.append(np.stack(outs[:-1]))
+            seg.append(outs[-1][None])
+        return {"data": np.stack(data), "seg": np.stack(seg), "patch_shape": list(out_shape)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Augmenter (worker processes)
+
+
+def default_num_workers(plans_value: int | None = None) -> int:
+    """Worker processes: env ``HC_N_PROC_DA`` wins, then the plans' value, then min(8, CPUs - 1)."""
+    env = os.environ.get("HC_N_PROC_DA")
+    if env is not None and env.strip() != "":
+        return max(0, int(env))
+    if plans_value is not None:
+        return max(0, int(plans_value))
+    return max(0, min(8, (os.cpu_count() or 2) - 1))
+
+
+class BatchStream:
+    """Iterator of batches from a loader through batchgenerators' augmenters.
+
+    ``num_workers == 0`` uses the SingleThreadedAugmenter (in-process; tests, debugging); otherwise a
+    MultiThreadedAugmenter with that many worker processes. :meth:`close` stops the workers.
+    """
+
+    def __init__(self, loader: _SeededLoader, augmentation: AugmentationParams, num_workers: int) -> None:
+        from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
+        from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+
+        transform = batch_transforms(augmentation)
+        self.num_workers = int(num_workers)
+        if self.num_workers <= 0:
+            self.augmenter = SingleThreadedAugmenter(loader, transform)
+        else:
+            self.augmenter = MultiThreadedAugmenter(loader, transform, self.num_workers,
+                                                    num_cached_per_queue=2, seeds=None, pin_memory=False,
+                                                    wait_time=0.002)
+        self.expected = loader.start_batch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        batch = next(self.augmenter)
+        if batch["batch_index"] != self.expected:
+            raise RuntimeError(f"data loader out of order: got batch {batch['batch_index']}, expected {self.expected}")
+        self.expected += 1
+        return batch
+
+    def close(self) -> None:
+        finish = getattr(self.augmenter, "_finish", None)
+        if finish is not None:
+            finish()

@@ -1,0 +1,133 @@
+"""Cross-validation splits and fold names.
+
+``splits_final.json`` lives in the preprocessed dataset folder and is a JSON list with one entry per
+fold, ``[{"train": [case ids], "val": [case ids]}, ...]``. When it is absent it is created as a seeded
+5-fold split of the training cases (shuffle with ``numpy.random.default_rng(seed)``, then cut into 5
+nearly equal parts; fold ``i`` validates on part ``i``). Any other file of the same shape is accepted
+(e.g. the paper's single 15/5 split: one entry), either by putting it there or with ``hc_train
+--splits FILE``.
+
+Fold names: ``0``..``N-1``, ``fold0``..``foldN-1`` and ``all``. ``all`` trains on every case and, so that
+the training curves still show a validation Dice, validates on :data:`ALL_FOLD_VAL_CASES` training
+cases spread evenly over the sorted case list (these are *training* cases, so that Dice is optimistic;
+it is a sanity check, not a generalisation estimate).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+
+from heartcascade.utils.atomic import atomic_write_json
+from heartcascade.utils.errors import HCError
+from heartcascade.utils.jsonio import load_json
+
+SPLITS_FILE = "splits_final.json"
+DEFAULT_NUM_FOLDS = 5
+DEFAULT_SPLIT_SEED = 12345
+#: How many training cases fold ``all`` validates on (see the module docstring).
+ALL_FOLD_VAL_CASES = 3
+
+Fold = Union[int, str]  # an int index or "all"
+
+
+def make_kfold_splits(case_ids: Sequence[str], num_folds: int = DEFAULT_NUM_FOLDS,
+                      seed: int = DEFAULT_SPLIT_SEED) -> list[dict[str, list[str]]]:
+    """Seeded k-fold split of ``case_ids``; every case is validated in exactly one fold."""
+    ids = sorted(set(case_ids))
+    if len(ids) < 2:
+        raise HCError(f"cross-validation needs at least 2 training cases, found {len(ids)}")
+    num_folds = min(int(num_folds), len(ids))
+    order = np.random.default_rng(seed).permutation(len(ids))
+    parts = np.array_split(order, num_folds)
+    splits = []
+    for part in parts:
+        val = sorted(ids[i] for i in part)
+        train = sorted(set(ids) - set(val))
+        splits.append({"train": train, "val": val})
+    return splits
+
+
+def validate_splits(splits: object, case_ids: Sequence[str], source: str | Path) -> list[dict[str, list[str]]]:
+    """Check the shape of a splits list and that it names only existing cases; return it normalised."""
+    if not isinstance(splits, list) or not splits:
+        raise HCError(f"{source}: expected a non-empty JSON list of {{'train': [...], 'val': [...]}} entries")
+    known = set(case_ids)
+    out = []
+    for i, entry in enumerate(splits):
+        if not isinstance(entry, dict) or not isinstance(entry.get("train"), list) \
+                or not isinstance(entry.get("val"), list):
+            raise HCError(f"{source}: entry {i} must be an object with lists 'train' and 'val'")
+        train = [str(c) for c in entry["train"]]
+        val = [str(c) for c in entry["val"]]
+        if not train:
+            raise HCError(f"{source}: fold {i} has no training cases")
+        unknown = sorted((set(train) | set(val)) - known)
+        if unknown:
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            raise HCError(f"{source}: fold {i} names case(s) not in the preprocessed data: "
+                          f"{', '.join(unknown[:5])}{more}")
+        overlap = sorted(set(train) & set(val))
+        if overlap:
+            raise HCError(f"{source}: fold {i} has case(s) in both train and val: {', '.join(overlap[:5])}")
+        out.append({"train": train, "val": val})
+    return out
+
+
+def load_or_create_splits(preprocessed_dir: str | Path, case_ids: Sequence[str],
+                          splits_file: str | Path | None = None, write: bool = True,
+                          seed: int = DEFAULT_SPLIT_SEED) -> tuple[list[dict[str, list[str]]], Path]:
+    """The dataset's splits: ``splits_file`` if given, else ``splits_final.json`` (created if absent).
+
+    ``write=False`` (non-zero DDP ranks) computes the same default split without writing it.
+    """
+    if splits_file is not None:
+        path = Path(splits_file)
+        return validate_splits(load_json(path), case_ids, path), path
+    path = Path(preprocessed_dir) / SPLITS_FILE
+    if path.is_file():
+        return validate_splits(load_json(path), case_ids, path), path
+    splits = make_kfold_splits(case_ids, DEFAULT_NUM_FOLDS, seed)
+    if write:
+        atomic_write_json(path, splits)
+    return splits, path
+
+
+def valid_fold_names(num_folds: int) -> list[str]:
+    return [str(i) for i in range(num_folds)] + ["all"]
+
+
+def parse_fold(value: str | int, num_folds: int) -> Fold:
+    """``"fold0"``/``"0"``/``0`` → 0, ``"all"`` → ``"all"``; anything else → HCError listing valid names."""
+    text = str(value).strip().lower()
+    if text == "all":
+        return "all"
+    match = re.fullmatch(r"(?:fold_?)?(\d+)", text)
+    if match and int(match.group(1)) < num_folds:
+        return int(match.group(1))
+    names = ", ".join(valid_fold_names(num_folds))
+    raise HCError(f"unknown fold {value!r}; valid folds are {names} (also written fold0..fold{num_folds - 1})")
+
+
+def fold_folder_name(fold: Fold) -> str:
+    return f"fold_{fold}"
+
+
+def all_fold_val_cases(case_ids: Sequence[str], count: int = ALL_FOLD_VAL_CASES) -> list[str]:
+    """The training cases fold ``all`` validates on: ``count`` cases evenly spread over the sorted ids."""
+    ids = sorted(case_ids)
+    if not ids:
+        return []
+    count = max(1, min(count, len(ids)))
+    picks = np.linspace(0, len(ids) - 1, count).round().astype(int)
+    return [ids[i] for i in sorted(set(picks.tolist()))]
+
+
+def fold_cases(splits: list[dict[str, list[str]]], fold: Fold, case_ids: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(training cases, validation cases) of ``fold``."""
+    if fold == "all":
+        return sorted(case_ids), all_fold_val_cases(case_ids)
+    entry = splits[int(fold)]
+    return list(entry["train"]), list(entry["val"])
