@@ -5,30 +5,10 @@ import argparse
 import sys
 from typing import Sequence
 
-from heartcascade.utils.errors import HCError
 
-try:  # shared CLI helpers (another module); a minimal fallback keeps this command usable on its own
-    from heartcascade.cli.common import dataset_id as _dataset_id_type
-    from heartcascade.cli.common import run_cli
-except ImportError:  # pragma: no cover
-    def run_cli(body):  # type: ignore[no-redef]
-        try:
-            code = body()
-        except HCError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("error: interrupted", file=sys.stderr)
-            return 130
-        return 0 if code is None else int(code)
-
-    def _dataset_id_type(value: str) -> int:  # type: ignore[no-redef]
-        from heartcascade.paths import parse_dataset_id
-
-        try:
-            return parse_dataset_id(value)
-        except HCError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
+from heartcascade.cli.common import dataset_id as _dataset_id_type
+from heartcascade.cli.common import positive_int as _positive_int
+from heartcascade.cli.common import run_cli
 
 
 def _positive_float(value: str) -> float:
@@ -38,16 +18,6 @@ def _positive_float(value: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
     if number <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {number}")
-    return number
-
-
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
     return number
 
 
