@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from heartcascade.networks.blocks import kaiming_relu_, make_norm
+from heartcascade.networks.blocks import kaiming_relu_, make_norm, unet_forward
 from heartcascade.utils.errors import HCError
 
 
@@ -79,12 +79,4 @@ class BaselineUNet3D(nn.Module):
                 f"BaselineUNet3D input must be (N, C, D, H, W) with sizes divisible by "
                 f"{self.required_divisor} (use pad_to_multiple), got {tuple(x.shape)}"
             )
-        skips = []
-        for block in self.down:
-            x = block(x)
-            skips.append(x)
-            x = self.pool(x)
-        x = self.bottleneck(x)
-        for up, block, skip in zip(self.up, self.expand, reversed(skips)):
-            x = block(torch.cat([up(x), skip], dim=1))
-        return self.classifier(x)
+        return unet_forward(self, x)

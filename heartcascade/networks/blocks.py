@@ -125,3 +125,20 @@ def make_norm(norm: str | None, channels: int) -> nn.Module:
     if norm == "instance":
         return nn.InstanceNorm3d(channels, affine=True)
     raise HCError(f"unknown norm {norm!r}; expected 'none' or 'instance'")
+
+
+def unet_forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The encoder–decoder pass shared by Net1 and the baseline U-Net.
+
+    ``net`` provides ``down``, ``pool``, ``bottleneck``, ``up``, ``expand`` and ``classifier``; the
+    skip of each level is concatenated after its up-convolution.
+    """
+    skips = []
+    for block in net.down:
+        x = block(x)
+        skips.append(x)
+        x = net.pool(x)
+    x = net.bottleneck(x)
+    for up, block, skip in zip(net.up, net.expand, reversed(skips)):
+        x = block(torch.cat([up(x), skip], dim=1))
+    return net.classifier(x)

@@ -14,7 +14,7 @@ from typing import Any, Sequence, Union
 import torch
 from torch import nn
 
-from heartcascade.networks.blocks import as_triple, kaiming_relu_, make_norm
+from heartcascade.networks.blocks import as_triple, kaiming_relu_, make_norm, unet_forward
 from heartcascade.utils.errors import HCError
 
 Dilation = Union[int, Sequence[int]]
@@ -126,15 +126,7 @@ class Net1(nn.Module):
                 f"Net1 input must be (N, C, D, H, W) with D, H, W divisible by {self.required_divisor} "
                 f"(use pad_to_multiple), got {tuple(x.shape)}"
             )
-        skips = []
-        for block in self.down:
-            x = block(x)
-            skips.append(x)
-            x = self.pool(x)
-        x = self.bottleneck(x)
-        for up, block, skip in zip(self.up, self.expand, reversed(skips)):
-            x = block(torch.cat([up(x), skip], dim=1))
-        return self.classifier(x)
+        return unet_forward(self, x)
 
     def receptive_field(self) -> tuple[int, int, int]:
         """Theoretical receptive field (coarse voxels per axis) of one output voxel."""
