@@ -8,13 +8,14 @@ import SimpleITK as sitk
 
 from heartcascade.workflows.demo import DemoSettings, run_demo
 
-# Learning itself is asserted in tests/test_training.py; here the whole main job must run and write
-# correct outputs in a CI-sized budget.
-TINY_SCHEDULE = {"training": {"validation_interval_epochs": 1, "checkpoint_interval_epochs": 1, "steps": {
-    "1": {"epochs": 1, "iterations_per_epoch": 2},
-    "2": {"epochs": 1, "iterations_per_epoch": 2},
-    "3": {"epochs": 1, "iterations_per_epoch": 2},
-    "4": {"epochs": 1, "iterations_per_epoch": 2},
+# The demo preset's recipe on a CI budget (~250 iterations instead of 1400, 3 training cases instead of 8):
+# the main job must run, write correct outputs, and learn (the full demo's accuracy is measured by
+# `hc_demo` itself and recorded in documentation/results.md).
+TINY_SCHEDULE = {"training": {"validation_interval_epochs": 100, "checkpoint_interval_epochs": 100, "steps": {
+    "1": {"epochs": 6, "iterations_per_epoch": 20},
+    "2": {"epochs": 0},
+    "3": {"epochs": 2, "iterations_per_epoch": 20},
+    "4": {"epochs": 5, "iterations_per_epoch": 20},
 }}}
 
 
@@ -43,4 +44,11 @@ def test_demo_end_to_end_tiny(tmp_path, monkeypatch):
     fold = out / "results" / raw.name / "cascade" / "fold_0"
     assert (fold / "progress.png").is_file() and (fold / "checkpoint_final.pth").is_file()
     records = [json.loads(line) for line in (fold / "metrics.jsonl").read_text().splitlines()]
-    assert {r.get("stage") for r in records if r.get("type") == "train"} == {"1", "2", "3", "4"}
+    train = [r for r in records if r.get("type") == "train"]
+    assert {r.get("stage") for r in train} == {"1", "3", "4"}  # step 2 has 0 epochs in this schedule
+    for stage in ("1", "4"):  # the loss falls within each step that has several epochs
+        losses = [r["loss"] for r in train if r["stage"] == stage]
+        assert losses[-1] < 0.8 * losses[0], (stage, losses)
+    # and it learned: the heart is found and every structure is at least partly right
+    assert summary["whole_heart_dice"] > 0.6, summary["whole_heart"]
+    assert np.mean([m["dice"] for m in summary["per_structure"].values()]) > 0.3, summary["per_structure"]

@@ -176,3 +176,27 @@ def test_dice_scores_hard() -> None:
     assert float(dice_scores_hard(target, target, 2).min()) == 1.0
     with pytest.raises(HCError):
         dice_scores_hard(pred, target[:3], 3)
+
+
+def test_cross_entropy_matches_hand_computed_and_accepts_both_target_forms() -> None:
+    from heartcascade.losses import cross_entropy_loss
+
+    logits = torch.log(PROBS.float())  # softmax(log p) = p, since each voxel's p sums to 1
+    expected = -sum(math.log(p) for p in (0.9, 0.8, 0.7, 0.6)) / 4
+    assert float(cross_entropy_loss(logits, LABELS)) == pytest.approx(expected, rel=1e-5)
+    assert float(cross_entropy_loss(logits, LABELS[:, None])) == pytest.approx(expected, rel=1e-5)
+    onehot = to_onehot(LABELS, 2)
+    assert float(cross_entropy_loss(logits, onehot)) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(HCError, match="cross-entropy target"):
+        cross_entropy_loss(logits, LABELS[..., :2])
+
+
+def test_cross_entropy_gradient_raises_the_true_class_logit() -> None:
+    from heartcascade.losses import cross_entropy_loss
+
+    logits = torch.zeros(1, 3, 1, 1, 4, requires_grad=True)
+    cross_entropy_loss(logits, torch.tensor([[[[0, 1, 2, 1]]]])).backward()
+    grad = logits.grad[0, :, 0, 0]
+    for voxel, label in enumerate([0, 1, 2, 1]):
+        assert grad[label, voxel] < 0  # descending the loss raises the true class
+        assert all(grad[c, voxel] > 0 for c in range(3) if c != label)

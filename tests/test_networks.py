@@ -229,3 +229,18 @@ def test_net2_overfits_trivial_two_class_pattern() -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0] and losses[-1] < 0.2, losses[::10]
+
+
+def test_instance_norm_passes_single_voxel_maps_and_normalises_larger_ones() -> None:
+    from heartcascade.networks.blocks import make_norm
+
+    norm = make_norm("instance", 3).train()
+    one = torch.randn(2, 3, 1, 1, 1)
+    assert torch.allclose(norm(one), one)  # affine starts as identity; no statistics for one voxel
+    big = torch.randn(2, 3, 4, 4, 4) * 5 + 3
+    out = norm(big)
+    assert out.mean(dim=(2, 3, 4)).abs().max() < 1e-4
+    assert torch.allclose(out.var(dim=(2, 3, 4), unbiased=False), torch.ones(2, 3), atol=1e-3)
+    # a normalised Net1 trains on a subvolume whose bottleneck is a single voxel
+    net = Net1(1, 3, base_features=2, max_features=8, kernel_size=3, norm="instance")
+    net(torch.randn(2, 1, 16, 16, 16)).mean().backward()

@@ -211,7 +211,7 @@ def test_plans_roundtrip_and_validation(tmp_path):
     changed = json.loads(path.read_text())
     changed["training"]["steps"][0]["epochs"] = 1
     assert preprocessing_hash(changed) == preprocessing_hash(plans)  # schedule changes keep the data valid
-    changed["net1"]["coarse_spacing"] = [5.0, 5.0, 5.0]
+    changed["net1"]["coarse_spacing"] = [6.0, 6.0, 6.0]
     assert preprocessing_hash(changed) != preprocessing_hash(plans)
     for breaker, message in ((lambda p: p.pop("net2"), "missing field"), (lambda p: p.update(plans_version=99), "99"),
                              (lambda p: p["net2"].update(K=4), "odd")):
@@ -220,6 +220,26 @@ def test_plans_roundtrip_and_validation(tmp_path):
         path.write_text(json.dumps(bad))
         with pytest.raises(HCError, match=message):
             load_plans(path)
+
+
+def test_preset_step_losses_and_dice_weighting_reach_the_plans(paper):
+    custom = json.loads(json.dumps(paper))
+    custom["training"]["steps"][0]["losses"] = ["L1", "L1_ROI", "CE1"]
+    custom["training"]["dice_weighting"] = "uniform"
+    plans = planner.plan_experiment(MMWHS_CT, custom, CT_INFO, 1, gpu_memory_gb=12)
+    assert [s["losses"] for s in plans["training"]["steps"]] == [["L1", "L1_ROI", "CE1"], ["L1", "L1_ROI"],
+                                                                ["L1", "L2"], ["L2"]]
+    from heartcascade.training.config import training_config
+
+    cfg = training_config(plans, "cascade")
+    assert cfg.dice_weighting == "uniform" and cfg.steps["1"].losses == ["L1", "L1_ROI", "CE1"]
+    plans["training"]["dice_weighting"] = "median"
+    with pytest.raises(HCError, match="dice_weighting"):
+        training_config(plans, "cascade")
+    plans["training"]["dice_weighting"] = "inverse_count"
+    plans["training"]["steps"][1]["losses"] = ["L1", "CE3"]
+    with pytest.raises(HCError, match="unknown loss"):
+        training_config(plans, "cascade")
 
 
 def test_presets_folder_and_override(tmp_path, monkeypatch):

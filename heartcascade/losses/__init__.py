@@ -1,4 +1,6 @@
-"""Soft Dice losses of the paper (eqs. 1-4) and hard Dice for validation; see ``losses/dice.py``."""
+"""Soft Dice losses of the paper (eqs. 1-4), hard Dice for validation (``losses/dice.py``) and an
+optional cross-entropy term (``losses/cross_entropy.py``)."""
+from heartcascade.losses.cross_entropy import cross_entropy_loss
 from heartcascade.losses.dice import (
     DEFAULT_EPS,
     DiceLoss,
@@ -13,6 +15,7 @@ from heartcascade.losses.dice import (
 )
 
 __all__ = [
+    "cross_entropy_loss",
     "DEFAULT_EPS",
     "DiceLoss",
     "dice_scores_hard",

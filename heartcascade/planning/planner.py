@@ -37,7 +37,7 @@ import functools
 import json
 import math
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from heartcascade.dataset.dataset_json import CT_NAMES, DatasetInfo
 from heartcascade.planning import memory_model as mm
@@ -381,7 +381,7 @@ def plan_experiment(fingerprint: dict[str, Any], preset: dict[str, Any], info: D
                    batch: int, peak: int, **extra: Any) -> dict[str, Any]:
         sp = step_presets[n]
         return {"step": n, "name": name, "enabled": bool(sp.get("enabled", True)), "train": train, "frozen": frozen,
-                "losses": losses, "input": inp, **extra, "batch_size": int(batch),
+                "losses": list(sp.get("losses", losses)), "input": inp, **extra, "batch_size": int(batch),
                 "epochs": int(sp.get("epochs", 200)), "iterations_per_epoch": int(sp.get("iterations_per_epoch", 16)),
                 "lr": float(sp.get("lr", tr.get("lr", 1e-4))), "predicted_peak_gb": round(peak / GiB, 3)}
 
@@ -428,7 +428,9 @@ def plan_experiment(fingerprint: dict[str, Any], preset: dict[str, Any], info: D
                  "required_divisor": divisor, "full_slice_shape": full_slice, "inplane_tile": tile,
                  "tiling": tile != full_slice},
         "training": {"optimizer": tr.get("optimizer", "adam"), "lr": float(tr.get("lr", 1e-4)),
-                     "weight_decay": float(tr.get("weight_decay", 0.0)), "precision": "fp32", "steps": steps,
+                     "weight_decay": float(tr.get("weight_decay", 0.0)), "precision": "fp32",
+                     "dice_weighting": str(tr.get("dice_weighting", "inverse_count")),
+                     "classifier_bias_init": str(tr.get("classifier_bias_init", "zero")), "steps": steps,
                      "validation_interval_epochs": int(tr.get("validation_interval_epochs", 10)),
                      "checkpoint_interval_epochs": int(tr.get("checkpoint_interval_epochs", 10)),
                      "num_workers": num_workers, "seed": int(tr.get("seed", 0))},
@@ -453,9 +455,19 @@ def plan_experiment(fingerprint: dict[str, Any], preset: dict[str, Any], info: D
             "fov_mm_p95": [round(v, 3) for v in ctx.fov95],
             "cropped_shape_p95": [round(float(v), 2) for v in fingerprint["cropped_shape"]["p95"]],
             "min_slices": ctx.min_slices,
+            "class_fractions": _class_fractions(fingerprint),
         },
     }
     return validate_plans(plans, "planner output")
+
+
+def _class_fractions(fingerprint: Mapping[str, Any]) -> list[float] | None:
+    """Share of each class among the labelled voxels of the cropped training volumes (bias prior)."""
+    counts = fingerprint.get("class_voxels_total")
+    if not counts or sum(counts) <= 0:
+        return None
+    total = float(sum(counts))
+    return [round(c / total, 8) for c in counts]
 
 
 def _normalization(ctx: _Context) -> list[dict[str, Any]]:
@@ -514,5 +526,5 @@ def _plan_baseline(ctx: _Context) -> dict[str, Any]:
             "norm": pb.get("norm", "instance"), "kernel_size": 3,
             "widths": [min(base * 2 ** i, int(pb["max_features"])) for i in range(levels + 1)],
             "optimizer": "adam", "lr": float(pb.get("lr", 1e-4)), "epochs": int(pb.get("epochs", 800)),
-            "iterations_per_epoch": int(pb.get("iterations_per_epoch", 16)), "losses": ["multiclass_dice"],
+            "iterations_per_epoch": int(pb.get("iterations_per_epoch", 16)), "losses": list(pb.get("losses", ["multiclass_dice"])),
             "predicted_peak_gb": round(peak / GiB, 3)}

@@ -25,7 +25,9 @@ CURRICULUM: dict[str, dict[str, Any]] = {
 }
 CASCADE_STEPS = ("1", "2", "3", "4")
 BASELINE_STAGE = "baseline"
-LOSS_NAMES = ("L1", "L1_ROI", "L2", "L2_ROI", "L")
+#: Soft-Dice terms of the paper, plus optional cross-entropy terms (not in the paper: CE1/CE2/CE for
+#: Net1/Net2/baseline) that short CPU schedules such as the demo preset add for faster convergence.
+LOSS_NAMES = ("L1", "L1_ROI", "L2", "L2_ROI", "L", "CE1", "CE2", "CE")
 DEFAULT_LR = 1e-4
 
 
@@ -75,6 +77,9 @@ class TrainingConfig:
     seed: int = 0
     background_as_class: bool = True
     warmup_iterations: int = 0
+    dice_weighting: str = "inverse_count"
+    classifier_bias_init: str = "zero"
+    class_fractions: list[float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -276,7 +281,16 @@ def training_config(plans: Mapping[str, Any], configuration: str) -> TrainingCon
         seed=int(section.get("seed", 0)),
         background_as_class=bool((plans.get("sampling") or {}).get("background_as_class", True)),
         warmup_iterations=int(section.get("warmup_iterations", 0) or 0),
+        dice_weighting=str(section.get("dice_weighting", "inverse_count")),
+        classifier_bias_init=str(section.get("classifier_bias_init", "zero")),
+        class_fractions=(plans.get("fingerprint_summary") or {}).get("class_fractions"),
     )
+    if cfg.classifier_bias_init not in ("zero", "class_prior"):
+        raise HCError(f"plans: training.classifier_bias_init must be zero or class_prior, "
+                      f"got {cfg.classifier_bias_init!r}")
+    if cfg.dice_weighting not in ("inverse_count", "uniform"):
+        raise HCError(f"plans: training.dice_weighting must be inverse_count (eq. 2) or uniform, "
+                      f"got {cfg.dice_weighting!r}")
     if cfg.amp not in ("bf16", "fp16", "none"):
         raise HCError(f"plans: training.amp must be bf16, fp16 or none, got {cfg.amp!r}")
     if configuration == "cascade":

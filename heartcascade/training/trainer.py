@@ -41,6 +41,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from heartcascade.losses.cross_entropy import cross_entropy_loss
+from heartcascade.networks.blocks import init_classifier_bias
 from heartcascade.losses.dice import foreground_dice_loss, multiclass_dice_loss
 from heartcascade.networks import from_plans
 from heartcascade.networks.cascade import downsample_labels
@@ -136,6 +138,11 @@ class _Net2Step(nn.Module):
 
     def forward(self, image: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         return self.cascade.net2(self.cascade.net2_input(image, probs))
+
+
+#: Which network output each loss term is computed on ("out": the baseline's single network).
+LOSS_OUTPUT = {"L1": "net1", "L1_ROI": "net1", "CE1": "net1", "L2": "net2", "L2_ROI": "net2", "CE2": "net2",
+               "L": "out", "CE": "out"}
 
 
 def _flat_cat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -361,6 +368,9 @@ class Trainer:
         else:
             self.baseline = from_plans.build_baseline(self.plans).to(self.device)
             self.networks = {"baseline": self.baseline}
+        if self.cfg.classifier_bias_init == "class_prior" and self.cfg.class_fractions:
+            for net in self.networks.values():
+                init_classifier_bias(net.classifier, self.cfg.class_fractions)
         if self.compile:
             # In place (state_dict keys unchanged), static shapes: one graph per patch shape.
             for net in self.networks.values():
@@ -629,14 +639,16 @@ class Trainer:
             return probs_cache[key]
 
         for name in st.losses:
-            key = {"L1": "net1", "L1_ROI": "net1", "L2": "net2", "L2_ROI": "net2", "L": "out"}[name]
+            key = LOSS_OUTPUT[name]
             if key not in outputs:
                 key = "out" if "out" in outputs else next(iter(outputs))
             target = outputs[key][1]
-            if name.endswith("_ROI"):
+            if name.startswith("CE"):
+                terms[name] = cross_entropy_loss(outputs[key][0], target)
+            elif name.endswith("_ROI"):
                 terms[name] = foreground_dice_loss(probs(key), target)
             else:
-                terms[name] = multiclass_dice_loss(probs(key), target)
+                terms[name] = multiclass_dice_loss(probs(key), target, weighting=self.cfg.dice_weighting)
         loss = sum(st.loss_weights.get(n, 1.0) * t for n, t in terms.items())
         if scaler is not None:
             scaler.scale(loss).backward()
