@@ -289,6 +289,45 @@ def test_partial_upsampling_equals_trilinear():
     np.testing.assert_allclose(upsample_at(coarse, full, [z, rows, None]), ref[:, z][:, :, rows], atol=1e-5)
 
 
+def test_partial_upsampling_of_float16_probabilities_matches_float32():
+    from heartcascade.training.augmentation import upsample_at
+
+    coarse = np.random.default_rng(1).random((4, 6, 8, 8)).astype(np.float16)
+    idx = [np.array([2, 3, 4]), np.arange(5, 17), None]
+    out = upsample_at(coarse, (12, 24, 20), idx)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, upsample_at(coarse.astype(np.float32), (12, 24, 20), idx))
+
+
+def test_inplane_transform_interpolates_each_plane_exactly_like_3d():
+    from scipy import ndimage
+
+    from heartcascade.training import augmentation as A
+
+    rng = np.random.default_rng(3)
+    vol = rng.random((12, 40, 36)).astype(np.float32)
+    params = A.AugmentationParams(p_rotation=1, p_scale=1, p_shear=1, shear=0.2, p_translation=1, p_elastic=1,
+                                  elastic_spacing_mm=8.0)
+    for seed in range(4):
+        sample = A.random_spatial(np.random.default_rng(seed), params, (3.0, 1.0, 1.0), (5, 24, 24),
+                                  inplane_only=True)
+        centre = np.array([2 + seed * 3, 20, 18])  # the first stack reaches beyond z = 0
+        local = A._coordinates(centre, (5, 24, 24), sample)
+        assert A._source_planes(local) is not None  # step-4 transforms never move along D
+        fast = A.extract([vol], centre, (5, 24, 24), sample, orders=[1], cvals=[0.5])[0]
+        lo = np.floor(local.reshape(3, -1).min(1)).astype(int) - 1
+        box_lo = np.maximum(lo, 0)
+        box_hi = np.minimum(np.ceil(local.reshape(3, -1).max(1)).astype(int) + 2, vol.shape)
+        sub = vol[tuple(slice(a, b) for a, b in zip(box_lo, box_hi))]
+        full3d = ndimage.map_coordinates(sub, local - box_lo.reshape(3, 1, 1, 1), order=1, mode="constant",
+                                         cval=0.5, prefilter=False)
+        np.testing.assert_allclose(fast, full3d, atol=1e-6)
+    # a 3D rotation reads several planes per output plane: the general path
+    tilted = A.random_spatial(np.random.default_rng(0), A.AugmentationParams(p_rotation=1), (1.0, 1.0, 1.0),
+                              (5, 24, 24))
+    assert A._source_planes(A._coordinates(np.array([6, 20, 18]), (5, 24, 24), tilted)) is None
+
+
 def test_extract_identity_and_label_values():
     from heartcascade.training.augmentation import AugmentationParams, SpatialSample, extract, random_spatial
 
