@@ -83,28 +83,29 @@ class BackgroundWriter:
 
     def submit(self, key: Any, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         if not self._enabled:
-            error = None
-            try:
-                fn(*args, **kwargs)
-            except Exception as exc:
-                error = exc
-                self._errors[key] = exc
-            for callback in self._done_callbacks:
-                callback(key, error)
+            self._notify(key, self._execute(key, fn, args, kwargs))
             return
         self._slots.acquire()
         future = self._pool.submit(self._run, key, fn, args, kwargs)
         self._futures.append((key, future))
 
     def _run(self, key: Any, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
-        error = None
+        try:
+            error = self._execute(key, fn, args, kwargs)
+        finally:
+            self._slots.release()
+        self._notify(key, error)
+
+    def _execute(self, key: Any, fn: Callable[..., Any], args: tuple, kwargs: dict) -> BaseException | None:
+        """Run one job; its exception is recorded under ``key`` and returned, never raised."""
         try:
             fn(*args, **kwargs)
         except Exception as exc:
-            error = exc
             self._errors[key] = exc
-        finally:
-            self._slots.release()
+            return exc
+        return None
+
+    def _notify(self, key: Any, error: BaseException | None) -> None:
         for callback in self._done_callbacks:
             callback(key, error)
 

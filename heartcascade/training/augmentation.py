@@ -222,15 +222,17 @@ def extract(volumes: Sequence[np.ndarray], centre: Sequence[int], out_shape: Seq
     outs = []
     lo = np.floor(coords.reshape(3, -1).min(1)).astype(np.int64) - 1
     hi = np.ceil(coords.reshape(3, -1).max(1)).astype(np.int64) + 2
+    # Work on the bounding box of the coordinates only (keeps map_coordinates' input small); its low
+    # corner, the local coordinates and the plane-wise test are the same for every volume.
+    box_lo = np.maximum(lo, 0)
+    local = coords - box_lo.reshape(3, 1, 1, 1)
+    planes = _source_planes(local)
     for volume, order, cval, dtype in zip(volumes, orders, cvals, dtypes):
-        # Work on the bounding box of the coordinates only (keeps map_coordinates' input small).
-        box_lo = np.maximum(lo, 0)
         box_hi = np.minimum(hi, volume.shape)
         if np.any(box_hi <= box_lo):
             outs.append(np.full(out_shape, cval, dtype=dtype))
             continue
         sub = volume[tuple(slice(a, b) for a, b in zip(box_lo, box_hi))]
-        local = coords - box_lo.reshape(3, 1, 1, 1)
         if order == 0:
             # Nearest neighbour by rounding, so label values are copied, never interpolated.
             idx = np.rint(local).astype(np.int64)
@@ -238,7 +240,6 @@ def extract(volumes: Sequence[np.ndarray], centre: Sequence[int], out_shape: Seq
             res = np.full(out_shape, cval, dtype=dtype)
             res[inside] = sub[idx[0][inside], idx[1][inside], idx[2][inside]]
         else:
-            planes = _source_planes(local)
             if planes is not None:
                 res = _interpolate_planewise(sub, local, planes, order, cval, out_shape)
             else:

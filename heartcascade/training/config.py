@@ -285,14 +285,11 @@ def training_config(plans: Mapping[str, Any], configuration: str) -> TrainingCon
         classifier_bias_init=str(section.get("classifier_bias_init", "zero")),
         class_fractions=(plans.get("fingerprint_summary") or {}).get("class_fractions"),
     )
-    if cfg.classifier_bias_init not in ("zero", "class_prior"):
-        raise HCError(f"plans: training.classifier_bias_init must be zero or class_prior, "
-                      f"got {cfg.classifier_bias_init!r}")
-    if cfg.dice_weighting not in ("inverse_count", "uniform"):
-        raise HCError(f"plans: training.dice_weighting must be inverse_count (eq. 2) or uniform, "
-                      f"got {cfg.dice_weighting!r}")
-    if cfg.amp not in ("bf16", "fp16", "none"):
-        raise HCError(f"plans: training.amp must be bf16, fp16 or none, got {cfg.amp!r}")
+    for name, allowed in (("classifier_bias_init", ("zero", "class_prior")),
+                          ("dice_weighting", ("inverse_count", "uniform")), ("amp", ("bf16", "fp16", "none"))):
+        value = getattr(cfg, name)
+        if value not in allowed:
+            raise HCError(f"plans: training.{name} must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {value!r}")
     if configuration == "cascade":
         for shape in steps["3"].patch_shapes:
             if shape[0] < cfg.K or shape[1] % cfg.net2_divisor or shape[2] % cfg.net2_divisor:

@@ -42,9 +42,9 @@ import torch
 from torch import nn
 
 from heartcascade.losses.cross_entropy import cross_entropy_loss
-from heartcascade.networks.blocks import init_classifier_bias
 from heartcascade.losses.dice import foreground_dice_loss, multiclass_dice_loss
 from heartcascade.networks import from_plans
+from heartcascade.networks.blocks import init_classifier_bias
 from heartcascade.networks.cascade import downsample_labels
 from heartcascade.training import distributed as dist_utils
 from heartcascade.training.checkpoint import (FORMAT_VERSION, capture_rng_state, checkpoint_path, load_checkpoint,
