@@ -31,8 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpu-memory-gb", type=_positive_float, default=None,
                         help="GPU memory to plan for (default: the preset's, else the detected CUDA GPU, else 12)")
     parser.add_argument("--preset", default=None,
-                        help="planner preset: name in the presets folder (paper, demo) or path to a JSON file "
-                             "(default: paper, or the one of an existing plans.json)")
+                        help="planner preset: name in the presets folder (default, paper, cpu, demo) or path to a "
+                             "JSON file (default: 'default', or the one of an existing plans.json)")
+    parser.add_argument("--machine", choices=("cpu", "cuda"), default=None,
+                        help="plan for this kind of machine (the preset's machine section): default cuda when a "
+                             "CUDA GPU is detected or --gpu-memory-gb is given, else cpu")
     parser.add_argument("-np", "--num-processes", type=_positive_int, default=None,
                         help="worker processes (default: min(CPUs, 4)); each needs ~2 GB for a 512x512x239 CT")
     parser.add_argument("--plan-only", action="store_true", help="write fingerprint and plans, do not preprocess")
@@ -50,10 +53,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         result = plan_and_preprocess(args.dataset, gpu_memory_gb=args.gpu_memory_gb, preset=args.preset,
                                      num_processes=args.num_processes, plan_only=args.plan_only,
-                                     overwrite=args.overwrite, progress=not args.no_progress)
+                                     overwrite=args.overwrite, progress=not args.no_progress,
+                                     machine=args.machine)
         plans = result.plans
         mem = plans["memory"]
-        print(f"plans: {result.out_dir / 'plans.json'} (preset {plans['preset']}, memory target "
+        print(f"plans: {result.out_dir / 'plans.json'} (preset {plans['preset']} for "
+              f"{(plans.get('machine') or {}).get('kind', 'an unrecorded machine')}, memory target "
               f"{mem['target_gb']:g} GB from {mem['target_source']}; K={plans['net2']['K']}, Net1 coarse spacing "
               f"{', '.join(f'{v:g}' for v in plans['net1']['coarse_spacing'])} mm)")
         if not args.plan_only:

@@ -6,6 +6,7 @@ Examples::
     hc_train Dataset001_MMWHS all             # train on every case
     hc_train 1 fold2 --steps 2,3,4            # ablation: skip step 1
     hc_train 1 0 --continue                   # resume from checkpoint_latest.pth
+    hc_train 1 0 --time-budget 60m            # fit the curriculum into one hour
     hc_train 1 0 --config baseline
     torchrun --nproc_per_node 4 $(which hc_train) 1 0    # DistributedDataParallel
 
@@ -43,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", default=None,
                    help="custom splits file: JSON list of {\"train\": [...], \"val\": [...]} (default: "
                         "splits_final.json in the preprocessed folder, created as a seeded 5-fold split)")
+    p.add_argument("--time-budget", default=None, metavar="DURATION",
+                   help="wall-clock budget of the training steps, e.g. 60m, 1.5h or 900s (recorded in the plans as "
+                        "training.time_budget_s): the steps share it by their time_fraction and each one's "
+                        "iteration count is set from its measured speed; default: the plans' time_budget_s, "
+                        "else their iteration counts")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: the plans' training.seed)")
     p.add_argument("--no-validation", dest="predict_validation", action="store_false",
                    help="do not predict and evaluate the validation cases at the end")
@@ -63,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         trainer = Trainer(args.dataset, args.fold, configuration=args.configuration, steps=steps,
                           continue_training=args.continue_training, device=args.device, compile=args.compile,
                           num_workers=args.num_workers, plans_override=args.plans_override,
-                          splits_file=args.splits, seed=args.seed,
+                          splits_file=args.splits, seed=args.seed, time_budget=args.time_budget,
                           predict_validation=args.predict_validation, progress=not args.quiet)
         result = trainer.run()
     except HCError as exc:

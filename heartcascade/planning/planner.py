@@ -44,6 +44,7 @@ from heartcascade.planning import memory_model as mm
 from heartcascade.planning.plans import PLANS_VERSION, validate_plans
 from heartcascade.preprocessing.preprocess import coarse_scale_factors
 from heartcascade.utils.errors import HCError
+from heartcascade.utils.merge import deep_merge
 
 GiB = mm.GiB
 PLANNER_VERSION = 1
@@ -64,6 +65,27 @@ def detect_gpu_memory_gb() -> float | None:
     except Exception:  # noqa: BLE001 - no driver, broken install: plan for the default
         return None
     return None
+
+
+MACHINE_KINDS = ("cpu", "cuda")
+
+
+def detect_machine() -> str:
+    """``"cuda"`` when torch sees a CUDA GPU, else ``"cpu"``: the machine the plans are made for by default."""
+    return "cuda" if detect_gpu_memory_gb() is not None else "cpu"
+
+
+def preset_for_machine(preset: Mapping[str, Any], machine: str) -> dict[str, Any]:
+    """The preset with its ``machines[machine]`` section merged in (a preset without one is used as it is).
+
+    A preset can so differ by machine -- narrower networks, a CPU memory target and a time-sized schedule
+    on ``cpu``; the GPU's memory and the full schedule on ``cuda`` -- while the rules stay the same.
+    """
+    if machine not in MACHINE_KINDS:
+        raise HCError(f"unknown machine {machine!r}; expected {' or '.join(MACHINE_KINDS)}")
+    base = {k: v for k, v in preset.items() if k != "machines"}
+    section = (preset.get("machines") or {}).get(machine)
+    return deep_merge(base, section) if section else copy.deepcopy(base)
 
 
 def memory_target(preset: dict[str, Any], gpu_memory_gb: float | None = None) -> tuple[float, str]:
@@ -284,8 +306,18 @@ def _shrink(shape: list[int], min_d: int, min_hw: int, divisor: int) -> list[int
 
 
 def plan_experiment(fingerprint: dict[str, Any], preset: dict[str, Any], info: DatasetInfo,
-                    dataset_id: int | None = None, gpu_memory_gb: float | None = None) -> dict[str, Any]:
-    """Make the plans for a dataset (see the module docstring for the rules)."""
+                    dataset_id: int | None = None, gpu_memory_gb: float | None = None,
+                    machine: str | None = None) -> dict[str, Any]:
+    """Make the plans for a dataset (see the module docstring for the rules).
+
+    ``machine`` (cpu or cuda) selects the preset's machine section; default: cuda when a GPU memory is
+    given or detected, else cpu.
+    """
+    if machine is None:
+        machine, machine_source = ("cuda", "--gpu-memory-gb") if gpu_memory_gb is not None else (detect_machine(), "detected")
+    else:
+        machine_source = "--machine"
+    preset = preset_for_machine(preset, machine)
     ctx = _Context(fingerprint, preset, info, gpu_memory_gb)
     usable = ctx.usable
     p1, p2, tr = preset["net1"], preset["net2"], preset["training"]
@@ -383,7 +415,8 @@ def plan_experiment(fingerprint: dict[str, Any], preset: dict[str, Any], info: D
         return {"step": n, "name": name, "enabled": bool(sp.get("enabled", True)), "train": train, "frozen": frozen,
                 "losses": list(sp.get("losses", losses)), "input": inp, **extra, "batch_size": int(batch),
                 "epochs": int(sp.get("epochs", 200)), "iterations_per_epoch": int(sp.get("iterations_per_epoch", 16)),
-                "lr": float(sp.get("lr", tr.get("lr", 1e-4))), "predicted_peak_gb": round(peak / GiB, 3)}
+                "lr": float(sp.get("lr", tr.get("lr", 1e-4))), "predicted_peak_gb": round(peak / GiB, 3),
+                **({"time_fraction": float(sp["time_fraction"])} if sp.get("time_fraction") is not None else {})}
 
     steps = [
         step_entry(1, "net1_whole_volume", ["net1"], [], ["L1_ROI"], "whole_coarse_volume", b1, peak1,
@@ -401,6 +434,8 @@ def plan_experiment(fingerprint: dict[str, Any], preset: dict[str, Any], info: D
         "planner_version": PLANNER_VERSION,
         "dataset": {"name": info.folder.name, "id": dataset_id, "num_training_cases": int(fingerprint["num_cases"])},
         "preset": preset.get("name"),
+        "machine": {"kind": machine, "source": machine_source, "cpu_count": os.cpu_count(),
+                    "gpu_memory_gb": None if machine == "cpu" else round(ctx.target_gb, 3)},
         "modality": info.modality,
         "num_input_channels": ctx.channels,
         "channel_names": dict(info.channel_names),
@@ -431,6 +466,10 @@ def plan_experiment(fingerprint: dict[str, Any], preset: dict[str, Any], info: D
                      "weight_decay": float(tr.get("weight_decay", 0.0)), "precision": "fp32",
                      "dice_weighting": str(tr.get("dice_weighting", "inverse_count")),
                      "classifier_bias_init": str(tr.get("classifier_bias_init", "zero")), "steps": steps,
+                     "lr_schedule": str(tr.get("lr_schedule", "constant")),
+                     "warmup_iterations": int(tr.get("warmup_iterations", 0)),
+                     "keep_best_per_step": bool(tr.get("keep_best_per_step", False)),
+                     "time_budget_s": None if tr.get("time_budget_s") is None else float(tr["time_budget_s"]),
                      "validation_interval_epochs": int(tr.get("validation_interval_epochs", 10)),
                      "checkpoint_interval_epochs": int(tr.get("checkpoint_interval_epochs", 10)),
                      "num_workers": num_workers, "seed": int(tr.get("seed", 0))},

@@ -16,7 +16,7 @@ from heartcascade.utils.errors import HCError
 from heartcascade.utils.jsonio import load_json
 
 PRESET_VERSION = 1
-DEFAULT_PRESET = "paper"
+DEFAULT_PRESET = "default"
 _REQUIRED = ("memory", "cropping", "normalization", "full_resolution", "net1", "net2", "subvolumes", "training",
              "augmentation", "sampling", "inference", "baseline_unet")
 

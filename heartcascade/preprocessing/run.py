@@ -165,7 +165,8 @@ def _remove_stale(folder: Path, keep: set[str]) -> list[str]:
 
 
 def make_plans(info: DatasetInfo, out_dir: Path, dataset_id: int, preset_name: str | None,
-               gpu_memory_gb: float | None, num_processes: int, overwrite: bool, progress: bool) -> dict[str, Any]:
+               gpu_memory_gb: float | None, num_processes: int, overwrite: bool, progress: bool,
+               machine: str | None = None) -> dict[str, Any]:
     """Fingerprint (reused when current) and plans (reused unless overwrite or different arguments)."""
     preset = presets.load_preset(preset_name or presets.DEFAULT_PRESET)  # fail early on a bad name
     fingerprint = fpmod.get_fingerprint(info, out_dir, num_processes, overwrite, progress)
@@ -178,16 +179,17 @@ def make_plans(info: DatasetInfo, out_dir: Path, dataset_id: int, preset_name: s
         if existing is not None:
             same_preset = preset_name is None or existing.get("preset") == preset.get("name")
             same_memory = gpu_memory_gb is None or abs(existing["memory"]["target_gb"] - gpu_memory_gb) < 1e-6
-            if same_preset and same_memory:
+            same_machine = machine is None or (existing.get("machine") or {}).get("kind") == machine
+            if same_preset and same_memory and same_machine:
                 return existing
-    plans = planner.plan_experiment(fingerprint, preset, info, dataset_id, gpu_memory_gb)
+    plans = planner.plan_experiment(fingerprint, preset, info, dataset_id, gpu_memory_gb, machine)
     save_plans(path, plans)
     return plans
 
 
 def plan_and_preprocess(dataset_id: int | str, gpu_memory_gb: float | None = None, preset: str | None = None,
                         num_processes: int | None = None, plan_only: bool = False, overwrite: bool = False,
-                        progress: bool = True) -> RunResult:
+                        progress: bool = True, machine: str | None = None) -> RunResult:
     """The whole command (see module docstring)."""
     num = paths.parse_dataset_id(dataset_id)
     info = load_dataset(paths.raw_dataset_dir(num))
@@ -195,7 +197,7 @@ def plan_and_preprocess(dataset_id: int | str, gpu_memory_gb: float | None = Non
     out_dir.mkdir(parents=True, exist_ok=True)
     num_processes = num_processes or default_num_processes()
     _copy_dataset_json(info, out_dir)
-    plans = make_plans(info, out_dir, num, preset, gpu_memory_gb, num_processes, overwrite, progress)
+    plans = make_plans(info, out_dir, num, preset, gpu_memory_gb, num_processes, overwrite, progress, machine)
     result = RunResult(out_dir, plans)
     if plan_only:
         return result

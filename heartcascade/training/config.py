@@ -15,6 +15,9 @@ from typing import Any, Mapping, Sequence
 from heartcascade.networks import from_plans
 from heartcascade.training.augmentation import AugmentationParams
 from heartcascade.utils.errors import HCError
+from heartcascade.utils.merge import deep_merge
+
+__all__ = ["deep_merge"]  # re-exported: overrides are merged with the same rule as presets
 
 #: The paper's curriculum (Table 1): losses and trained networks per step, and the batch kind.
 CURRICULUM: dict[str, dict[str, Any]] = {
@@ -46,10 +49,16 @@ class StepConfig:
     patch_shapes: list[tuple[int, int, int]] = field(default_factory=list)
     loss_weights: dict[str, float] = field(default_factory=dict)
     weight_decay: float = 0.0
+    time_fraction: float | None = None  # share of training.time_budget_s (None: by planned iterations)
+    iterations_override: int | None = None  # set by the time budget once the step's speed is measured
+
+    @property
+    def planned_iterations(self) -> int:
+        return self.epochs * self.iterations_per_epoch
 
     @property
     def iterations(self) -> int:
-        return self.epochs * self.iterations_per_epoch
+        return self.planned_iterations if self.iterations_override is None else self.iterations_override
 
 
 @dataclass
@@ -80,37 +89,22 @@ class TrainingConfig:
     dice_weighting: str = "inverse_count"
     classifier_bias_init: str = "zero"
     class_fractions: list[float] | None = None
+    lr_schedule: str = "constant"  # per step: constant | poly (warm-up first, then (1 - t)^0.9 to zero)
+    keep_best_per_step: bool = False  # end each step with its best-validated weights
+    time_budget_s: float | None = None  # wall-clock budget of the whole curriculum (None: plans' counts)
+    budget_probe_iterations: int = 10
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def time_fractions(self, names: list[str]) -> dict[str, float]:
+        """Budget shares of the steps: their ``time_fraction`` or, when one is unset, planned iterations."""
+        steps = [self.steps[n] for n in names]
+        if all(s.time_fraction is not None for s in steps):
+            return {s.name: float(s.time_fraction) for s in steps}  # type: ignore[arg-type]
+        return {s.name: float(s.planned_iterations) for s in steps}
 
 
 # --------------------------------------------------------------------------------------------------
 # Plans overrides
-
-
-def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """``base`` with ``override`` merged in recursively (dicts merge, everything else replaces)."""
-    out = copy.deepcopy(dict(base))
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = deep_merge(out[key], value)
-        elif _is_step_list(value) and _is_step_list(out.get(key)):
-            # training.steps: entries are matched by their "step" number, so an override may give
-            # only {"step": 2, "epochs": 3}.
-            merged = [copy.deepcopy(e) for e in out[key]]
-            index = {e["step"]: i for i, e in enumerate(merged)}
-            for entry in value:
-                if entry["step"] in index:
-                    merged[index[entry["step"]]] = deep_merge(merged[index[entry["step"]]], entry)
-                else:
-                    merged.append(copy.deepcopy(entry))
-            out[key] = merged
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def _is_step_list(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(e, Mapping) and "step" in e for e in value)
 
 
 def parse_override(text: str | Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -201,10 +195,15 @@ def _step_from_plans(entry: Mapping[str, Any], default_lr: float, default_wd: fl
         if not raw:
             raise HCError(f"plans: {where} needs 'subvolume_shapes' (the subvolume edge sizes)")
         shapes = [_shape(s, f"{where}.subvolume_shapes") for s in raw]
+    fraction = entry.get("time_fraction")
+    if fraction is not None:
+        fraction = _number(entry, "time_fraction", None, where, float)
+        if not (0 <= fraction <= 1):
+            raise HCError(f"plans: {where}.time_fraction must be between 0 and 1, got {fraction}")
     return StepConfig(name=name, kind=kind, epochs=epochs, iterations_per_epoch=ipe, batch_size=batch, lr=lr,
                       losses=losses, train=train, patch_shapes=shapes,
                       loss_weights={str(k): float(v) for k, v in (entry.get("loss_weights") or {}).items()},
-                      weight_decay=_number(entry, "weight_decay", default_wd, where, float))
+                      weight_decay=_number(entry, "weight_decay", default_wd, where, float), time_fraction=fraction)
 
 
 def training_config(plans: Mapping[str, Any], configuration: str) -> TrainingConfig:
@@ -284,8 +283,12 @@ def training_config(plans: Mapping[str, Any], configuration: str) -> TrainingCon
         dice_weighting=str(section.get("dice_weighting", "inverse_count")),
         classifier_bias_init=str(section.get("classifier_bias_init", "zero")),
         class_fractions=(plans.get("fingerprint_summary") or {}).get("class_fractions"),
+        lr_schedule=str(section.get("lr_schedule", "constant")),
+        keep_best_per_step=bool(section.get("keep_best_per_step", False)),
+        time_budget_s=_budget(section.get("time_budget_s")),
+        budget_probe_iterations=max(1, int(section.get("budget_probe_iterations", 10) or 10)),
     )
-    for name, allowed in (("classifier_bias_init", ("zero", "class_prior")),
+    for name, allowed in (("lr_schedule", ("constant", "poly")), ("classifier_bias_init", ("zero", "class_prior")),
                           ("dice_weighting", ("inverse_count", "uniform")), ("amp", ("bf16", "fp16", "none"))):
         value = getattr(cfg, name)
         if value not in allowed:
@@ -298,6 +301,18 @@ def training_config(plans: Mapping[str, Any], configuration: str) -> TrainingCon
     if configuration == "baseline" and cfg.baseline_spacing is None:
         raise HCError("plans: baseline_unet.spacing (the baseline's resampling spacing) is missing")
     return cfg
+
+
+def _budget(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise HCError(f"plans: training.time_budget_s must be a number of seconds or null, got {value!r}") from None
+    if not seconds > 0:
+        raise HCError(f"plans: training.time_budget_s must be positive, got {value!r}")
+    return seconds
 
 
 def checkpoint_interval(cfg: TrainingConfig, step: StepConfig) -> int:

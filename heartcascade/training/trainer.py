@@ -55,6 +55,7 @@ from heartcascade.training.config import (BASELINE_STAGE, CASCADE_STEPS, StepCon
 from heartcascade.training.dataloading import (BatchStream, CoarseVolumeLoader, SliceStackLoader, SubvolumeLoader,
                                                TrainCase, default_num_workers)
 from heartcascade.training.logger import TrainingLogger
+from heartcascade.training.time_budget import StepSchedule, parse_duration, step_allotment
 from heartcascade.training.splits import fold_cases, fold_folder_name, load_or_create_splits, parse_fold
 from heartcascade.training.validation import (autocast, dice_per_class, net1_coarse_probs, predict_baseline,
                                               predict_cascade, predict_net1)
@@ -153,6 +154,16 @@ def _flat_cat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
+def step_learning_rate(base: float, iteration: int, total: int, warmup: int, schedule: str) -> float:
+    """The learning rate of a step's ``iteration`` (0-based): linear warm-up, then constant or poly decay."""
+    if warmup > 0 and iteration < warmup:
+        return base * (iteration + 1) / warmup
+    if schedule == "poly":
+        progress = (iteration - warmup) / max(1, total - warmup)
+        return base * max(0.0, 1.0 - progress) ** 0.9
+    return base
+
+
 def resolve_device(name: str) -> torch.device:
     name = (name or "auto").lower()
     if name == "auto":
@@ -208,6 +219,9 @@ class Trainer:
         callback: ``callback(event, info)`` called after every iteration (``event == "iteration"``) and at
             checkpoints; raising :class:`StopTraining` stops the run like a kill (tests).
         output_folder: override of ``HC_RESULTS/DatasetXXX_Name/<configuration>/fold_<f>``.
+        time_budget: wall-clock budget of the curriculum (``"60m"``, ``"1.5h"``, seconds); overrides the
+            plans' ``training.time_budget_s``. The steps share it by their ``time_fraction``; each step's
+            iteration count is set from its measured speed (see :mod:`heartcascade.training.time_budget`).
     """
 
     def __init__(self, dataset: int | str, fold: int | str, configuration: str = "cascade",
@@ -215,7 +229,8 @@ class Trainer:
                  compile: bool = False, num_workers: int | None = None,
                  plans_override: str | dict[str, Any] | None = None, splits_file: str | Path | None = None,
                  seed: int | None = None, predict_validation: bool = True, progress: bool = True,
-                 callback: Callback | None = None, output_folder: str | Path | None = None) -> None:
+                 callback: Callback | None = None, output_folder: str | Path | None = None,
+                 time_budget: str | float | None = None) -> None:
         if configuration not in ("cascade", "baseline"):
             raise HCError(f"unknown configuration {configuration!r}; expected cascade or baseline")
         self.dataset = dataset
@@ -240,6 +255,7 @@ class Trainer:
         self.progress = progress
         self.callback = callback
         self.output_folder_arg = Path(output_folder) if output_folder is not None else None
+        self.time_budget_s = None if time_budget is None else parse_duration(time_budget)
         self.dist = dist_utils.DistInfo()
 
     # ------------------------------------------------------------------------------------------------
@@ -305,6 +321,8 @@ class Trainer:
                     raise HCError(f"--plans-override changes field(s) the preprocessed data depend on "
                                   f"({', '.join(changed)}); put them in a preset and re-run hc_plan_and_preprocess")
                 plans = merged
+            if self.time_budget_s is not None:  # recorded in the plans copy of the fold folder
+                plans = deep_merge(plans, {"training": {"time_budget_s": self.time_budget_s}})
             self.plans = plans
             if self.configuration == "cascade":
                 self.stages = self.requested_steps or list(CASCADE_STEPS)
@@ -397,6 +415,11 @@ class Trainer:
             "rng": rng_states,
             "logger": self.logger.state(),
             "best": dict(self.best),
+            "step_best": self.step_best if kind == "latest" else None,
+            "best_by_target": dict(self.best_by_target),
+            "budget": {"used_s": self.budget_used_s,
+                       "step": self.schedule.state() if self.schedule is not None and not finished else None,
+                       "iterations": {k: v.iterations_override for k, v in self.cfg.steps.items()}},
             "epoch_acc": plain(self.epoch_acc),
             "fold": str(self.fold),
             "seed": self.seed,
@@ -440,6 +463,11 @@ class Trainer:
         self.epoch_losses: dict[str, list[float]] = {}
         self.seconds: dict[str, list[float]] = {}
         self.last_validation: dict[str, Any] | None = None
+        self.step_best: dict[str, Any] | None = None  # best-validated weights of the running step
+        self.best_by_target: dict[str, float] = {}  # score of the weights each step handed on, by target
+        self.budget_used_s = 0.0
+        self.schedule: StepSchedule | None = None
+        budget_state: dict[str, Any] | None = None
         stage_index, start_iteration = 0, 0
         resume_optimizer = resume_scaler = None
         rng_to_restore = None
@@ -449,6 +477,14 @@ class Trainer:
             self.logger.load_state(resume.get("logger", {}))
             self.best = dict(resume.get("best") or self.best)
             self.epoch_acc = dict(resume.get("epoch_acc") or {})
+            self.step_best = resume.get("step_best")
+            self.best_by_target = dict(resume.get("best_by_target") or {})
+            budget = resume.get("budget") or {}
+            self.budget_used_s = float(budget.get("used_s") or 0.0)
+            budget_state = budget.get("step")
+            for key, value in (budget.get("iterations") or {}).items():
+                if key in self.cfg.steps:
+                    self.cfg.steps[key].iterations_override = value
             stage_index, start_iteration = int(resume["stage_index"]), int(resume["iteration"])
             resume_optimizer, resume_scaler = resume.get("optimizer"), resume.get("scaler")
             states = resume.get("rng") or []
@@ -472,7 +508,7 @@ class Trainer:
             first = index == stage_index
             self._run_stage(index, start_iteration if first else 0,
                             resume_optimizer if first else None, resume_scaler if first else None,
-                            rng_to_restore if first else None)
+                            rng_to_restore if first else None, budget_state if first else None)
         if resume is None or stage_index < len(self.stages) or not checkpoint_path(self.output_folder, "final").is_file():
             self._save("final", len(self.stages), 0, None, None, finished=True)
             self._save("latest", len(self.stages), 0, None, None, finished=True)
@@ -543,11 +579,13 @@ class Trainer:
                         f"in {time.perf_counter() - t0:.1f}s")
 
     def _run_stage(self, index: int, start_iteration: int, optimizer_state: Any, scaler_state: Any,
-                   rng_state: Any) -> None:
+                   rng_state: Any, budget_state: dict[str, Any] | None = None) -> None:
         from tqdm import tqdm
 
         stage = self.stages[index]
         st = self.cfg.steps[stage]
+        schedule = self._step_schedule(index, budget_state)
+        self.schedule = schedule
         module = self._stage_module(st)
         if st.kind == "slices":
             self._precompute_net1()
@@ -565,36 +603,53 @@ class Trainer:
             self.cascade.train()
         if start_iteration == 0:
             self.epoch_acc = {}
-            self.logger.log(f"=== step {stage} ({st.kind}): {st.iterations} iterations ===")
+            self.step_best = self._step_start_candidate(stage)
+            self.logger.log(f"=== step {stage} ({st.kind}): " + (
+                f"{schedule.allotted_s:.0f} s of the time budget, iterations set from the measured speed ===" if
+                schedule.budgeted else f"{st.iterations} iterations ==="))
         if rng_state is not None:
             restore_rng_state(rng_state)
         loader = self._make_loader(st, stage, start_iteration)
         stream = BatchStream(loader, self.cfg.augmentation, self.num_workers)
         bar = tqdm(total=st.iterations, initial=start_iteration, desc=f"step {stage}", unit="it",
                    disable=not (self.progress and self.dist.is_main), leave=False, dynamic_ncols=True)
+        per_validation = max(1, self.cfg.validate_every_epochs) * st.iterations_per_epoch
+        done = start_iteration
         try:
-            for it in range(start_iteration, st.iterations):
+            while done < st.iterations:
+                it = done
                 t_wait = time.perf_counter()
                 batch = next(stream)
                 t_start = time.perf_counter()
-                if self.cfg.warmup_iterations > 0:  # linear warm-up, a pure function of the iteration
-                    scale = min(1.0, (it + 1) / self.cfg.warmup_iterations)
-                    for group in optimizer.param_groups:
-                        group["lr"] = st.lr * scale
+                lr = step_learning_rate(st.lr, it, st.iterations, self.cfg.warmup_iterations, self.cfg.lr_schedule)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
                 loss, terms = self._train_iteration(runner, params, optimizer, scaler, st, batch)
                 t_end = time.perf_counter()
                 self._accumulate(loss, terms, t_end - t_wait, t_start - t_wait, optimizer)
+                done = it + 1
+                if schedule.budgeted:
+                    schedule.record_iterations(1, t_end - t_wait)
+                    if done == schedule.probe or done % st.iterations_per_epoch == 0:
+                        st.iterations_override = schedule.update(done, per_validation)
+                    if schedule.out_of_time():
+                        st.iterations_override = done
+                    if bar.total != st.iterations:
+                        bar.total = st.iterations
+                    bar.set_description(f"step {stage} (ETA {self._eta(schedule):.0f} s)", refresh=False)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
-                done = it + 1
-                if done % st.iterations_per_epoch == 0:
+                if done % st.iterations_per_epoch == 0 or done >= st.iterations:
                     self._end_epoch(stage, st, done)
                 if self.callback is not None:
                     self.callback("iteration", {"stage": stage, "iteration": done, "loss": loss})
                 if done < st.iterations and done % checkpoint_interval(self.cfg, st) == 0:
                     self._save("latest", index, done, optimizer, scaler)
-            if st.iterations % st.iterations_per_epoch:
-                self._end_epoch(stage, st, st.iterations)
+            self._finish_step_best(stage, done)
+            if schedule.budgeted:
+                self.budget_used_s += schedule.elapsed()
+                self.logger.log(f"step {stage}: {done} iterations in {schedule.elapsed():.0f} s "
+                                f"(budget share {schedule.allotted_s:.0f} s)")
             self.logger.log(f"step {stage} finished")
             self._save("latest", index + 1, 0, None, None)
         finally:
@@ -603,6 +658,64 @@ class Trainer:
             if self.configuration == "cascade":
                 for case in self.train_cases:
                     case.net1_probs = None
+
+    def _step_schedule(self, index: int, budget_state: dict[str, Any] | None) -> StepSchedule:
+        """The step's iteration count: the plans' without a time budget, else its share of what is left."""
+        stage = self.stages[index]
+        st = self.cfg.steps[stage]
+        budget = self.cfg.time_budget_s
+        if budget is None:
+            st.iterations_override = None
+            return StepSchedule(planned=st.planned_iterations)
+        if budget_state is not None:  # resumed inside this step
+            schedule = StepSchedule(planned=st.planned_iterations, allotted_s=budget_state["allotted_s"],
+                                    probe=self.cfg.budget_probe_iterations, spent_s=float(budget_state["spent_s"]))
+            schedule.iterations = int(budget_state["iterations"])
+        else:
+            remaining = self.stages[index:]
+            allotted = step_allotment(budget - self.budget_used_s, stage, remaining, self.cfg.time_fractions(remaining))
+            schedule = StepSchedule(planned=st.planned_iterations, allotted_s=max(0.0, allotted),
+                                    probe=self.cfg.budget_probe_iterations)
+        st.iterations_override = schedule.iterations
+        return schedule
+
+    def _eta(self, schedule: StepSchedule) -> float:
+        """Seconds until the whole budgeted curriculum ends (this step's deadline plus the later shares)."""
+        budget = self.cfg.time_budget_s or 0.0
+        return max(0.0, budget - self.budget_used_s - schedule.elapsed())
+
+    def _step_start_candidate(self, stage: str) -> dict[str, Any] | None:
+        """With keep_best_per_step, the weights a step starts from compete with what it trains.
+
+        A step validated on the same target as the step before (step 2 after 1: Net1; step 4 after 3:
+        the cascade) starts with the earlier step's score, so a step that only loses accuracy hands on
+        the weights it was given.
+        """
+        if not self.cfg.keep_best_per_step:
+            return None
+        target = self._validation_target(stage)
+        if target not in self.best_by_target:
+            return None
+        return {"score": self.best_by_target[target], "iteration": 0, "target": target,
+                "networks": {k: state_dict_cpu(v) for k, v in self.networks.items()}}
+
+    def _finish_step_best(self, stage: str, last_iteration: int) -> None:
+        """End the step with its best-validated weights (keep_best_per_step)."""
+        if not self.cfg.keep_best_per_step or not self.val_cases:
+            return
+        chosen = dist_utils.all_gather_object(self.step_best if self.dist.is_main else None)[0]
+        self.step_best = None
+        if chosen is None:
+            return
+        self.best_by_target[chosen["target"]] = float(chosen["score"])
+        if chosen["iteration"] == last_iteration:
+            return
+        for key, net in self.networks.items():
+            net.load_state_dict(chosen["networks"][key])
+        self.logger.log(f"step {stage}: keeping the weights of iteration {chosen['iteration']} (validation Dice "
+                        f"{chosen['score']:.4f}); the step's last weights validated lower")
+        self.logger.record(type="restore", stage=stage, iteration=last_iteration, restored_iteration=chosen["iteration"],
+                           global_iteration=self._global_iteration(stage, last_iteration), mean_dice=chosen["score"])
 
     def _train_iteration(self, runner: nn.Module, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
                          scaler: Any, st: StepConfig, batch: dict[str, Any]) -> tuple[float, dict[str, float]]:
@@ -701,12 +814,16 @@ class Trainer:
         self.logger.record(type="train", stage=stage, iteration=iteration,
                            global_iteration=self._global_iteration(stage, iteration), epoch=epoch, loss=means[0],
                            loss_terms=terms, lr=acc.get("lr"), seconds_per_iteration=sec, data_wait_fraction=wait)
-        self.logger.log(f"step {stage} epoch {epoch}/{st.epochs} (it {iteration}): loss {means[0]:.4f} "
+        self.logger.log(f"step {stage} epoch {epoch}/{math.ceil(st.iterations / st.iterations_per_epoch)} "
+                        f"(it {iteration}): loss {means[0]:.4f} "
                         f"({', '.join(f'{k} {v:.4f}' for k, v in terms.items())}), {sec:.3f} s/it, "
                         f"data wait {100 * wait:.0f}%")
         self.epoch_acc = {}
-        if self.val_cases and (epoch % max(1, self.cfg.validate_every_epochs) == 0 or iteration == st.iterations):
+        if self.val_cases and (epoch % max(1, self.cfg.validate_every_epochs) == 0 or iteration >= st.iterations):
+            t0 = time.perf_counter()
             self._validate(stage, iteration)
+            if self.schedule is not None and self.schedule.budgeted:
+                self.schedule.record_validation(time.perf_counter() - t0)
         if self.dist.is_main:
             self.logger.flush(plot=False)
 
@@ -734,6 +851,9 @@ class Trainer:
                      for c in range(1, len(dice))}
         self.last_validation = {"stage": stage, "iteration": iteration, "target": target, "dice": per_class,
                                 "mean_dice": mean}
+        if self.cfg.keep_best_per_step and (self.step_best is None or mean > self.step_best["score"]):
+            self.step_best = {"score": mean, "iteration": iteration, "target": target,
+                              "networks": {k: state_dict_cpu(v) for k, v in self.networks.items()}}
         self.logger.record(type="val", stage=stage, iteration=iteration,
                            global_iteration=self._global_iteration(stage, iteration), target=target,
                            dice=per_class, mean_dice=mean, ema=best["ema"])
