@@ -27,6 +27,7 @@ setup(
         "SimpleITK>=2.3",
         "batchgenerators>=0.25",
         "acvl-utils>=0.2",
+        "connected-components-3d>=3.0",
         "scipy>=1.10",
         "tqdm>=4.60",
         "matplotlib>=3.7",
