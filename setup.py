@@ -10,6 +10,7 @@ COMMANDS = {
     "hc_train": "train",
     "hc_predict": "predict",
     "hc_evaluate": "evaluate",
+    "hc_determine_postprocessing": "determine_postprocessing",
     "hc_demo": "demo",
     "hc_benchmark": "benchmark",
 }

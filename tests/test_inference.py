@@ -500,6 +500,52 @@ def test_save_probabilities_match_labels(tmp_path):
     assert np.array_equal(probs.argmax(0)[confident], labels[confident])
 
 
+def test_hc_predict_applies_stored_postprocessing(tmp_path):
+    import cc3d
+
+    from heartcascade.inference.postprocessing import POSTPROCESSING_FILE, Postprocessing
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    sitk.WriteImage(synth(size_xyz=(40, 36, 10)), str(inp / "a.nii.gz"))
+    plans = tiny_plans(codes=False, roi_rule="all_foreground")
+    model = write_model(tmp_path / "model", plans)
+    code, _, err = run_cli(["-i", inp, "-o", tmp_path / "raw", "-m", model, "--device", "cpu", "--quiet"])
+    assert code == 0, err
+    raw = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "raw" / "a.nii.gz")))
+    counts = [cc3d.connected_components(raw == c, connectivity=26, return_N=True)[1] for c in (1, 2, 3)]
+    assert max(counts) > 1, "the untrained network should leave several components somewhere"
+    post = Postprocessing(keep_largest_foreground=False, keep_largest_per_label=(1, 2, 3))
+    (model / "fold_0" / POSTPROCESSING_FILE).write_text(json.dumps(post.to_dict()))
+    code, _, err = run_cli(["-i", inp, "-o", tmp_path / "pp", "-m", model, "--device", "cpu", "--quiet"])
+    assert code == 0, err
+    got = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "pp" / "a.nii.gz")))
+    assert np.array_equal(got, post.apply(raw.copy())) and not np.array_equal(got, raw)
+    for c in (1, 2, 3):
+        assert cc3d.connected_components(got == c, connectivity=26, return_N=True)[1] <= 1
+    code, _, err = run_cli(["-i", inp, "-o", tmp_path / "off", "-m", model, "--device", "cpu", "--quiet",
+                            "--no-postprocessing"])
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "off" / "a.nii.gz"))), raw)
+
+
+def test_postprocessing_file_of_an_ensemble(tmp_path):
+    from heartcascade.inference.postprocessing import POSTPROCESSING_FILE, Postprocessing
+
+    plans = tiny_plans()
+    model = write_model(tmp_path / "model", plans, folds=(0, 1))
+    (model / "fold_0" / POSTPROCESSING_FILE).write_text(json.dumps(Postprocessing(True).to_dict()))
+    assert Predictor.from_model_dir(model, device="cpu").postprocessing == Postprocessing(True)  # first fold's
+    (model / POSTPROCESSING_FILE).write_text(json.dumps(Postprocessing(False, (2,)).to_dict()))
+    both = Predictor.from_model_dir(model, device="cpu")
+    assert both.postprocessing == Postprocessing(False, (2,)) and both.postprocessing_source == model / POSTPROCESSING_FILE
+    assert Predictor.from_model_dir(model, folds=[0], device="cpu").postprocessing == Postprocessing(True)
+    assert Predictor.from_model_dir(model, folds=[1], device="cpu").postprocessing == Postprocessing(False, (2,))
+    assert Predictor.from_model_dir(model, device="cpu", postprocessing=None).postprocessing is None
+    (model / POSTPROCESSING_FILE).write_text(json.dumps(Postprocessing(False, (7,)).to_dict()))
+    with pytest.raises(HCError, match="outside 1..3"):
+        Predictor.from_model_dir(model, device="cpu")
+
+
 # ------------------------------------------------------------------------------------------------
 # CLI robustness
 

@@ -111,8 +111,10 @@ def test_four_steps_learn_and_validate(tiny):
         assert dice > max(0.3, 5 * chance), (name, dice, chance)
     # logs and the model-folder contract
     for name in ("checkpoint_latest.pth", "checkpoint_best.pth", "checkpoint_final.pth", "plans.json",
-                 "dataset.json", "training_log.txt", "metrics.jsonl", "progress.png"):
+                 "dataset.json", "training_log.txt", "metrics.jsonl", "progress.png", "postprocessing.json"):
         assert (folder / name).is_file(), name
+    post = json.loads((folder / "postprocessing.json").read_text())  # chosen on the validation predictions
+    assert post["num_cases"] == summary["num_cases"] and post["dice_after"]["mean"] >= post["dice_before"]["mean"]
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert {r["type"] for r in records} == {"train", "val"}
     assert {r["stage"] for r in records if r["type"] == "train"} == {"1", "2", "3", "4"}

@@ -13,7 +13,9 @@ Cascade pipeline for one case (documentation/prediction.md has the full descript
    probabilities brought to full resolution with trilinear interpolation, evaluated only for the
    voxels of the chunk; Net2 softmax averaged over folds (and in-plane mirrorings);
 5. argmax inside the ROI, paste into a background map, undo crop/transposition
-   (:func:`~heartcascade.preprocessing.preprocess.restore_to_original`).
+   (:func:`~heartcascade.preprocessing.preprocess.restore_to_original`);
+6. the model's connected-component postprocessing, if it has a ``postprocessing.json``
+   (:mod:`heartcascade.inference.postprocessing`).
 
 The baseline configuration resamples the normalised image to its coarse grid (2 mm), runs the plain
 3D U-Net (whole volume or sliding window) and brings the probabilities back with B-spline order 2.
@@ -39,6 +41,7 @@ from heartcascade.inference import roi as roi_mod
 from heartcascade.inference.cases import InputCase, cases_from_file_lists, discover_cases, shard
 from heartcascade.inference.io_pipeline import BackgroundWriter, prefetch
 from heartcascade.inference.net2_runner import autocast_context, auto_z_chunk, net2_chunks
+from heartcascade.inference.postprocessing import Postprocessing, find_postprocessing, load_postprocessing
 from heartcascade.planning.plans import ROI_DEFAULTS, roi_fields
 from heartcascade.utils.atomic import atomic_path
 from heartcascade.utils.errors import HCError
@@ -276,13 +279,15 @@ class Predictor:
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"auto"`` or a torch.device.
         tta: average over mirrorings (Net1/baseline: all axes; Net2: in-plane only).
         label_codes: training label -> code for written files (default: plans' ``label_codes``).
+        postprocessing: connected-component steps applied to every label map (None = none; see
+            :mod:`heartcascade.inference.postprocessing`); :meth:`from_model_dir` loads the model's.
         verbose: print one line per case.
     """
 
     def __init__(self, plans: Mapping[str, Any], networks: Sequence[Any] | Mapping[str, Any],
                  configuration: str | None = None, device: str | torch.device | None = "auto", tta: bool = False,
                  label_codes: Mapping[int, int] | None = None, dataset_json: Mapping[str, Any] | None = None,
-                 verbose: bool = False) -> None:
+                 verbose: bool = False, postprocessing: Postprocessing | None = None) -> None:
         self.plans = dict(plans)
         self.device = resolve_device(device)
         self.tta = bool(tta)
@@ -320,22 +325,39 @@ class Predictor:
         codes = label_codes if label_codes is not None else label_codes_from(self.plans, dataset_json)
         self.label_codes = dict(codes) if codes else None
         self._lookup = code_lookup(self.label_codes, self.num_classes)
+        self.postprocessing = postprocessing.check_labels(self.num_classes, "postprocessing") \
+            if postprocessing is not None else None
+        self.postprocessing_source: Path | None = None  # the postprocessing.json it came from, if any
 
     # -- construction from a model folder --------------------------------------------------------
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, folds: Sequence[str | int] | None = None,
                        checkpoint: str = "final", device: str | torch.device | None = "auto", tta: bool = False,
-                       configuration: str | None = None, verbose: bool = False) -> "Predictor":
-        """Load ``model_dir`` (a configuration folder holding ``fold_<f>/`` or one fold folder)."""
+                       configuration: str | None = None, verbose: bool = False,
+                       postprocessing: Postprocessing | str | Path | None = "auto") -> "Predictor":
+        """Load ``model_dir`` (a configuration folder holding ``fold_<f>/`` or one fold folder).
+
+        ``postprocessing``: ``"auto"`` = the model's ``postprocessing.json`` (:func:`find_postprocessing`:
+        for an ensemble the configuration folder's, else the first fold's), None = none, or a file / object.
+        """
         from heartcascade.inference.model_loading import load_folds
 
         loaded = load_folds(model_dir, folds, checkpoint, configuration)
         plans = loaded[0].plans
         for other in loaded[1:]:
             _check_compatible_plans(plans, other.plans, other.folder)
+        source = None
+        if isinstance(postprocessing, str) and postprocessing == "auto":
+            source = find_postprocessing(model_dir, [f.folder for f in loaded if f.folder is not None])
+            postprocessing = None
+        elif isinstance(postprocessing, (str, Path)):
+            source = Path(postprocessing)
+        if source is not None:
+            postprocessing = load_postprocessing(source).check_labels(int(plans["num_classes"]), str(source))
         predictor = cls(plans, [f.networks for f in loaded], loaded[0].configuration, device, tta,
-                        dataset_json=loaded[0].dataset_json, verbose=verbose)
+                        dataset_json=loaded[0].dataset_json, verbose=verbose, postprocessing=postprocessing)
         predictor.fold_names = [f.name for f in loaded]
+        predictor.postprocessing_source = source
         return predictor
 
     @classmethod
@@ -390,6 +412,8 @@ class Predictor:
         t1 = time.perf_counter()
         labels_zyx = restore_to_original(labels, properties)
         del labels
+        if self.postprocessing is not None and not net1_only:  # the one place label maps are postprocessed
+            labels_zyx = self.postprocessing.apply(labels_zyx)
         probs_zyx = self._restore_probabilities(probs, properties) if probs is not None else None
         timings["restore"] = time.perf_counter() - t1
         timings["total"] = time.perf_counter() - t0
