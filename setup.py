@@ -10,6 +10,7 @@ COMMANDS = {
     "hc_train": "train",
     "hc_predict": "predict",
     "hc_evaluate": "evaluate",
+    "hc_determine_postprocessing": "determine_postprocessing",
     "hc_demo": "demo",
     "hc_benchmark": "benchmark",
 }
@@ -27,6 +28,7 @@ setup(
         "SimpleITK>=2.3",
         "batchgenerators>=0.25",
         "acvl-utils>=0.2",
+        "connected-components-3d>=3.0",
         "scipy>=1.10",
         "tqdm>=4.60",
         "matplotlib>=3.7",

@@ -271,3 +271,91 @@ def test_cli_dataset_id_and_errors(tmp_path, capsys, hc_roots):
     with pytest.raises(HCError):
         parse_labels("LV:1")
     assert parse_labels("1:LV:500, 2:Myo:205") == ({"LV": 1, "Myo": 2}, {1: 500, 2: 205})
+
+
+# ---------------------------------------------------------------------------------------------------
+# connected-component postprocessing
+
+
+def _pp_case(shape=(12, 30, 30)) -> tuple[np.ndarray, np.ndarray]:
+    """Reference: LV (1) cube touching a Myo (2) cube, plus a second, separate Myo piece; prediction:
+    the reference plus a stray LV blob far away (keep-largest helps LV; it would cut Myo's real piece)."""
+    ref = np.zeros(shape, dtype=np.uint8)
+    ref[cube(shape, (2, 5, 5), 6)] = 1
+    ref[cube(shape, (2, 11, 5), 4)] = 2
+    ref[cube(shape, (3, 22, 22), 3)] = 2
+    pred = ref.copy()
+    pred[cube(shape, (8, 24, 2), 2)] = 1
+    return ref, pred
+
+
+def test_postprocessing_kept_only_where_it_raises_dice(tmp_path):
+    from heartcascade.evaluation.postprocessing import determine_postprocessing
+    from heartcascade.inference.postprocessing import Postprocessing, load_postprocessing
+
+    labels = {"LV": 1, "Myo": 2}
+    ref_pairs = [_pp_case() for _ in range(2)]
+    for i, (ref, pred) in enumerate(ref_pairs):
+        write(tmp_path / "ref" / f"c{i}.nii.gz", ref)
+        write(tmp_path / "pred" / f"c{i}.nii.gz", pred)
+    out = tmp_path / "pp.json"
+    result = determine_postprocessing(tmp_path / "pred", tmp_path / "ref", labels, output_json=out)
+    # whole foreground: would delete the real second Myo piece and the stray -> Myo falls, not applied;
+    # LV: its stray goes -> applied; Myo: keeping its largest piece loses the real small one -> not applied
+    assert result["decisions"]["foreground"]["applied"] is False
+    assert result["decisions"]["LV"]["applied"] is True and result["decisions"]["Myo"]["applied"] is False
+    assert result["decisions"]["LV"]["dice_after"] == pytest.approx(1.0)
+    assert result["dice_after"]["mean"] > result["dice_before"]["mean"]
+    post = load_postprocessing(out)
+    assert post == Postprocessing(False, (1,), 26)
+    ref, pred = ref_pairs[0]
+    assert np.array_equal(post.apply(pred.copy()), ref)
+
+    # a stray blob of two touching labels: the whole-foreground step removes it at once
+    shape = (12, 30, 30)
+    ref, _ = _pp_case(shape)
+    ref[cube(shape, (3, 22, 22), 3)] = 0  # one Myo piece only
+    pred = ref.copy()
+    pred[cube(shape, (8, 24, 2), 3)] = 1
+    pred[cube(shape, (8, 24, 5), 3)] = 2
+    write(tmp_path / "ref2" / "c.nii.gz", ref)
+    write(tmp_path / "pred2" / "c.nii.gz", pred)
+    result = determine_postprocessing([tmp_path / "pred2"], tmp_path / "ref2", labels)
+    assert result["keep_largest_foreground"] is True
+    assert result["keep_largest_per_label"] == []  # nothing left to gain after the foreground step
+    assert result["dice_after"]["mean"] == pytest.approx(1.0)
+
+
+def test_postprocessing_file_errors(tmp_path):
+    from heartcascade.inference.postprocessing import load_postprocessing
+
+    path = tmp_path / "postprocessing.json"
+    path.write_text(json.dumps({"format_version": 1, "keep_largest_per_label": ["LV"]}))
+    with pytest.raises(HCError, match="postprocessing.json: keep_largest_per_label"):
+        load_postprocessing(path)
+    path.write_text(json.dumps({"format_version": 1, "connectivity": 5}))
+    with pytest.raises(HCError, match="connectivity"):
+        load_postprocessing(path)
+
+
+def test_determine_postprocessing_cli_pools_folds(tmp_path, capsys, hc_roots):
+    from heartcascade.cli.determine_postprocessing import main as pp_main
+
+    dataset = hc_roots["raw"] / "Dataset008_Heart"
+    (dataset / "labelsTr").mkdir(parents=True)
+    (dataset / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "MR"}, "labels": {"background": 0, "LV": 1, "Myo": 2},
+        "numTraining": 2, "file_ending": ".nii.gz", "label_codes": {"1": 500, "2": 205}}))
+    config = hc_roots["results"] / "Dataset008_Heart" / "cascade"
+    for fold in (0, 1):
+        ref, pred = _pp_case()
+        for array, folder in ((ref, dataset / "labelsTr"), (pred, config / f"fold_{fold}" / "validation")):
+            coded = np.where(array == 1, 500, np.where(array == 2, 205, 0)).astype(np.int16)
+            write(folder / f"c{fold}.nii.gz", coded)
+    assert pp_main(["-d", "8", "-c", "cascade", "-f", "0", "1"]) == 0
+    written = json.loads((config / "postprocessing.json").read_text())
+    assert written["num_cases"] == 2 and written["keep_largest_per_label"] == [1]
+    assert "wrote" in capsys.readouterr().out
+    assert pp_main(["-d", "8", "-f", "3"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "fold_3" in err and err.count("\n") == 1

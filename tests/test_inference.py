@@ -320,9 +320,69 @@ def test_roi_helpers():
     assert torch.allclose(got, roi_mod.gather(ref, idx), atol=1e-5)
 
 
+def _coarse_probs(shape: tuple, blobs: list[tuple[tuple[slice, ...], float]]) -> torch.Tensor:
+    """Mean Net1 softmax (1, 4, d, h, w): background 1 except where ``blobs`` set p(class 1)."""
+    p = torch.zeros((1, 4) + shape)
+    p[0, 0] = 1.0
+    for region, value in blobs:
+        p[(0, 1) + region] = value
+        p[(0, 0) + region] = 1.0 - value
+    return p
+
+
+def test_heart_component_roi_ignores_stray_detection():
+    coarse = (10, 20, 20)
+    props = {"shape": [20, 40, 40], "spacing": [4.0, 1.0, 1.0]}
+    heart = (slice(4, 7), slice(8, 13), slice(8, 13))
+    stray = (slice(0, 1), slice(18, 20), slice(18, 20))  # an 'arm': far away, 5 % of the heart's mass
+    probs = _coarse_probs(coarse, [(heart, 0.95), (stray, 0.9)])
+    old = roi_mod.AllForegroundRoi(margin_mm=2.0)(probs, props)
+    new = roi_mod.HeartComponentRoi(margin_mm=2.0)(probs, props)
+    # old rule: the box spans heart and stray (almost the whole volume); new: heart (8..14, 16..26) + margin
+    assert old == ((0, 16), (14, 40), (14, 40))
+    assert roi_mod.HeartComponentRoi(2.0, min_component_fraction=0.04)(probs, props) == old
+    assert new == ((6, 16), (14, 28), (14, 28))  # margin: at least one coarse voxel (2 full voxels)
+    # a bigger but faint stray region (above threshold) still loses to the confident heart by mass
+    faint = (slice(0, 10), slice(0, 3), slice(0, 6))
+    assert roi_mod.HeartComponentRoi(2.0)(_coarse_probs(coarse, [(heart, 0.95), (faint, 0.1)]), props) == new
+    assert roi_mod.HeartComponentRoi(2.0)(_coarse_probs(coarse, []), props) == roi_mod.full_box(props["shape"])
+
+
+def test_heart_component_roi_keeps_split_heart():
+    coarse = (10, 20, 20)
+    props = {"shape": [20, 40, 40], "spacing": [4.0, 1.0, 1.0], "coarse_spacing": [8.0, 2.0, 2.0]}
+    base = (slice(3, 5), slice(8, 13), slice(8, 13))
+    apex = (slice(6, 7), slice(9, 11), slice(9, 11))  # one coarse slice missing in between, 4 of 50 voxels
+    stray = (slice(0, 1), slice(19, 20), slice(19, 20))  # 1 voxel, 2 % of the base's mass, 30 mm away
+    probs = _coarse_probs(coarse, [(base, 0.9), (apex, 0.9), (stray, 0.9)])
+    rule = roi_mod.HeartComponentRoi(0.0, min_component_fraction=0.05)
+    mask = rule.heart_mask(probs, props)
+    assert mask[apex].all() and mask[base].all() and not mask[stray].any()
+    # the apex (8 % of the base's mass) is dropped at 10 % unless it lies within the join distance (16 mm away)
+    assert not roi_mod.HeartComponentRoi(0.0, 0.1).heart_mask(probs, props)[apex].any()
+    joined = roi_mod.HeartComponentRoi(0.0, 0.1, join_distance_mm=16.0).heart_mask(probs, props)
+    assert joined[apex].all() and not joined[stray].any()
+
+
+def test_roi_rule_from_plans():
+    plans = tiny_plans()
+    assert isinstance(Predictor(plans, [build(plans)], device="cpu").roi_rule, roi_mod.HeartComponentRoi)
+    old = copy.deepcopy(plans)
+    for key in ("roi_rule", "roi_min_component_fraction", "roi_join_distance_mm"):
+        old["inference"].pop(key)  # plans written before the fields existed: the heart-component rule
+    rule = Predictor(validate_plans(old), [build(plans)], device="cpu").roi_rule
+    assert rule == roi_mod.HeartComponentRoi(plans["inference"]["roi_margin_mm"], 0.1, 0.0)
+    legacy = tiny_plans(roi_rule="all_foreground")
+    assert isinstance(Predictor(legacy, [build(plans)], device="cpu").roi_rule, roi_mod.AllForegroundRoi)
+    with pytest.raises(HCError, match="inference.roi_rule must be one of"):
+        tiny_plans(roi_rule="largest")
+    with pytest.raises(HCError, match="roi_min_component_fraction"):
+        tiny_plans(roi_min_component_fraction=1.5)
+
+
 def test_net1_only_is_upsampled_net1_argmax():
     img = synth()
-    plans = tiny_plans()
+    plans = tiny_plans(roi_rule="all_foreground")  # that ROI holds every foreground voxel of Net1
     p = Predictor(plans, [build(plans)], device="cpu")
     image, props = p.preprocess([img])
     res = p.predict_preprocessed(image, props, net1_only=True)
@@ -438,6 +498,52 @@ def test_save_probabilities_match_labels(tmp_path):
     srt = np.sort(probs, 0)
     confident = srt[-1] - srt[-2] > 1e-2
     assert np.array_equal(probs.argmax(0)[confident], labels[confident])
+
+
+def test_hc_predict_applies_stored_postprocessing(tmp_path):
+    import cc3d
+
+    from heartcascade.inference.postprocessing import POSTPROCESSING_FILE, Postprocessing
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    sitk.WriteImage(synth(size_xyz=(40, 36, 10)), str(inp / "a.nii.gz"))
+    plans = tiny_plans(codes=False, roi_rule="all_foreground")
+    model = write_model(tmp_path / "model", plans)
+    code, _, err = run_cli(["-i", inp, "-o", tmp_path / "raw", "-m", model, "--device", "cpu", "--quiet"])
+    assert code == 0, err
+    raw = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "raw" / "a.nii.gz")))
+    counts = [cc3d.connected_components(raw == c, connectivity=26, return_N=True)[1] for c in (1, 2, 3)]
+    assert max(counts) > 1, "the untrained network should leave several components somewhere"
+    post = Postprocessing(keep_largest_foreground=False, keep_largest_per_label=(1, 2, 3))
+    (model / "fold_0" / POSTPROCESSING_FILE).write_text(json.dumps(post.to_dict()))
+    code, _, err = run_cli(["-i", inp, "-o", tmp_path / "pp", "-m", model, "--device", "cpu", "--quiet"])
+    assert code == 0, err
+    got = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "pp" / "a.nii.gz")))
+    assert np.array_equal(got, post.apply(raw.copy())) and not np.array_equal(got, raw)
+    for c in (1, 2, 3):
+        assert cc3d.connected_components(got == c, connectivity=26, return_N=True)[1] <= 1
+    code, _, err = run_cli(["-i", inp, "-o", tmp_path / "off", "-m", model, "--device", "cpu", "--quiet",
+                            "--no-postprocessing"])
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "off" / "a.nii.gz"))), raw)
+
+
+def test_postprocessing_file_of_an_ensemble(tmp_path):
+    from heartcascade.inference.postprocessing import POSTPROCESSING_FILE, Postprocessing
+
+    plans = tiny_plans()
+    model = write_model(tmp_path / "model", plans, folds=(0, 1))
+    (model / "fold_0" / POSTPROCESSING_FILE).write_text(json.dumps(Postprocessing(True).to_dict()))
+    assert Predictor.from_model_dir(model, device="cpu").postprocessing == Postprocessing(True)  # first fold's
+    (model / POSTPROCESSING_FILE).write_text(json.dumps(Postprocessing(False, (2,)).to_dict()))
+    both = Predictor.from_model_dir(model, device="cpu")
+    assert both.postprocessing == Postprocessing(False, (2,)) and both.postprocessing_source == model / POSTPROCESSING_FILE
+    assert Predictor.from_model_dir(model, folds=[0], device="cpu").postprocessing == Postprocessing(True)
+    assert Predictor.from_model_dir(model, folds=[1], device="cpu").postprocessing == Postprocessing(False, (2,))
+    assert Predictor.from_model_dir(model, device="cpu", postprocessing=None).postprocessing is None
+    (model / POSTPROCESSING_FILE).write_text(json.dumps(Postprocessing(False, (7,)).to_dict()))
+    with pytest.raises(HCError, match="outside 1..3"):
+        Predictor.from_model_dir(model, device="cpu")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -111,8 +111,10 @@ def test_four_steps_learn_and_validate(tiny):
         assert dice > max(0.3, 5 * chance), (name, dice, chance)
     # logs and the model-folder contract
     for name in ("checkpoint_latest.pth", "checkpoint_best.pth", "checkpoint_final.pth", "plans.json",
-                 "dataset.json", "training_log.txt", "metrics.jsonl", "progress.png"):
+                 "dataset.json", "training_log.txt", "metrics.jsonl", "progress.png", "postprocessing.json"):
         assert (folder / name).is_file(), name
+    post = json.loads((folder / "postprocessing.json").read_text())  # chosen on the validation predictions
+    assert post["num_cases"] == summary["num_cases"] and post["dice_after"]["mean"] >= post["dice_before"]["mean"]
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert {r["type"] for r in records} == {"train", "val"}
     assert {r["stage"] for r in records if r["type"] == "train"} == {"1", "2", "3", "4"}
@@ -367,7 +369,8 @@ def test_class_balanced_sampling():
 def test_loader_batches_identical_with_and_without_workers(tiny):
     from heartcascade.training.dataloading import BatchStream
 
-    trainer = _trainer(plans_override={"augmentation": {"p_flip": 0.5, "flip_axes": [1, 2]}})
+    intensity = {key: 0.5 for key in INTENSITY_P}  # batchgenerators' RNG use (numpy's and Python's) too
+    trainer = _trainer(plans_override={"augmentation": {"p_flip": 0.5, "flip_axes": [1, 2], **intensity}})
     trainer._setup()
     trainer._load_cases()
     st = trainer.cfg.steps["3"]
@@ -397,3 +400,69 @@ def _with_workers(trainer, st, start, workers):
         return trainer._make_loader(st, "3", start)
     finally:
         trainer.num_workers = 0
+
+
+# --------------------------------------------------------------------------------------------------
+# intensity augmentation
+
+INTENSITY_P = ("p_gaussian_noise", "p_gaussian_blur", "p_brightness", "p_contrast", "p_low_resolution", "p_gamma",
+               "p_gamma_inverted")
+
+
+def _batch(n: int, seed: int = 0) -> dict:
+    """n samples: 1 image channel in [-1, 1], 4 probability channels (softmax), labels."""
+    rng = np.random.default_rng(seed)
+    image = np.tanh(rng.normal(0, 1, (n, 1, 5, 16, 16))).astype(np.float32)
+    probs = torch.softmax(torch.from_numpy(rng.normal(0, 1, (n, 4, 5, 16, 16))), dim=1).numpy().astype(np.float32)
+    seg = rng.integers(0, 4, (n, 1, 5, 16, 16)).astype(np.int16)
+    return {"data": np.concatenate([image, probs], axis=1), "seg": seg}
+
+
+def _run(transform, batch: dict, seed: int) -> dict:
+    import random
+
+    np.random.seed(seed)
+    random.seed(seed + 1)
+    return transform(**{k: v.copy() for k, v in batch.items()})
+
+
+def test_intensity_transforms_only_touch_image_channels():
+    from heartcascade.training.augmentation import AugmentationParams, batch_transforms
+
+    batch = _batch(16)
+    for key in INTENSITY_P:
+        transform = batch_transforms(AugmentationParams.from_dict({key: 1.0}), image_channels=1)
+        out = _run(transform, batch, seed=3)
+        assert out["data"].shape == batch["data"].shape and out["data"].dtype == np.float32, key
+        changed = [not np.allclose(out["data"][i, 0], batch["data"][i, 0]) for i in range(16)]
+        # blur and low resolution act on each channel with probability 0.5 (nnU-Net's setting)
+        assert sum(changed) >= (4 if key in ("p_gaussian_blur", "p_low_resolution") else 16), (key, sum(changed))
+        np.testing.assert_array_equal(out["data"][:, 1:], batch["data"][:, 1:])  # Net1 probabilities untouched
+        np.testing.assert_array_equal(out["seg"], batch["seg"])
+        if key.startswith("p_gamma") or key == "p_contrast":  # range-preserving
+            assert out["data"][:, 0].min() >= batch["data"][:, 0].min() - 1e-5
+            assert out["data"][:, 0].max() <= batch["data"][:, 0].max() + 1e-5
+        again = _run(transform, batch, seed=3)
+        np.testing.assert_array_equal(out["data"], again["data"])  # a fixed seed gives the same batch
+        assert not np.array_equal(_run(transform, batch, seed=4)["data"], out["data"])
+
+
+def test_intensity_probability_and_defaults():
+    from heartcascade.planning.presets import load_preset
+    from heartcascade.training.augmentation import AugmentationParams, batch_transforms
+
+    batch = _batch(200, seed=1)
+    out = _run(batch_transforms(AugmentationParams.from_dict({"p_brightness": 0.3}), image_channels=1), batch, 0)
+    changed = np.mean([not np.array_equal(out["data"][i, 0], batch["data"][i, 0]) for i in range(200)])
+    assert 0.2 < changed < 0.4, changed
+    # plans without the fields, and the demo preset, have no intensity augmentation
+    spatial = ("enabled", "p_rotation", "rotation_deg", "p_scale", "scale_range", "p_shear", "shear", "p_translation",
+               "translation_mm", "p_elastic", "elastic_magnitude_mm", "elastic_spacing_mm", "p_flip", "flip_axes")
+    old_plans = {k: v for k, v in load_preset("cpu")["augmentation"].items() if k in spatial}
+    assert batch_transforms(AugmentationParams.from_dict(old_plans), image_channels=1) is None
+    assert batch_transforms(AugmentationParams.from_dict(load_preset("demo")["augmentation"]), image_channels=1) is None
+    assert batch_transforms(AugmentationParams.from_dict(load_preset("cpu")["augmentation"]), image_channels=1)
+    with pytest.raises(HCError, match="p_gamma must be a probability"):
+        AugmentationParams.from_dict({"p_gamma": 1.5})
+    with pytest.raises(HCError, match="noise_std must be two numbers"):
+        AugmentationParams.from_dict({"noise_std": [0.1, 0.0]})

@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="split the sorted case list into this many parts (part i gets cases i, i+n, ...)")
     parser.add_argument("--net1-only", action="store_true",
                         help="write Net1's upsampled prediction instead of the cascade's (for comparison)")
+    parser.add_argument("--no-postprocessing", action="store_true",
+                        help="do not apply the model's postprocessing.json (connected components)")
     parser.add_argument("--quiet", action="store_true", help="no per-case progress lines")
     return parser
 
@@ -56,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     folds = args.folds
     if folds and "all" in folds and len(folds) > 1:
         raise HCError("-f all cannot be combined with numbered folds")
-    common = dict(folds=folds, checkpoint=args.checkpoint, device=args.device, tta=args.tta, verbose=not args.quiet)
+    common = dict(folds=folds, checkpoint=args.checkpoint, device=args.device, tta=args.tta, verbose=not args.quiet,
+                  postprocessing=None if args.no_postprocessing else "auto")
     if args.dataset is not None:
         predictor = Predictor.from_dataset(args.dataset, configuration=args.configuration or "cascade", **common)
     else:

@@ -6,13 +6,16 @@ Cascade pipeline for one case (documentation/prediction.md has the full descript
    training data went through): crop to the body, slice axis first, normalise to [-1, 1];
 2. Net1 on the whole coarse volume (area-downsampled on the device, padded to Net1's divisor and
    cropped back), softmax, averaged over mirrorings (``tta``); one result per fold;
-3. dynamic tile: the ROI is the bounding box of Net1's foreground (fold average) mapped to full
-   resolution and grown by the plans' margin (whole volume when Net1 finds nothing);
+3. dynamic tile: the ROI is the bounding box of the heart Net1 finds (fold average; the plans'
+   ``inference.roi_rule``, :mod:`heartcascade.inference.roi`) mapped to full resolution and grown by
+   the plans' margin (whole volume when Net1 finds nothing);
 4. Net2 over the ROI, one fully convolutional pass per z-chunk; its input is the image and Net1's
    probabilities brought to full resolution with trilinear interpolation, evaluated only for the
    voxels of the chunk; Net2 softmax averaged over folds (and in-plane mirrorings);
 5. argmax inside the ROI, paste into a background map, undo crop/transposition
-   (:func:`~heartcascade.preprocessing.preprocess.restore_to_original`).
+   (:func:`~heartcascade.preprocessing.preprocess.restore_to_original`);
+6. the model's connected-component postprocessing, if it has a ``postprocessing.json``
+   (:mod:`heartcascade.inference.postprocessing`).
 
 The baseline configuration resamples the normalised image to its coarse grid (2 mm), runs the plain
 3D U-Net (whole volume or sliding window) and brings the probabilities back with B-spline order 2.
@@ -38,6 +41,8 @@ from heartcascade.inference import roi as roi_mod
 from heartcascade.inference.cases import InputCase, cases_from_file_lists, discover_cases, shard
 from heartcascade.inference.io_pipeline import BackgroundWriter, prefetch
 from heartcascade.inference.net2_runner import autocast_context, auto_z_chunk, net2_chunks
+from heartcascade.inference.postprocessing import Postprocessing, find_postprocessing, load_postprocessing
+from heartcascade.planning.plans import ROI_DEFAULTS, roi_fields
 from heartcascade.utils.atomic import atomic_path
 from heartcascade.utils.errors import HCError
 
@@ -76,6 +81,9 @@ class InferenceSettings:
     baseline_spacing: tuple[float, float, float] = DEFAULT_BASELINE_SPACING
     baseline_patch: tuple[int, int, int] | None = None
     max_z_chunk: int | None = None         # cap on the automatic chunk
+    roi_rule: str = ROI_DEFAULTS["roi_rule"]
+    roi_min_component_fraction: float = ROI_DEFAULTS["roi_min_component_fraction"]
+    roi_join_distance_mm: float = ROI_DEFAULTS["roi_join_distance_mm"]
 
     @classmethod
     def from_plans(cls, plans: Mapping[str, Any]) -> "InferenceSettings":
@@ -94,6 +102,9 @@ class InferenceSettings:
         if section.get("memory_budget_gb") is not None:
             s.memory_budget_bytes = float(section["memory_budget_gb"]) * 2**30
         s.baseline_spacing, s.baseline_patch = _baseline_grid(plans, s.baseline_spacing)
+        roi = roi_fields(dict(plans), "plans")
+        s.roi_rule, s.roi_min_component_fraction = roi["roi_rule"], roi["roi_min_component_fraction"]
+        s.roi_join_distance_mm = roi["roi_join_distance_mm"]
         if s.roi_margin_mm < 0:
             raise HCError(f"plans: inference.roi_margin_mm must be >= 0, got {s.roi_margin_mm}")
         if s.z_chunk is not None and s.z_chunk < 1:
@@ -268,13 +279,15 @@ class Predictor:
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"auto"`` or a torch.device.
         tta: average over mirrorings (Net1/baseline: all axes; Net2: in-plane only).
         label_codes: training label -> code for written files (default: plans' ``label_codes``).
+        postprocessing: connected-component steps applied to every label map (None = none; see
+            :mod:`heartcascade.inference.postprocessing`); :meth:`from_model_dir` loads the model's.
         verbose: print one line per case.
     """
 
     def __init__(self, plans: Mapping[str, Any], networks: Sequence[Any] | Mapping[str, Any],
                  configuration: str | None = None, device: str | torch.device | None = "auto", tta: bool = False,
                  label_codes: Mapping[int, int] | None = None, dataset_json: Mapping[str, Any] | None = None,
-                 verbose: bool = False) -> None:
+                 verbose: bool = False, postprocessing: Postprocessing | None = None) -> None:
         self.plans = dict(plans)
         self.device = resolve_device(device)
         self.tta = bool(tta)
@@ -305,26 +318,46 @@ class Predictor:
         self.num_classes = int(self.plans["num_classes"])
         self.num_channels = int(self.plans["num_input_channels"])
         self.settings = InferenceSettings.from_plans(self.plans)
+        self.roi_rule = roi_mod.make_roi_rule(self.settings.roi_rule, self.settings.roi_margin_mm,
+                                              self.settings.roi_min_component_fraction,
+                                              self.settings.roi_join_distance_mm)
         self.input_mode = net2_input_mode(self.plans)
         codes = label_codes if label_codes is not None else label_codes_from(self.plans, dataset_json)
         self.label_codes = dict(codes) if codes else None
         self._lookup = code_lookup(self.label_codes, self.num_classes)
+        self.postprocessing = postprocessing.check_labels(self.num_classes, "postprocessing") \
+            if postprocessing is not None else None
+        self.postprocessing_source: Path | None = None  # the postprocessing.json it came from, if any
 
     # -- construction from a model folder --------------------------------------------------------
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, folds: Sequence[str | int] | None = None,
                        checkpoint: str = "final", device: str | torch.device | None = "auto", tta: bool = False,
-                       configuration: str | None = None, verbose: bool = False) -> "Predictor":
-        """Load ``model_dir`` (a configuration folder holding ``fold_<f>/`` or one fold folder)."""
+                       configuration: str | None = None, verbose: bool = False,
+                       postprocessing: Postprocessing | str | Path | None = "auto") -> "Predictor":
+        """Load ``model_dir`` (a configuration folder holding ``fold_<f>/`` or one fold folder).
+
+        ``postprocessing``: ``"auto"`` = the model's ``postprocessing.json`` (:func:`find_postprocessing`:
+        for an ensemble the configuration folder's, else the first fold's), None = none, or a file / object.
+        """
         from heartcascade.inference.model_loading import load_folds
 
         loaded = load_folds(model_dir, folds, checkpoint, configuration)
         plans = loaded[0].plans
         for other in loaded[1:]:
             _check_compatible_plans(plans, other.plans, other.folder)
+        source = None
+        if isinstance(postprocessing, str) and postprocessing == "auto":
+            source = find_postprocessing(model_dir, [f.folder for f in loaded if f.folder is not None])
+            postprocessing = None
+        elif isinstance(postprocessing, (str, Path)):
+            source = Path(postprocessing)
+        if source is not None:
+            postprocessing = load_postprocessing(source).check_labels(int(plans["num_classes"]), str(source))
         predictor = cls(plans, [f.networks for f in loaded], loaded[0].configuration, device, tta,
-                        dataset_json=loaded[0].dataset_json, verbose=verbose)
+                        dataset_json=loaded[0].dataset_json, verbose=verbose, postprocessing=postprocessing)
         predictor.fold_names = [f.name for f in loaded]
+        predictor.postprocessing_source = source
         return predictor
 
     @classmethod
@@ -379,6 +412,8 @@ class Predictor:
         t1 = time.perf_counter()
         labels_zyx = restore_to_original(labels, properties)
         del labels
+        if self.postprocessing is not None and not net1_only:  # the one place label maps are postprocessed
+            labels_zyx = self.postprocessing.apply(labels_zyx)
         probs_zyx = self._restore_probabilities(probs, properties) if probs is not None else None
         timings["restore"] = time.perf_counter() - t1
         timings["total"] = time.perf_counter() - t0
@@ -415,18 +450,9 @@ class Predictor:
         return out
 
     def roi_box(self, mean_probs: torch.Tensor, properties: dict[str, Any]) -> tuple[tuple[int, int], ...]:
-        """Net1 foreground box on the full grid + margin (at least one coarse voxel); whole volume if empty."""
-        shape = tuple(int(n) for n in properties["shape"])
-        coarse_shape = tuple(mean_probs.shape[2:])
-        fg = mean_probs[0].argmax(dim=0) != 0
-        box = roi_mod.foreground_box(fg.cpu())
-        if box is None:
-            return roi_mod.full_box(shape)
-        full = roi_mod.coarse_box_to_full(box, coarse_shape, shape)
-        spacing = [float(s) for s in properties["spacing"]]
-        margin = [max(math.ceil(self.settings.roi_margin_mm / s), math.ceil(n / c))
-                  for s, n, c in zip(spacing, shape, coarse_shape)]
-        return roi_mod.grow_box(full, margin, shape)
+        """The ROI on the full grid by the plans' ``inference.roi_rule`` (see :mod:`~heartcascade.inference.roi`);
+        whole volume when Net1 finds nothing."""
+        return self.roi_rule(mean_probs, properties)
 
     def _memory_budget(self) -> float:
         if self.settings.memory_budget_bytes is not None:

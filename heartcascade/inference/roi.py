@@ -1,8 +1,12 @@
 """The dynamic tile: the region of interest Net2 runs on, and exact partial trilinear upsampling.
 
-Net1 sees the whole coarse volume; its foreground bounding box, mapped to the full-resolution grid
-and grown by a safety margin, is the only region Net2 has to look at. Everything outside is
-background. All boxes here are in the canonical full-resolution grid ``(D, H, W)`` (slice axis
+Net1 sees the whole coarse volume; the bounding box of the heart it finds, mapped to the
+full-resolution grid and grown by a safety margin, is the only region Net2 has to look at. Everything
+outside is background. Which coarse voxels count as "the heart" is the plans' ``inference.roi_rule``
+(:func:`make_roi_rule`): :class:`HeartComponentRoi` keeps the connected component(s) of Net1's
+whole-heart probability that hold most of its mass, so stray detections far from the heart (arms,
+liver on scans from other centres) do not stretch the ROI to the whole field of view;
+:class:`AllForegroundRoi` is the earlier rule, the box of every Net1 foreground voxel. All boxes here are in the canonical full-resolution grid ``(D, H, W)`` (slice axis
 first) and are half-open: ``((z0, z1), (y0, y1), (x0, x1))``.
 
 Padding is expressed with *clamped index lists*: to read a window that extends past the volume we
@@ -13,7 +17,8 @@ upsampled output never has to exist at full resolution outside the window being 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -84,6 +89,95 @@ def round_up_inside(box: Box, multiple: Sequence[int], shape: Sequence[int]) -> 
         a2 = min(max(0, a2), int(s) - want)
         out.append((a2, a2 + want))
     return tuple(out)  # type: ignore[return-value]
+
+
+class RoiRule(Protocol):
+    """Net1's mean softmax (1, C, d, h, w) on the coarse grid + case properties -> ROI on the full grid."""
+
+    def __call__(self, mean_probs: torch.Tensor, properties: Mapping[str, Any]) -> Box: ...
+
+
+def roi_from_coarse_mask(mask: np.ndarray | torch.Tensor, properties: Mapping[str, Any], margin_mm: float) -> Box:
+    """Box of a coarse-grid mask on the full grid, grown by ``margin_mm`` (at least one coarse voxel)
+    and clipped to the volume; the whole volume when the mask is empty."""
+    shape = tuple(int(n) for n in properties["shape"])
+    coarse_shape = tuple(int(n) for n in mask.shape)
+    box = foreground_box(mask)
+    if box is None:
+        return full_box(shape)
+    full = coarse_box_to_full(box, coarse_shape, shape)
+    spacing = [float(s) for s in properties["spacing"]]
+    margin = [max(math.ceil(margin_mm / s), math.ceil(n / c)) for s, n, c in zip(spacing, shape, coarse_shape)]
+    return grow_box(full, margin, shape)
+
+
+@dataclass(frozen=True)
+class AllForegroundRoi:
+    """Every coarse voxel whose argmax is not background (one stray detection widens the ROI)."""
+
+    margin_mm: float
+
+    def __call__(self, mean_probs: torch.Tensor, properties: Mapping[str, Any]) -> Box:
+        fg = (mean_probs[0].argmax(dim=0) != 0).cpu()
+        return roi_from_coarse_mask(fg, properties, self.margin_mm)
+
+
+@dataclass(frozen=True)
+class HeartComponentRoi:
+    """The heart's connected component(s) of ``1 - p_background > threshold`` on the coarse grid.
+
+    Components are weighted by their probability mass (sum of ``1 - p_background``), not their voxel
+    count, so a large faint false detection loses to the confident heart. Kept: the heaviest component,
+    every component holding at least ``min_component_fraction`` of its mass (a heart split in pieces
+    across thick slices stays whole) and every component within ``join_distance_mm`` of it (0 = off).
+    """
+
+    margin_mm: float
+    min_component_fraction: float = 0.1
+    join_distance_mm: float = 0.0
+    threshold: float = 0.5
+    connectivity: int = 26
+
+    def heart_mask(self, mean_probs: torch.Tensor, properties: Mapping[str, Any]) -> np.ndarray:
+        """Boolean coarse-grid mask of the kept components (all False when Net1 finds nothing)."""
+        import cc3d
+
+        heart = 1.0 - mean_probs[0, 0].float().cpu().numpy()
+        labels, n = cc3d.connected_components(heart > self.threshold, connectivity=self.connectivity,
+                                              return_N=True)
+        if n <= 1:
+            return labels > 0
+        mass = np.bincount(labels.ravel(), weights=heart.ravel(), minlength=n + 1)[1:]
+        main = int(np.argmax(mass)) + 1
+        keep = mass >= self.min_component_fraction * mass[main - 1]
+        if self.join_distance_mm > 0:
+            from scipy import ndimage
+
+            dist = ndimage.distance_transform_edt(labels != main, sampling=_coarse_spacing(properties, labels.shape))
+            nearest = ndimage.minimum(dist, labels, index=np.arange(1, n + 1))
+            keep |= np.asarray(nearest) <= self.join_distance_mm
+        keep[main - 1] = True
+        return np.concatenate([[False], keep])[labels]
+
+    def __call__(self, mean_probs: torch.Tensor, properties: Mapping[str, Any]) -> Box:
+        return roi_from_coarse_mask(self.heart_mask(mean_probs, properties), properties, self.margin_mm)
+
+
+def _coarse_spacing(properties: Mapping[str, Any], coarse_shape: Sequence[int]) -> tuple[float, ...]:
+    """Spacing of Net1's grid in mm: the stored ``coarse_spacing`` or the extent over the coarse shape."""
+    if properties.get("coarse_spacing") is not None:
+        return tuple(float(s) for s in properties["coarse_spacing"])
+    return tuple(float(s) * int(n) / int(c) for s, n, c in zip(properties["spacing"], properties["shape"], coarse_shape))
+
+
+def make_roi_rule(rule: str, margin_mm: float, min_component_fraction: float = 0.1,
+                  join_distance_mm: float = 0.0) -> RoiRule:
+    """The ROI rule named by the plans' ``inference.roi_rule`` (validated by ``planning.plans.roi_fields``)."""
+    if rule == "all_foreground":
+        return AllForegroundRoi(margin_mm)
+    if rule == "heart_components":
+        return HeartComponentRoi(margin_mm, min_component_fraction, join_distance_mm)
+    raise ValueError(f"unknown ROI rule {rule!r}")
 
 
 def clamped_range(start: int, stop: int, size: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -41,7 +41,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from heartcascade.dataset.dataset_json import CT_NAMES, DatasetInfo
 from heartcascade.planning import memory_model as mm
-from heartcascade.planning.plans import PLANS_VERSION, validate_plans
+from heartcascade.planning.plans import PLANS_VERSION, ROI_DEFAULTS, validate_plans
 from heartcascade.preprocessing.preprocess import coarse_scale_factors
 from heartcascade.utils.errors import HCError
 from heartcascade.utils.merge import deep_merge
@@ -478,7 +478,8 @@ def plan_experiment(fingerprint: dict[str, Any], preset: dict[str, Any], info: D
                      "max_locations_per_class": int(preset["sampling"].get("max_locations_per_class", 10000)),
                      "background_as_class": bool(preset["sampling"].get("background_as_class", True)),
                      "subvolume_shape_choice": "uniform"},
-        "inference": {"roi_margin_mm": float(inf.get("roi_margin_mm", 10.0)), "z_chunk": int(z),
+        "inference": {"roi_margin_mm": float(inf.get("roi_margin_mm", 10.0)),
+                      **{k: inf.get(k, v) for k, v in ROI_DEFAULTS.items()}, "z_chunk": int(z),
                       "inplane_tile": None if tile == full_slice else tile, "predicted_peak_gb": round(peak_inf / GiB, 3)},
         "baseline_unet": baseline,
         "memory": {"target_gb": round(ctx.target_gb, 3), "target_source": ctx.target_source,

@@ -40,6 +40,11 @@ _SECTION_KEYS = {
 }
 #: plans' Net2 input modes -> the names used by heartcascade.networks (Cascade / net2_input_channels)
 NETWORK_INPUT_MODE = {"probabilities": "probs", "labelmap": "label"}
+#: ``inference.roi_rule`` values: the ROI from the heart's connected component(s) of Net1's whole-heart
+#: probability, or (the rule before plans had the field) the box of every Net1 foreground voxel.
+ROI_RULES = ("heart_components", "all_foreground")
+#: What plans without the ROI fields get (documentation/plans.md): the heart-component rule.
+ROI_DEFAULTS = {"roi_rule": "heart_components", "roi_min_component_fraction": 0.1, "roi_join_distance_mm": 0.0}
 
 
 def plans_path(preprocessed_dataset_dir: str | os.PathLike) -> Path:
@@ -72,7 +77,26 @@ def validate_plans(plans: Any, source: str = "plans") -> dict[str, Any]:
     steps = plans["training"]["steps"]
     if [s.get("step") for s in steps] != [1, 2, 3, 4]:
         raise HCError(f"{source}: training.steps must list steps 1, 2, 3, 4 in order")
+    roi_fields(plans, source)
     return plans
+
+
+def roi_fields(plans: dict[str, Any], source: str = "plans") -> dict[str, Any]:
+    """The ROI rule of ``inference`` (``roi_rule``, ``roi_min_component_fraction``, ``roi_join_distance_mm``),
+    checked, with :data:`ROI_DEFAULTS` for fields that older plans lack."""
+    section = plans.get("inference") or {}
+    out = {key: section.get(key, default) for key, default in ROI_DEFAULTS.items()}
+    for key, default in ROI_DEFAULTS.items():
+        if out[key] is None:
+            out[key] = default
+    if out["roi_rule"] not in ROI_RULES:
+        raise HCError(f"{source}: inference.roi_rule must be one of {', '.join(ROI_RULES)}, got {out['roi_rule']!r}")
+    for key, lo, hi in (("roi_min_component_fraction", 0.0, 1.0), ("roi_join_distance_mm", 0.0, float("inf"))):
+        value = out[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+            raise HCError(f"{source}: inference.{key} must be a number in [{lo}, {hi}], got {value!r}")
+        out[key] = float(value)
+    return out
 
 
 def load_plans(path: str | os.PathLike) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Data augmentation: rotation, translation, shear, scaling, elastic deformation and flipping.
+"""Data augmentation: rotation, translation, shear, scaling, elastic deformation, flipping and intensity.
 
 Spatial augmentation is fused with patch extraction. For every sample one random transform is drawn
 (:func:`random_spatial`): an affine map -- rotation, shear and scaling composed in *physical* space (so
@@ -11,12 +11,17 @@ When no spatial augmentation was drawn the patch is a plain slice (fast path).
 
 batchgenerators has rotation, scaling and elastic deformation in ``SpatialTransform`` but no shear
 and no translation; and it rotates a pre-cut crop. Hence this module. Flipping uses batchgenerators'
-``MirrorTransform`` in the worker pipeline (:func:`batch_transforms`).
+``MirrorTransform`` in the worker pipeline (:func:`batch_transforms`), and so do the intensity
+transforms (Gaussian noise, Gaussian blur, multiplicative brightness, contrast, simulated low
+resolution, gamma -- nnU-Net's set), after the spatial transform and only on the *image* channels:
+:class:`ImageChannelsTransform` hands them a copy of the first ``image_channels`` channels of
+``data``, so Net1's probability channels of step 4 and the label maps are never altered.
 
 All randomness comes from the ``numpy.random.Generator`` passed in (the data loaders derive it from
-the run seed and the batch number), except MirrorTransform, which uses numpy's global generator --
-the loaders reseed it per batch, so every batch is a deterministic function of (seed, step, batch
-number) whatever the number of worker processes.
+the run seed and the batch number), except batchgenerators' transforms, which use numpy's global
+generator and Python's ``random`` (noise level, blur sigma) -- the loaders reseed both per batch, so
+every batch is a deterministic function of (seed, step, batch number) whatever the number of worker
+processes.
 
 Parameters (``AugmentationParams``) come from the plans' ``augmentation`` section; see
 documentation/training.md.
@@ -51,6 +56,21 @@ class AugmentationParams:
     elastic_spacing_mm: float = 32.0  # distance between control points
     p_flip: float = 0.0  # probability per sample that flipping is considered ...
     flip_axes: tuple[int, ...] = ()  # ... along these canonical axes (0=D, 1=H, 2=W), each 50 %
+    # Intensity (image channels only; probabilities per sample, all off unless the plans say otherwise).
+    # Images are normalised to about [-1, 1] (preprocessing.normalization), hence the modest noise.
+    p_gaussian_noise: float = 0.0
+    noise_std: tuple[float, float] = (0.0, 0.05)  # std of the added noise, drawn uniformly
+    p_gaussian_blur: float = 0.0
+    blur_sigma: tuple[float, float] = (0.5, 1.0)  # in voxels; each channel blurred with probability 0.5
+    p_brightness: float = 0.0
+    brightness_range: tuple[float, float] = (0.75, 1.25)  # multiplier
+    p_contrast: float = 0.0
+    contrast_range: tuple[float, float] = (0.75, 1.25)  # factor about the mean, clipped to the old range
+    p_low_resolution: float = 0.0
+    low_resolution_zoom: tuple[float, float] = (0.5, 1.0)  # in-plane down- and up-sampling factor
+    p_gamma: float = 0.0
+    p_gamma_inverted: float = 0.0  # gamma applied to the negated image (darkens bright structures)
+    gamma_range: tuple[float, float] = (0.7, 1.5)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> "AugmentationParams":
@@ -71,10 +91,28 @@ class AugmentationParams:
             raise HCError(f"plans augmentation: scale_range must be two positive numbers, got {params.scale_range}")
         if any(a not in (0, 1, 2) for a in params.flip_axes):
             raise HCError(f"plans augmentation: flip_axes must be among 0, 1, 2, got {params.flip_axes}")
+        for p_name, range_name in INTENSITY_FIELDS:
+            p = getattr(params, p_name)
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+                raise HCError(f"plans augmentation: {p_name} must be a probability in [0, 1], got {p!r}")
+            lo_hi = getattr(params, range_name)
+            if not isinstance(lo_hi, tuple) or len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1]:
+                raise HCError(f"plans augmentation: {range_name} must be two numbers 0 <= low <= high, got {lo_hi}")
         return params
 
     def disabled(self) -> "AugmentationParams":
         return AugmentationParams(enabled=False)
+
+    @property
+    def any_intensity(self) -> bool:
+        return self.enabled and any(getattr(self, p_name) > 0 for p_name, _ in INTENSITY_FIELDS)
+
+
+#: (probability, range) field pairs of the intensity transforms
+INTENSITY_FIELDS = (("p_gaussian_noise", "noise_std"), ("p_gaussian_blur", "blur_sigma"),
+                    ("p_brightness", "brightness_range"), ("p_contrast", "contrast_range"),
+                    ("p_low_resolution", "low_resolution_zoom"), ("p_gamma", "gamma_range"),
+                    ("p_gamma_inverted", "gamma_range"))
 
 
 @dataclass
@@ -309,11 +347,79 @@ def crop_padded(volume: np.ndarray, start: Sequence[int], shape: Sequence[int], 
     return _crop_padded(volume, np.asarray(start, dtype=np.int64), shape, cval)
 
 
-def batch_transforms(params: AugmentationParams):
-    """The transforms run in the worker processes on whole batches (flipping), or None."""
-    if not params.enabled or params.p_flip <= 0 or not params.flip_axes:
-        return None
-    from batchgenerators.transforms.spatial_transforms import MirrorTransform
+def intensity_transforms(params: AugmentationParams) -> list[Any]:
+    """batchgenerators' intensity transforms for the plans' probabilities (those with p > 0), in nnU-Net's order.
 
-    return MirrorTransform(axes=tuple(int(a) for a in params.flip_axes), data_key="data", label_key="seg",
-                           p_per_sample=float(params.p_flip))
+    Gamma works on the patch's own [min, max] and maps back onto it (``retain_stats=False``): the images
+    are range-normalised, not z-scored, so keeping the range is what keeps them comparable. Low
+    resolution is simulated in-plane only (``ignore_axes=(0,)``): the slice axis is usually the coarse
+    one already and a step-4 stack has only K slices.
+    """
+    if not params.enabled:
+        return []
+    from batchgenerators.transforms.color_transforms import (BrightnessMultiplicativeTransform,
+                                                             ContrastAugmentationTransform, GammaTransform)
+    from batchgenerators.transforms.noise_transforms import GaussianBlurTransform, GaussianNoiseTransform
+    from batchgenerators.transforms.resample_transforms import SimulateLowResolutionTransform
+
+    candidates = [
+        (params.p_gaussian_noise, lambda p: GaussianNoiseTransform(tuple(params.noise_std), p_per_sample=p)),
+        (params.p_gaussian_blur, lambda p: GaussianBlurTransform(tuple(params.blur_sigma), different_sigma_per_channel=True,
+                                                                 p_per_channel=0.5, p_per_sample=p)),
+        (params.p_brightness, lambda p: BrightnessMultiplicativeTransform(tuple(params.brightness_range),
+                                                                          p_per_sample=p)),
+        (params.p_contrast, lambda p: ContrastAugmentationTransform(tuple(params.contrast_range), preserve_range=True,
+                                                                    p_per_sample=p)),
+        (params.p_low_resolution, lambda p: SimulateLowResolutionTransform(
+            tuple(params.low_resolution_zoom), per_channel=True, p_per_channel=0.5, order_downsample=0,
+            order_upsample=3, p_per_sample=p, ignore_axes=(0,))),
+        (params.p_gamma_inverted, lambda p: GammaTransform(tuple(params.gamma_range), invert_image=True,
+                                                           per_channel=True, retain_stats=False, p_per_sample=p)),
+        (params.p_gamma, lambda p: GammaTransform(tuple(params.gamma_range), invert_image=False, per_channel=True,
+                                                  retain_stats=False, p_per_sample=p)),
+    ]
+    return [make(float(p)) for p, make in candidates if p > 0]
+
+
+class ImageChannelsTransform:
+    """Apply transforms to the first ``image_channels`` channels of ``data`` only (a float32 copy).
+
+    Step 4's ``data`` holds Net1's probabilities after the image channels; intensity changes must not
+    reach them (nor the labels, which live under ``seg`` and are never passed on).
+    """
+
+    def __init__(self, transforms: Sequence[Any], image_channels: int) -> None:
+        self.transforms = list(transforms)
+        self.image_channels = int(image_channels)
+
+    def __call__(self, **data_dict: Any) -> dict[str, Any]:
+        data = data_dict["data"]
+        part = {"data": data[:, :self.image_channels].astype(np.float32, copy=True)}
+        for transform in self.transforms:
+            part = transform(**part)
+        data[:, :self.image_channels] = part["data"]
+        return data_dict
+
+
+def batch_transforms(params: AugmentationParams, image_channels: int | None = None):
+    """The transforms run in the worker processes on whole batches (flipping, then intensity), or None.
+
+    ``image_channels``: how many leading channels of ``data`` are image (the rest, Net1's
+    probabilities in step 4, are left alone by the intensity transforms); None = no intensity transforms.
+    """
+    transforms: list[Any] = []
+    if params.enabled and params.p_flip > 0 and params.flip_axes:
+        from batchgenerators.transforms.spatial_transforms import MirrorTransform
+
+        transforms.append(MirrorTransform(axes=tuple(int(a) for a in params.flip_axes), data_key="data",
+                                          label_key="seg", p_per_sample=float(params.p_flip)))
+    intensity = intensity_transforms(params) if image_channels else []
+    if intensity:
+        transforms.append(ImageChannelsTransform(intensity, int(image_channels)))
+    if not transforms:
+        return None
+    if len(transforms) == 1:
+        return transforms[0]
+    from batchgenerators.transforms.abstract_transforms import Compose
+
+    return Compose(transforms)

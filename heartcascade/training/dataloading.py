@@ -19,7 +19,7 @@ Batches are dicts ``{"data": (B, C, D, H, W) float32, "seg": (B, 1, D, H, W) int
 
 Determinism: batch number ``i`` of a loader is made from ``numpy.random.default_rng(SeedSequence([seed,
 *stream, i]))`` -- and numpy's global generator is reseeded from it for batchgenerators' own transforms
--- so the batch sequence is the same whatever the number of worker processes (the
+-- as is Python's ``random`` -- so the batch sequence is the same whatever the number of worker processes (the
 MultiThreadedAugmenter returns the workers' batches round-robin: worker ``t`` makes batches ``t, t+n,
 ...``) and a resumed run continues with exactly the batches the killed run would have seen
 (``start_batch``).
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -93,6 +94,7 @@ class _SeededLoader(DataLoader):
         if not cases:
             raise ValueError("a data loader needs at least one case")
         self.cases = list(cases)
+        self.image_channels = len(self.cases[0].image)  # data's leading channels; intensity augmentation's
         self.indices = np.arange(len(self.cases))
         self.seed = int(seed)
         self.stream = [int(s) for s in stream]
@@ -109,7 +111,9 @@ class _SeededLoader(DataLoader):
         self._next += self.number_of_threads_in_multithreaded
         seq = np.random.SeedSequence([self.seed, *self.stream, index])
         rng = np.random.default_rng(seq)
-        np.random.seed(int(seq.generate_state(1)[0]))  # batchgenerators transforms use the global RNG
+        state = seq.generate_state(2)
+        np.random.seed(int(state[0]))  # batchgenerators transforms use numpy's global RNG ...
+        random.seed(int(state[1]))  # ... and Python's (noise level, blur sigma)
         batch = self.make_batch(rng)
         batch["batch_index"] = index
         return batch
@@ -297,7 +301,7 @@ class BatchStream:
         from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
         from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 
-        transform = batch_transforms(augmentation)
+        transform = batch_transforms(augmentation, image_channels=loader.image_channels)
         self.num_workers = int(num_workers)
         if self.num_workers <= 0:
             self.augmenter = SingleThreadedAugmenter(loader, transform)

@@ -10,6 +10,11 @@ predictor (or the raw images) is unavailable, the validation cases are predicted
 preprocessed arrays with the trainer's own forward pass (:mod:`heartcascade.training.validation`) and
 written back to the original geometry with ``preprocessing.preprocess.restore_to_original``; the
 summary then records ``"method": "in-memory"``.
+
+With the raw labels at hand the same predictions then choose the fold's connected-component
+postprocessing (:func:`heartcascade.evaluation.postprocessing.determine_postprocessing`), written to
+``<fold folder>/postprocessing.json``; ``hc_predict`` applies it. The validation predictions themselves
+are written without postprocessing (the choice is made on them).
 """
 from __future__ import annotations
 
@@ -36,8 +41,11 @@ def _raw_dir(trainer: "Trainer") -> Path | None:
 
 
 def run_final_validation(trainer: "Trainer") -> tuple[dict[str, Any] | None, str | None]:
+    from heartcascade.inference.postprocessing import POSTPROCESSING_FILE
+
     out_dir = trainer.output_folder / VALIDATION_FOLDER
     out_dir.mkdir(parents=True, exist_ok=True)
+    (trainer.output_folder / POSTPROCESSING_FILE).unlink(missing_ok=True)  # chosen for an earlier model
     for stale in out_dir.iterdir():  # predictions of an earlier run of this fold
         if stale.is_file():
             stale.unlink()
@@ -68,6 +76,10 @@ def run_final_validation(trainer: "Trainer") -> tuple[dict[str, Any] | None, str
         agg = summary.get("aggregate", {})
         trainer.logger.log(f"final validation ({method}, {len(ids)} cases, {time.perf_counter() - t0:.1f}s): "
                            + _format_aggregate(agg))
+        from heartcascade.evaluation.postprocessing import determine_postprocessing
+
+        determine_postprocessing(out_dir, raw / "labelsTr", raw / "dataset.json",
+                                 output_json=trainer.output_folder / POSTPROCESSING_FILE, log=trainer.logger.log)
     else:
         summary = evaluate_in_memory(trainer, ids, out_dir)
         summary["method"] = method
@@ -101,7 +113,7 @@ def predict_with_predictor(trainer: "Trainer", raw: Path, ids: list[str], out_di
             raise ImportError(f"raw image {missing[0]} not found")
         files.append(paths)
     predictor = Predictor.from_model_dir(trainer.output_folder, checkpoint="final", device=str(trainer.device),
-                                         configuration=trainer.configuration)
+                                         configuration=trainer.configuration, postprocessing=None)
     report = predictor.predict_files(files, out_dir, overwrite=True, case_ids=ids)
     if report.failed:
         first = sorted(report.failed.items())[0]
