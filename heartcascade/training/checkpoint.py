@@ -36,6 +36,9 @@ CHECKPOINT_NAMES = {"latest": "checkpoint_latest.pth", "best": "checkpoint_best.
 
 
 def checkpoint_path(folder: str | Path, kind: str) -> Path:
+    """``latest``/``best``/``final``, or ``step1``..``step4``: the weights each curriculum step handed on."""
+    if kind.startswith("step") and kind[4:].isdigit():
+        return Path(folder) / f"checkpoint_after_{kind}.pth"
     return Path(folder) / CHECKPOINT_NAMES[kind]
 
 

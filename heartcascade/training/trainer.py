@@ -651,6 +651,8 @@ class Trainer:
                 self.logger.log(f"step {stage}: {done} iterations in {schedule.elapsed():.0f} s "
                                 f"(budget share {schedule.allotted_s:.0f} s)")
             self.logger.log(f"step {stage} finished")
+            if self.configuration == "cascade":  # e.g. Net1 alone after its own last step (ablations)
+                self._save(f"step{stage}", index + 1, 0, None, None, finished=True)
             self._save("latest", index + 1, 0, None, None)
         finally:
             bar.close()
