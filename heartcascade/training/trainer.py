@@ -417,7 +417,7 @@ class Trainer:
             "best": dict(self.best),
             "step_best": self.step_best if kind == "latest" else None,
             "best_by_target": dict(self.best_by_target),
-            "budget": {"used_s": self.budget_used_s,
+            "budget": {"elapsed_s": self._elapsed(),
                        "step": self.schedule.state() if self.schedule is not None and not finished else None,
                        "iterations": {k: v.iterations_override for k, v in self.cfg.steps.items()}},
             "epoch_acc": plain(self.epoch_acc),
@@ -433,7 +433,7 @@ class Trainer:
               scaler: Any, finished: bool = False) -> None:
         rng_states = dist_utils.all_gather_object(capture_rng_state()) if kind == "latest" else None
         if self.dist.is_main:
-            self.logger.flush()
+            self.logger.flush(plot=not kind.startswith("step"))
             state = self._state(kind, stage_index, iteration, optimizer, scaler, rng_states, finished)
             save_checkpoint(checkpoint_path(self.output_folder, kind), state)
         dist_utils.barrier()
@@ -450,6 +450,7 @@ class Trainer:
             dist_utils.cleanup()
 
     def _run(self) -> TrainingResult:
+        started = time.monotonic()
         resume = self._setup()
         if self.dist.is_main:
             self.output_folder.mkdir(parents=True, exist_ok=True)
@@ -465,7 +466,8 @@ class Trainer:
         self.last_validation: dict[str, Any] | None = None
         self.step_best: dict[str, Any] | None = None  # best-validated weights of the running step
         self.best_by_target: dict[str, float] = {}  # score of the weights each step handed on, by target
-        self.budget_used_s = 0.0
+        self.run_started = started  # the time budget counts from here (resume: minus the time spent)
+        self.validation_seconds = 0.0  # the last in-training validation's duration (final-validation reserve)
         self.schedule: StepSchedule | None = None
         budget_state: dict[str, Any] | None = None
         stage_index, start_iteration = 0, 0
@@ -480,7 +482,7 @@ class Trainer:
             self.step_best = resume.get("step_best")
             self.best_by_target = dict(resume.get("best_by_target") or {})
             budget = resume.get("budget") or {}
-            self.budget_used_s = float(budget.get("used_s") or 0.0)
+            self.run_started -= float(budget.get("elapsed_s") or 0.0)
             budget_state = budget.get("step")
             for key, value in (budget.get("iterations") or {}).items():
                 if key in self.cfg.steps:
@@ -647,7 +649,6 @@ class Trainer:
                     self._save("latest", index, done, optimizer, scaler)
             self._finish_step_best(stage, done)
             if schedule.budgeted:
-                self.budget_used_s += schedule.elapsed()
                 self.logger.log(f"step {stage}: {done} iterations in {schedule.elapsed():.0f} s "
                                 f"(budget share {schedule.allotted_s:.0f} s)")
             self.logger.log(f"step {stage} finished")
@@ -675,7 +676,10 @@ class Trainer:
             schedule.iterations = int(budget_state["iterations"])
         else:
             remaining = self.stages[index:]
-            allotted = step_allotment(budget - self.budget_used_s, stage, remaining, self.cfg.time_fractions(remaining))
+            left = budget - self._elapsed()
+            if index == len(self.stages) - 1 and self.predict_validation and self.val_cases:
+                left -= 2 * self.validation_seconds  # the final validation also fits in the budget
+            allotted = step_allotment(left, stage, remaining, self.cfg.time_fractions(remaining))
             schedule = StepSchedule(planned=st.planned_iterations, allotted_s=max(0.0, allotted),
                                     probe=self.cfg.budget_probe_iterations)
         st.iterations_override = schedule.iterations
@@ -684,7 +688,11 @@ class Trainer:
     def _eta(self, schedule: StepSchedule) -> float:
         """Seconds until the whole budgeted curriculum ends (this step's deadline plus the later shares)."""
         budget = self.cfg.time_budget_s or 0.0
-        return max(0.0, budget - self.budget_used_s - schedule.elapsed())
+        return max(0.0, budget - self._elapsed())
+
+    def _elapsed(self) -> float:
+        """Seconds of this training run so far (across resumes), what the time budget is measured against."""
+        return time.monotonic() - self.run_started
 
     def _step_start_candidate(self, stage: str) -> dict[str, Any] | None:
         """With keep_best_per_step, the weights a step starts from compete with what it trains.
@@ -824,8 +832,9 @@ class Trainer:
         if self.val_cases and (epoch % max(1, self.cfg.validate_every_epochs) == 0 or iteration >= st.iterations):
             t0 = time.perf_counter()
             self._validate(stage, iteration)
+            self.validation_seconds = time.perf_counter() - t0
             if self.schedule is not None and self.schedule.budgeted:
-                self.schedule.record_validation(time.perf_counter() - t0)
+                self.schedule.record_validation(self.validation_seconds)
         if self.dist.is_main:
             self.logger.flush(plot=False)
 
