@@ -269,3 +269,55 @@ def test_memory_model_matches_measured_cpu():
     ]
     for r in results:
         assert 0.75 <= r["ratio"] <= 1.25, results
+
+
+# ---------------------------------------------------------------------------------------------------
+# The default preset plans for the machine it runs on
+# ---------------------------------------------------------------------------------------------------
+
+def test_default_preset_is_the_planners_default_and_differs_by_machine():
+    assert presets.DEFAULT_PRESET == "default"
+    default = presets.load_preset("default")
+    cpu = planner.plan_experiment(MSCMR, default, MR_INFO, 2, machine="cpu")
+    cuda = planner.plan_experiment(MSCMR, default, MR_INFO, 2, gpu_memory_gb=40)
+    assert cpu["machine"]["kind"] == "cpu" and cpu["machine"]["source"] == "--machine"
+    assert cuda["machine"] == {**cuda["machine"], "kind": "cuda", "source": "--gpu-memory-gb", "gpu_memory_gb": 40.0}
+    # CPU: narrow networks, a one-hour budget shared by the steps; GPU: wider, the plans' iteration counts
+    assert cpu["training"]["time_budget_s"] == 3600 and cuda["training"]["time_budget_s"] is None
+    assert cpu["net1"]["max_features"] < cuda["net1"]["max_features"]
+    assert cpu["net2"]["base_features"] < cuda["net2"]["base_features"]
+    assert [s["time_fraction"] for s in cpu["training"]["steps"]] == [0.25, 0.05, 0.10, 0.60]
+    assert [s["iterations_per_epoch"] for s in cuda["training"]["steps"]] == [50] * 4
+    for plans in (cpu, cuda):  # the recipe shared by both machines
+        tr = plans["training"]
+        assert tr["lr_schedule"] == "poly" and tr["keep_best_per_step"] and tr["warmup_iterations"] == 20
+        assert plans["net1"]["kernel_size"] == 3 and plans["net1"]["norm"] == "instance"
+        assert plans["inference"]["roi_rule"] == "heart_components"
+        assert plans["augmentation"]["p_gamma"] > 0
+    # a preset without machine sections plans the same on both (the paper preset)
+    paper = presets.load_preset("paper")
+    a = planner.plan_experiment(MSCMR, paper, MR_INFO, 2, gpu_memory_gb=12, machine="cpu")
+    b = planner.plan_experiment(MSCMR, paper, MR_INFO, 2, gpu_memory_gb=12, machine="cuda")
+    assert {k: v for k, v in a.items() if k != "machine"} == {k: v for k, v in b.items() if k != "machine"}
+    with pytest.raises(HCError, match="unknown machine"):
+        planner.preset_for_machine(default, "tpu")
+
+
+def test_training_config_reads_budget_schedule_and_keep_best():
+    from heartcascade.training.config import training_config
+
+    plans = planner.plan_experiment(MSCMR, presets.load_preset("default"), MR_INFO, 2, machine="cpu")
+    cfg = training_config(plans, "cascade")
+    assert cfg.time_budget_s == 3600 and cfg.lr_schedule == "poly" and cfg.keep_best_per_step
+    assert cfg.time_fractions(["2", "3", "4"]) == {"2": 0.05, "3": 0.10, "4": 0.60}
+    plans["training"]["lr_schedule"] = "cosine"
+    with pytest.raises(HCError, match="lr_schedule"):
+        training_config(plans, "cascade")
+    plans["training"]["lr_schedule"] = "poly"
+    plans["training"]["time_budget_s"] = -5
+    with pytest.raises(HCError, match="time_budget_s"):
+        training_config(plans, "cascade")
+    plans["training"]["time_budget_s"] = None
+    plans["training"]["steps"][0]["time_fraction"] = 1.5
+    with pytest.raises(HCError, match="time_fraction"):
+        training_config(plans, "cascade")
