@@ -89,13 +89,26 @@ class TrainingLogger:
         ax.grid(alpha=0.3)
         ax = axes[1]
         names = _ordered_unique(name for r in val for name in r.get("dice", {}))
-        for name in names:
+        palette = plt.get_cmap("Dark2")
+        for i, name in enumerate(names):
             pts = [(r["global_iteration"], r["dice"][name]) for r in val
                    if r.get("dice", {}).get(name) is not None]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, marker=".", ms=3)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, lw=0.8, alpha=0.6, color=palette(i % 8))
+        stages = _ordered_unique(r["stage"] for r in train + val)
+        for i, stage in enumerate(stages):  # the curve of every step, in the step's colour of the loss plot
+            pts = [(r["global_iteration"], r["mean_dice"]) for r in val
+                   if r["stage"] == stage and r.get("mean_dice") is not None]
+            if pts:
+                target = next(r.get("target") for r in val if r["stage"] == stage)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], color=f"C{i % 10}", lw=2, marker=".", ms=4,
+                        label=f"step {stage} mean ({target})")
+        kept = [r for r in self.records if r.get("type") == "restore"]
+        if kept:
+            ax.plot([r["global_iteration"] for r in kept], [r["mean_dice"] for r in kept], "k*", ms=10,
+                    label="step ended with earlier, better weights")
         ema = [(r["global_iteration"], r["ema"]) for r in val if r.get("ema") is not None]
         if ema:
-            ax.plot([p[0] for p in ema], [p[1] for p in ema], "k--", label="mean (moving avg.)")
+            ax.plot([p[0] for p in ema], [p[1] for p in ema], "k--", lw=0.8, label="mean (moving avg.)")
         _stage_boundaries(ax, train + val)
         ax.set_ylim(0, 1)
         ax.set_xlabel("iteration (all steps)")
