@@ -176,6 +176,10 @@ def main() -> int:
                 continue
             configuration = method[len("nnunet_"):]
             pred = work / f"predictions_{tag}" / method
+            if (work / f"nnunet_{tag}" / f"{method}.json").is_file() and pred.is_dir() and not args.retrain:
+                print(f"reusing {pred}")
+                predictions[method] = pred
+                continue
             _, stdout = run([args.nnunet_python, str(REPO / "scripts" / "nnunet_peer_train.py"), "--raw", str(work / "raw"),
                           "--preprocessed", str(work / "nnunet_preprocessed"), "--results", str(work / f"nnunet_{tag}"),
                           "-d", str(DATASET_ID), "-c", configuration, "--split", str(splits), "--budget-minutes",
