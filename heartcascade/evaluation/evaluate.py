@@ -352,9 +352,9 @@ def evaluate_folders(
 
 
 def _run_jobs(jobs: list[tuple], num_processes: int, progress: bool) -> dict[str, dict[str, Any]]:
-    from tqdm import tqdm
+    from heartcascade.utils.progress import progress_bar
 
-    bar = tqdm(total=len(jobs), desc="evaluating", unit="case", disable=None if progress else True)
+    bar = progress_bar(total=len(jobs), enabled=progress, desc="evaluating", unit="case")
     results: dict[str, dict[str, Any]] = {}
     try:
         if num_processes <= 1 or len(jobs) == 1:

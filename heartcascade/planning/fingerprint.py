@@ -226,13 +226,9 @@ def compute_fingerprint(info: DatasetInfo, num_processes: int = 1, progress: boo
 
 def _map(fn, jobs: list, num_processes: int, progress: bool, desc: str) -> list:
     """Run ``fn`` over ``jobs`` in worker processes (spawned: safe with torch/OpenMP), keeping order."""
-    bar = None
-    if progress:
-        try:
-            from tqdm import tqdm
-            bar = tqdm(total=len(jobs), desc=desc, unit="case", leave=False)
-        except ImportError:  # pragma: no cover
-            bar = None
+    from heartcascade.utils.progress import bars_enabled, progress_bar
+
+    bar = progress_bar(total=len(jobs), desc=desc, unit="case", leave=False) if bars_enabled(progress) else None
     out = []
     if num_processes <= 1 or len(jobs) <= 1 or _input_bytes(jobs) < _SMALL_INPUT_BYTES:
         for job in jobs:

@@ -544,7 +544,7 @@ class Trainer:
 
     def _run_stage(self, index: int, start_iteration: int, optimizer_state: Any, scaler_state: Any,
                    rng_state: Any) -> None:
-        from tqdm import tqdm
+        from heartcascade.utils.progress import progress_bar
 
         stage = self.stages[index]
         st = self.cfg.steps[stage]
@@ -570,8 +570,8 @@ class Trainer:
             restore_rng_state(rng_state)
         loader = self._make_loader(st, stage, start_iteration)
         stream = BatchStream(loader, self.cfg.augmentation, self.num_workers)
-        bar = tqdm(total=st.iterations, initial=start_iteration, desc=f"step {stage}", unit="it",
-                   disable=not (self.progress and self.dist.is_main), leave=False, dynamic_ncols=True)
+        bar = progress_bar(total=st.iterations, initial=start_iteration, desc=f"step {stage}", unit="it",
+                           enabled=self.progress and self.dist.is_main, leave=False, dynamic_ncols=True)
         try:
             for it in range(start_iteration, st.iterations):
                 t_wait = time.perf_counter()
