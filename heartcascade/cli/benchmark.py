@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from heartcascade.cli.common import non_negative_int, positive_int, run_cli
+from heartcascade.cli.common import HCArgumentParser, non_negative_int, positive_int, run_cli
 
 
 def _list(allowed: Sequence[str], what: str):
@@ -21,7 +21,7 @@ def _list(allowed: Sequence[str], what: str):
 def build_parser() -> argparse.ArgumentParser:
     from heartcascade.benchmark.runner import CASE_NAMES, SECTION_NAMES
 
-    p = argparse.ArgumentParser(
+    p = HCArgumentParser(
         prog="hc_benchmark",
         description="Measure preprocessing seconds per case, loader batches/s, training step time, hc_predict "
                     "file-to-file seconds and peak memory (host RSS, GPU) on a full-size CT (512x512x239, synthesised "

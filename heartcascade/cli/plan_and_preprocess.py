@@ -8,7 +8,7 @@ from typing import Sequence
 
 from heartcascade.cli.common import dataset_id as _dataset_id_type
 from heartcascade.cli.common import positive_int as _positive_int
-from heartcascade.cli.common import run_cli
+from heartcascade.cli.common import QUIET, HCArgumentParser, add_verbosity_arguments, run_cli, verbosity
 
 
 def _positive_float(value: str) -> float:
@@ -22,7 +22,7 @@ def _positive_float(value: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = HCArgumentParser(
         prog="hc_plan_and_preprocess",
         description="Fingerprint the raw dataset HC_RAW/DatasetXXX_Name, write plans.json for the memory target "
                     "and preprocess the training cases into HC_PREPROCESSED/DatasetXXX_Name.")
@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plan-only", action="store_true", help="write fingerprint and plans, do not preprocess")
     parser.add_argument("--overwrite", action="store_true",
                         help="recompute fingerprint and plans and preprocess every case again")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)  # older spelling
+    add_verbosity_arguments(parser)
     return parser
 
 
@@ -50,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         result = plan_and_preprocess(args.dataset, gpu_memory_gb=args.gpu_memory_gb, preset=args.preset,
                                      num_processes=args.num_processes, plan_only=args.plan_only,
-                                     overwrite=args.overwrite, progress=not args.no_progress)
+                                     overwrite=args.overwrite, progress=verbosity(args) > QUIET and not args.no_progress)
         plans = result.plans
         mem = plans["memory"]
         print(f"plans: {result.out_dir / 'plans.json'} (preset {plans['preset']}, memory target "
