@@ -272,3 +272,62 @@ def test_hc_overlay_three_views_with_reference(tmp_path):
         assert overlay.main(["-i", str(tmp_path / "img.nii.gz"), "-s", str(tmp_path / "small.nii.gz"),
                              "-o", str(tmp_path / "x.png")]) == 1
     assert err.getvalue().startswith("error: ") and "differs from the image" in err.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation conventions and nnU-Net's summary keys
+
+
+def test_hd95_conventions_and_both_empty_rule():
+    from heartcascade.evaluation.metrics import binary_metrics, surface_distances
+
+    ref = np.zeros((20, 40, 40), bool)
+    ref[5:15, 10:25, 10:25] = True
+    pred = ref.copy()
+    pred[8:12, 33:37, 33:37] = True  # a stray blob far away: ~6 % of one direction, ~3 % pooled
+    spacing = (2.0, 1.0, 1.0)
+    d_rp, d_pr = surface_distances(ref, pred, spacing)
+    pooled = binary_metrics(ref, pred, spacing)
+    worst = binary_metrics(ref, pred, spacing, hd95="max")
+    assert pooled.hd95 == pytest.approx(np.percentile(np.concatenate([d_rp, d_pr]), 95))
+    assert worst.hd95 == pytest.approx(max(np.percentile(d_rp, 95), np.percentile(d_pr, 95)))
+    assert worst.hd95 > pooled.hd95 and worst.dice == pooled.dice
+    empty = np.zeros((4, 4, 4), bool)
+    assert binary_metrics(empty, empty, (1, 1, 1)).dice == 1.0
+    nan = binary_metrics(empty, empty, (1, 1, 1), both_empty="nan")
+    assert np.isnan(nan.dice) and nan.status == "both_empty"
+    with pytest.raises(ValueError, match="hd95 must be one of pooled, max"):
+        binary_metrics(ref, pred, spacing, hd95="mean")
+
+
+def test_evaluate_writes_nnunet_summary_keys_and_conventions(tmp_path):
+    from heartcascade.cli import evaluate
+
+    for folder in ("ref", "pred"):
+        (tmp_path / folder).mkdir()
+    for i, (ref_labels, pred_labels) in enumerate((((1, 2), (1, 2)), ((1,), (1,)))):
+        ref = np.zeros((6, 12, 12), np.uint8)
+        pred = np.zeros_like(ref)
+        for value in ref_labels:
+            ref[1:4, value * 3:value * 3 + 3, 2:8] = value
+        for value in pred_labels:
+            pred[1:4, value * 3:value * 3 + 3, 3:8] = value
+        for array, folder in ((ref, "ref"), (pred, "pred")):
+            img = sitk.GetImageFromArray(array)
+            sitk.WriteImage(img, str(tmp_path / folder / f"case{i}.nii.gz"))
+    out = tmp_path / "summary.json"
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert evaluate.main(["-ref", str(tmp_path / "ref"), "-pred", str(tmp_path / "pred"), "-o", str(out),
+                              "--labels", "1:LV:500,2:RV:600", "--hd95", "max", "--both-empty", "nan",
+                              "--quiet"]) == 0
+    assert "HD95 max" in printed.getvalue()
+    summary = json.loads(out.read_text())
+    assert summary["conventions"]["hd95"].startswith("max") and summary["conventions"]["both_empty"].startswith("nan")
+    # label codes are what the files hold, so nnU-Net's keys are the codes
+    assert [sorted(c["metrics"]) for c in summary["metric_per_case"]] == [["500", "600"], ["500", "600"]]
+    case0 = summary["metric_per_case"][0]["metrics"]["500"]
+    assert case0["Dice"] == pytest.approx(2 * 45 / (54 + 45)) and (case0["TP"], case0["FN"], case0["FP"]) == (45, 9, 0)
+    assert summary["metric_per_case"][1]["metrics"]["600"]["Dice"] is None  # absent from both: left out
+    assert summary["mean"]["600"]["Dice"] == pytest.approx(case0["Dice"])
+    assert summary["foreground_mean"]["Dice"] == pytest.approx(
+        (summary["mean"]["500"]["Dice"] + summary["mean"]["600"]["Dice"]) / 2)

@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="structures as LABEL:NAME[:CODE],... e.g. 1:LV,2:Myo or 1:LV:500,2:Myo:205")
     parser.add_argument("-np", dest="num_processes", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--no-whole-heart", action="store_true", help="do not add the union of all structures")
+    parser.add_argument("--hd95", choices=("pooled", "max"), default="pooled",
+                        help="pooled: 95th percentile of both directions' surface distances together (default); "
+                             "max: the larger of the two directed 95th percentiles (MONAI, MedPy)")
+    parser.add_argument("--both-empty", choices=("one", "nan"), default="one",
+                        help="a structure absent from reference and prediction: one = Dice 1, distances 0 "
+                             "(default); nan = undefined, left out of means (nnU-Net)")
     add_verbosity_arguments(parser)
     return parser
 
@@ -71,12 +77,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = evaluate_folders(
             args.ref, args.pred, labels, label_codes=codes, output_json=args.output,
             num_processes=args.num_processes, whole_heart=not args.no_whole_heart, progress=verbosity(args) > QUIET,
+            hd95=args.hd95, both_empty=args.both_empty,
         )
     except HCError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    if verbosity(args) > QUIET:
-        print(markdown_table(summary), end="")
+    print(markdown_table(summary), end="")  # the result itself, printed even with --quiet
     print(f"wrote {summary['files']['json']}, {summary['files']['csv']}, {summary['files']['markdown']}")
     return 0
 
