@@ -331,3 +331,40 @@ def test_evaluate_writes_nnunet_summary_keys_and_conventions(tmp_path):
     assert summary["mean"]["600"]["Dice"] == pytest.approx(case0["Dice"])
     assert summary["foreground_mean"]["Dice"] == pytest.approx(
         (summary["mean"]["500"]["Dice"] + summary["mean"]["600"]["Dice"]) / 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Spacing noise
+
+
+def test_same_scan_in_nrrd_and_nifti_gives_identical_predictions(tmp_path):
+    """1.25 mm in NIfTI, 1.2499999999999998 mm in NRRD: the crop margin (10 mm = 8 voxels) used to differ."""
+    from _training_fixture import make_case
+
+    from heartcascade.preprocessing.preprocess import preprocess_images
+
+    image, _ = make_case(1)
+    image = np.pad(image, ((0, 0), (16, 16), (16, 16)), constant_values=-500)  # air: the crop margin shows
+    files = {}
+    for ending, spacing in ((".nii.gz", 1.25), (".nrrd", 1.2499999999999998)):
+        img = sitk.GetImageFromArray(image)
+        img.SetSpacing((spacing, spacing, 2.5))
+        folder = tmp_path / ending.strip(".").replace(".", "_")
+        folder.mkdir()
+        files[ending] = folder / f"scan_0000{ending}"
+        sitk.WriteImage(img, str(files[ending]))
+    read = {e: sitk.ReadImage(str(p)) for e, p in files.items()}
+    assert read[".nrrd"].GetSpacing()[0] != read[".nii.gz"].GetSpacing()[0]  # the noise survives the file
+    plans = tiny_plans()
+    (a, pa), (b, pb) = (preprocess_images([read[e]], plans, "scan") for e in (".nii.gz", ".nrrd"))
+    assert pa["crop_bbox_zyx"] == pb["crop_bbox_zyx"] and pa["spacing"] == pb["spacing"]
+    assert pa["crop_bbox_zyx"][1][0] > 0  # the body crop is inside the image, so the margin matters
+    assert np.array_equal(a, b)
+    model = write_model(tmp_path / "model", plans)
+    outputs = {}
+    for ending, path in files.items():
+        out = tmp_path / f"out_{ending.strip('.')}"
+        code, _, err = run_cli(["-i", path.parent, "-o", out, "-m", model, "--device", "cpu", "--quiet"])
+        assert code == 0, err
+        outputs[ending] = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"scan{ending}")))
+    assert np.array_equal(outputs[".nii.gz"], outputs[".nrrd"])
