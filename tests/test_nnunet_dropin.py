@@ -368,3 +368,27 @@ def test_same_scan_in_nrrd_and_nifti_gives_identical_predictions(tmp_path):
         assert code == 0, err
         outputs[ending] = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"scan{ending}")))
     assert np.array_equal(outputs[".nii.gz"], outputs[".nrrd"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Logs
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bars_only_on_a_terminal(monkeypatch):
+    from heartcascade.utils.progress import bars_enabled, progress_bar
+
+    log = io.StringIO()
+    monkeypatch.setattr("sys.stderr", log)
+    assert not bars_enabled(True)
+    assert list(progress_bar(range(20), desc="x")) == list(range(20))
+    assert log.getvalue() == ""  # a log file gets no bar redraws
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    assert bars_enabled(True) and not bars_enabled(False)
+    list(progress_bar(range(3), desc="shown"))
+    assert "shown" in terminal.getvalue()

@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="working folder (datasets, preprocessed data, models, predictions); kept, and reused on "
                         "re-runs (default: a temporary folder, removed at the end)")
     p.add_argument("--preset", default=None,
-                   help="planner preset (default: paper, the product configuration; demo with --quick)")
+                   help="planner preset, e.g. paper, cpu or demo (default: paper, the product configuration; demo "
+                        "with --quick)")
     p.add_argument("--quick", action="store_true",
                    help="small synthetic cases and the demo preset: a smoke test of the benchmark itself (seconds)")
     p.add_argument("--skip", type=_list(SECTION_NAMES, "section"), default=[],
