@@ -32,6 +32,8 @@ class HCArgumentParser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
         argv = list(sys.argv[1:] if args is None else args)
         for token in argv:
+            if not isinstance(token, str):
+                continue
             if token == "--":
                 break
             name = token.split("=", 1)[0]

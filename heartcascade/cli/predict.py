@@ -128,8 +128,9 @@ def _after_prediction(args: argparse.Namespace, predictor, report) -> None:
 
                 write_case_overlay(inputs[case_id].files[0], out, Path(args.output) / "overlays" / f"{case_id}.png",
                                    label_names=names, title=case_id)
-        except HCError as exc:
-            report.failed[case_id] = str(exc)
+        except Exception as exc:  # one case failing here must not stop the others
+            report.failed[case_id] = str(exc) if isinstance(exc, HCError) else \
+                f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
