@@ -79,8 +79,7 @@ def test_every_command_refuses_prefixes_and_glued_short_options():
             parser.parse_args(["-device", "cpu"] if "-device" not in parser._option_string_actions
                               else ["-dx", "1"])
         actions = parser._option_string_actions
-        if cmd != "hc_benchmark":  # a developer's tool with its own report; no verbosity levels
-            assert "--quiet" in actions and "--verbose" in actions, f"{cmd} lacks --quiet/--verbose"
+        assert "--quiet" in actions and "--verbose" in actions, f"{cmd} lacks --quiet/--verbose"
 
 
 def test_glued_short_option_message():

@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from heartcascade.cli.common import HCArgumentParser, non_negative_int, positive_int, run_cli
+from heartcascade.cli.common import HCArgumentParser, add_verbosity_arguments, non_negative_int, positive_int, run_cli
 
 
 def _list(allowed: Sequence[str], what: str):
@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=non_negative_int, default=None,
                    help="data-augmentation workers for the loader/training sections (default: as hc_train)")
     p.add_argument("--timeout", type=float, default=3 * 3600, help="seconds allowed per section (default 10800)")
+    add_verbosity_arguments(p)  # its output is the JSON lines (the result), printed at every level
     return p
 
 
