@@ -133,7 +133,7 @@ def _one_case(folder: Path) -> Path:
     return folder
 
 
-def test_export_install_and_predict_from_zip(tmp_path, hc_roots):
+def test_export_install_and_predict_from_zip(tmp_path, hc_roots, monkeypatch):
     from heartcascade.cli import export_model, install_model
     from heartcascade.inference.model_archive import read_manifest
 
@@ -169,9 +169,7 @@ def test_export_install_and_predict_from_zip(tmp_path, hc_roots):
     # install into a fresh results root
     fresh = tmp_path / "fresh"
     fresh.mkdir()
-    import os
-
-    os.environ["HC_RESULTS"] = str(fresh)
+    monkeypatch.setenv("HC_RESULTS", str(fresh))
     err_buf = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()):
         assert install_model.main([str(archive)]) == 0

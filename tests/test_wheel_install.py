@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,9 @@ def test_wheel_plans_and_preprocesses_in_fresh_venv(tmp_path):
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", *_build_flags(), "-q", "-w", tmp_path / "dist", src])
     wheels = list((tmp_path / "dist").glob("heartcascade-*.whl"))
     assert len(wheels) == 1
+    with zipfile.ZipFile(wheels[0]) as zf:
+        names = set(zf.namelist())
+    assert {f"heartcascade/presets/{name}.json" for name in ("paper", "demo", "cpu")} <= names
 
     # 2. a fresh venv with only the wheel; dependencies visible from this environment
     venv = tmp_path / "venv"
