@@ -389,3 +389,23 @@ def test_progress_bars_only_on_a_terminal(monkeypatch):
     assert bars_enabled(True) and not bars_enabled(False)
     list(progress_bar(range(3), desc="shown"))
     assert "shown" in terminal.getvalue()
+
+
+def test_plan_and_preprocess_verify_dataset_integrity(hc_roots):
+    from _training_fixture import LABELS, make_case
+
+    from heartcascade.cli import plan_and_preprocess
+
+    raw = hc_roots["raw"] / "Dataset066_Bad"
+    (raw / "imagesTr").mkdir(parents=True)
+    (raw / "labelsTr").mkdir()
+    image, label = make_case(0)
+    sitk.WriteImage(sitk.GetImageFromArray(image), str(raw / "imagesTr" / "b0_0000.nii.gz"))
+    sitk.WriteImage(sitk.GetImageFromArray(label), str(raw / "labelsTr" / "b0.nii.gz"))
+    (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MR"}, "labels": LABELS, "numTraining": 3,
+                                                  "file_ending": ".nii.gz"}))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        assert plan_and_preprocess.main(["-d", "66", "--verify_dataset_integrity", "--quiet"]) == 1
+    assert "error: " in err.getvalue() and "numTraining is 3" in err.getvalue()
+    assert not (hc_roots["preprocessed"] / "Dataset066_Bad").exists()

@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plan-only", action="store_true", help="write fingerprint and plans, do not preprocess")
     parser.add_argument("--overwrite", action="store_true",
                         help="recompute fingerprint and plans and preprocess every case again")
+    parser.add_argument("--verify_dataset_integrity", "--verify", dest="verify", action="store_true",
+                        help="first check the raw dataset as hc_verify_dataset does and stop if it finds problems")
     parser.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)  # older spelling
     add_verbosity_arguments(parser)
     return parser
@@ -47,13 +49,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    progress = verbosity(args) > QUIET and not args.no_progress
 
     def body() -> int:
         from heartcascade.preprocessing.run import plan_and_preprocess
 
+        if args.verify:
+            from heartcascade.dataset.verify import verify_dataset
+            from heartcascade.paths import raw_dataset_dir
+
+            report = verify_dataset(raw_dataset_dir(args.dataset), progress=progress)
+            if not report.ok:
+                for line in report.problems:
+                    print(f"error: {line}", file=sys.stderr)
+                print(report.summary(), file=sys.stderr)
+                return 1
+
         result = plan_and_preprocess(args.dataset, gpu_memory_gb=args.gpu_memory_gb, preset=args.preset,
                                      num_processes=args.num_processes, plan_only=args.plan_only,
-                                     overwrite=args.overwrite, progress=verbosity(args) > QUIET and not args.no_progress)
+                                     overwrite=args.overwrite, progress=progress)
         plans = result.plans
         mem = plans["memory"]
         print(f"plans: {result.out_dir / 'plans.json'} (preset {plans['preset']}, memory target "

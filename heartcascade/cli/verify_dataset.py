@@ -27,7 +27,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from heartcascade.dataset.verify import verify_dataset
         from heartcascade.paths import raw_dataset_dir
 
-        report = verify_dataset(raw_dataset_dir(args.dataset), progress=verbosity(args) > QUIET and not args.no_progress)
+        report = verify_dataset(raw_dataset_dir(args.dataset),
+                                progress=verbosity(args) > QUIET and not args.no_progress)
         for line in report.problems:
             print(line)
         print(report.summary())
