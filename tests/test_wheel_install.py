@@ -97,9 +97,11 @@ def test_wheel_plans_and_preprocesses_in_fresh_venv(tmp_path):
     assert Path(where.stdout.strip()).is_relative_to(venv), where.stdout
     result = _run([venv / "bin" / "hc_plan_and_preprocess", "-d", "77", "-np", "1", "--quiet"], env=env,
                   cwd=tmp_path)
-    assert "preset paper" in result.stdout
+    from heartcascade.planning.presets import DEFAULT_PRESET
+
+    assert f"preset {DEFAULT_PRESET}" in result.stdout  # the packaged default preset was found
     out = roots["HC_PREPROCESSED"] / "Dataset077_WheelTest"
-    assert json.loads((out / "plans.json").read_text())["preset"] == "paper"
+    assert json.loads((out / "plans.json").read_text())["preset"] == DEFAULT_PRESET
     assert len(list(out.rglob("w0*"))) >= 1 and len(list(out.rglob("w1*"))) >= 1
     listed = _run([vpython, "-c", "from heartcascade.planning.presets import available_presets as a; print(a())"],
                   env=env, cwd=tmp_path)

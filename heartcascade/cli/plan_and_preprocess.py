@@ -8,7 +8,7 @@ from typing import Sequence
 
 from heartcascade.cli.common import dataset_id as _dataset_id_type
 from heartcascade.cli.common import positive_int as _positive_int
-from heartcascade.planning.presets import available_presets
+from heartcascade.planning.presets import DEFAULT_PRESET, available_presets
 from heartcascade.cli.common import QUIET, HCArgumentParser, add_verbosity_arguments, run_cli, verbosity
 
 
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", default=None,
                         help=f"planner preset: {', '.join(available_presets()) or 'none found'} "
                              "(documentation/plans.md) or the path of a JSON file "
-                             "(default: paper, or the one of an existing plans.json)")
+                             f"(default: {DEFAULT_PRESET}, or the one of an existing plans.json)")
     parser.add_argument("-np", "--num-processes", type=_positive_int, default=None,
                         help="worker processes (default: min(CPUs, 4)); each needs ~2 GB for a 512x512x239 CT")
     parser.add_argument("--plan-only", action="store_true", help="write fingerprint and plans, do not preprocess")
