@@ -11,7 +11,7 @@ STAMP   = $(VENV)/.installed-stamp
 
 install: $(STAMP)
 
-$(STAMP): setup.py
+$(STAMP): setup.py heartcascade/cli/__init__.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"

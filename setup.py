@@ -1,25 +1,31 @@
 """heartcascade: self-configuring cascaded whole-heart segmentation of 3D cardiac CT and MR."""
+import ast
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
-COMMANDS = {
-    "hc_make_synthetic": "make_synthetic",
-    "hc_convert_mmwhs": "convert_mmwhs",
-    "hc_import": "import_dataset",
-    "hc_verify_dataset": "verify_dataset",
-    "hc_plan_and_preprocess": "plan_and_preprocess",
-    "hc_train": "train",
-    "hc_predict": "predict",
-    "hc_evaluate": "evaluate",
-    "hc_determine_postprocessing": "determine_postprocessing",
-    "hc_demo": "demo",
-    "hc_benchmark": "benchmark",
-}
+
+def _commands() -> dict[str, str]:
+    """Console command -> module in heartcascade/cli, read from heartcascade/cli/__init__.py (the one list;
+    read as text so that building never imports the package)."""
+    tree = ast.parse((Path(__file__).parent / "heartcascade" / "cli" / "__init__.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "COMMANDS":
+            return ast.literal_eval(node.value)
+    raise RuntimeError("heartcascade/cli/__init__.py defines no COMMANDS")
+
+
+COMMANDS = _commands()
 
 setup(
     name="heartcascade",
     version="0.1.0",
     description="Cascaded full-resolution whole-heart segmentation (Net1 coarse U-Net + Net2 slice network)",
-    packages=find_packages(include=["heartcascade", "heartcascade.*"]),
+    # The planner presets live in the top-level plans/ folder (the documented, editable copy) and ship
+    # inside the wheel as the data-only package heartcascade.presets (see planning/presets.py).
+    packages=find_packages(include=["heartcascade", "heartcascade.*"]) + ["heartcascade.presets"],
+    package_dir={"heartcascade.presets": "plans"},
+    package_data={"heartcascade.presets": ["*.json"]},
     python_requires=">=3.10",
     # torch is pinned by the Makefile (torch==2.13.0 installed first); here any 2.x already present will do.
     install_requires=[

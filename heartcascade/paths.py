@@ -2,7 +2,10 @@
 
 Roots come from ``HC_RAW``, ``HC_PREPROCESSED`` and ``HC_RESULTS``. When a variable is unset we fall
 back to a folder under ``~/heartcascade_data`` and say so once (one line on stderr), so that a first
-run works without setup but nobody is surprised where gigabytes went.
+run works without setup but nobody is surprised where gigabytes went. Raw datasets have the same
+layout as nnU-Net v2's, so when ``HC_RAW`` is unset but ``nnUNet_raw`` is set, raw datasets are read
+from there (also said once). Preprocessed data and models are never shared with nnU-Net's folders:
+their contents differ.
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ from heartcascade.utils.errors import HCError
 
 DEFAULT_BASE = Path.home() / "heartcascade_data"
 _ENV = {"raw": "HC_RAW", "preprocessed": "HC_PREPROCESSED", "results": "HC_RESULTS"}
+#: nnU-Net v2's variable read when ours is unset (only where the folder layouts are the same).
+_NNUNET_ENV = {"raw": "nnUNet_raw"}
 _announced: set[str] = set()
 _DATASET_RE = re.compile(r"^Dataset(\d{3})_(.+)$")
 
@@ -24,6 +29,14 @@ def _root(kind: str) -> Path:
     value = os.environ.get(var)
     if value:
         return Path(value).expanduser()
+    nnunet_var = _NNUNET_ENV.get(kind)
+    nnunet_value = os.environ.get(nnunet_var) if nnunet_var else None
+    if nnunet_value:
+        if var not in _announced:
+            _announced.add(var)
+            print(f"heartcascade: {var} is not set, reading raw datasets from {nnunet_var}={nnunet_value}",
+                  file=sys.stderr)
+        return Path(nnunet_value).expanduser()
     path = DEFAULT_BASE / kind
     if var not in _announced:
         _announced.add(var)

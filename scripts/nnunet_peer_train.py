@@ -76,8 +76,10 @@ def main() -> int:
     class BudgetTrainer(nnUNetTrainer):
         """nnU-Net's default trainer with short epochs and an epoch count fitted to a wall-clock budget."""
 
-        def __init__(self, *a, **kw) -> None:
-            super().__init__(*a, **kw)
+        # nnU-Net records its constructor's arguments by name, so the signature is spelled out
+        def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                     device: torch.device = torch.device("cpu")) -> None:
+            super().__init__(plans, configuration, fold, dataset_json, device)
             self.num_iterations_per_epoch = ipe
             self.num_val_iterations_per_epoch = 3
             self.num_epochs = 1000
@@ -106,6 +108,7 @@ def main() -> int:
             self.on_train_end()
 
     plans = load_json(str(pre / "nnUNetPlans.json"))
+    plans["continue_training"] = False  # what nnU-Net's own launcher adds to the plans (nnunetv2 2.8)
     dataset_json = load_json(str(pre / "dataset.json"))
     trainer = BudgetTrainer(plans=plans, configuration=args.configuration, fold=0, dataset_json=dataset_json,
                             device=torch.device("cpu"))

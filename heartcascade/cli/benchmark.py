@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from heartcascade.cli.common import non_negative_int, positive_int, run_cli
+from heartcascade.cli.common import HCArgumentParser, add_verbosity_arguments, non_negative_int, positive_int, run_cli
 
 
 def _list(allowed: Sequence[str], what: str):
@@ -21,7 +21,7 @@ def _list(allowed: Sequence[str], what: str):
 def build_parser() -> argparse.ArgumentParser:
     from heartcascade.benchmark.runner import CASE_NAMES, SECTION_NAMES
 
-    p = argparse.ArgumentParser(
+    p = HCArgumentParser(
         prog="hc_benchmark",
         description="Measure preprocessing seconds per case, loader batches/s, training step time, hc_predict "
                     "file-to-file seconds and peak memory (host RSS, GPU) on a full-size CT (512x512x239, synthesised "
@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="working folder (datasets, preprocessed data, models, predictions); kept, and reused on "
                         "re-runs (default: a temporary folder, removed at the end)")
     p.add_argument("--preset", default=None,
-                   help="planner preset (default: paper, the product configuration; demo with --quick)")
+                   help="planner preset, e.g. paper, cpu or demo (default: paper, the product configuration; demo "
+                        "with --quick)")
     p.add_argument("--quick", action="store_true",
                    help="small synthetic cases and the demo preset: a smoke test of the benchmark itself (seconds)")
     p.add_argument("--skip", type=_list(SECTION_NAMES, "section"), default=[],
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=non_negative_int, default=None,
                    help="data-augmentation workers for the loader/training sections (default: as hc_train)")
     p.add_argument("--timeout", type=float, default=3 * 3600, help="seconds allowed per section (default 10800)")
+    add_verbosity_arguments(p)  # its output is the JSON lines (the result), printed at every level
     return p
 
 

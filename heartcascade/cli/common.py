@@ -13,6 +13,64 @@ from typing import Callable
 from heartcascade.paths import parse_dataset_id
 from heartcascade.utils.errors import HCError
 
+QUIET, NORMAL, VERBOSE = 0, 1, 2
+
+
+class HCArgumentParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` that never guesses what an option means.
+
+    Why: argparse reads ``--dev`` as ``--device`` (prefix matching) and ``-device cpu`` as ``-d evice``
+    plus a stray ``cpu`` (a short option glued to its value), so nnU-Net spellings misparsed silently.
+    Here prefix matching is off, and a single-dash word that is not an option of the command
+    (``-device`` where only ``-d`` exists) is an error; give values separately (``-d 1``).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        argv = list(sys.argv[1:] if args is None else args)
+        for token in argv:
+            if not isinstance(token, str):
+                continue
+            if token == "--":
+                break
+            name = token.split("=", 1)[0]
+            if (token.startswith("-") and not token.startswith("--") and len(name) > 2
+                    and name not in self._option_string_actions and not _is_number(token)):
+                self.error(f"unknown option {name} (write a short option and its value apart, e.g. "
+                           f"'{name[:2]} {name[2:]}')")
+        return super().parse_known_args(argv, namespace)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def add_verbosity_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--quiet`` / ``--verbose``, the same in every command (see :func:`verbosity`)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quiet", "-q", action="store_true",
+                       help="only warnings, errors and the final result line; no progress bars")
+    group.add_argument("--verbose", "-v", action="store_true", help="also print details (settings, timings, files)")
+
+
+def verbosity(args: argparse.Namespace) -> int:
+    """QUIET, NORMAL or VERBOSE from the parsed ``--quiet`` / ``--verbose`` flags."""
+    if getattr(args, "quiet", False):
+        return QUIET
+    return VERBOSE if getattr(args, "verbose", False) else NORMAL
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Progress bars only when not ``--quiet`` and stderr is a terminal (a log file gets no bar redraws)."""
+    return verbosity(args) > QUIET and sys.stderr.isatty()
+
 
 def run_cli(body: Callable[[], int | None]) -> int:
     """Run a command body; HCError → ``error: msg`` (exit 1), Ctrl-C → exit 130. Returns the exit code."""

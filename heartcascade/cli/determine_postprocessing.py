@@ -16,12 +16,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from heartcascade.cli.common import dataset_id, run_cli
+from heartcascade.cli.common import QUIET, HCArgumentParser, add_verbosity_arguments, dataset_id, run_cli, verbosity
 from heartcascade.utils.errors import HCError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hc_determine_postprocessing",
+    p = HCArgumentParser(prog="hc_determine_postprocessing",
                                 description="Keep-largest-component steps that raise mean Dice on the folds' "
                                             "validation predictions; written to the configuration folder.")
     p.add_argument("-d", dest="dataset", required=True, type=dataset_id,
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folds whose validation predictions are pooled (default: every numbered fold present)")
     p.add_argument("-o", dest="output", default=None,
                    help="output file (default: the configuration folder's postprocessing.json)")
+    add_verbosity_arguments(p)
     return p
 
 
@@ -51,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
             raise HCError(f"{pred}: no validation predictions for fold {name} (train it without --no-validation)")
         pred_dirs.append(pred)
     out = Path(args.output) if args.output else postprocessing_path(model_dir)
-    determine_postprocessing(pred_dirs, raw / "labelsTr", raw / "dataset.json", output_json=out, log=print)
+    quiet = verbosity(args) <= QUIET
+    determine_postprocessing(pred_dirs, raw / "labelsTr", raw / "dataset.json", output_json=out,
+                             log=(lambda *_: None) if quiet else print)
     print(f"wrote {out}")
     return 0
 

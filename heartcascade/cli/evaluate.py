@@ -5,6 +5,7 @@ import argparse
 import sys
 from typing import Sequence
 
+from heartcascade.cli.common import QUIET, HCArgumentParser, add_verbosity_arguments, verbosity
 from heartcascade.utils.errors import HCError
 
 
@@ -35,7 +36,7 @@ def parse_labels(text: str) -> tuple[dict[str, int], dict[int, int] | None]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = HCArgumentParser(
         prog="hc_evaluate",
         description="Dice, Jaccard, ASSD and HD95 per structure and whole heart; writes JSON, CSV and markdown.",
     )
@@ -50,7 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="structures as LABEL:NAME[:CODE],... e.g. 1:LV,2:Myo or 1:LV:500,2:Myo:205")
     parser.add_argument("-np", dest="num_processes", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--no-whole-heart", action="store_true", help="do not add the union of all structures")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--hd95", choices=("pooled", "max"), default="pooled",
+                        help="pooled: 95th percentile of both directions' surface distances together (default); "
+                             "max: the larger of the two directed 95th percentiles (MONAI, MedPy)")
+    parser.add_argument("--both-empty", choices=("one", "nan"), default="one",
+                        help="a structure absent from reference and prediction: one = Dice 1, distances 0 "
+                             "(default); nan = undefined, left out of means (nnU-Net)")
+    add_verbosity_arguments(parser)
     return parser
 
 
@@ -69,12 +76,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             labels, codes = parse_labels(args.labels)
         summary = evaluate_folders(
             args.ref, args.pred, labels, label_codes=codes, output_json=args.output,
-            num_processes=args.num_processes, whole_heart=not args.no_whole_heart, progress=not args.quiet,
+            num_processes=args.num_processes, whole_heart=not args.no_whole_heart, progress=verbosity(args) > QUIET,
+            hd95=args.hd95, both_empty=args.both_empty,
         )
     except HCError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(markdown_table(summary), end="")
+    print(markdown_table(summary), end="")  # the result itself, printed even with --quiet
     print(f"wrote {summary['files']['json']}, {summary['files']['csv']}, {summary['files']['markdown']}")
     return 0
 

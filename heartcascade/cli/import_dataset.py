@@ -4,11 +4,11 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from heartcascade.cli.common import dataset_id, run_cli
+from heartcascade.cli.common import HCArgumentParser, add_verbosity_arguments, dataset_id, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = HCArgumentParser(
         prog="hc_import",
         description="Import image/label pairs matched by the text of the wildcards of two glob patterns. "
                     "MM-WHS structure names (LV, Myo, RV, LA, RA, AA, PA) get their canonical label order; "
@@ -22,11 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, metavar="GLOB", help="image file pattern relative to DIR, e.g. 'image_*.nii.gz'")
     p.add_argument("--labels", required=True, metavar="GLOB", help="label file pattern relative to DIR, e.g. 'label_*.nii.gz'")
     p.add_argument("--codes", required=True, metavar="CODE:NAME,...", help="label codes and structure names, e.g. 200:Myo,500:LV,600:RV")
-    p.add_argument("--modality", choices=("ct", "mr"), default=None, help="default: guessed from the intensities")
+    p.add_argument("--modality", type=str.lower, choices=("ct", "mr"), default=None, help="default: guessed from the intensities")
     p.add_argument("--name", default=None, help="dataset name (default: the input folder's name)")
     p.add_argument("--unknown-to-background", action="store_true",
                    help="map label values not listed in --codes to background instead of failing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset with this id")
+    add_verbosity_arguments(p)
     return p
 
 

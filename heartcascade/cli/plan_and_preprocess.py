@@ -8,7 +8,8 @@ from typing import Sequence
 
 from heartcascade.cli.common import dataset_id as _dataset_id_type
 from heartcascade.cli.common import positive_int as _positive_int
-from heartcascade.cli.common import run_cli
+from heartcascade.planning.presets import DEFAULT_PRESET, available_presets
+from heartcascade.cli.common import QUIET, HCArgumentParser, add_verbosity_arguments, run_cli, verbosity
 
 
 def _positive_float(value: str) -> float:
@@ -22,7 +23,7 @@ def _positive_float(value: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = HCArgumentParser(
         prog="hc_plan_and_preprocess",
         description="Fingerprint the raw dataset HC_RAW/DatasetXXX_Name, write plans.json for the memory target "
                     "and preprocess the training cases into HC_PREPROCESSED/DatasetXXX_Name.")
@@ -31,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpu-memory-gb", type=_positive_float, default=None,
                         help="GPU memory to plan for (default: the preset's, else the detected CUDA GPU, else 12)")
     parser.add_argument("--preset", default=None,
-                        help="planner preset: name in the presets folder (default, paper, cpu, demo) or path to a "
-                             "JSON file (default: 'default', or the one of an existing plans.json)")
+                        help=f"planner preset: {', '.join(available_presets()) or 'none found'} "
+                             "(documentation/plans.md) or the path of a JSON file "
+                             f"(default: {DEFAULT_PRESET}, or the one of an existing plans.json)")
     parser.add_argument("--machine", choices=("cpu", "cuda"), default=None,
                         help="plan for this kind of machine (the preset's machine section): default cuda when a "
                              "CUDA GPU is detected or --gpu-memory-gb is given, else cpu")
@@ -41,20 +43,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plan-only", action="store_true", help="write fingerprint and plans, do not preprocess")
     parser.add_argument("--overwrite", action="store_true",
                         help="recompute fingerprint and plans and preprocess every case again")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--verify_dataset_integrity", "--verify", dest="verify", action="store_true",
+                        help="first check the raw dataset as hc_verify_dataset does and stop if it finds problems")
+    parser.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)  # older spelling
+    add_verbosity_arguments(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    progress = verbosity(args) > QUIET and not args.no_progress
 
     def body() -> int:
         from heartcascade.preprocessing.run import plan_and_preprocess
 
+        if args.verify:
+            from heartcascade.dataset.verify import verify_dataset
+            from heartcascade.paths import raw_dataset_dir
+
+            report = verify_dataset(raw_dataset_dir(args.dataset), progress=progress)
+            if not report.ok:
+                for line in report.problems:
+                    print(f"error: {line}", file=sys.stderr)
+                print(report.summary(), file=sys.stderr)
+                return 1
+
         result = plan_and_preprocess(args.dataset, gpu_memory_gb=args.gpu_memory_gb, preset=args.preset,
                                      num_processes=args.num_processes, plan_only=args.plan_only,
-                                     overwrite=args.overwrite, progress=not args.no_progress,
-                                     machine=args.machine)
+                                     overwrite=args.overwrite, progress=progress, machine=args.machine)
         plans = result.plans
         mem = plans["memory"]
         print(f"plans: {result.out_dir / 'plans.json'} (preset {plans['preset']} for "

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Sequence
 
+from heartcascade.cli.common import QUIET, VERBOSE, HCArgumentParser, add_verbosity_arguments, verbosity
 from heartcascade.utils.errors import HCError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = HCArgumentParser(
         prog="hc_predict",
         description="Predict whole-heart label maps on each input's own voxel grid (size, spacing, origin and "
                     "direction copied from the input). See documentation/prediction.md.",
@@ -22,58 +24,116 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("-d", dest="dataset", default=None,
                         help="dataset id (e.g. 1 or Dataset001_MMWHS): use HC_RESULTS/<dataset>/<configuration>")
     source.add_argument("-m", dest="model_dir", default=None,
-                        help="model folder: a configuration folder holding fold_<f>/ or a single fold folder")
+                        help="model: a configuration folder holding fold_<f>/, a single fold folder, or a "
+                             "model .zip from hc_export_model")
     parser.add_argument("-c", dest="configuration", default=None, choices=("cascade", "baseline"),
                         help="configuration (default cascade with -d; with -m it is read from the checkpoint)")
     parser.add_argument("-f", dest="folds", nargs="+", default=None,
                         help="folds to average, e.g. '-f 0 1 2' or '-f all' (the model trained on all cases); "
                              "default: every numbered fold present")
-    parser.add_argument("--checkpoint", default="final", choices=("final", "best", "latest"),
-                        help="which checkpoint of each fold (default final)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
-    parser.add_argument("--tta", action="store_true",
-                        help="test-time mirroring (Net1/baseline: all axes, Net2: in-plane); slower, off by default")
-    parser.add_argument("--save-probabilities", action="store_true",
+    parser.add_argument("--checkpoint", "-chk", default=None,
+                        help="which checkpoint of each fold: final, best, latest or a file name such as "
+                             "checkpoint_final.pth (default final; for a .zip the one it holds)")
+    parser.add_argument("--device", "-device", default="auto",
+                        help="cpu, cuda, cuda:N or auto (default: cuda if available)")
+    tta = parser.add_mutually_exclusive_group()
+    tta.add_argument("--tta", dest="tta", action="store_true",
+                     help="test-time mirroring (Net1/baseline: all axes, Net2: in-plane); slower, off by default")
+    tta.add_argument("--disable_tta", "--disable-tta", dest="tta", action="store_false",
+                     help="no test-time mirroring (the default here; nnU-Net's spelling)")
+    parser.add_argument("--save-probabilities", "--save_probabilities", dest="save_probabilities",
+                        action="store_true",
                         help="also write CASE.npz with the class probabilities inside the region of interest")
+    parser.add_argument("--nnunet-probabilities", action="store_true",
+                        help="write the probabilities as nnU-Net v2 does instead (full-volume CASE.npz + CASE.pkl), "
+                             "so nnUNetv2_ensemble can combine them with nnU-Net's; implies --save-probabilities")
     parser.add_argument("--overwrite", action="store_true", help="predict cases whose output already exists")
-    parser.add_argument("--part-id", type=int, default=0, help="this process's part (0-based) when sharding")
-    parser.add_argument("--num-parts", type=int, default=1,
+    parser.add_argument("--continue_prediction", "--continue-prediction", action="store_true",
+                        help="accepted for nnU-Net compatibility: existing outputs are always skipped unless "
+                             "--overwrite")
+    parser.add_argument("--part-id", "-part_id", dest="part_id", type=int, default=0,
+                        help="this process's part (0-based) when sharding")
+    parser.add_argument("--num-parts", "-num_parts", dest="num_parts", type=int, default=1,
                         help="split the sorted case list into this many parts (part i gets cases i, i+n, ...)")
     parser.add_argument("--net1-only", action="store_true",
                         help="write Net1's upsampled prediction instead of the cascade's (for comparison)")
     parser.add_argument("--no-postprocessing", action="store_true",
                         help="do not apply the model's postprocessing.json (connected components)")
-    parser.add_argument("--quiet", action="store_true", help="no per-case progress lines")
+    parser.add_argument("--overlays", action="store_true",
+                        help="also write overlays/CASE.png (axial, coronal and sagittal views through the heart)")
+    add_verbosity_arguments(parser)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.model_dir is not None and str(args.model_dir).endswith(".zip") and Path(args.model_dir).is_file():
+        from heartcascade.inference.model_archive import extracted_model
+
+        with extracted_model(args.model_dir) as (folder, manifest):
+            return _predict(args, folder, args.checkpoint or manifest["checkpoint"])
+    return _predict(args, None, args.checkpoint or "final")
+
+
+def _predict(args: argparse.Namespace, model_dir: Path | None, checkpoint: str) -> int:
     from heartcascade.inference.predictor import Predictor, tune_host_allocator
 
     tune_host_allocator()
-
     if args.num_parts < 1 or not 0 <= args.part_id < args.num_parts:
         raise HCError(f"--part-id must be in 0..{args.num_parts - 1} and --num-parts >= 1 "
                       f"(got {args.part_id} and {args.num_parts})")
     folds = args.folds
     if folds and "all" in folds and len(folds) > 1:
         raise HCError("-f all cannot be combined with numbered folds")
-    common = dict(folds=folds, checkpoint=args.checkpoint, device=args.device, tta=args.tta, verbose=not args.quiet,
+    level = verbosity(args)
+    common = dict(folds=folds, checkpoint=checkpoint, device=args.device, tta=args.tta, verbose=level > QUIET,
                   postprocessing=None if args.no_postprocessing else "auto")
     if args.dataset is not None:
         predictor = Predictor.from_dataset(args.dataset, configuration=args.configuration or "cascade", **common)
     else:
-        predictor = Predictor.from_model_dir(args.model_dir, configuration=args.configuration, **common)
+        predictor = Predictor.from_model_dir(model_dir or args.model_dir, configuration=args.configuration,
+                                             **common)
     if args.net1_only and predictor.configuration != "cascade":
         raise HCError("--net1-only needs a cascade model")
+    if level == VERBOSE:
+        print(f"hc_predict: {predictor.configuration} model, fold(s) {', '.join(predictor.fold_names)}, "
+              f"checkpoint {checkpoint}, device {predictor.device}, tta {'on' if args.tta else 'off'}")
+    save_probabilities = args.save_probabilities or args.nnunet_probabilities
     report = predictor.predict_files(args.input, args.output, overwrite=args.overwrite,
-                                     save_probabilities=args.save_probabilities, net1_only=args.net1_only,
+                                     save_probabilities=save_probabilities, net1_only=args.net1_only,
                                      part_id=args.part_id, num_parts=args.num_parts)
+    if args.nnunet_probabilities or args.overlays:
+        _after_prediction(args, predictor, report)
     for case_id, reason in sorted(report.failed.items()):
         print(f"error: {case_id}: {reason}", file=sys.stderr)
     line = f"hc_predict: {report.summary()}"
     print(line, file=sys.stderr if report.failed else sys.stdout)
     return 0 if report.ok else 1
+
+
+def _after_prediction(args: argparse.Namespace, predictor, report) -> None:
+    """nnU-Net probability files and overlay pictures of the cases just written (a case failing here is
+    reported like a failed prediction)."""
+    from heartcascade.inference.cases import discover_cases
+    from heartcascade.inference.predictor import probabilities_path
+
+    inputs = {c.case_id: c for c in discover_cases(args.input, predictor.num_channels)}
+    codes = predictor.label_codes or {}
+    names = {int(codes.get(int(v), v)): k for k, v in predictor.plans["labels"].items() if int(v) != 0}
+    for case_id in list(report.written):
+        out = report.outputs[case_id]
+        try:
+            if args.nnunet_probabilities:
+                from heartcascade.inference.nnunet_interop import write_nnunet_probabilities
+
+                write_nnunet_probabilities(probabilities_path(out), inputs[case_id].files[0])
+            if args.overlays:
+                from heartcascade.evaluation.overlay import write_case_overlay
+
+                write_case_overlay(inputs[case_id].files[0], out, Path(args.output) / "overlays" / f"{case_id}.png",
+                                   label_names=names, title=case_id)
+        except Exception as exc:  # one case failing here must not stop the others
+            report.failed[case_id] = str(exc) if isinstance(exc, HCError) else \
+                f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,21 +18,22 @@ import argparse
 import sys
 from typing import Sequence
 
+from heartcascade.cli.common import QUIET, HCArgumentParser, add_verbosity_arguments, verbosity
 from heartcascade.utils.errors import HCError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hc_train", description="Train a heartcascade model (one fold). "
-                                "Results go to HC_RESULTS/DatasetXXX_Name/<config>/fold_<f>/.")
+    p = HCArgumentParser(prog="hc_train", description="Train a heartcascade model (one fold). "
+                         "Results go to HC_RESULTS/DatasetXXX_Name/<config>/fold_<f>/.")
     p.add_argument("dataset", help="dataset id, e.g. 1, 001 or Dataset001_MMWHS (must be preprocessed)")
     p.add_argument("fold", help="fold: 0..4 (or fold0..fold4), or 'all' to train on every case")
     p.add_argument("--config", "-c", dest="configuration", default="cascade", choices=("cascade", "baseline"),
                    help="cascade (Net1 + Net2, default) or baseline (3D U-Net at the plans' baseline spacing)")
     p.add_argument("--steps", default=None,
                    help="curriculum steps to run, comma separated (default 1,2,3,4); e.g. 2,3,4 for an ablation")
-    p.add_argument("--continue", dest="continue_training", action="store_true",
+    p.add_argument("--continue", "--c", dest="continue_training", action="store_true",
                    help="resume from checkpoint_latest.pth of the fold folder (starts fresh if there is none)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
+    p.add_argument("--device", "-device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the trained networks")
     p.add_argument("--num-workers", type=int, default=None,
                    help="data augmentation worker processes (0 = in the main process); default: env "
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed (default: the plans' training.seed)")
     p.add_argument("--no-validation", dest="predict_validation", action="store_false",
                    help="do not predict and evaluate the validation cases at the end")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or log echo")
+    add_verbosity_arguments(p)
     return p
 
 
@@ -70,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           continue_training=args.continue_training, device=args.device, compile=args.compile,
                           num_workers=args.num_workers, plans_override=args.plans_override,
                           splits_file=args.splits, seed=args.seed, time_budget=args.time_budget,
-                          predict_validation=args.predict_validation, progress=not args.quiet)
+                          predict_validation=args.predict_validation, progress=verbosity(args) > QUIET)
         result = trainer.run()
     except HCError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -4,18 +4,19 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from heartcascade.cli.common import dataset_id, run_cli
+from heartcascade.cli.common import QUIET, HCArgumentParser, add_verbosity_arguments, dataset_id, run_cli, verbosity
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = HCArgumentParser(
         prog="hc_verify_dataset",
         description="Check image/label pairing, 3D shape, geometry agreement, label values, NaN/Inf and channel "
                     "count for every case; prints one line per problem and a summary; exit code 1 on any problem.",
         epilog="example: hc_verify_dataset -d 1",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-d", "--dataset", type=dataset_id, required=True, help="dataset id (1-999)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)  # older spelling
+    add_verbosity_arguments(p)
     return p
 
 
@@ -26,7 +27,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from heartcascade.dataset.verify import verify_dataset
         from heartcascade.paths import raw_dataset_dir
 
-        report = verify_dataset(raw_dataset_dir(args.dataset), progress=not args.no_progress)
+        report = verify_dataset(raw_dataset_dir(args.dataset),
+                                progress=verbosity(args) > QUIET and not args.no_progress)
         for line in report.problems:
             print(line)
         print(report.summary())

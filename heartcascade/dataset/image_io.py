@@ -173,6 +173,17 @@ def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = Tru
 # Slice axis and the canonical axis order (slice axis first)
 # ---------------------------------------------------------------------------------------------------
 
+def working_spacing(spacing: Sequence[float]) -> tuple[float, ...]:
+    """The spacing every computation uses: the header's values rounded to float32.
+
+    Why: the same scan carries 1.25 in a NIfTI header (stored as float32) and 1.2499999999999998 in an
+    NRRD or MHA header (text, written from a double), and ``ceil(10 mm / spacing)`` is 8 voxels for one
+    and 9 for the other. Rounding to float32, NIfTI's own precision, makes every format give the same
+    crops, grids and predictions. Written outputs keep the header's exact geometry.
+    """
+    return tuple(float(np.float32(s)) for s in spacing)
+
+
 def choose_slice_axis(spacing: Sequence[float], direction: Sequence[float]) -> int:
     """Index axis (0=x, 1=y, 2=z in SimpleITK order) along which the case is processed slice by slice.
 

@@ -31,6 +31,7 @@ from heartcascade.dataset.verify import nonfinite_voxels
 from heartcascade.dataset.writer import DatasetWriter
 from heartcascade.utils.atomic import atomic_path
 from heartcascade.utils.errors import HCError
+from heartcascade.utils.progress import progress_bar
 
 MMWHS_NAMES = [name for name in MMWHS_LABELS if name != "background"]
 MMWHS_CODE_TO_LABEL = {code: label for label, code in MMWHS_CODES.items()}
@@ -234,7 +235,7 @@ class _Pair:
 def _import_pairs(out: DatasetWriter, pairs: Iterable[_Pair], code_to_label: dict[int, int], test: bool,
                   stray: dict[int, int] | None, unknown_to_background: bool, desc: str) -> int:
     pairs = list(pairs)
-    for pair in tqdm(pairs, desc=desc, unit="case", file=sys.stderr, disable=not pairs):
+    for pair in progress_bar(pairs, enabled=bool(pairs), desc=desc, unit="case"):
         image = check_image(pair.image)
         if pair.label is not None:
             label_image = read_image(pair.label)

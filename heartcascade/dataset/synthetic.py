@@ -332,7 +332,7 @@ def make_synthetic_dataset(dataset_id: int, num_training: int, modality: str = "
     folder (sorted) become training cases and the next ``num_test`` test cases; ``size`` does not
     apply (the maps keep their geometry).
     """
-    from tqdm import tqdm
+    from heartcascade.utils.progress import progress_bar
 
     from heartcascade.dataset.writer import DatasetWriter
 
@@ -358,8 +358,8 @@ def make_synthetic_dataset(dataset_id: int, num_training: int, modality: str = "
     protect = [Path(from_labels)] if from_labels is not None else []
     with DatasetWriter(dataset_id, name, overwrite, protect=protect) as out:
         seen: dict[str, object] = {}
-        for index, (job, test) in enumerate(tqdm(jobs, desc="synthesising", unit="case", file=sys.stderr,
-                                                 disable=not progress)):
+        for index, (job, test) in enumerate(progress_bar(jobs, enabled=progress, desc="synthesising",
+                                                         unit="case")):
             if isinstance(job, Path):
                 case = make_case_from_labels(job, seed, index, modality)
                 case_id = _case_id_from_file(job)

@@ -9,12 +9,11 @@ from __future__ import annotations
 import gzip
 import re
 import struct
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+from heartcascade.utils.progress import progress_bar
 
 from heartcascade.dataset.dataset_json import DatasetInfo, load_dataset
 from heartcascade.dataset.image_io import Geometry, image_array, label_array, read_image
@@ -192,6 +191,6 @@ def verify_dataset(folder: str | Path, progress: bool = True) -> VerifyReport:
         report.problems.append(f"{folder / 'dataset.json'}: numTraining is {info.num_training} but imagesTr holds "
                                f"{len(train)} case(s)")
     allowed = set(info.labels.values())
-    for case in tqdm(train + test, desc="verifying", unit="case", file=sys.stderr, disable=not progress):
+    for case in progress_bar(train + test, enabled=progress, desc="verifying", unit="case"):
         _check_case(case, info, allowed, report)
     return report

@@ -26,6 +26,7 @@ from heartcascade.evaluation.metrics import (
     STATUS_BOTH_EMPTY,
     STRUCTURE_MEAN,
     WHOLE_HEART,
+    check_conventions,
     label_metrics,
     mean_over_structures,
 )
@@ -184,8 +185,10 @@ def evaluate_case(
     labels: Mapping[str, int],
     label_codes: Mapping[int, int] | None = None,
     whole_heart: bool = True,
+    hd95: str = "pooled",
+    both_empty: str = "one",
 ) -> dict[str, Any]:
-    """Metrics of one reference/prediction pair as a JSON-ready dict.
+    """Metrics of one reference/prediction pair as a JSON-ready dict (conventions: see metrics.py).
 
     Returns ``{"reference": str, "prediction": str, "metrics": {structure: {...}, "whole_heart": {...},
     "mean": {...}}}`` where each structure entry is :meth:`StructureMetrics.to_dict`.
@@ -199,15 +202,16 @@ def evaluate_case(
     ref = to_training_labels(label_array(ref_image, ref_path), values, label_codes, ref_path)
     pred = to_training_labels(label_array(pred_image, pred_path), values, label_codes, pred_path)
     spacing = tuple(reversed(ref_image.GetSpacing()))  # SimpleITK arrays are (z, y, x)
-    per_structure = label_metrics(ref, pred, spacing, labels, whole_heart=whole_heart)
+    per_structure = label_metrics(ref, pred, spacing, labels, whole_heart=whole_heart, hd95=hd95,
+                                  both_empty=both_empty)
     metrics: dict[str, Any] = {name: m.to_dict() for name, m in per_structure.items()}
     metrics[STRUCTURE_MEAN] = mean_over_structures(per_structure)
     return {"reference": str(ref_path), "prediction": str(pred_path), "metrics": metrics}
 
 
 def _case_job(args: tuple) -> tuple[str, dict[str, Any]]:
-    name, ref_path, pred_path, labels, label_codes, whole_heart = args
-    return name, evaluate_case(ref_path, pred_path, labels, label_codes, whole_heart)
+    name, ref_path, pred_path, labels, label_codes, whole_heart, hd95, both_empty = args
+    return name, evaluate_case(ref_path, pred_path, labels, label_codes, whole_heart, hd95, both_empty)
 
 
 def _init_worker(threads: int) -> None:
@@ -270,6 +274,50 @@ def _cell(value: float | None) -> str:
     return "" if value is None or not math.isfinite(value) else repr(float(value))
 
 
+def conventions_text(hd95: str, both_empty: str) -> dict[str, str]:
+    """The metric conventions in words, stored in every summary so that numbers are never ambiguous."""
+    return {
+        "hd95": hd95 + (": 95th percentile of the pooled surface distances of both directions" if hd95 == "pooled"
+                        else ": larger of the two directed 95th percentiles (MONAI / MedPy)"),
+        "both_empty": both_empty + (": a structure absent from reference and prediction scores Dice 1, "
+                                    "distances 0" if both_empty == "one"
+                                    else ": a structure absent from reference and prediction is NaN, left out "
+                                         "of means (nnU-Net)"),
+    }
+
+
+def nnunet_summary(cases: Mapping[str, Mapping[str, Any]], labels: Mapping[str, int],
+                   label_codes: Mapping[int, int] | None = None) -> dict[str, Any]:
+    """nnU-Net v2's summary.json keys, keyed by the label value as written in the files.
+
+    ``metric_per_case``: ``[{"reference_file", "prediction_file", "metrics": {"1": {"Dice", "IoU", "TP",
+    "FP", "FN", "n_ref", "n_pred"}}}]``; ``mean``: per label, the mean over cases (NaN left out);
+    ``foreground_mean``: the mean of those over labels. Undefined values are null.
+    """
+    ids = {name: str((label_codes or {}).get(int(v), int(v))) for name, v in labels.items()}
+    per_case = []
+    for result in cases.values():
+        metrics = {}
+        for name, key in ids.items():
+            m = result["metrics"][name]
+            n_ref, n_pred, dice = m["ref_voxels"], m["pred_voxels"], m["dice"]
+            tp = None if dice is None else int(round(dice * (n_ref + n_pred) / 2))
+            metrics[key] = {"Dice": dice, "IoU": m["jaccard"], "TP": tp,
+                            "FP": None if tp is None else n_pred - tp, "FN": None if tp is None else n_ref - tp,
+                            "n_ref": n_ref, "n_pred": n_pred}
+        per_case.append({"reference_file": result["reference"], "prediction_file": result["prediction"],
+                         "metrics": metrics})
+    mean = {}
+    for key in ids.values():
+        mean[key] = {}
+        for metric in ("Dice", "IoU", "TP", "FP", "FN", "n_ref", "n_pred"):
+            mean[key][metric] = _stats([c["metrics"][key][metric] for c in per_case])["mean"]
+    foreground = {}
+    for metric in ("Dice", "IoU", "TP", "FP", "FN", "n_ref", "n_pred"):
+        foreground[metric] = _stats([mean[k][metric] for k in mean])["mean"]
+    return {"metric_per_case": per_case, "mean": mean, "foreground_mean": foreground}
+
+
 def markdown_table(summary: Mapping[str, Any]) -> str:
     """Mean per structure over cases (Dice, Jaccard, ASSD, HD95); "n/a" where nothing is defined."""
     agg = summary["aggregate"]
@@ -284,6 +332,9 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
                  _md(entry["assd"]["mean"], 2), _md(entry["hd95"]["mean"], 2)]
         label = {WHOLE_HEART: "**whole heart**", STRUCTURE_MEAN: "**mean of structures**"}.get(name, name)
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {entry['missing']} | {entry['both_empty']} |")
+    conventions = summary.get("conventions")
+    if conventions:
+        lines += ["", f"HD95 {conventions['hd95']}; both empty {conventions['both_empty']}."]
     return "\n".join(lines) + "\n"
 
 
@@ -300,6 +351,8 @@ def evaluate_folders(
     num_processes: int = 1,
     whole_heart: bool = True,
     progress: bool = True,
+    hd95: str = "pooled",
+    both_empty: str = "one",
 ) -> dict[str, Any]:
     """Evaluate every prediction in ``pred_dir`` against the same-named reference in ``ref_dir``.
 
@@ -308,8 +361,16 @@ def evaluate_folders(
     otherwise); references without a prediction are listed, not evaluated. Writes ``output_json``
     (default ``pred_dir/summary.json``) plus the ``.csv`` and ``.md`` of the same stem, and returns the
     summary dict (keys: ref_dir, pred_dir, labels, label_codes, num_cases,
-    references_without_prediction, cases, aggregate, files).
+    references_without_prediction, conventions, cases, aggregate, files, and nnU-Net's
+    metric_per_case, mean and foreground_mean, see :func:`nnunet_summary`).
+
+    ``hd95`` ("pooled" or "max") and ``both_empty`` ("one" or "nan") choose the conventions of
+    :mod:`heartcascade.evaluation.metrics`; the summary states them.
     """
+    try:
+        check_conventions(hd95, both_empty)
+    except ValueError as exc:
+        raise HCError(str(exc)) from None
     ref_dir, pred_dir = Path(ref_dir), Path(pred_dir)
     if isinstance(labels, (str, os.PathLike)):
         labels, json_codes = labels_from_dataset(labels)
@@ -326,7 +387,7 @@ def evaluate_folders(
         raise HCError(f"{ref_dir}: no reference for prediction case(s) {', '.join(orphans[:10])}"
                       + (f" and {len(orphans) - 10} more" if len(orphans) > 10 else ""))
     names = sorted(preds)
-    jobs = [(n, refs[n], preds[n], labels, codes, whole_heart) for n in names]
+    jobs = [(n, refs[n], preds[n], labels, codes, whole_heart, hd95, both_empty) for n in names]
     results = _run_jobs(jobs, num_processes, progress)
     cases = {n: results[n] for n in names}
 
@@ -341,10 +402,12 @@ def evaluate_folders(
         "label_codes": {str(k): v for k, v in codes.items()} if codes else None,
         "num_cases": len(cases),
         "references_without_prediction": sorted(set(refs) - set(preds)),
+        "conventions": conventions_text(hd95, both_empty),
         "aggregate": aggregate(cases, structures),
         "cases": cases,
         "files": files,
     }
+    summary.update(nnunet_summary(cases, labels, codes))
     atomic_write_text(files["csv"], _csv_text(cases, structures, labels))
     atomic_write_text(files["markdown"], markdown_table(summary))
     atomic_write_json(output_json, summary)
@@ -352,9 +415,9 @@ def evaluate_folders(
 
 
 def _run_jobs(jobs: list[tuple], num_processes: int, progress: bool) -> dict[str, dict[str, Any]]:
-    from tqdm import tqdm
+    from heartcascade.utils.progress import progress_bar
 
-    bar = tqdm(total=len(jobs), desc="evaluating", unit="case", disable=None if progress else True)
+    bar = progress_bar(total=len(jobs), enabled=progress, desc="evaluating", unit="case")
     results: dict[str, dict[str, Any]] = {}
     try:
         if num_processes <= 1 or len(jobs) == 1:

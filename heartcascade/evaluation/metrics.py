@@ -10,10 +10,14 @@ Definitions (documentation/evaluation.md has the full text):
   at least one of its face neighbours is background (or outside the image).
 * Surface distances are Euclidean distances between voxel centres: for every surface voxel of one mask
   the distance to the nearest surface voxel of the other mask. ASSD is the mean of both directed sets
-  pooled; HD95 is the 95th percentile (linear interpolation) of the same pooled set.
-* Empty-structure rule: both masks empty -> Dice = Jaccard = 1, ASSD = HD95 = 0, status "both_empty";
-  exactly one empty -> Dice = Jaccard = 0, ASSD = HD95 = NaN (null in JSON), status "pred_empty" or
-  "ref_empty"; such NaN distances are left out of distance means and counted as "missing".
+  pooled; HD95 is, by default (``hd95="pooled"``), the 95th percentile (linear interpolation) of the
+  same pooled set; with ``hd95="max"`` it is the larger of the two directed 95th percentiles (MONAI's
+  and MedPy's convention, which weighs a stray far-away blob much more).
+* Empty-structure rule: both masks empty -> status "both_empty" and, by default
+  (``both_empty="one"``), Dice = Jaccard = 1, ASSD = HD95 = 0; with ``both_empty="nan"`` every metric
+  is NaN and so left out of means (nnU-Net's convention). Exactly one empty -> Dice = Jaccard = 0,
+  ASSD = HD95 = NaN (null in JSON), status "pred_empty" or "ref_empty"; such NaN distances are left
+  out of distance means and counted as "missing".
 
 Everything is computed on the bounding box of ``ref | pred`` plus a one-voxel margin; because the margin
 is background, the cropped surfaces and distances are identical to those of the full volume.
@@ -37,6 +41,17 @@ STATUS_BOTH_EMPTY = "both_empty"
 STATUS_PRED_EMPTY = "pred_empty"  # structure in the reference, absent from the prediction
 STATUS_REF_EMPTY = "ref_empty"  # structure predicted, absent from the reference
 MISSING_STATUSES = (STATUS_PRED_EMPTY, STATUS_REF_EMPTY)
+#: HD95 conventions: 95th percentile of the pooled distances, or the max of the directed 95th percentiles.
+HD95_CONVENTIONS = ("pooled", "max")
+#: Scores of a structure absent from both maps: perfect ("one") or undefined and left out of means ("nan").
+BOTH_EMPTY_RULES = ("one", "nan")
+
+
+def check_conventions(hd95: str, both_empty: str) -> None:
+    if hd95 not in HD95_CONVENTIONS:
+        raise ValueError(f"hd95 must be one of {', '.join(HD95_CONVENTIONS)}, got {hd95!r}")
+    if both_empty not in BOTH_EMPTY_RULES:
+        raise ValueError(f"both_empty must be one of {', '.join(BOTH_EMPTY_RULES)}, got {both_empty!r}")
 
 
 @dataclass(frozen=True)
@@ -145,21 +160,26 @@ def _surface_distances_cropped(
     return ref_to_pred.astype(np.float64), pred_to_ref.astype(np.float64)
 
 
-def binary_metrics(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float]) -> StructureMetrics:
+def binary_metrics(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float], hd95: str = "pooled",
+                   both_empty: str = "one") -> StructureMetrics:
     """Dice, Jaccard, ASSD and HD95 of two binary masks, following the empty-structure rule."""
+    check_conventions(hd95, both_empty)
     ref = np.asarray(ref, dtype=bool)
     pred = np.asarray(pred, dtype=bool)
     sp = _check_pair(ref, pred, spacing)
     box = _union_box(bounding_box(ref), bounding_box(pred))
     if box is None:
-        return _metrics_of_cropped(ref[:0], pred[:0], sp)
-    return _metrics_of_cropped(ref[box], pred[box], sp)
+        return _metrics_of_cropped(ref[:0], pred[:0], sp, hd95, both_empty)
+    return _metrics_of_cropped(ref[box], pred[box], sp, hd95, both_empty)
 
 
-def _metrics_of_cropped(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float]) -> StructureMetrics:
+def _metrics_of_cropped(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float], hd95: str = "pooled",
+                        both_empty: str = "one") -> StructureMetrics:
     n_ref = int(np.count_nonzero(ref))
     n_pred = int(np.count_nonzero(pred))
     if n_ref == 0 and n_pred == 0:
+        if both_empty == "nan":
+            return StructureMetrics(math.nan, math.nan, math.nan, math.nan, 0, 0, STATUS_BOTH_EMPTY)
         return StructureMetrics(1.0, 1.0, 0.0, 0.0, 0, 0, STATUS_BOTH_EMPTY)
     if n_ref == 0 or n_pred == 0:
         status = STATUS_REF_EMPTY if n_ref == 0 else STATUS_PRED_EMPTY
@@ -169,11 +189,15 @@ def _metrics_of_cropped(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[flo
     jaccard = n_both / (n_ref + n_pred - n_both)
     d_rp, d_pr = _surface_distances_cropped(ref, pred, spacing)
     pooled = np.concatenate([d_rp, d_pr])
+    if hd95 == "max":
+        hd = max(float(np.percentile(d_rp, 95)), float(np.percentile(d_pr, 95)))
+    else:
+        hd = float(np.percentile(pooled, 95))
     return StructureMetrics(
         dice=dice,
         jaccard=jaccard,
         assd=float(pooled.mean()),
-        hd95=float(np.percentile(pooled, 95)),
+        hd95=hd,
         ref_voxels=n_ref,
         pred_voxels=n_pred,
         status=STATUS_OK,
@@ -186,6 +210,8 @@ def label_metrics(
     spacing: Sequence[float],
     labels: Mapping[str, int],
     whole_heart: bool = True,
+    hd95: str = "pooled",
+    both_empty: str = "one",
 ) -> dict[str, StructureMetrics]:
     """Metrics for every structure ``name -> label value`` of two integer label maps.
 
@@ -204,6 +230,7 @@ def label_metrics(
     if any(v <= 0 for v in values):
         raise ValueError(f"structure labels must be positive, got {values}")
     sp = _check_pair(ref_labels, pred_labels, spacing)
+    check_conventions(hd95, both_empty)
     max_label = max(values) if values else 0
     ref_boxes = _label_boxes(ref_labels, max_label)
     pred_boxes = _label_boxes(pred_labels, max_label)
@@ -213,9 +240,10 @@ def label_metrics(
     for name, value in labels.items():
         box = _union_box(ref_boxes.get(int(value)), pred_boxes.get(int(value)))
         heart_box = _union_box(heart_box, box)
-        result[name] = _metrics_for_box(ref_labels, pred_labels, box, (int(value),), sp)
+        result[name] = _metrics_for_box(ref_labels, pred_labels, box, (int(value),), sp, hd95, both_empty)
     if whole_heart:
-        result[WHOLE_HEART] = _metrics_for_box(ref_labels, pred_labels, heart_box, tuple(values), sp)
+        result[WHOLE_HEART] = _metrics_for_box(ref_labels, pred_labels, heart_box, tuple(values), sp, hd95,
+                                               both_empty)
     return result
 
 
@@ -232,21 +260,23 @@ def _metrics_for_box(
     box: tuple[slice, ...] | None,
     values: tuple[int, ...],
     spacing: Sequence[float],
+    hd95: str = "pooled",
+    both_empty: str = "one",
 ) -> StructureMetrics:
     if box is None:
         empty = np.zeros((0,) * ref_labels.ndim, dtype=bool)
-        return _metrics_of_cropped(empty, empty, spacing)
+        return _metrics_of_cropped(empty, empty, spacing, hd95, both_empty)
     ref_crop, pred_crop = ref_labels[box], pred_labels[box]
     if len(values) == 1:
-        return _metrics_of_cropped(ref_crop == values[0], pred_crop == values[0], spacing)
-    return _metrics_of_cropped(np.isin(ref_crop, values), np.isin(pred_crop, values), spacing)
+        return _metrics_of_cropped(ref_crop == values[0], pred_crop == values[0], spacing, hd95, both_empty)
+    return _metrics_of_cropped(np.isin(ref_crop, values), np.isin(pred_crop, values), spacing, hd95, both_empty)
 
 
 def mean_over_structures(metrics: Mapping[str, StructureMetrics]) -> dict[str, float | int | None]:
     """Per-case mean over the structures (whole heart excluded).
 
-    Dice and Jaccard average all structures (the empty-structure rule makes them always defined);
-    ASSD and HD95 average only the defined (finite) values. Also counts "missing" and "both_empty".
+    Each metric averages the defined (finite) values: Dice and Jaccard of every structure (unless a
+    structure absent from both maps is NaN, ``both_empty="nan"``), ASSD and HD95 where both masks exist. Also counts "missing" and "both_empty".
     """
     items = [m for name, m in metrics.items() if name not in (WHOLE_HEART, STRUCTURE_MEAN)]
     out: dict[str, float | int | None] = {}

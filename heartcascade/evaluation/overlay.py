@@ -1,16 +1,21 @@
 """A PNG that lets a person see at a glance whether a segmentation is right.
 
-A few slices along the case's slice axis, chosen through the labelled heart, with the reference
-structures coloured on the left and the prediction on the right.
+:func:`save_overlay` (the demo's picture): a few slices along the case's slice axis, chosen through the
+labelled heart, with the reference structures coloured on the left and the prediction on the right.
+:func:`write_case_overlay` (``hc_overlay``, ``hc_predict --overlays``): axial, coronal and sagittal
+views through the centre of the segmented heart, for any case, with or without a reference.
 """
 from __future__ import annotations
 
 import io
 import os
+from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from heartcascade.utils.atomic import atomic_write_bytes
+from heartcascade.utils.errors import HCError
 
 # One colour per MM-WHS structure (label 1..7); further labels cycle.
 STRUCTURE_COLOURS = np.array([
@@ -70,3 +75,98 @@ def save_overlay(path: str | os.PathLike, image: np.ndarray, reference: np.ndarr
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
     return slices
+
+
+# ---------------------------------------------------------------------------------------------------
+# Three orthogonal views of any case (hc_overlay, hc_predict --overlays)
+
+VIEWS = ("axial", "coronal", "sagittal")
+
+
+def _lps_array(image, label: bool = False) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """(array (k, j, i), spacing (k, j, i)) of an image reoriented so that i→patient left, j→posterior,
+    k→superior (nearest axis-aligned orientation for oblique scans)."""
+    import SimpleITK as sitk
+
+    oriented = sitk.DICOMOrient(image, "LPS")
+    array = sitk.GetArrayFromImage(oriented)
+    if not label:
+        array = array.astype(np.float32)
+    return array, tuple(float(s) for s in reversed(oriented.GetSpacing()))
+
+
+def _centre(*label_volumes: np.ndarray | None) -> tuple[int, int, int]:
+    """Voxel at the centre of the labelled region (the first volume with any label), else the middle."""
+    for labels in label_volumes:
+        if labels is not None and labels.any():
+            coords = np.nonzero(labels)
+            return tuple(int(round((int(c.min()) + int(c.max())) / 2)) for c in coords)  # type: ignore[return-value]
+    shape = next(v for v in label_volumes if v is not None).shape
+    return tuple(s // 2 for s in shape)  # type: ignore[return-value]
+
+
+def orthogonal_views(volume: np.ndarray, centre: Sequence[int],
+                     spacing: Sequence[float]) -> list[tuple[str, np.ndarray, float]]:
+    """``[(view, 2D array, aspect)]`` through ``centre`` of an LPS-ordered volume (k, j, i): axial seen
+    from the feet (patient's right on the left, anterior up), coronal and sagittal with superior up."""
+    k, j, i = (int(c) for c in centre)
+    sk, sj, si = spacing
+    return [("axial", volume[k], sj / si),
+            ("coronal", volume[:, j, :][::-1], sk / si),
+            ("sagittal", volume[:, :, i][::-1], sk / sj)]
+
+
+def write_case_overlay(image_path: str | os.PathLike, segmentation_path: str | os.PathLike,
+                       output_png: str | os.PathLike, reference_path: str | os.PathLike | None = None,
+                       label_names: dict[int, str] | None = None, title: str = "", dpi: int = 90) -> Path:
+    """Axial, coronal and sagittal views through the heart of ``segmentation`` (and ``reference``, a
+    second row) over the image, with a colour legend; written atomically as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    from heartcascade.dataset.image_io import read_image
+
+    image_sitk = read_image(image_path)
+    image, spacing = _lps_array(image_sitk)
+    rows: list[tuple[str, np.ndarray]] = []
+    for name, path in (("reference", reference_path), ("prediction", segmentation_path)):
+        if path is None:
+            continue
+        labels_sitk = read_image(path)
+        if labels_sitk.GetSize() != image_sitk.GetSize():
+            raise HCError(f"{path}: size {labels_sitk.GetSize()} differs from the image's {image_sitk.GetSize()} "
+                          f"({image_path})")
+        labels_sitk.CopyInformation(image_sitk)  # same grid; tiny header differences must not reorient
+        rows.append((name, _lps_array(labels_sitk, label=True)[0]))
+    centre = _centre(*(labels for _, labels in reversed(rows)))
+    image_views = orthogonal_views(image, centre, spacing)
+    # panel widths in proportion to each view's physical width / height, so all panels are equally tall
+    ratios = [view.shape[1] / (view.shape[0] * aspect) for _, view, aspect in image_views]
+    panel = 3.2
+    fig, axes = plt.subplots(len(rows), 3, figsize=(panel * sum(ratios) + 0.4, (panel + 0.35) * len(rows) + 1.0),
+                             squeeze=False, gridspec_kw={"width_ratios": ratios})
+    for r, (name, labels) in enumerate(rows):
+        for c, ((view, grey, aspect), (_, lab, _)) in enumerate(zip(image_views, orthogonal_views(labels, centre, spacing))):
+            ax = axes[r, c]
+            ax.imshow(_colourise(grey, lab), interpolation="nearest", aspect=aspect)
+            ax.set_title(f"{name}, {view}", fontsize=9)
+            ax.axis("off")
+    values = sorted({int(v) for _, labels in rows for v in np.unique(labels) if v != 0})
+    names = label_names or {}
+    handles = [Patch(color=STRUCTURE_COLOURS[(v - 1) % len(STRUCTURE_COLOURS)], label=names.get(v, str(v)))
+               for v in values]
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    height = fig.get_figheight()
+    fig.subplots_adjust(left=0.01, right=0.99, wspace=0.03, hspace=0.35 / panel,
+                        top=1 - (0.55 if title else 0.3) / height, bottom=(0.55 if handles else 0.1) / height)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(output_png, buffer.getvalue())
+    return Path(output_png)

@@ -88,9 +88,13 @@ def resolve_fold_dirs(model_dir: str | Path, folds: Sequence[str | int] | None =
 
 
 def checkpoint_file(fold_dir: Path, kind: str) -> Path:
-    if kind not in CHECKPOINT_KINDS:
-        raise HCError(f"--checkpoint must be one of {', '.join(CHECKPOINT_KINDS)}, got {kind!r}")
-    path = fold_dir / f"checkpoint_{kind}.pth"
+    """The checkpoint of a fold: ``kind`` is final/best/latest or a file name in the fold folder
+    (nnU-Net's ``-chk checkpoint_final.pth`` spelling)."""
+    is_name = kind.endswith(".pth") and Path(kind).name == kind
+    if kind not in CHECKPOINT_KINDS and not is_name:
+        raise HCError(f"--checkpoint must be one of {', '.join(CHECKPOINT_KINDS)} or a .pth file name in the "
+                      f"fold folder, got {kind!r}")
+    path = fold_dir / (kind if is_name else f"checkpoint_{kind}.pth")
     if not path.is_file():
         others = [k for k in CHECKPOINT_KINDS if (fold_dir / f"checkpoint_{k}.pth").is_file()]
         hint = f" (available: {', '.join(others)}; choose one with --checkpoint)" if others else ""
@@ -106,6 +110,16 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         if key not in state:
             raise HCError(f"{path}: checkpoint lacks '{key}'")
     return state
+
+
+def check_plans_version(plans: Any, source: str | Path) -> None:
+    """Refuse a model whose plans this version of heartcascade cannot read (e.g. from a newer release)."""
+    from heartcascade.planning.plans import PLANS_VERSION
+
+    version = plans.get("plans_version") if isinstance(plans, dict) else None
+    if version != PLANS_VERSION:
+        raise HCError(f"{source}: model has plans_version {version!r}, this heartcascade reads only "
+                      f"{PLANS_VERSION}; install the heartcascade release the model was trained with")
 
 
 def build_networks(configuration: str, plans: dict[str, Any]) -> dict[str, torch.nn.Module]:
@@ -127,6 +141,7 @@ def load_fold(fold_dir: str | Path, checkpoint: str = "final", name: str | None 
     if configuration is not None and config != configuration:
         raise HCError(f"{path}: checkpoint is a '{config}' model, not '{configuration}'")
     plans = state["plans"]
+    check_plans_version(plans, path)
     networks = build_networks(config, plans)
     stored = state["networks"]
     for key, net in networks.items():

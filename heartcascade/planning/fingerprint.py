@@ -69,8 +69,9 @@ def fingerprint_case(case: Case, modality: str, num_classes: int, seed: int = 0,
     if diff:
         raise HCError(f"{case.label}: label is not on the image grid ({diff})")
     seg = read_labels(label_img, num_classes, str(case.label))
-    slice_axis = image_io.choose_slice_axis(geometry.spacing, geometry.direction)
-    spacing_zyx = tuple(float(s) for s in reversed(geometry.spacing))
+    spacing_xyz = image_io.working_spacing(geometry.spacing)
+    slice_axis = image_io.choose_slice_axis(spacing_xyz, geometry.direction)
+    spacing_zyx = tuple(reversed(spacing_xyz))
     first = sitk.GetArrayViewFromImage(images[0])
     bbox = cropping.body_bbox(first, spacing_zyx, modality, margin_mm)
     margin_vox = [int(math.ceil(margin_mm / s)) for s in spacing_zyx]
@@ -79,7 +80,7 @@ def fingerprint_case(case: Case, modality: str, num_classes: int, seed: int = 0,
     axes = image_io.canonical_axes(slice_axis)
     cropped_zyx = [b - a for a, b in bbox]
     cropped = [int(cropped_zyx[a]) for a in axes]
-    spacing = image_io.canonical_spacing(geometry.spacing, slice_axis)
+    spacing = image_io.canonical_spacing(spacing_xyz, slice_axis)
 
     fg_exact = cropping.label_bbox(seg)
     if fg_exact is None:
@@ -112,7 +113,7 @@ def fingerprint_case(case: Case, modality: str, num_classes: int, seed: int = 0,
     record = {
         "case_id": case.case_id,
         "size_xyz": [int(n) for n in geometry.size],
-        "spacing_xyz": [float(s) for s in geometry.spacing],
+        "spacing_xyz": list(spacing_xyz),
         "direction": [float(v) for v in geometry.direction],
         "slice_axis": int(slice_axis),
         "spacing": [float(s) for s in spacing],
@@ -226,13 +227,9 @@ def compute_fingerprint(info: DatasetInfo, num_processes: int = 1, progress: boo
 
 def _map(fn, jobs: list, num_processes: int, progress: bool, desc: str) -> list:
     """Run ``fn`` over ``jobs`` in worker processes (spawned: safe with torch/OpenMP), keeping order."""
-    bar = None
-    if progress:
-        try:
-            from tqdm import tqdm
-            bar = tqdm(total=len(jobs), desc=desc, unit="case", leave=False)
-        except ImportError:  # pragma: no cover
-            bar = None
+    from heartcascade.utils.progress import bars_enabled, progress_bar
+
+    bar = progress_bar(total=len(jobs), desc=desc, unit="case", leave=False) if bars_enabled(progress) else None
     out = []
     if num_processes <= 1 or len(jobs) <= 1 or _input_bytes(jobs) < _SMALL_INPUT_BYTES:
         for job in jobs:

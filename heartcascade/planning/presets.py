@@ -2,8 +2,9 @@
 
 A preset holds the method's fixed choices and upper bounds (schedule, learning rate, maximal widths,
 augmentation ranges, ...); the planner turns it into dataset- and memory-specific plans. The folder is
-``<repo>/plans`` (next to the ``heartcascade`` package), or ``$HC_PRESETS_DIR`` when set, so users can keep
-their own presets elsewhere. ``--preset`` also accepts a path to a JSON file.
+``$HC_PRESETS_DIR`` when set (users' own presets), else the presets shipped inside the installed package
+(``heartcascade/presets``, built from ``plans/``), else ``<repo>/plans`` of a source checkout.
+``--preset`` also accepts a path to a JSON file.
 """
 from __future__ import annotations
 
@@ -25,7 +26,10 @@ def presets_dir() -> Path:
     env = os.environ.get("HC_PRESETS_DIR")
     if env:
         return Path(env).expanduser()
-    return Path(heartcascade.__file__).resolve().parents[1] / "plans"
+    package = Path(heartcascade.__file__).resolve().parent
+    if (package / "presets").is_dir():  # a wheel install: plans/ was packaged as heartcascade.presets
+        return package / "presets"
+    return package.parent / "plans"
 
 
 def available_presets() -> list[str]:

@@ -109,8 +109,9 @@ def prepare_arrays(images: Sequence[sitk.Image], plans: dict[str, Any], label: s
     if len(images) != int(plans["num_input_channels"]):
         raise HCError(f"{case_id}: {len(images)} image channels given, plans expect {plans['num_input_channels']}")
     views = [_voxels_view(img, f"{case_id} channel {c}") for c, img in enumerate(images)]
-    spacing_zyx = tuple(float(s) for s in reversed(geometry.spacing))
-    slice_axis = image_io.choose_slice_axis(geometry.spacing, geometry.direction)
+    spacing_xyz = image_io.working_spacing(geometry.spacing)
+    spacing_zyx = tuple(reversed(spacing_xyz))
+    slice_axis = image_io.choose_slice_axis(spacing_xyz, geometry.direction)
     margin_mm = float(plans.get("cropping", {}).get("margin_mm", cropping.DEFAULT_MARGIN_MM))
 
     seg_zyx = None if label is None else read_labels(label, num_classes, case_id)
@@ -130,7 +131,7 @@ def prepare_arrays(images: Sequence[sitk.Image], plans: dict[str, Any], label: s
     if seg_zyx is not None:
         seg = np.ascontiguousarray(image_io.to_canonical(cropping.crop(seg_zyx, bbox), slice_axis))
 
-    native_spacing = image_io.canonical_spacing(geometry.spacing, slice_axis)
+    native_spacing = image_io.canonical_spacing(spacing_xyz, slice_axis)
     spacing = native_spacing
     target = (plans.get("full_resolution") or {}).get("inplane_spacing")
     resampled = False

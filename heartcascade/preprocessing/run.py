@@ -114,14 +114,9 @@ def preprocess_cases(cases: list[Case], plans: dict[str, Any], folder: Path, num
             result.skipped.append(case.case_id)
         else:
             jobs.append((case, plans, folder, stamp))
-    bar = None
-    if progress and jobs:
-        try:
-            from tqdm import tqdm
+    from heartcascade.utils.progress import bars_enabled, progress_bar
 
-            bar = tqdm(total=len(jobs), desc="preprocess", unit="case")
-        except ImportError:  # pragma: no cover
-            bar = None
+    bar = progress_bar(total=len(jobs), desc="preprocess", unit="case") if bars_enabled(progress) and jobs else None
 
     def record(cid: str, err: str | None, secs: float) -> None:
         result.seconds[cid] = secs

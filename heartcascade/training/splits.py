@@ -1,9 +1,10 @@
 """Cross-validation splits and fold names.
 
 ``splits_final.json`` lives in the preprocessed dataset folder and is a JSON list with one entry per
-fold, ``[{"train": [case ids], "val": [case ids]}, ...]``. When it is absent it is created as a seeded
-5-fold split of the training cases (shuffle with ``numpy.random.default_rng(seed)``, then cut into 5
-nearly equal parts; fold ``i`` validates on part ``i``). Any other file of the same shape is accepted
+fold, ``[{"train": [case ids], "val": [case ids]}, ...]``. When it is absent it is created as the
+same seeded 5-fold split nnU-Net v2 creates for the same case ids (see :func:`make_kfold_splits`), so
+fold ``i`` holds out the same cases in both tools and results compare fold by fold. Any other file of
+the same shape is accepted
 (e.g. the paper's single 15/5 split: one entry), either by putting it there or with ``hc_train
 --splits FILE``.
 
@@ -35,18 +36,30 @@ Fold = Union[int, str]  # an int index or "all"
 
 def make_kfold_splits(case_ids: Sequence[str], num_folds: int = DEFAULT_NUM_FOLDS,
                       seed: int = DEFAULT_SPLIT_SEED) -> list[dict[str, list[str]]]:
-    """Seeded k-fold split of ``case_ids``; every case is validated in exactly one fold."""
-    ids = sorted(set(case_ids))
+    """Seeded k-fold split of ``case_ids``, identical to nnU-Net v2's default ``splits_final.json``.
+
+    nnU-Net sorts the case ids, shuffles the positions ``0..n-1`` with ``numpy.random.RandomState(seed)``
+    and cuts the shuffled positions into ``num_folds`` consecutive parts, the first ``n % num_folds``
+    parts one case longer (scikit-learn's ``KFold(shuffle=True)``); part ``i`` is fold ``i``'s
+    validation set. Both lists keep the sorted order. Reproducing those few lines spares a scikit-learn
+    dependency; ``tests/data/nnunet_splits.json`` pins the result. With fewer cases than folds (where
+    nnU-Net stops) every case becomes its own fold.
+    """
+    ids = sorted(set(str(c) for c in case_ids))
     if len(ids) < 2:
         raise HCError(f"cross-validation needs at least 2 training cases, found {len(ids)}")
     num_folds = min(int(num_folds), len(ids))
-    order = np.random.default_rng(seed).permutation(len(ids))
-    parts = np.array_split(order, num_folds)
+    order = np.arange(len(ids))
+    np.random.RandomState(seed).shuffle(order)
+    sizes = np.full(num_folds, len(ids) // num_folds)
+    sizes[: len(ids) % num_folds] += 1
     splits = []
-    for part in parts:
-        val = sorted(ids[i] for i in part)
-        train = sorted(set(ids) - set(val))
-        splits.append({"train": train, "val": val})
+    start = 0
+    for size in sizes:
+        held_out = set(order[start:start + size].tolist())
+        start += size
+        splits.append({"train": [c for i, c in enumerate(ids) if i not in held_out],
+                       "val": [c for i, c in enumerate(ids) if i in held_out]})
     return splits
 
 

@@ -582,7 +582,7 @@ class Trainer:
 
     def _run_stage(self, index: int, start_iteration: int, optimizer_state: Any, scaler_state: Any,
                    rng_state: Any, budget_state: dict[str, Any] | None = None) -> None:
-        from tqdm import tqdm
+        from heartcascade.utils.progress import progress_bar
 
         stage = self.stages[index]
         st = self.cfg.steps[stage]
@@ -613,8 +613,8 @@ class Trainer:
             restore_rng_state(rng_state)
         loader = self._make_loader(st, stage, start_iteration)
         stream = BatchStream(loader, self.cfg.augmentation, self.num_workers)
-        bar = tqdm(total=st.iterations, initial=start_iteration, desc=f"step {stage}", unit="it",
-                   disable=not (self.progress and self.dist.is_main), leave=False, dynamic_ncols=True)
+        bar = progress_bar(total=st.iterations, initial=start_iteration, desc=f"step {stage}", unit="it",
+                           enabled=self.progress and self.dist.is_main, leave=False, dynamic_ncols=True)
         per_validation = max(1, self.cfg.validate_every_epochs) * st.iterations_per_epoch
         done = start_iteration
         try:
