@@ -125,8 +125,12 @@ def main() -> int:
         predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
                                     perform_everything_on_device=False, device=torch.device("cpu"), verbose=False,
                                     allow_tqdm=False)
-        predictor.initialize_from_trained_model_folder(str(Path(trainer.output_folder).parent), use_folds=(0,),
-                                                       checkpoint_name="checkpoint_final.pth")
+        # the trained network as it is (loading the folder would look the trainer class up by name, which
+        # imports torchvision); the final weights, as in checkpoint_final.pth
+        network = trainer.network
+        predictor.manual_initialization(network, trainer.plans_manager, trainer.configuration_manager,
+                                        [network.state_dict()], trainer.dataset_json, "nnUNetTrainer",
+                                        trainer.inference_allowed_mirroring_axes)
         predictor.predict_from_files(str(args.predict_input), str(args.predict_output), save_probabilities=False,
                                      overwrite=True, num_processes_preprocessing=1,
                                      num_processes_segmentation_export=1)

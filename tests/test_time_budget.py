@@ -88,11 +88,21 @@ def test_time_budget_run_ends_on_time_and_is_recorded(tiny):
     folder = result.output_folder
     plans = json.loads((folder / "plans.json").read_text())
     assert plans["training"]["time_budget_s"] == budget
-    # set-up (loading cases, building networks) and the last checkpoint come on top of the budget
-    assert seconds < budget * 1.3 + 10, seconds
+    # On a quiet machine the run ends within the budget (+ the last checkpoint). On a loaded one a step
+    # still runs its minimum (one iteration and its closing validation) after its deadline, so the wall
+    # time is checked loosely and the schedule's logic exactly: shares add up to at most the budget, and a
+    # step that overran its share stopped at its first measurement (the probe) or right after.
+    assert seconds < 3 * budget + 30, seconds
     log = (folder / "training_log.txt").read_text()
     for step in "1234":
         assert f"=== step {step} " in log and "of the time budget" in log
+    import re
+
+    spent = [(int(n), float(t), float(share)) for n, t, share in
+             re.findall(r"step \d: (\d+) iterations in (\d+) s \(budget share (\d+) s\)", log)]
+    assert len(spent) == 4 and sum(share for *_, share in spent) <= budget + 4  # shares rounded to 1 s
+    for n, t, share in spent:
+        assert t <= share + 5 or n <= 3, spent
     final = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     iterations = final["budget"]["iterations"]
     assert all(iterations[s] >= 1 for s in "1234"), iterations

@@ -827,7 +827,8 @@ class Trainer:
         self.logger.log(f"step {stage} epoch {epoch}/{math.ceil(st.iterations / st.iterations_per_epoch)} "
                         f"(it {iteration}): loss {means[0]:.4f} "
                         f"({', '.join(f'{k} {v:.4f}' for k, v in terms.items())}), {sec:.3f} s/it, "
-                        f"data wait {100 * wait:.0f}%")
+                        f"data wait {100 * wait:.0f}%" + (f", run ends in {self._eta(self.schedule):.0f} s"
+                                                          if self.schedule is not None and self.schedule.budgeted else ""))
         self.epoch_acc = {}
         if self.val_cases and (epoch % max(1, self.cfg.validate_every_epochs) == 0 or iteration >= st.iterations):
             t0 = time.perf_counter()
