@@ -560,12 +560,14 @@ def test_discover_cases(tmp_path):
     assert two[0].error is None and [f.name for f in two[0].files] == ["p1_0000.nii.gz", "p1_0001.nii.gz"]
     assert "p2_0001" in two[1].error
     one = cases_mod.discover_cases(d, num_channels=1)
-    assert [c.case_id for c in one] == ["p1_0000", "p1_0001", "p2"]
+    # p1_0000 + p1_0001 are one two-channel case: failed for a one-channel model, not two cases
+    assert [c.case_id for c in one] == ["p1", "p2"]
+    assert "takes 1 channel" in one[0].error and one[1].error is None
     (d / "p2.mha").write_bytes(b"")
     dup = {c.case_id: c for c in cases_mod.discover_cases(d, num_channels=1)}
     assert dup["p2"].error and "also given" in dup["p2"].error
     assert cases_mod.discover_cases(d / "p2.mha")[0].output_ending == ".mha"
-    assert [c.case_id for c in cases_mod.shard(one, 1, 2)] == ["p1_0001"]
+    assert [c.case_id for c in cases_mod.shard(one, 1, 2)] == ["p2"]
     with pytest.raises(HCError):
         cases_mod.discover_cases(tmp_path / "missing")
 
