@@ -15,7 +15,9 @@ import numpy as np
 from tqdm import tqdm
 
 from heartcascade.dataset.dataset_json import DatasetInfo, load_dataset
-from heartcascade.dataset.image_io import Geometry, image_array, label_array, read_image
+from heartcascade.dataset import size_limits
+from heartcascade.dataset.image_io import (Geometry, canonical_shape, choose_slice_axis, image_array, label_array,
+                                          read_image)
 from heartcascade.utils.errors import HCError
 
 CHANNEL_RE = re.compile(r"^(.+)_(\d{4})$")
@@ -110,6 +112,10 @@ def _check_case(case: _Case, info: DatasetInfo, allowed: set[int], report: Verif
         geometry = Geometry.of(image)
         if ref is None:
             ref = (path, geometry)
+            slice_axis = choose_slice_axis(geometry.spacing, geometry.direction)
+            small = size_limits.too_small(canonical_shape(geometry.size, slice_axis))
+            if small:
+                report.problems.append(f"{path}: {small}")
         else:
             _compare(path, geometry, ref, report)
     if case.label is None:

@@ -202,9 +202,15 @@ def plan_and_preprocess(dataset_id: int | str, gpu_memory_gb: float | None = Non
     _copy_dataset_json(info, out_dir)
     plans = make_plans(info, out_dir, num, preset, gpu_memory_gb, num_processes, overwrite, progress)
     result = RunResult(out_dir, plans)
+    cases = info.training_cases()
+    excluded = fpmod.excluded_cases(fpmod.load_fingerprint(out_dir / fpmod.FINGERPRINT_FILE), int(plans["net2"]["K"]))
+    for case in cases:  # refused, named, and kept out of the data folder (training never sees them)
+        if case.case_id in excluded:
+            result.failed[case.case_id] = f"{case.images[0]}: {excluded[case.case_id]}; remove the case from the dataset"
+            print(f"error: case {case.case_id}: {result.failed[case.case_id]}", file=sys.stderr)
     if plan_only:
         return result
-    cases = info.training_cases()
     folder = storage.data_dir(out_dir)
-    _remove_stale(folder, {c.case_id for c in cases})
+    _remove_stale(folder, {c.case_id for c in cases if c.case_id not in excluded})
+    cases = [c for c in cases if c.case_id not in excluded]
     return preprocess_cases(cases, plans, folder, num_processes, overwrite, progress, result)
