@@ -2,7 +2,8 @@
 
 Why: one 4x4x2 training case used to set K = 1 for the whole plan. A case is unusable when it has
 fewer slices than Net2's smallest slice stack (``MIN_SLICES`` = the presets' ``k_min``) or fewer
-in-plane voxels than one cell of Net1's deepest level (``MIN_INPLANE_VOXELS``: four 2x poolings). Such a
+in-plane voxels than ``MIN_INPLANE_VOXELS`` (a cell of Net1's third level; smaller scans are padded up
+to its patch and carry next to no training signal). Such a
 case is reported by ``hc_verify_dataset``, left out of the fingerprint's statistics, and refused by
 preprocessing with a message; it never changes the plan for the other cases.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 from typing import Sequence
 
 MIN_SLICES = 3
-MIN_INPLANE_VOXELS = 16
+MIN_INPLANE_VOXELS = 8
 
 
 def too_small(shape: Sequence[int], min_slices: int = MIN_SLICES) -> str | None:
@@ -20,6 +21,6 @@ def too_small(shape: Sequence[int], min_slices: int = MIN_SLICES) -> str | None:
     if d < min_slices:
         return f"too small for the network: {d} slice(s), K needs at least {min_slices}"
     if min(h, w) < MIN_INPLANE_VOXELS:
-        return (f"too small for the network: {h}x{w} voxels in-plane, one Net1 cell needs at least "
+        return (f"too small for the network: {h}x{w} voxels in-plane, the networks need at least "
                 f"{MIN_INPLANE_VOXELS}x{MIN_INPLANE_VOXELS}")
     return None
