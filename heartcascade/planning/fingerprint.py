@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -216,8 +215,7 @@ def compute_fingerprint(info: DatasetInfo, num_processes: int = 1, progress: boo
     results = _map(_worker, jobs, num_processes, progress, "fingerprint")
     stamps = {c.case_id: case_stamp(c) for c in cases}
     failed = {cid: {"error": err, "stamp": stamps[cid]} for cid, rec, err in results if rec is None}
-    for cid, entry in failed.items():
-        print(f"error: case {cid}: {entry['error']} (left out of the fingerprint)", file=sys.stderr)
+    # failed cases are reported (once, naming the file) by preprocessing, which refuses them too
     if len(failed) == len(results):
         first = next(iter(failed.items()))
         raise HCError(f"fingerprint failed for every case, e.g. {first[0]}: {first[1]['error']}")

@@ -203,11 +203,15 @@ def plan_and_preprocess(dataset_id: int | str, gpu_memory_gb: float | None = Non
     plans = make_plans(info, out_dir, num, preset, gpu_memory_gb, num_processes, overwrite, progress)
     result = RunResult(out_dir, plans)
     cases = info.training_cases()
-    excluded = fpmod.excluded_cases(fpmod.load_fingerprint(out_dir / fpmod.FINGERPRINT_FILE), int(plans["net2"]["K"]))
-    for case in cases:  # refused, named, and kept out of the data folder (training never sees them)
+    fingerprint = fpmod.load_fingerprint(out_dir / fpmod.FINGERPRINT_FILE)
+    excluded = {cid: f"{entry['error']}" for cid, entry in (fingerprint.get("failed_cases") or {}).items()}
+    small = fpmod.excluded_cases(fingerprint, int(plans["net2"]["K"]))
+    for case in cases:  # refused, named once, and kept out of the data folder (training never sees them)
+        if case.case_id in small:
+            excluded[case.case_id] = f"{case.images[0]}: {small[case.case_id]}; remove the case from the dataset"
         if case.case_id in excluded:
-            result.failed[case.case_id] = f"{case.images[0]}: {excluded[case.case_id]}; remove the case from the dataset"
-            print(f"error: case {case.case_id}: {result.failed[case.case_id]}", file=sys.stderr)
+            result.failed[case.case_id] = excluded[case.case_id]
+            print(f"error: case {case.case_id}: {excluded[case.case_id]}", file=sys.stderr)
     if plan_only:
         return result
     folder = storage.data_dir(out_dir)
