@@ -356,7 +356,7 @@ def test_full_or_read_only_disk(world, tmp_path):
     write(world["image"], inp / "a_0000.nii.gz")
     mounts = []
     try:
-        for name, options in (("ro", "ro,size=1m"), ("full", "size=12k")):
+        for name, options in (("ro", "ro,size=1m"), ("full", "size=12k"), ("full_pre", "size=96k")):
             point = tmp_path / name
             point.mkdir()
             if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "none", str(point)],
@@ -370,6 +370,13 @@ def test_full_or_read_only_disk(world, tmp_path):
         assert proc.returncode == 1 and "Traceback" not in proc.stderr
         assert "no space left on device" in proc.stderr, proc.stderr
         assert [p.name for p in mounts[1].iterdir()] == []  # nothing half-written under a final name
+        # preprocessing: plans fit, the arrays do not -> each case fails naming the file, none looks complete
+        proc = run("hc_plan_and_preprocess", "-d", DATASET_ID, "--no-progress", "-np", 1,
+                   roots=dict(world["roots"], pre=mounts[2]))
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert "no space left on device: " in proc.stderr and "requested and" not in proc.stderr, proc.stderr
+        assert not list((mounts[2] / world["pre"].name / "data").glob("*_properties.json"))
+        assert temp_files(mounts[2]) == []
     finally:
         for point in mounts:
             subprocess.run(["umount", str(point)], capture_output=True)
