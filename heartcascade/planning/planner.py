@@ -10,7 +10,8 @@ Rules, in the order they are applied:
    median in-plane spacing -- is chosen; slices are never resampled.
 3. **K** (odd) = the odd number nearest ``k_extent_mm / slice spacing`` (ties up), clamped to
    [``k_min``, ``k_max``] = [3, 9] and to the thinnest case's (cropped) slice count: 9 for CT with 0.5-0.7
-   mm slices, 3 for 8 mm MR.
+   mm slices, 3 for 8 mm MR. The clamp uses the median case: a thinner outlier is left out of the plan
+   (``dataset.excluded_cases``) instead of lowering K for everyone.
 4. **Net1's coarse spacing.** The smallest isotropic spacing ``s`` (never finer than the data; per axis
    ``max(native, s)``; searched on a geometric grid of step ``coarse_spacing_step``) at which Net1
    trains on the whole 95th-percentile field of view (cropped extent in mm) at batch 1 within the
