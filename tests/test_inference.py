@@ -347,6 +347,30 @@ def test_label_input_mode_and_tta_run():
     assert np.array_equal(full.argmax(0)[confident], labels[confident])
 
 
+def test_tta_averages_the_mirrored_predictions():
+    """TTA = the mean over all 8 mirrorings of Net1's softmax, each flipped back (not a no-op flag)."""
+    import itertools
+
+    img = synth()
+    plans = tiny_plans(K=3)
+    nets = build(plans)
+    plain = Predictor(plans, [nets], device="cpu")
+    tta = Predictor(plans, [nets], device="cpu", tta=True)
+    image, props = plain.preprocess([img])
+    x = torch.from_numpy(image)
+    got = tta._net1_probabilities(x, props)[0]
+    combos = [c for r in range(4) for c in itertools.combinations((1, 2, 3), r)]
+    expected = sum(torch.flip(plain._net1_probabilities(torch.flip(x, c) if c else x, props)[0],
+                              [d + 1 for d in c]) if c else plain._net1_probabilities(x, props)[0] for c in combos)
+    expected = expected / len(combos)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(got, plain._net1_probabilities(x, props)[0], atol=1e-3)
+    # the whole cascade: the flag reaches the written probabilities
+    _, with_tta = tta.predict_case([img], return_probabilities=True)
+    _, without = plain.predict_case([img], return_probabilities=True)
+    assert not np.allclose(with_tta.full(), without.full(), atol=1e-3)
+
+
 # ------------------------------------------------------------------------------------------------
 # Folds, codes, baseline
 
