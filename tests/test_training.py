@@ -236,9 +236,12 @@ def test_cli_steps_subset_and_errors(tiny, capsys):
 
 
 def test_baseline_trains(tiny):
-    override = {"baseline_unet": {"epochs": 2, "iterations_per_epoch": 3}}
+    override = {"baseline_unet": {"epochs": 6, "iterations_per_epoch": 4, "lr": 0.003}}
     result = _trainer(configuration="baseline", plans_override=override).run()
     assert result.stages == ["baseline"]
+    losses = result.epoch_losses["baseline"]
+    assert len(losses) == 6 and np.mean(losses[-2:]) < 0.9 * losses[0], losses  # it learns, not only runs
+    assert all(np.isfinite(losses)), losses
     final = torch.load(result.final_checkpoint, weights_only=True)
     assert final["configuration"] == "baseline" and set(final["networks"]) == {"baseline"}
     assert result.validation_method == "predictor"
