@@ -42,7 +42,11 @@ def test_quick_benchmark_smoke(tmp_path, capsys):
         assert COMMON_KEYS <= set(r), r
         by.setdefault(r["benchmark"], []).append(r)
     nn = by.pop("nnunet")[0]
-    assert nn["skipped"]  # reported with the reason, not silently dropped
+    # reported with the reason, not silently dropped: the reason names what is missing
+    expected_reason = ("nnunetv2 is not importable" if nnunet_python == sys.executable
+                       else f"--nnunet-python {nnunet_python}: no such interpreter")
+    assert isinstance(nn["skipped"], str) and expected_reason in nn["skipped"], nn
+    assert "nnunet_predict" not in by, by.get("nnunet_predict")
     assert code == 0
     assert all("error" not in r for rs in by.values() for r in rs), [r for rs in by.values() for r in rs if "error" in r]
     for name in ("environment", "dataset", "preprocessing", "plans", "model", "loader", "training_step",
@@ -67,7 +71,10 @@ def test_quick_benchmark_smoke(tmp_path, capsys):
     inproc = by["predict_inprocess"][0]
     _positive(inproc, "predict_s", "predict_preprocessed_s", "preprocess_s", "file_to_file_s", "peak_rss_gb")
     assert inproc["gpu_peak_allocated_gb"] is None  # CPU run
-    assert inproc["roi_box"] == [[0, n] for n in inproc["preprocessed_shape"]] or inproc["roi_fraction"] <= 1
+    box, shape = inproc["roi_box"], inproc["preprocessed_shape"]
+    assert len(box) == len(shape) == 3 and all(0 <= a < b <= n for (a, b), n in zip(box, shape)), (box, shape)
+    fraction = np.prod([b - a for a, b in box]) / np.prod(shape)
+    assert 0 < inproc["roi_fraction"] <= 1 and abs(inproc["roi_fraction"] - fraction) < 1e-3, inproc
     assert by["summary"][0]["failures"] == 0
 
 

@@ -347,6 +347,24 @@ def test_label_input_mode_and_tta_run():
     assert np.array_equal(full.argmax(0)[confident], labels[confident])
 
 
+def test_net1_roi_box_selection_and_nothing_found_fallback():
+    """Net1's box: the coarse foreground voxels mapped to the full grid, grown by the margin (in mm, at
+    least one coarse voxel); the whole volume when Net1 finds no foreground. Hand-computed values."""
+    plans = tiny_plans(roi_margin_mm=3.0)
+    p = Predictor(plans, [build(plans)], device="cpu")
+    props = {"shape": [8, 20, 24], "spacing": [2.0, 1.0, 1.0]}
+    probs = torch.zeros(1, plans["num_classes"], 4, 5, 6)
+    probs[0, 0] = 0.9
+    probs[0, 1] = 0.1
+    probs[0, 2, 1, 2:4, 4] = 0.95  # foreground: coarse z 1, y 2..3, x 4
+    # coarse z [1, 2) -> full [2, 4), grown by max(ceil(3 / 2), 8 / 4) = 2 -> [0, 6)
+    # coarse y [2, 4) -> full [8, 16), grown by max(3, 20 / 5) = 4 -> [4, 20)
+    # coarse x [4, 5) -> full [16, 20), grown by max(3, 24 / 6) = 4 -> [12, 24)
+    assert p.roi_box(probs, props) == ((0, 6), (4, 20), (12, 24))
+    probs[0, 2] = 0.0
+    assert p.roi_box(probs, props) == ((0, 8), (0, 20), (0, 24))  # nothing found: the whole volume
+
+
 def test_tta_averages_the_mirrored_predictions():
     """TTA = the mean over all 8 mirrorings of Net1's softmax, each flipped back (not a no-op flag)."""
     import itertools
