@@ -57,7 +57,7 @@ def environment(roots: dict[str, Path]) -> dict[str, str]:
     return env
 
 
-def run(name: str, *args, roots: dict[str, Path], timeout: float = 300) -> subprocess.CompletedProcess:
+def run(name: str, *args, roots: dict[str, Path], timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run(command(name) + [str(a) for a in args], env=environment(roots), capture_output=True,
                           text=True, timeout=timeout)
 
@@ -510,9 +510,10 @@ def test_preprocess_corrupt_plans_and_damaged_arrays(world):
     array = out / "data" / "tiny_001_image.npy"
     good = array.read_bytes()
     array.write_bytes(good[: len(good) // 2])
+    (array.parent / f".{array.name}.k1ll3d.tmp.npy").write_bytes(b"")  # what a kill -9 mid-write leaves
     proc = run(*pre_args, roots=world["roots"])
     assert proc.returncode == 0 and "preprocessed: 1 case(s), skipped (up to date): 2" in proc.stdout, proc.stdout
-    assert array.read_bytes() == good
+    assert array.read_bytes() == good and temp_files(out) == []
 
 
 def test_preprocess_read_only_output_root(world, tmp_path):
@@ -553,6 +554,7 @@ def test_train_sigkill_mid_step_then_continue(world, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (fold / "checkpoint_final.pth").exists(), "the kill came too late to test anything"
+    (fold / ".checkpoint_latest.pth.k1ll3d.tmp.pth").write_bytes(b"")  # as if killed inside a checkpoint write
     resumed = run("hc_train", *args, "--continue", roots=roots)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert temp_files(fold) == []

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from heartcascade.utils.atomic import atomic_path, atomic_write_json
+from heartcascade.utils.atomic import atomic_path, atomic_write_json, remove_temp_files_of
 from heartcascade.utils.errors import HCError
 from heartcascade.utils.jsonio import load_json
 
@@ -84,6 +84,8 @@ def save_case(folder: str | os.PathLike, case_id: str, case: PreprocessedCase) -
     files = case_files(folder, case_id)
     Path(folder).mkdir(parents=True, exist_ok=True)
     files["properties"].unlink(missing_ok=True)
+    for path in files.values():  # leftovers of a killed earlier write of this case (one worker per case)
+        remove_temp_files_of(path)
     _save_npy(files["image"], np.asarray(case.image, dtype=np.float32))
     _save_npy(files["coarse_image"], np.asarray(case.coarse_image, dtype=np.float32))
     for name in ("seg", "coarse_seg"):
@@ -198,3 +200,4 @@ def remove_case(folder: str | os.PathLike, case_id: str) -> None:
     files["properties"].unlink(missing_ok=True)
     for path in files.values():
         path.unlink(missing_ok=True)
+        remove_temp_files_of(path)
