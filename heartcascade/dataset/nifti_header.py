@@ -103,8 +103,8 @@ class NiftiFacts:
         self.stream_error = stream_error      # gzip stream damaged (CRC, early end), else None
 
 
-def _parse_header(head: bytes) -> tuple[str, int, tuple[int, ...], tuple[float, ...], int, int] | None:
-    """(endian, header size, dims, pixdim, datatype, vox_offset) of a NIfTI-1 or NIfTI-2 header, or None."""
+def _parse_header(head: bytes) -> tuple[str, int, tuple[int, ...], tuple[float, ...], int, int, int] | None:
+    """(endian, header size, dims, pixdim, datatype, vox_offset, bitpix) of a NIfTI-1/2 header, or None."""
     for endian in "<>":
         if len(head) >= 348 and struct.unpack(endian + "i", head[:4])[0] == 348:
             ndim = struct.unpack(endian + "h", head[40:42])[0]
@@ -114,7 +114,8 @@ def _parse_header(head: bytes) -> tuple[str, int, tuple[int, ...], tuple[float, 
             datatype = struct.unpack(endian + "h", head[70:72])[0]
             pixdim = struct.unpack(endian + "7f", head[80:108])[:ndim]
             vox_offset = int(struct.unpack(endian + "f", head[108:112])[0])
-            return endian, 348, dims, pixdim, datatype, max(vox_offset, 348)
+            bitpix = struct.unpack(endian + "h", head[72:74])[0]
+            return endian, 348, dims, pixdim, datatype, max(vox_offset, 348), bitpix
         if len(head) >= 540 and struct.unpack(endian + "i", head[:4])[0] == 540:
             ndim = struct.unpack(endian + "q", head[16:24])[0]
             if not 1 <= ndim <= 7:
@@ -123,7 +124,8 @@ def _parse_header(head: bytes) -> tuple[str, int, tuple[int, ...], tuple[float, 
             datatype = struct.unpack(endian + "h", head[12:14])[0]
             pixdim = struct.unpack(endian + "7d", head[112:168])[:ndim]
             vox_offset = int(struct.unpack(endian + "q", head[168:176])[0])
-            return endian, 540, dims, pixdim, datatype, max(vox_offset, 540)
+            bitpix = struct.unpack(endian + "h", head[14:16])[0]
+            return endian, 540, dims, pixdim, datatype, max(vox_offset, 540), bitpix
     return None
 
 
@@ -148,11 +150,14 @@ def scan(path: str | os.PathLike) -> NiftiFacts | None:
         parsed = _parse_header(head)
         if parsed is None:
             return None
-        endian, _, dims, pixdim, datatype, vox_offset = parsed
+        endian, _, dims, pixdim, datatype, vox_offset, bitpix = parsed
         count = 1
         for d in dims:
             count *= max(int(d), 0)
-        expected = count * _VOXEL_BYTES.get(int(datatype), 1)
+        if int(datatype) in _VOXEL_BYTES:
+            expected = count * _VOXEL_BYTES[int(datatype)]
+        else:  # a type this table does not know: trust the header's bits per voxel
+            expected = (count * max(int(bitpix), 0) + 7) // 8
         dtype = np.dtype(endian + _FLOAT_CODES[datatype]) if datatype in _FLOAT_CODES else None
         skip = vox_offset - len(head)
         buffered = head[vox_offset:] if skip < 0 else b""
