@@ -29,7 +29,7 @@ from heartcascade.evaluation.metrics import (
     label_metrics,
     mean_over_structures,
 )
-from heartcascade.utils.atomic import atomic_write_json, atomic_write_text, ensure_writable_dir
+from heartcascade.utils.atomic import atomic_write_json, atomic_write_text, ensure_writable_dir, remove_temp_files_of
 from heartcascade.utils.errors import HCError
 
 GEOMETRY_TOLERANCE = 1e-4
@@ -348,6 +348,8 @@ def evaluate_folders(
         "cases": cases,
         "files": files,
     }
+    for path in files.values():  # leftovers of a killed earlier run
+        remove_temp_files_of(path)
     atomic_write_text(files["csv"], _csv_text(cases, structures, labels))
     atomic_write_text(files["markdown"], markdown_table(summary))
     atomic_write_json(output_json, summary)
