@@ -22,7 +22,7 @@ demo: install
 	$(BIN)/hc_demo
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -rs tests
 
 clean-venv:
 	rm -rf $(VENV)

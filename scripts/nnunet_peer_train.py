@@ -63,7 +63,7 @@ def main() -> int:
     pre = args.preprocessed / name
     figures: dict = {"dataset": name, "configuration": args.configuration, "budget_s": args.budget_minutes * 60}
     t = time.perf_counter()
-    if not (pre / f"nnUNetPlans.json").is_file() or not any(pre.glob(f"nnUNetPlans_{args.configuration}*")):
+    if not (pre / "nnUNetPlans.json").is_file() or not any(pre.glob(f"nnUNetPlans_{args.configuration}*")):
         subprocess.check_call([str(Path(sys.executable).parent / "nnUNetv2_plan_and_preprocess"), "-d",
                                str(args.dataset), "-c", args.configuration, "-np", "1", "--verify_dataset_integrity"])
     figures["plan_and_preprocess_s"] = round(time.perf_counter() - t, 1)
@@ -127,6 +127,8 @@ def main() -> int:
                                     allow_tqdm=False)
         # the trained network as it is (loading the folder would look the trainer class up by name, which
         # imports torchvision); the final weights, as in checkpoint_final.pth
+        trainer.set_deep_supervision_enabled(False)  # one output, as nnU-Net does for its own validation
+        trainer.network.eval()
         network = trainer.network
         predictor.manual_initialization(network, trainer.plans_manager, trainer.configuration_manager,
                                         [network.state_dict()], trainer.dataset_json, "nnUNetTrainer",

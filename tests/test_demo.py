@@ -49,6 +49,11 @@ def test_demo_end_to_end_tiny(tmp_path, monkeypatch):
     for stage in ("1", "4"):  # the loss falls within each step that has several epochs
         losses = [r["loss"] for r in train if r["stage"] == stage]
         assert losses[-1] < 0.8 * losses[0], (stage, losses)
-    # and it learned: the heart is found and every structure is at least partly right
+    # and it learned: the heart is found and most structures are largely right. Measured on this CI
+    # schedule (2 CPU cores): LV 0.75, Myo 0.67, RV 0.79, RA 0.55, PA 0.52, AA 0.17, LA 0.00 -- ~250
+    # iterations are too few for the small atrium and aorta (the full demo reaches >= 0.81 on every one).
     assert summary["whole_heart_dice"] > 0.6, summary["whole_heart"]
-    assert np.mean([m["dice"] for m in summary["per_structure"].values()]) > 0.3, summary["per_structure"]
+    dice = {name: m["dice"] for name, m in summary["per_structure"].items()}
+    assert np.mean(list(dice.values())) > 0.3, dice
+    assert sum(d > 0.35 for d in dice.values()) >= 5, dice
+    assert min(dice["LV"], dice["Myo"], dice["RV"]) > 0.5, dice  # the ventricles and myocardium above all

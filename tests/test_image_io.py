@@ -151,3 +151,66 @@ def test_dataset_paths(hc_roots, tmp_path):
         paths.raw_dataset_dir(8)
     with pytest.raises(HCError):
         paths.parse_dataset_id("seven")
+
+
+# ---------------------------------------------------------------------------------------------------
+# damaged files, spacing, full disk and output folders (the end-to-end cases are in test_bad_inputs.py)
+
+
+def _nifti(tmp_path, array, name="x.nii.gz", spacing=(1.0, 1.0, 2.0)):
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    path = tmp_path / name
+    sitk.WriteImage(image, str(path), name.endswith(".gz"))
+    return path
+
+
+def test_raw_nifti_scan_finds_what_simpleitk_hides(tmp_path):
+    import gzip
+    import struct
+
+    array = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    good = _nifti(tmp_path, array)
+    image_io.read_image(good)
+    data = good.read_bytes()
+    (tmp_path / "t.nii.gz").write_bytes(data[: len(data) // 2])
+    (tmp_path / "h.nii.gz").write_bytes(gzip.compress(gzip.decompress(data)[:-4]))  # valid stream, short payload
+    array[1, 2, 3] = np.nan
+    _nifti(tmp_path, array, "n.nii")
+    raw = bytearray(gzip.decompress(data))
+    raw[80:84] = struct.pack("<f", 0.0)
+    (tmp_path / "p.nii").write_bytes(bytes(raw))
+    expected = {"t.nii.gz": "damaged or truncated", "h.nii.gz": "declares 480 bytes of voxel data, 476 are present",
+                "n.nii": "1 NaN/Inf voxels", "p.nii": "pixdim (0, 1, 2)"}
+    for name, words in expected.items():
+        with pytest.raises(HCError, match=r"^" + str(tmp_path / name).replace(".", r"\.") + ": ") as info:
+            image_io.read_image(tmp_path / name)
+        assert words in str(info.value)
+    # other formats: SimpleITK's own errors and non-finite voxels, one line each
+    image_io.write_image(sitk.GetImageFromArray(array), tmp_path / "n.mha")
+    with pytest.raises(HCError, match="n.mha: image contains 1 NaN/Inf"):
+        image_io.read_image(tmp_path / "n.mha")
+    with pytest.raises(HCError, match="invalid voxel spacing"):
+        image_io.check_spacing((1.0, float("inf"), 1.0), "x")
+
+
+def test_disk_full_and_output_folder_messages(tmp_path, monkeypatch):
+    from heartcascade.utils import atomic
+
+    target = tmp_path / "out" / "a.npy"
+    with pytest.raises(HCError, match=f"^no space left on device: {target}$"):
+        with atomic.atomic_path(target) as tmp:
+            tmp.write_bytes(b"partial")
+            raise OSError("288684 requested and 18400 written")  # numpy's short-write message, no errno
+    assert list(target.parent.iterdir()) == []  # no temporary file, nothing under the final name
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    with pytest.raises(HCError, match="exists and is not a folder"):
+        atomic.ensure_writable_dir(a_file)
+    with pytest.raises(HCError, match="a part of the path is a file"):
+        atomic.ensure_writable_dir(a_file / "sub")
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", lambda **kw: (_ for _ in ()).throw(OSError(30, "Read-only file system")))
+    with pytest.raises(HCError, match="is not writable"):
+        atomic.ensure_writable_dir(tmp_path / "ro")
+    (tmp_path / ".x.nii.gz.abc.tmp.nii.gz").write_bytes(b"")
+    assert atomic.remove_temp_files_of(tmp_path / "x.nii.gz") == 1

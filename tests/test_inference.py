@@ -407,6 +407,48 @@ def test_label_input_mode_and_tta_run():
     assert np.array_equal(full.argmax(0)[confident], labels[confident])
 
 
+def test_net1_roi_box_selection_and_nothing_found_fallback():
+    """Net1's box: the coarse foreground voxels mapped to the full grid, grown by the margin (in mm, at
+    least one coarse voxel); the whole volume when Net1 finds no foreground. Hand-computed values."""
+    plans = tiny_plans(roi_margin_mm=3.0)
+    p = Predictor(plans, [build(plans)], device="cpu")
+    props = {"shape": [8, 20, 24], "spacing": [2.0, 1.0, 1.0]}
+    probs = torch.zeros(1, plans["num_classes"], 4, 5, 6)
+    probs[0, 0] = 0.9
+    probs[0, 1] = 0.1
+    probs[0, 2, 1, 2:4, 4] = 0.95  # foreground: coarse z 1, y 2..3, x 4
+    # coarse z [1, 2) -> full [2, 4), grown by max(ceil(3 / 2), 8 / 4) = 2 -> [0, 6)
+    # coarse y [2, 4) -> full [8, 16), grown by max(3, 20 / 5) = 4 -> [4, 20)
+    # coarse x [4, 5) -> full [16, 20), grown by max(3, 24 / 6) = 4 -> [12, 24)
+    assert p.roi_box(probs, props) == ((0, 6), (4, 20), (12, 24))
+    probs[0, 2] = 0.0
+    assert p.roi_box(probs, props) == ((0, 8), (0, 20), (0, 24))  # nothing found: the whole volume
+
+
+def test_tta_averages_the_mirrored_predictions():
+    """TTA = the mean over all 8 mirrorings of Net1's softmax, each flipped back (not a no-op flag)."""
+    import itertools
+
+    img = synth()
+    plans = tiny_plans(K=3)
+    nets = build(plans)
+    plain = Predictor(plans, [nets], device="cpu")
+    tta = Predictor(plans, [nets], device="cpu", tta=True)
+    image, props = plain.preprocess([img])
+    x = torch.from_numpy(image)
+    got = tta._net1_probabilities(x, props)[0]
+    combos = [c for r in range(4) for c in itertools.combinations((1, 2, 3), r)]
+    expected = sum(torch.flip(plain._net1_probabilities(torch.flip(x, c) if c else x, props)[0],
+                              [d + 1 for d in c]) if c else plain._net1_probabilities(x, props)[0] for c in combos)
+    expected = expected / len(combos)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(got, plain._net1_probabilities(x, props)[0], atol=1e-3)
+    # the whole cascade: the flag reaches the written probabilities
+    _, with_tta = tta.predict_case([img], return_probabilities=True)
+    _, without = plain.predict_case([img], return_probabilities=True)
+    assert not np.allclose(with_tta.full(), without.full(), atol=1e-3)
+
+
 # ------------------------------------------------------------------------------------------------
 # Folds, codes, baseline
 
@@ -666,12 +708,14 @@ def test_discover_cases(tmp_path):
     assert two[0].error is None and [f.name for f in two[0].files] == ["p1_0000.nii.gz", "p1_0001.nii.gz"]
     assert "p2_0001" in two[1].error
     one = cases_mod.discover_cases(d, num_channels=1)
-    assert [c.case_id for c in one] == ["p1_0000", "p1_0001", "p2"]
+    # p1_0000 + p1_0001 are one two-channel case: failed for a one-channel model, not two cases
+    assert [c.case_id for c in one] == ["p1", "p2"]
+    assert "takes 1 channel" in one[0].error and one[1].error is None
     (d / "p2.mha").write_bytes(b"")
     dup = {c.case_id: c for c in cases_mod.discover_cases(d, num_channels=1)}
     assert dup["p2"].error and "also given" in dup["p2"].error
     assert cases_mod.discover_cases(d / "p2.mha")[0].output_ending == ".mha"
-    assert [c.case_id for c in cases_mod.shard(one, 1, 2)] == ["p1_0001"]
+    assert [c.case_id for c in cases_mod.shard(one, 1, 2)] == ["p2"]
     with pytest.raises(HCError):
         cases_mod.discover_cases(tmp_path / "missing")
 

@@ -153,6 +153,14 @@ def test_restore_after_inplane_resampling_keeps_shape():
     back = restore_to_original(case.seg, case.properties)
     assert back.shape == label.shape
     assert (back == label).mean() > 0.97
+    # per structure, not only overall (foreground is ~2 % of the voxels, so an all-background result
+    # would pass the line above): each class comes back in place. Measured Dice 0.88 / 0.77 / 0.77 for
+    # structures of 420 / 124 / 50 voxels (1 -> 1.5 -> 1 mm loses a boundary layer of small objects).
+    classes = [int(c) for c in np.unique(label) if c > 0]
+    assert classes == [1, 2, 3]
+    for c in classes:
+        a, b = back == c, label == c
+        assert 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum()) > 0.7, c
 
 
 def test_body_crop_drops_table_keeps_heart():
@@ -218,6 +226,20 @@ def test_coarse_labels_keep_every_class():
     kept = resampling.resample_labels(seg, size, 4)
     assert set(np.unique(seg)) == set(np.unique(kept))
     assert set(np.unique(naive)) <= set(np.unique(seg))
+    # a one-voxel-thin structure between the nearest-neighbour sample points: nearest loses it, the
+    # class-preserving resampler keeps it, at the coarse voxels that cover it
+    thin = np.zeros((24, 48, 48), np.uint8)
+    thin[4:20, 8:40, 8:40] = 1
+    thin[8:16, 16:32, 16:32] = 2
+    thin[10:14, 21, 20:32] = 3  # y = 21 is never a nearest sample (0, 4, 8, ...)
+    naive = torch.nn.functional.interpolate(torch.from_numpy(thin)[None, None].float(), size=size,
+                                            mode="nearest").to(torch.uint8)[0, 0].numpy()
+    assert 3 not in np.unique(naive)
+    kept = resampling.resample_labels(thin, size, 4)
+    assert set(np.unique(kept)) == {0, 1, 2, 3}
+    where = np.argwhere(kept == 3)
+    assert where[:, 0].min() >= 2 and where[:, 0].max() <= 3 and set(where[:, 1]) == {5}
+    assert where[:, 2].min() >= 5 and where[:, 2].max() <= 7
     # through the pipeline: the coarse grid keeps every class present at full resolution
     img, lab, _ = _images(image, label, (1.0, 1.0, 1.0))
     case = preprocess_case([img], simple_plans(coarse_spacing=(4.0, 4.0, 4.0)), lab, "thin")

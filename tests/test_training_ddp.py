@@ -40,12 +40,32 @@ def _worker(rank: int, world: int, port: int, env: dict, out: str) -> None:
     torch.set_num_threads(1)
     from heartcascade.training.trainer import Trainer
 
+    import hashlib
+
+    from heartcascade.training.dataloading import BatchStream
+
     trainer = Trainer(DATASET_ID, 0, device="cpu", progress=False, num_workers=0, plans_override=OVERRIDE,
                       predict_validation=False)
+    initial, digests = {}, []
+    build, next_batch = trainer._build_networks, BatchStream.__next__
+
+    def build_and_record() -> None:  # the weights training starts from
+        build()
+        initial.update({name: {k: v.detach().clone() for k, v in net.state_dict().items()}
+                        for name, net in trainer.networks.items()})
+
+    def next_and_record(stream):  # what this rank trained on
+        batch = next_batch(stream)
+        digests.append(hashlib.sha1(torch.as_tensor(batch["data"]).cpu().numpy().tobytes()).hexdigest())
+        return batch
+
+    trainer._build_networks = build_and_record
+    BatchStream.__next__ = next_and_record
     result = trainer.run()
     state = {name: {k: v.detach().clone() for k, v in net.state_dict().items()}
              for name, net in trainer.networks.items()}
-    torch.save({"networks": state, "losses": result.epoch_losses, "rank": trainer.dist.rank}, Path(out) / f"rank{rank}.pt")
+    torch.save({"networks": state, "initial": initial, "batches": digests, "losses": result.epoch_losses,
+                "rank": trainer.dist.rank}, Path(out) / f"rank{rank}.pt")
 
 
 def test_ddp_two_processes_gloo(tmp_path):
@@ -79,6 +99,13 @@ def test_ddp_two_processes_gloo(tmp_path):
             assert torch.equal(value, r1["networks"][net][key]), (net, key)
             assert torch.equal(value, final["networks"][net][key]), (net, key)
     assert r0["losses"] == r1["losses"]  # epoch losses are all-reduced means
+    # both ranks started from the same weights, and training moved every network away from them
+    for net in ("net1", "net2"):
+        assert all(torch.equal(v, r1["initial"][net][k]) for k, v in r0["initial"][net].items()), net
+        assert any(not torch.equal(v, r0["initial"][net][k]) for k, v in r0["networks"][net].items()), net
+    # each rank drew its own data: no batch of rank 0 equals rank 1's batch of the same iteration
+    assert len(r0["batches"]) == len(r1["batches"]) == 2 + 2 + 3 + 2
+    assert all(a != b for a, b in zip(r0["batches"], r1["batches"]))
     assert final["world_size"] == 2
     assert isinstance(latest["rng"], list) and len(latest["rng"]) == 2  # every rank's RNG state kept
     assert "world_size=2" in (folder / "training_log.txt").read_text()

@@ -76,11 +76,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace, model_dir: Path | None, checkpoint: str) -> int:
     from heartcascade.inference.predictor import Predictor, tune_host_allocator
+    from heartcascade.utils.atomic import ensure_writable_dir
 
     tune_host_allocator()
     if args.num_parts < 1 or not 0 <= args.part_id < args.num_parts:
         raise HCError(f"--part-id must be in 0..{args.num_parts - 1} and --num-parts >= 1 "
                       f"(got {args.part_id} and {args.num_parts})")
+    ensure_writable_dir(args.output)  # a bad -o fails now, not after loading the model
     folds = args.folds
     if folds and "all" in folds and len(folds) > 1:
         raise HCError("-f all cannot be combined with numbered folds")

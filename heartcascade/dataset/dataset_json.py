@@ -83,6 +83,35 @@ class DatasetInfo:
             cases.append(Case(case_id, files, label if label.is_file() else None))
         return cases
 
+    def unpaired_training_files(self) -> list[str]:
+        """Problems that would make a training case vanish silently: an image named without its 4-digit
+        channel index (``CASE.nii.gz`` instead of ``CASE_0000.nii.gz``) or a label without images."""
+        from heartcascade.dataset.image_io import IMAGE_ENDINGS
+
+        images, labels, ending = self.folder / "imagesTr", self.folder / "labelsTr", self.file_ending
+        problems = []
+        ids = set()
+        if images.is_dir():
+            for p in sorted(images.iterdir()):
+                if p.name.startswith(".") or not p.name.lower().endswith(IMAGE_ENDINGS):
+                    continue
+                stem = p.name[: -len(ending)] if p.name.endswith(ending) else None
+                if stem is None:
+                    problems.append(f"{p}: training image does not end in '{ending}' (dataset.json file_ending)")
+                elif len(stem) < 6 or stem[-5] != "_" or not stem[-4:].isdigit():
+                    problems.append(f"{p}: training image name lacks the channel index; name it "
+                                    f"{stem}_0000{ending}")
+                else:
+                    ids.add(stem[:-5])
+        if labels.is_dir():
+            for p in sorted(labels.iterdir()):
+                if p.name.startswith(".") or not p.name.endswith(ending):
+                    continue
+                if p.name[: -len(ending)] not in ids:
+                    problems.append(f"{p}: label without training image (no imagesTr/"
+                                    f"{p.name[: -len(ending)]}_0000{ending})")
+        return problems
+
     def to_json(self) -> dict:
         data = {"channel_names": self.channel_names, "labels": self.labels, "numTraining": self.num_training,
                 "file_ending": self.file_ending}

@@ -6,7 +6,12 @@ whatever the scan's orientation.
 """
 from __future__ import annotations
 
+import contextlib
+import math
 import os
+import sys
+import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -81,24 +86,123 @@ def is_image_file(path: Path) -> bool:
 
 
 def read_image(path: str | os.PathLike) -> sitk.Image:
-    """Read a file SimpleITK understands, or a folder holding one DICOM series; one-line error otherwise."""
+    """Read a file SimpleITK understands, or a folder holding one DICOM series; one-line error otherwise.
+
+    Every command reads images and labels through here, so this is where damaged inputs are refused:
+    truncated or corrupt files, NaN/Inf voxels (any format; NIfTI is scanned raw because SimpleITK
+    reads NaN as 0), zero or non-finite spacing, non-3D and vector images.
+    """
     path = Path(path)
     if path.is_dir():
         image = _read_dicom_series(path)
     elif path.is_file():
-        try:
-            image = sitk.ReadImage(str(path))
-        except RuntimeError as exc:
-            reason = str(exc).strip().splitlines()
-            short = next((line for line in reason if "Exception" not in line and line.strip()), "unreadable")
-            raise HCError(f"{path}: cannot read image ({short.strip()[:160]})") from None
+        nifti = check_nifti_payload(path) if path.name.lower().endswith((".nii", ".nii.gz")) else False
+        image = _sitk_read(path)
+        if not nifti:
+            _check_finite(image, path)
+    elif path.is_symlink():
+        raise HCError(f"{path}: broken symbolic link (its target does not exist or links back to itself)")
+    elif path.exists():
+        raise HCError(f"{path}: not a regular file or folder")
     else:
         raise HCError(f"{path}: no such file or folder")
     if image.GetDimension() != 3:
         raise HCError(f"{path}: expected a 3D image, got {image.GetDimension()}D of size {image.GetSize()}")
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise HCError(f"{path}: expected one value per voxel, got {image.GetNumberOfComponentsPerPixel()} (vector/RGB image)")
+    check_spacing(image.GetSpacing(), path)
     return image
+
+
+_STDERR_LOCK = threading.Lock()
+
+
+def _sitk_read(path: Path) -> sitk.Image:
+    """``sitk.ReadImage`` with the C++ libraries' own stderr chatter captured (it becomes the reason).
+
+    Why: MetaIO and NRRD print their complaints straight to file descriptor 2, so a failed read would
+    show several lines and a misleading exception text ("No such file or directory") instead of one.
+    """
+    with _STDERR_LOCK, _captured_fd2() as captured:
+        try:
+            image = sitk.ReadImage(str(path))
+            error = None
+        except RuntimeError as exc:
+            image, error = None, exc
+    chatter = [line.strip() for line in captured() if line.strip()]
+    if error is None:
+        if chatter:
+            sys.stderr.write("\n".join(chatter) + "\n")
+        return image
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    reasons = [line for line in lines if not any(k in line for k in ("Exception thrown", "ITK ERROR", "Reason: No such"))]
+    if chatter:
+        short = " ".join(" ".join(chatter[:2]).split())
+    else:
+        short = reasons[-1] if reasons else (lines[-1] if lines else "unreadable")
+    raise HCError(f"{path}: cannot read image ({short[:160]})") from None
+
+
+@contextlib.contextmanager
+def _captured_fd2():
+    """Redirect file descriptor 2 into a temporary file; yields a callable returning the captured lines."""
+    text: list[str] = []
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield lambda: text
+        return
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield lambda: text
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text.extend(tmp.read(1 << 16).decode("utf-8", "replace").splitlines())
+
+
+def check_nifti_payload(path: Path) -> bool:
+    """Scan a NIfTI file's raw payload; raise for truncation, a damaged stream, NaN/Inf or zero pixdim.
+
+    Returns True when the file was a NIfTI this scan understood (its values are then known finite).
+    """
+    from heartcascade.dataset import nifti_header
+
+    try:
+        facts = nifti_header.scan(path)
+    except OSError as exc:
+        raise HCError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if facts is None:
+        return False
+    if facts.stream_error:
+        raise HCError(f"{path}: file is damaged or truncated: {facts.stream_error}")
+    if facts.payload_bytes < facts.expected_bytes:
+        raise HCError(f"{path}: file is truncated: the header declares {facts.expected_bytes} bytes of voxel data, "
+                      f"{facts.payload_bytes} are present")
+    spatial = facts.pixdim[:3]
+    if any(not math.isfinite(v) or v == 0 for v in spatial):
+        raise HCError(f"{path}: invalid voxel spacing (pixdim {_fmt(spatial)} mm): must be finite and non-zero")
+    if facts.nonfinite:
+        raise HCError(f"{path}: image contains {facts.nonfinite} NaN/Inf voxels")
+    return True
+
+
+def check_spacing(spacing: Sequence[float], path: str | os.PathLike) -> None:
+    """Zero, negative or non-finite spacing would silently distort every resampling step."""
+    if any(not math.isfinite(float(v)) or float(v) <= 0 for v in spacing):
+        raise HCError(f"{path}: invalid voxel spacing {_fmt(spacing)} mm: must be finite and positive")
+
+
+def _check_finite(image: sitk.Image, path: str | os.PathLike) -> None:
+    if image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
+        return
+    view = sitk.GetArrayViewFromImage(image)
+    bad = view.size - int(np.count_nonzero(np.isfinite(view)))
+    if bad:
+        raise HCError(f"{path}: image contains {bad} NaN/Inf voxels")
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:

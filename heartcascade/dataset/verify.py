@@ -6,9 +6,7 @@ Every problem is one line naming the file; nothing stops at the first problem.
 """
 from __future__ import annotations
 
-import gzip
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,41 +14,12 @@ import numpy as np
 from heartcascade.utils.progress import progress_bar
 
 from heartcascade.dataset.dataset_json import DatasetInfo, load_dataset
-from heartcascade.dataset.image_io import Geometry, image_array, label_array, read_image
+from heartcascade.dataset import size_limits
+from heartcascade.dataset.image_io import (Geometry, canonical_shape, choose_slice_axis, image_array, label_array,
+                                          read_image)
 from heartcascade.utils.errors import HCError
 
 CHANNEL_RE = re.compile(r"^(.+)_(\d{4})$")
-NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # DT_FLOAT32, DT_FLOAT64
-
-
-def nonfinite_voxels(path: str | Path) -> int:
-    """NaN/Inf values stored in a NIfTI file's float data (0 for other formats or integer data).
-
-    Why a raw read: SimpleITK's NIfTI reader (niftilib) silently replaces NaN/Inf by 0, so a
-    corrupted float image or label map would look clean through ``read_image``.
-    """
-    path = Path(path)
-    name = path.name.lower()
-    if not name.endswith((".nii", ".nii.gz")):
-        return 0
-    try:
-        with (gzip.open(path, "rb") if name.endswith(".gz") else open(path, "rb")) as fh:
-            header = fh.read(348)
-            endian = next((e for e in "<>" if len(header) == 348 and struct.unpack(e + "i", header[:4])[0] == 348), None)
-            if endian is None:
-                return 0
-            datatype = struct.unpack(endian + "h", header[70:72])[0]
-            if datatype not in NIFTI_FLOAT_TYPES:
-                return 0
-            fh.read(max(0, int(struct.unpack(endian + "f", header[108:112])[0]) - 348))
-            dtype = np.dtype(endian + NIFTI_FLOAT_TYPES[datatype])
-            count = 0
-            while chunk := fh.read(1 << 24):
-                values = np.frombuffer(chunk[: len(chunk) // dtype.itemsize * dtype.itemsize], dtype)
-                count += values.size - int(np.count_nonzero(np.isfinite(values)))
-            return count
-    except (OSError, EOFError, struct.error):
-        return 0  # unreadable files are reported by read_image
 
 
 @dataclass
@@ -139,12 +108,13 @@ def _check_case(case: _Case, info: DatasetInfo, allowed: set[int], report: Verif
         except HCError as exc:
             report.problems.append(str(exc))
             continue
-        bad = nonfinite_voxels(path)
-        if bad:
-            report.problems.append(f"{path}: image contains {bad} NaN/Inf voxels (SimpleITK would read them as 0)")
         geometry = Geometry.of(image)
         if ref is None:
             ref = (path, geometry)
+            slice_axis = choose_slice_axis(geometry.spacing, geometry.direction)
+            small = size_limits.too_small(canonical_shape(geometry.size, slice_axis))
+            if small:
+                report.problems.append(f"{path}: {small}")
         else:
             _compare(path, geometry, ref, report)
     if case.label is None:
@@ -155,9 +125,6 @@ def _check_case(case: _Case, info: DatasetInfo, allowed: set[int], report: Verif
     except HCError as exc:
         report.problems.append(str(exc))
         return
-    bad = nonfinite_voxels(case.label)
-    if bad:
-        report.problems.append(f"{case.label}: label map contains {bad} NaN/Inf values (SimpleITK would read them as 0)")
     bad = sorted(int(v) for v in values if int(v) not in allowed)
     if bad:
         report.problems.append(f"{case.label}: label values {', '.join(map(str, bad[:10]))} not declared in "

@@ -30,7 +30,7 @@ from heartcascade.evaluation.metrics import (
     label_metrics,
     mean_over_structures,
 )
-from heartcascade.utils.atomic import atomic_write_json, atomic_write_text
+from heartcascade.utils.atomic import atomic_write_json, atomic_write_text, ensure_writable_dir, remove_temp_files_of
 from heartcascade.utils.errors import HCError
 
 GEOMETRY_TOLERANCE = 1e-4
@@ -378,6 +378,10 @@ def evaluate_folders(
     labels = _check_labels(labels)
     codes = {int(k): int(v) for k, v in label_codes.items()} if label_codes else None
 
+    output_json = Path(output_json) if output_json is not None else pred_dir / "summary.json"
+    if output_json.is_dir():
+        raise HCError(f"{output_json}: summary path is a folder; give a file name such as summary.json")
+    ensure_writable_dir(output_json.parent)  # before any computation
     refs = find_cases(ref_dir)
     preds = find_cases(pred_dir)
     if not preds:
@@ -392,7 +396,6 @@ def evaluate_folders(
     cases = {n: results[n] for n in names}
 
     structures = list(labels) + ([WHOLE_HEART] if whole_heart else []) + [STRUCTURE_MEAN]
-    output_json = Path(output_json) if output_json is not None else pred_dir / "summary.json"
     files = {"json": str(output_json), "csv": str(output_json.with_suffix(".csv")),
              "markdown": str(output_json.with_suffix(".md"))}
     summary: dict[str, Any] = {
@@ -408,6 +411,8 @@ def evaluate_folders(
         "files": files,
     }
     summary.update(nnunet_summary(cases, labels, codes))
+    for path in files.values():  # leftovers of a killed earlier run
+        remove_temp_files_of(path)
     atomic_write_text(files["csv"], _csv_text(cases, structures, labels))
     atomic_write_text(files["markdown"], markdown_table(summary))
     atomic_write_json(output_json, summary)

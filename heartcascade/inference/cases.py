@@ -73,17 +73,26 @@ def _is_dicom_series_folder(folder: Path) -> bool:
         return False
 
 
-def discover_cases(input_path: str | Path, num_channels: int = 1) -> list[InputCase]:
-    """The cases under ``input_path``, sorted by case id (the order sharding relies on)."""
+def discover_cases(input_path: str | Path, num_channels: int = 1,
+                   output_dir: str | Path | None = None) -> list[InputCase]:
+    """The cases under ``input_path``, sorted by case id (the order sharding relies on).
+
+    With ``output_dir`` given, label maps this command wrote there earlier are not taken for inputs
+    (``-i`` may equal ``-o``), and a case whose output would replace one of its inputs is failed.
+    """
     path = Path(input_path)
     if not path.exists():
+        if path.is_symlink():
+            raise HCError(f"{path}: broken symbolic link (its target does not exist or links back to itself)")
         raise HCError(f"{path}: input not found")
     if path.is_file():
-        return [_single_file_case(path, num_channels)]
-    files = sorted((p for p in path.iterdir() if is_image_file(p) and image_ending(p.name) != ".dcm"),
-                   key=lambda p: p.name)
-    if files:
-        cases = _group_files(files, num_channels)
+        return _guard_inputs([_single_file_case(path, num_channels)], output_dir)
+    entries = sorted((p for p in path.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
+    files = [p for p in entries if is_image_file(p) and image_ending(p.name) != ".dcm"]
+    odd = [_odd_entry_case(p) for p in entries
+           if image_ending(p.name) not in (None, ".dcm") and not is_image_file(p)]
+    if files or odd:
+        cases = _group_files(files, num_channels) + odd
     elif _is_dicom_series_folder(path):
         cases = [_dicom_case(path, num_channels)]
     else:
@@ -92,7 +101,50 @@ def discover_cases(input_path: str | Path, num_channels: int = 1) -> list[InputC
     if not cases:
         raise HCError(f"{path}: no images found (expected files ending in {', '.join(IMAGE_ENDINGS)} "
                       f"or DICOM series)")
-    return _mark_duplicates(sorted(cases, key=lambda c: c.case_id))
+    return _mark_duplicates(_guard_inputs(sorted(cases, key=lambda c: c.case_id), output_dir))
+
+
+def _odd_entry_case(path: Path) -> InputCase:
+    """A name that looks like an image but is no readable file: a failed case, never silently skipped."""
+    if path.is_symlink() and not path.exists():
+        reason = "broken symbolic link (its target does not exist or links back to itself)"
+    elif path.is_dir():
+        reason = "is a folder, not an image file"
+    else:
+        reason = "not a regular file"
+    stem = strip_image_ending(path.name)
+    match = _CHANNEL_RE.match(stem)
+    case_id = match.group(1) if match else stem
+    return InputCase(case_id, [path], output_ending_for(path), error=f"{path}: {reason}")
+
+
+def _guard_inputs(cases: list[InputCase], output_dir: str | Path | None) -> list[InputCase]:
+    """Drop earlier outputs found among the inputs; fail a case whose output would overwrite its input."""
+    if output_dir is None:
+        return cases
+    inputs_of = {id(c): {_resolved(f) for f in c.files} for c in cases}
+    produced = {}
+    for case in cases:
+        out = _resolved(case.output_path(output_dir))
+        if out not in inputs_of[id(case)] and not case.error:
+            produced[out] = case
+    kept = []
+    for case in cases:
+        inputs = inputs_of[id(case)]
+        if len(inputs) == 1 and next(iter(inputs)) in produced and not case.error:
+            continue  # CASE.nii.gz written earlier for CASE_0000.nii.gz: an output, not an input
+        if _resolved(case.output_path(output_dir)) in inputs and not case.error:
+            case.error = (f"{case.files[0]}: the output {case.output_path(output_dir).name} would overwrite this "
+                          f"input; choose another output folder (-o)")
+        kept.append(case)
+    return kept
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError):
+        return Path(path).absolute()
 
 
 def _single_file_case(path: Path, num_channels: int) -> InputCase:
@@ -127,9 +179,14 @@ def _group_files(files: Sequence[Path], num_channels: int) -> list[InputCase]:
         first = channels[min(channels)]
         if set(channels) == wanted:
             cases.append(InputCase(case_id, [channels[c] for c in range(num_channels)], output_ending_for(first)))
-        elif num_channels == 1:
+        elif num_channels == 1 and 0 not in channels:
             # Numbered plain files (scan_0001, scan_0002 ...) of a single-channel model: one case each.
             plain.extend(channels.values())
+        elif num_channels == 1:
+            names = ", ".join(channels[c].name for c in sorted(channels))
+            cases.append(InputCase(case_id, [channels[c] for c in sorted(channels)], output_ending_for(first),
+                                   error=f"{first.parent}: case {case_id}: the model takes 1 channel but "
+                                         f"{len(channels)} channel files were given ({names})"))
         else:
             missing = sorted(wanted - set(channels))
             extra = sorted(set(channels) - wanted)

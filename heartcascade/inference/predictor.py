@@ -43,7 +43,7 @@ from heartcascade.inference.io_pipeline import BackgroundWriter, prefetch
 from heartcascade.inference.net2_runner import autocast_context, auto_z_chunk, net2_chunks
 from heartcascade.inference.postprocessing import Postprocessing, find_postprocessing, load_postprocessing
 from heartcascade.planning.plans import ROI_DEFAULTS, roi_fields
-from heartcascade.utils.atomic import atomic_path
+from heartcascade.utils.atomic import atomic_path, ensure_writable_dir, remove_temp_files_of
 from heartcascade.utils.errors import HCError
 
 #: Bytes of working memory Net2 / the baseline may use per pass when the plans do not say (CPU).
@@ -658,21 +658,24 @@ class Predictor:
             log = (lambda msg: print(msg, flush=True)) if self.verbose else (lambda msg: None)
         output_dir = Path(output_dir)
         if isinstance(inputs, (str, Path)):
-            cases = discover_cases(inputs, self.num_channels)
+            cases = discover_cases(inputs, self.num_channels, output_dir=output_dir)
         elif inputs and all(isinstance(c, InputCase) for c in inputs):
             cases = list(inputs)  # type: ignore[arg-type]
         else:
             cases = cases_from_file_lists(inputs, case_ids)  # type: ignore[arg-type]
         cases = shard(cases, part_id, num_parts)
-        output_dir.mkdir(parents=True, exist_ok=True)
+        ensure_writable_dir(output_dir)
         report = PredictionReport()
         todo: list[InputCase] = []
         for case in cases:
             out = case.output_path(output_dir)
+            wanted = [out, probabilities_path(out)] if save_probabilities else [out]
+            for path in wanted:  # leftovers of a killed run of this case (this shard owns it)
+                remove_temp_files_of(path)
             if case.error:
                 report.failed[case.case_id] = case.error
                 log(f"{case.case_id}: FAILED: {case.error}")
-            elif out.exists() and not overwrite:
+            elif all(p.exists() for p in wanted) and not overwrite:
                 report.skipped.append(case.case_id)
                 log(f"{case.case_id}: skipped, {out} exists (use --overwrite)")
             else:
@@ -848,12 +851,13 @@ def sliding_window_softmax(net: torch.nn.Module, x: torch.Tensor, patch: Sequenc
 
 def _write_outputs(labels: np.ndarray, geometry: Geometry, out: Path, reference: Path | None,
                    probabilities: RoiProbabilities | None, num_classes: int) -> None:
-    image_io.write_array(labels, geometry, out, reference=reference)
+    """Probabilities first, label map last: a label map on disk means the case is complete."""
     if probabilities is not None:
         path = probabilities_path(out)
         with atomic_path(path, suffix=".npz") as tmp:
             np.savez_compressed(tmp, probabilities=probabilities.array, bbox_zyx=np.asarray(probabilities.box),
                                 shape_zyx=np.asarray(probabilities.shape), num_classes=np.asarray(num_classes))
+    image_io.write_array(labels, geometry, out, reference=reference)
 
 
 def probabilities_path(label_path: str | Path) -> Path:

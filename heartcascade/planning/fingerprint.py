@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,7 +23,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from heartcascade.dataset import image_io
+from heartcascade.dataset import image_io, size_limits
 from heartcascade.dataset.dataset_json import Case, DatasetInfo
 from heartcascade.preprocessing import cropping
 from heartcascade.preprocessing.preprocess import read_labels
@@ -141,6 +140,18 @@ def _worker(args: tuple) -> tuple[str, Any, Any]:
         return case.case_id, None, f"{type(exc).__name__}: {exc}"
 
 
+def excluded_cases(fingerprint: dict[str, Any], K: int) -> dict[str, str]:
+    """Training cases the plan leaves out, with the reason: too small for any network, or (the planner's
+    rule) fewer cropped slices than the plan's K."""
+    out = dict(fingerprint.get("too_small_cases") or {})
+    for rec in fingerprint.get("cases", []):
+        if rec["case_id"] not in out:
+            reason = size_limits.too_small(rec["cropped_shape"], min_slices=K)
+            if reason:
+                out[rec["case_id"]] = reason.replace("K needs", f"the plan's K = {K} needs")
+    return out
+
+
 def _pct(values: Sequence[Sequence[float]], q: float) -> list[float]:
     return [float(v) for v in np.percentile(np.asarray(values, dtype=float), q, axis=0)]
 
@@ -205,13 +216,21 @@ def compute_fingerprint(info: DatasetInfo, num_processes: int = 1, progress: boo
     results = _map(_worker, jobs, num_processes, progress, "fingerprint")
     stamps = {c.case_id: case_stamp(c) for c in cases}
     failed = {cid: {"error": err, "stamp": stamps[cid]} for cid, rec, err in results if rec is None}
-    for cid, entry in failed.items():
-        print(f"error: case {cid}: {entry['error']} (left out of the fingerprint)", file=sys.stderr)
+    # failed cases are reported (once, naming the file) by preprocessing, which refuses them too
     if len(failed) == len(results):
         first = next(iter(failed.items()))
         raise HCError(f"fingerprint failed for every case, e.g. {first[0]}: {first[1]['error']}")
-    records = [rec for _, rec, _ in results if rec is not None]
-    samples = [smp for _, rec, smp in results if rec is not None]
+    too_small = {}
+    for cid, rec, _ in results:
+        reason = size_limits.too_small(rec["cropped_shape"]) if rec is not None else None
+        if reason:
+            too_small[cid] = reason  # reported by preprocessing, which refuses the case
+    usable = [(rec, smp) for cid, rec, smp in results if rec is not None and cid not in too_small]
+    if not usable:
+        first = next(iter(too_small.items()))
+        raise HCError(f"every training case is too small for the network, e.g. {first[0]}: {first[1]}")
+    records = [rec for rec, _ in usable]
+    samples = [smp for _, smp in usable]
     return {
         "fingerprint_version": FINGERPRINT_VERSION,
         "dataset": info.folder.name,
@@ -220,8 +239,9 @@ def compute_fingerprint(info: DatasetInfo, num_processes: int = 1, progress: boo
         "num_classes": info.num_classes,
         "dataset_json_stamp": file_stamp([info.folder / "dataset.json"]),
         **aggregate(records, samples, info),
-        "cases": records,
+        "cases": records + [rec for cid, rec, _ in results if cid in too_small],
         "failed_cases": failed,
+        "too_small_cases": too_small,
     }
 
 

@@ -10,7 +10,8 @@ Rules, in the order they are applied:
    median in-plane spacing -- is chosen; slices are never resampled.
 3. **K** (odd) = the odd number nearest ``k_extent_mm / slice spacing`` (ties up), clamped to
    [``k_min``, ``k_max``] = [3, 9] and to the thinnest case's (cropped) slice count: 9 for CT with 0.5-0.7
-   mm slices, 3 for 8 mm MR.
+   mm slices, 3 for 8 mm MR. The clamp uses the median case: a thinner outlier is left out of the plan
+   (``dataset.excluded_cases``) instead of lowering K for everyone.
 4. **Net1's coarse spacing.** The smallest isotropic spacing ``s`` (never finer than the data; per axis
    ``max(native, s)``; searched on a geometric grid of step ``coarse_spacing_step``) at which Net1
    trains on the whole 95th-percentile field of view (cropped extent in mm) at batch 1 within the
@@ -40,6 +41,7 @@ import os
 from typing import Any, Callable, Mapping, Sequence
 
 from heartcascade.dataset.dataset_json import CT_NAMES, DatasetInfo
+from heartcascade.planning import fingerprint as fpmod
 from heartcascade.planning import memory_model as mm
 from heartcascade.planning.plans import PLANS_VERSION, ROI_DEFAULTS, validate_plans
 from heartcascade.preprocessing.preprocess import coarse_scale_factors
@@ -207,6 +209,13 @@ class _Context:
         self.fov95 = [float(v) for v in fingerprint["fov_mm"]["p95"]]
         self.fov_median = [float(v) for v in fingerprint["fov_mm"]["median"]]
         self.min_slices = int(fingerprint["min_slices"])
+        small = fingerprint.get("too_small_cases") or {}
+        slices = sorted(r["cropped_shape"][0] for r in fingerprint.get("cases", []) if r["case_id"] not in small)
+        if slices:  # a case thinner than the K the typical case allows is left out; it does not lower K
+            p2 = preset["net2"]
+            k = choose_k(self.spacing[0], slices[(len(slices) - 1) // 2], float(p2.get("k_extent_mm", 6.0)),
+                         int(p2.get("k_min", 3)), int(p2.get("k_max", 9)))
+            self.min_slices = min(n for n in slices if n >= k)
         if self.inplane is None:
             self.shape95 = [int(round(v)) for v in fingerprint["cropped_shape"]["p95"]]
         else:
@@ -432,7 +441,8 @@ def plan_experiment(fingerprint: dict[str, Any], preset: dict[str, Any], info: D
     plans: dict[str, Any] = {
         "plans_version": PLANS_VERSION,
         "planner_version": PLANNER_VERSION,
-        "dataset": {"name": info.folder.name, "id": dataset_id, "num_training_cases": int(fingerprint["num_cases"])},
+        "dataset": {"name": info.folder.name, "id": dataset_id, "num_training_cases": int(fingerprint["num_cases"]),
+                    "excluded_cases": fpmod.excluded_cases(fingerprint, K)},
         "preset": preset.get("name"),
         "machine": {"kind": machine, "source": machine_source, "cpu_count": os.cpu_count(),
                     "gpu_memory_gb": None if machine == "cpu" else round(ctx.target_gb, 3)},

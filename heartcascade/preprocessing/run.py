@@ -31,7 +31,7 @@ from heartcascade.planning import planner, presets
 from heartcascade.planning.plans import load_plans, plans_path, preprocessing_hash, save_plans
 from heartcascade.preprocessing import storage
 from heartcascade.preprocessing.preprocess import preprocess_case, read_images
-from heartcascade.utils.atomic import atomic_path
+from heartcascade.utils.atomic import atomic_path, ensure_writable_dir
 from heartcascade.utils.errors import HCError
 from heartcascade.dataset import image_io
 
@@ -68,10 +68,9 @@ def case_is_current(folder: Path, case: Case, stamp: dict[str, Any]) -> bool:
         props = storage.load_properties(folder, case.case_id)
     except HCError:
         return False
-    files = storage.case_files(folder, case.case_id)
-    if not (files["image"].is_file() and files["coarse_image"].is_file()):
+    if props.get("stamp") != stamp:
         return False
-    return props.get("stamp") == stamp
+    return storage.damaged_files(folder, case.case_id) == []
 
 
 def _process_one(job: tuple) -> tuple[str, str | None, float]:
@@ -169,8 +168,10 @@ def make_plans(info: DatasetInfo, out_dir: Path, dataset_id: int, preset_name: s
     if path.is_file() and not overwrite:
         try:
             existing = load_plans(path)
-        except HCError:
-            existing = None
+        except HCError as exc:  # never replace a (hand-edited) plan silently by one of another preset
+            raise HCError(f"{exc}; re-plan with 'hc_plan_and_preprocess -d {dataset_id} --overwrite"
+                          f"{' --preset ' + preset_name if preset_name else ''}' (this preprocesses every case "
+                          f"again) or restore the file") from None
         if existing is not None:
             same_preset = preset_name is None or existing.get("preset") == preset.get("name")
             same_memory = gpu_memory_gb is None or abs(existing["memory"]["target_gb"] - gpu_memory_gb) < 1e-6
@@ -188,15 +189,29 @@ def plan_and_preprocess(dataset_id: int | str, gpu_memory_gb: float | None = Non
     """The whole command (see module docstring)."""
     num = paths.parse_dataset_id(dataset_id)
     info = load_dataset(paths.raw_dataset_dir(num))
+    unpaired = info.unpaired_training_files()
+    if unpaired:  # every training case is preprocessed, or the run says which one is not
+        more = f" (and {len(unpaired) - 1} more such file(s))" if len(unpaired) > 1 else ""
+        raise HCError(unpaired[0] + more)
     out_dir = paths.preprocessed_root() / info.folder.name
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(out_dir, "preprocessed dataset folder")
     num_processes = num_processes or default_num_processes()
     _copy_dataset_json(info, out_dir)
     plans = make_plans(info, out_dir, num, preset, gpu_memory_gb, num_processes, overwrite, progress, machine)
     result = RunResult(out_dir, plans)
+    cases = info.training_cases()
+    fingerprint = fpmod.load_fingerprint(out_dir / fpmod.FINGERPRINT_FILE)
+    excluded = {cid: f"{entry['error']}" for cid, entry in (fingerprint.get("failed_cases") or {}).items()}
+    small = fpmod.excluded_cases(fingerprint, int(plans["net2"]["K"]))
+    for case in cases:  # refused, named once, and kept out of the data folder (training never sees them)
+        if case.case_id in small:
+            excluded[case.case_id] = f"{case.images[0]}: {small[case.case_id]}; remove the case from the dataset"
+        if case.case_id in excluded:
+            result.failed[case.case_id] = excluded[case.case_id]
+            print(f"error: case {case.case_id}: {excluded[case.case_id]}", file=sys.stderr)
     if plan_only:
         return result
-    cases = info.training_cases()
     folder = storage.data_dir(out_dir)
-    _remove_stale(folder, {c.case_id for c in cases})
+    _remove_stale(folder, {c.case_id for c in cases if c.case_id not in excluded})
+    cases = [c for c in cases if c.case_id not in excluded]
     return preprocess_cases(cases, plans, folder, num_processes, overwrite, progress, result)

@@ -22,13 +22,14 @@ marks a complete case (:func:`list_cases` relies on it) and a crash never leaves
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from heartcascade.utils.atomic import atomic_path, atomic_write_json
+from heartcascade.utils.atomic import atomic_path, atomic_write_json, remove_temp_files_of
 from heartcascade.utils.errors import HCError
 from heartcascade.utils.jsonio import load_json
 
@@ -83,6 +84,8 @@ def save_case(folder: str | os.PathLike, case_id: str, case: PreprocessedCase) -
     files = case_files(folder, case_id)
     Path(folder).mkdir(parents=True, exist_ok=True)
     files["properties"].unlink(missing_ok=True)
+    for path in files.values():  # leftovers of a killed earlier write of this case (one worker per case)
+        remove_temp_files_of(path)
     _save_npy(files["image"], np.asarray(case.image, dtype=np.float32))
     _save_npy(files["coarse_image"], np.asarray(case.coarse_image, dtype=np.float32))
     for name in ("seg", "coarse_seg"):
@@ -139,6 +142,49 @@ def load_case(folder: str | os.PathLike, case_id: str, mmap: bool = True, load_s
     )
 
 
+def damaged_files(folder: str | os.PathLike, case_id: str) -> list[Path]:
+    """Files of a stored case that are missing, truncated or unreadable (cheap: headers and sizes only).
+
+    Why: "up to date" must not mean "the properties file exists" -- a truncated ``.npy`` from a full
+    disk or a copy gone wrong would otherwise be skipped by preprocessing and break training later.
+    """
+    files = case_files(folder, case_id)
+    bad = []
+    for name in _ARRAYS:
+        path = files[name]
+        if not path.is_file():
+            if name in ("image", "coarse_image"):
+                bad.append(path)
+            continue
+        if not _npy_complete(path):
+            bad.append(path)
+    if files["locations"].is_file():
+        try:
+            with zipfile.ZipFile(files["locations"]) as zf:
+                if any(info.header_offset + info.compress_size > files["locations"].stat().st_size
+                       for info in zf.infolist()):
+                    bad.append(files["locations"])
+        except (zipfile.BadZipFile, OSError):
+            bad.append(files["locations"])
+    return bad
+
+
+def _npy_complete(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read_header(fh)
+            offset = fh.tell()
+    except (ValueError, OSError, EOFError):
+        return False
+    count = 1
+    for n in shape:
+        count *= int(n)
+    return path.stat().st_size >= offset + count * dtype.itemsize
+
+
 def list_cases(folder: str | os.PathLike) -> list[str]:
     """Ids of the complete cases in ``folder`` (those whose properties file exists), sorted."""
     folder = Path(folder)
@@ -154,3 +200,4 @@ def remove_case(folder: str | os.PathLike, case_id: str) -> None:
     files["properties"].unlink(missing_ok=True)
     for path in files.values():
         path.unlink(missing_ok=True)
+        remove_temp_files_of(path)

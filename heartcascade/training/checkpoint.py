@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from heartcascade.utils.atomic import atomic_path
+from heartcascade.utils.atomic import atomic_path, remove_temp_files_of
 from heartcascade.utils.errors import HCError
 
 FORMAT_VERSION = 1
@@ -43,7 +43,9 @@ def checkpoint_path(folder: str | Path, kind: str) -> Path:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write ``state`` atomically (a reader or a crash never sees a partial file)."""
+    """Write ``state`` atomically (a reader or a crash never sees a partial file); leftovers of a write
+    that a kill -9 interrupted are removed first (only the main process writes checkpoints)."""
+    remove_temp_files_of(path)
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 

@@ -6,11 +6,15 @@ over the destination with ``os.replace``, which is atomic on POSIX file systems.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from heartcascade.utils.errors import HCError
 
 
 @contextlib.contextmanager
@@ -33,9 +37,85 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         _fsync_file(tmp_path)
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
+    except OSError as exc:
+        if is_disk_full(exc, path.parent):
+            raise HCError(f"no space left on device: {path}") from None
+        raise
+    except Exception:
+        if is_disk_full(None, path.parent):  # e.g. ITK's writer reports a short write as RuntimeError
+            raise HCError(f"no space left on device: {path}") from None
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
+
+
+def is_disk_full(exc: BaseException | None, folder: Path) -> bool:
+    """True when a failed write was (most likely) caused by a full disk or quota.
+
+    numpy reports a short write as ``OSError: N requested and M written`` without an errno, and other
+    writers only raise their own errors, so an empty file system counts as the cause too.
+    """
+    if isinstance(exc, OSError) and (exc.errno in (errno.ENOSPC, errno.EDQUOT) or _SHORT_WRITE.search(str(exc))):
+        return True
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail == 0
+
+
+def temp_files_of(path: str | os.PathLike) -> list[Path]:
+    """Leftover temporary files of :func:`atomic_path` for ``path`` (after a kill -9 or a crash)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    prefix = f".{path.name}."
+    return sorted(p for p in path.parent.iterdir() if p.name.startswith(prefix) and ".tmp" in p.name[len(prefix):])
+
+
+def remove_temp_files_of(path: str | os.PathLike) -> int:
+    """Delete the leftovers of an interrupted write of ``path``; returns how many were removed.
+
+    Only call this for outputs no other live process is writing (e.g. the cases of this command's shard).
+    """
+    removed = 0
+    for tmp in temp_files_of(path):
+        try:
+            tmp.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def ensure_writable_dir(folder: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create ``folder`` if needed and prove it takes files; one-line HCError otherwise.
+
+    Why: commands call this before any computation, so a wrong ``-o`` (an existing file, a read-only
+    file system, a parent that is a file) fails in a second instead of after an hour of work.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise HCError(f"{folder}: {what} exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise HCError(f"{folder}: cannot create {what}: a part of the path is a file") from None
+    except OSError as exc:
+        raise HCError(f"{folder}: cannot create {what} ({exc.strerror or exc})") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".hc-write-test.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        if is_disk_full(exc, folder):
+            raise HCError(f"no space left on device: {folder}") from None
+        raise HCError(f"{folder}: {what} is not writable ({exc.strerror or exc})") from None
+    return folder
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
