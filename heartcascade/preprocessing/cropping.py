@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+from acvl_utils.cropping_and_padding.bounding_boxes import get_bbox_from_mask
 from scipy import ndimage
 
 HU_THRESHOLD = -500.0
@@ -65,11 +66,8 @@ def body_bbox(array: np.ndarray, spacing_zyx: Sequence[float], modality: str,
     if mask.sum() < MIN_MASK_FRACTION * mask.size:
         return full_bbox(shape)
     box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        hit = np.flatnonzero(mask.any(axis=other))
-        lo = int(hit[0]) * steps[axis]
-        hi = min(shape[axis], (int(hit[-1]) + 1) * steps[axis])
+    for axis, (lo, hi) in enumerate(get_bbox_from_mask(mask)):  # half-open, on the subsampled grid
+        lo, hi = lo * steps[axis], min(shape[axis], hi * steps[axis])
         pad = int(np.ceil(margin_mm / float(spacing_zyx[axis])))
         box.append([max(0, lo - pad), min(shape[axis], hi + pad)])
     return box
@@ -77,14 +75,10 @@ def body_bbox(array: np.ndarray, spacing_zyx: Sequence[float], modality: str,
 
 def label_bbox(seg: np.ndarray, margin_vox: Sequence[int] = (0, 0, 0)) -> BBox | None:
     """Bounding box of the non-zero labels (grown by ``margin_vox``), or None when the label is empty."""
-    box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        hit = np.flatnonzero(np.any(seg, axis=other))
-        if hit.size == 0:
-            return None
-        box.append([max(0, int(hit[0]) - int(margin_vox[axis])), min(seg.shape[axis], int(hit[-1]) + 1 + int(margin_vox[axis]))])
-    return box
+    if not np.any(seg):
+        return None
+    return [[max(0, int(lo) - int(m)), min(n, int(hi) + int(m))]
+            for (lo, hi), m, n in zip(get_bbox_from_mask(np.asarray(seg) != 0), margin_vox, seg.shape)]
 
 
 def union_bbox(a: BBox, b: BBox | None) -> BBox:
