@@ -416,12 +416,16 @@ def test_net1_roi_box_selection_and_nothing_found_fallback():
     probs = torch.zeros(1, plans["num_classes"], 4, 5, 6)
     probs[0, 0] = 0.9
     probs[0, 1] = 0.1
-    probs[0, 2, 1, 2:4, 4] = 0.95  # foreground: coarse z 1, y 2..3, x 4
+    probs[0, 2, 1, 2:4, 4] = 0.95  # foreground: coarse z 1, y 2..3, x 4 (a normalised softmax there)
+    probs[0, 0, 1, 2:4, 4] = 0.05
+    probs[0, 1, 1, 2:4, 4] = 0.0
     # coarse z [1, 2) -> full [2, 4), grown by max(ceil(3 / 2), 8 / 4) = 2 -> [0, 6)
     # coarse y [2, 4) -> full [8, 16), grown by max(3, 20 / 5) = 4 -> [4, 20)
     # coarse x [4, 5) -> full [16, 20), grown by max(3, 24 / 6) = 4 -> [12, 24)
     assert p.roi_box(probs, props) == ((0, 6), (4, 20), (12, 24))
     probs[0, 2] = 0.0
+    probs[0, 0] = 0.9
+    probs[0, 1] = 0.1
     assert p.roi_box(probs, props) == ((0, 8), (0, 20), (0, 24))  # nothing found: the whole volume
 
 

@@ -139,7 +139,8 @@ def test_export_install_and_predict_from_zip(tmp_path, hc_roots, monkeypatch):
 
     (hc_roots["raw"] / "Dataset007_Tiny").mkdir()
     config = write_model(hc_roots["results"] / "Dataset007_Tiny" / "cascade", tiny_plans(), folds=(0, 1))
-    (config / "postprocessing.json").write_text('{"keep_largest": [1]}')
+    (config / "postprocessing.json").write_text('{"format_version": 1, "keep_largest_foreground": true, '
+                                                '"keep_largest_per_label": [1]}')
     state = torch.load(config / "fold_0" / "checkpoint_final.pth", weights_only=True)
     state["optimizer"] = {"big": torch.zeros(1000)}  # resume state must not travel
     torch.save(state, config / "fold_0" / "checkpoint_final.pth")
