@@ -638,7 +638,7 @@ class Trainer:
                         st.iterations_override = done
                     if bar.total != st.iterations:
                         bar.total = st.iterations
-                    bar.set_description(f"step {stage} (ETA {self._eta(schedule):.0f} s)", refresh=False)
+                    bar.set_description(f"step {stage} (ETA {self._eta():.0f} s)", refresh=False)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if done % st.iterations_per_epoch == 0 or done >= st.iterations:
@@ -685,7 +685,7 @@ class Trainer:
         st.iterations_override = schedule.iterations
         return schedule
 
-    def _eta(self, schedule: StepSchedule) -> float:
+    def _eta(self) -> float:
         """Seconds until the whole budgeted curriculum ends (this step's deadline plus the later shares)."""
         budget = self.cfg.time_budget_s or 0.0
         return max(0.0, budget - self._elapsed())
@@ -827,7 +827,7 @@ class Trainer:
         self.logger.log(f"step {stage} epoch {epoch}/{math.ceil(st.iterations / st.iterations_per_epoch)} "
                         f"(it {iteration}): loss {means[0]:.4f} "
                         f"({', '.join(f'{k} {v:.4f}' for k, v in terms.items())}), {sec:.3f} s/it, "
-                        f"data wait {100 * wait:.0f}%" + (f", run ends in {self._eta(self.schedule):.0f} s"
+                        f"data wait {100 * wait:.0f}%" + (f", run ends in {self._eta():.0f} s"
                                                           if self.schedule is not None and self.schedule.budgeted else ""))
         self.epoch_acc = {}
         if self.val_cases and (epoch % max(1, self.cfg.validate_every_epochs) == 0 or iteration >= st.iterations):
