@@ -99,6 +99,9 @@ def main() -> int:
     parser.add_argument("--nnunet-python", default=None, help="python of a venv with nnunetv2 (for nnunet_*)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--retrain", action="store_true", help="train again even where a model exists")
+    parser.add_argument("--plans-override", default=None,
+                        help="JSON passed to hc_train --plans-override for the cascade methods (an ablation; "
+                             "give it its own --tag)")
     args = parser.parse_args()
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))
@@ -139,9 +142,10 @@ def main() -> int:
         if final.is_file() and not args.retrain:
             print(f"reusing {final}")
             return
+        override = ["--plans-override", args.plans_override] if args.plans_override and config == "cascade" else []
         seconds[f"train_{config}_{dataset}"], _ = run(
             [command("hc_train"), str(dataset), "0", "-c", config, "--splits", str(splits), "--time-budget", budget,
-             "--device", args.device, "--quiet"], log)
+             "--device", args.device, "--quiet", *override], log)
 
     def hc_predict(key: str, dataset: int, config: str, extra: list[str]) -> Path:
         pred = work / f"predictions_{tag}" / key

@@ -242,6 +242,28 @@ def test_preset_step_losses_and_dice_weighting_reach_the_plans(paper):
         training_config(plans, "cascade")
 
 
+def test_step4_stacks_capped_at_the_presets_inplane_mm(paper):
+    """A heart-sized step-4 window: K x (max_inplane_mm / spacing, up to Net2's divisor), never larger
+    than the full slice; inference (whole ROI, memory tile) is unchanged."""
+    assert planner.step4_tile([256, 256], [1.25, 1.25], None, 8) == [256, 256]
+    assert planner.step4_tile([256, 256], [1.25, 1.25], 160.0, 8) == [128, 128]
+    assert planner.step4_tile([256, 96], [1.25, 1.25], 150.0, 8) == [120, 96]
+    capped = json.loads(json.dumps(paper))
+    capped["training"]["steps"][3]["max_inplane_mm"] = 160.0
+    a = planner.plan_experiment(MSCMR, paper, MR_INFO, 2, gpu_memory_gb=12)
+    b = planner.plan_experiment(MSCMR, capped, MR_INFO, 2, gpu_memory_gb=12)
+    divisor = b["net2"]["required_divisor"]
+    spacing = b["full_resolution"]["spacing"]
+    s4a, s4b = a["training"]["steps"][3], b["training"]["steps"][3]
+    assert s4a["stack_shape"][1:] == a["net2"]["inplane_tile"]
+    assert s4b["stack_shape"][0] == s4a["stack_shape"][0]
+    for axis in (1, 2):
+        edge = s4b["stack_shape"][axis]
+        assert edge % divisor == 0 and edge * spacing[axis] >= 160.0 > (edge - divisor) * spacing[axis]
+        assert edge < s4a["stack_shape"][axis]
+    assert b["inference"] == a["inference"] and b["net2"] == a["net2"]
+
+
 def test_presets_folder_and_override(tmp_path, monkeypatch):
     assert {"paper", "demo"} <= set(presets.available_presets())
     paper = presets.load_preset("paper")

@@ -25,10 +25,12 @@ Rules, in the order they are applied:
    1. If none does, the minimal width is used and Net2 works on in-plane tiles.
 7. **Step-3 subvolumes** that do not fit are shrunk, depth first (Net1 still sees the whole in-plane
    context it needs), then in-plane.
-8. **Batch sizes** per step: the largest up to the preset's ``max_batch_size`` that fits for the
+8. **Step-4 stacks** are K slices of that in-plane size (or tile), capped at the preset's step-4
+   ``max_inplane_mm`` when set (a heart-sized window around the sampled voxel).
+9. **Batch sizes** per step: the largest up to the preset's ``max_batch_size`` that fits for the
    step's largest input.
-9. **Inference**: the largest z-chunk (up to ``max_z_chunk`` output slices) for which Net2 fits.
-10. **Baseline 3D U-Net** on data resampled to 2 mm (native where coarser): the whole 95th-percentile
+10. **Inference**: the largest z-chunk (up to ``max_z_chunk`` output slices) for which Net2 fits.
+11. **Baseline 3D U-Net** on data resampled to 2 mm (native where coarser): the whole 95th-percentile
     field of view if it fits, else shrunk along its longest axis; widths halved if even 32^3 fails.
 """
 from __future__ import annotations
@@ -304,6 +306,19 @@ def nominal_subvolumes(ctx: _Context, K: int, divisor: int) -> list[list[int]]:
     return sorted(shapes, key=lambda s: math.prod(s))
 
 
+def step4_tile(tile: Sequence[int], inplane_spacing: Sequence[float], max_inplane_mm: float | None,
+               divisor: int) -> list[int]:
+    """Step-4 stacks' in-plane size: the memory tile, capped at ``max_inplane_mm`` when the preset sets it.
+
+    Net2 only ever predicts inside the heart ROI, so whole slices (mostly arms, liver and air on a
+    320 mm MR field of view) spend most of a step-4 iteration on context it never sees at test time;
+    a tile a little larger than a heart (rounded up to Net2's divisor) trains on what it will meet.
+    """
+    if max_inplane_mm is None:
+        return [int(t) for t in tile]
+    return [min(int(t), ceil_to(float(max_inplane_mm) / float(sp), divisor)) for t, sp in zip(tile, inplane_spacing)]
+
+
 def _shrink(shape: list[int], min_d: int, min_hw: int, divisor: int) -> list[int] | None:
     """One shrinking step: depth first (x0.75), then in-plane (x0.8); None when nothing is left to shrink."""
     d, h, w = shape
@@ -392,7 +407,9 @@ def plan_experiment(fingerprint: dict[str, Any], preset: dict[str, Any], info: D
                                step_presets[2].get("max_batch_size", 1))
     b3, peak3 = _largest_batch(lambda b: step3_peak(n2kw, b, shapes3[-1]), usable,
                                step_presets[3].get("max_batch_size", 1))
-    b4, peak4 = _largest_batch(lambda b: step4_peak(n2kw, b, tile), usable, step_presets[4].get("max_batch_size", 1))
+    stack_tile = step4_tile(tile, ctx.spacing[1:], step_presets[4].get("max_inplane_mm"), divisor)
+    b4, peak4 = _largest_batch(lambda b: step4_peak(n2kw, b, stack_tile), usable,
+                               step_presets[4].get("max_batch_size", 1))
 
     # Inference (rule 9)
     inf = preset["inference"]
@@ -435,7 +452,7 @@ def plan_experiment(fingerprint: dict[str, Any], preset: dict[str, Any], info: D
         step_entry(3, "cascade_subvolumes", ["net1", "net2"], [], ["L1", "L2"], "subvolumes", b3, peak3,
                    subvolume_shapes=shapes3),
         step_entry(4, "net2_slice_stacks", ["net2"], ["net1"], ["L2"], "slice_stacks", b4, peak4,
-                   stack_shape=[K] + tile),
+                   stack_shape=[K] + stack_tile),
     ]
     num_workers = min(int(tr.get("num_workers", 4)), max(1, (os.cpu_count() or 2) - 1))
     plans: dict[str, Any] = {
