@@ -310,6 +310,9 @@ def test_default_preset_is_the_planners_default_and_differs_by_machine():
     assert cpu["net2"]["base_features"] < cuda["net2"]["base_features"]
     assert [s["time_fraction"] for s in cpu["training"]["steps"]] == [0.25, 0.05, 0.10, 0.60]
     assert [s["iterations_per_epoch"] for s in cuda["training"]["steps"]] == [50] * 4
+    # step 4 on heart-sized windows on the CPU (160 mm at 1.25 mm = 128), whole slices on the GPU
+    assert cpu["training"]["steps"][3]["stack_shape"][1:] == [128, 128]
+    assert cuda["training"]["steps"][3]["stack_shape"][1:] == cuda["net2"]["inplane_tile"]
     for plans in (cpu, cuda):  # the recipe shared by both machines
         tr = plans["training"]
         assert tr["lr_schedule"] == "poly" and tr["keep_best_per_step"] and tr["warmup_iterations"] == 20
