@@ -161,7 +161,7 @@ elif [ "$rc" != 0 ]; then
 fi
 [ "$CREATED" = 1 ] && rm -f "$VENV/$INCOMPLETE"
 SETUP_S=$(($(date +%s) - STARTED))
-[ "$SMOKE" = 1 ] || [ "$DEVICE" != cpu ] || log "warning: the full check on a CPU takes hours; use --smoke, or a GPU"
+[ "$SMOKE" = 1 ] || [ "$SETUP_ONLY" = 1 ] || [ "$DEVICE" != cpu ] || log "warning: the full check on a CPU takes hours; use --smoke, or a GPU"
 
 # ---- 2. measurements ---------------------------------------------------------------------------------
 if [ -z "$WORK" ]; then
