@@ -9,7 +9,11 @@ See :mod:`heartcascade.benchmark.roi_patch` for why.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+
+# stderr line carrying this process's peak GPU memory (stdout and the log are hc_predict's own)
+GPU_PEAK_TAG = "hc_benchmark gpu peak: "
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +29,21 @@ def main(argv: list[str] | None = None) -> int:
     from heartcascade.cli import predict
 
     pin_roi_to_reference(args.reference_label)
-    return predict.main(rest)
+    code = predict.main(rest)
+    report_gpu_peak()
+    return code
+
+
+def report_gpu_peak() -> None:
+    """Peak GPU memory of the whole run (model load to last file written), when it used CUDA."""
+    import torch
+
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return
+    gib = 1024 ** 3
+    peak = {"gpu_peak_allocated_gb": round(torch.cuda.max_memory_allocated() / gib, 3),
+            "gpu_peak_reserved_gb": round(torch.cuda.max_memory_reserved() / gib, 3)}
+    print(GPU_PEAK_TAG + json.dumps(peak), file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,8 @@ class Options:
     roi: str | None = None             # reference | net1 | both (default: reference; both with --quick)
     train_iterations: int | None = None
     train_warmup: int = 1
+    amp: str | None = None             # bf16 | fp16 | none overrides the plans' training.amp (None: the plans')
+    compile: bool = False              # torch.compile the trained networks, as hc_train --compile
     train_steps: list[str] | None = None
     loader_batches: int | None = None
     repeats: int = 1
@@ -123,6 +125,19 @@ def _hc_predict_command() -> tuple[list[str], str]:
     if found:
         return [found], "hc_predict console script"
     return [sys.executable, "-m", "heartcascade.cli.predict"], "python -m heartcascade.cli.predict"
+
+
+def _gpu_peak_line(stderr: str) -> dict[str, Any]:
+    """The peak GPU memory :mod:`.predict_child` reports on stderr ({} when it did not use CUDA)."""
+    from heartcascade.benchmark.predict_child import GPU_PEAK_TAG
+
+    for line in reversed(stderr.splitlines()):
+        if line.startswith(GPU_PEAK_TAG):
+            try:
+                return dict(json.loads(line[len(GPU_PEAK_TAG):]))
+            except ValueError:
+                return {}
+    return {}
 
 
 class Runner:
@@ -214,6 +229,7 @@ class Runner:
         run: ChildRun = run_measured(cmd, env=self._env(), timeout=self.o.timeout_s)
         outputs = sorted(out_dir.glob("*.nii*")) if out_dir.is_dir() else []
         m = re.search(r"predicted in ([0-9.]+) s", run.stdout + run.stderr)
+        gpu = _gpu_peak_line(run.stderr)
         values: dict[str, Any] = {
             "roi": roi, "how": how, "command": " ".join(Path(c).name if i == 0 else c for i, c in enumerate(cmd)),
             "wall_s": round(run.wall_s, 2), "peak_rss_gb": gb(run.peak_rss_bytes),
@@ -221,6 +237,9 @@ class Runner:
             "sys_s": round(run.sys_s, 1), "cpu_utilisation": round((run.user_s + run.sys_s) / max(run.wall_s, 1e-9), 2),
             "predictor_case_s": float(m.group(1)) if m else None, "returncode": run.returncode,
             "output": str(outputs[0]) if outputs else None, "input_size_xyz": case.size_xyz,
+            # whole child process, CUDA only; not known for the unchanged console script (--roi net1)
+            "gpu_peak_allocated_gb": gpu.get("gpu_peak_allocated_gb"),
+            "gpu_peak_reserved_gb": gpu.get("gpu_peak_reserved_gb"),
         }
         if run.timed_out:
             values["error"] = f"timed out after {self.o.timeout_s:.0f} s"
@@ -263,7 +282,8 @@ class Runner:
         try:
             shared = Path(o.shared_data) if o.shared_data else default_shared_data()
             self.emit("environment", None, work=str(self.work), shared_data=str(shared),
-                      roi_modes=self.roi_modes, skip=sorted(o.skip), **environment(self.device))
+                      roi_modes=self.roi_modes, skip=sorted(o.skip), amp=o.amp or "plans", compile=o.compile,
+                      **environment(self.device))
             for name in o.cases:
                 self.run_case(name, shared)
             self.emit("summary", None, wall_s=round(time.perf_counter() - t_start, 1), failures=self.failures,
@@ -296,7 +316,8 @@ class Runner:
                          train_warmup=o.train_warmup,
                          train_iterations=o.train_iterations or (1 if quick else 2),
                          loader_batches=o.loader_batches or (2 if quick else 8),
-                         loader_warmup=1 if quick else 2, steps=o.train_steps, workers=o.workers, **common)
+                         loader_warmup=1 if quick else 2, steps=o.train_steps, workers=o.workers, amp=o.amp,
+                         compile=o.compile, **common)
         if not need_model:
             return
         if "predict" not in skip:

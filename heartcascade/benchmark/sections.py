@@ -266,10 +266,14 @@ def section_training(p: dict[str, Any], emit: Emit) -> None:
     want_loader, want_training = bool(p["loader"]), bool(p["training"])
     warmup, iters = int(p["train_warmup"]), int(p["train_iterations"])
     n_batches, loader_warmup = int(p["loader_batches"]), int(p["loader_warmup"])
+    compiled = bool(p.get("compile"))
+    # --amp overrides the plans' setting through the trainer's own override, so the iteration is unchanged
+    override = {"training": {"amp": p["amp"]}} if p.get("amp") else None
     try:
         trainer = Trainer(case.dataset_id, p.get("fold", "0"), configuration="cascade", device=p["device"],
                           progress=False, num_workers=p.get("workers"), predict_validation=False,
-                          output_folder=Path(p["work"]) / "training" / case.name, seed=int(p.get("seed", 0)))
+                          output_folder=Path(p["work"]) / "training" / case.name, seed=int(p.get("seed", 0)),
+                          compile=compiled, plans_override=override)
         trainer._setup()
         trainer._load_cases()
         trainer._build_networks()
@@ -353,7 +357,8 @@ def section_training(p: dict[str, Any], emit: Emit) -> None:
              net1_precompute_s=None if precompute_s is None else _round(precompute_s, 2),
              loader_batches_per_s=None if rate is None else _round(rate, 2),
              outpaces=None if (rate is None or not timed) else bool(rate * float(np.mean(timed)) >= 1.0),
-             peak_rss_gb=gb(rss.peak), held_batches_gb=gb(held), **gpu, plans_predicted_peak_gb=predicted, amp=trainer.cfg.amp if device.type == "cuda" else "off")
+             peak_rss_gb=gb(rss.peak), held_batches_gb=gb(held), **gpu, plans_predicted_peak_gb=predicted,
+             amp=trainer.cfg.amp if device.type == "cuda" else "off", compile=compiled)
         del opt, params, batches
         _release(trainer)
 

@@ -56,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-iterations", type=positive_int, default=None,
                    help="timed training iterations per step after the warm-up (default 2; 1 with --quick)")
     p.add_argument("--train-warmup", type=non_negative_int, default=1, help="untimed warm-up iterations (default 1)")
+    p.add_argument("--amp", choices=("plans", "bf16", "fp16", "none"), default="plans",
+                   help="mixed precision of the timed training iterations on CUDA (the plans' training.amp is "
+                        "overridden for the benchmark's trainer only; CPU iterations run in float32 whatever "
+                        "this says; default: the plans' own setting)")
+    p.add_argument("--compile", action="store_true",
+                   help="time the training iterations with the networks wrapped in torch.compile, as "
+                        "hc_train --compile does (the first iterations of each input shape compile: give "
+                        "--train-warmup enough of them)")
     p.add_argument("--steps", type=_list(("1", "2", "3", "4"), "step"), default=None,
                    help="curriculum steps to time in the loader/training sections (default: all)")
     p.add_argument("--loader-batches", type=positive_int, default=None,
@@ -83,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           preset=args.preset, quick=args.quick, compare_nnunet=args.compare_nnunet,
                           nnunet_python=args.nnunet_python, skip=set(args.skip), roi=args.roi,
                           train_iterations=args.train_iterations, train_warmup=args.train_warmup,
+                          amp=None if args.amp == "plans" else args.amp, compile=args.compile,
                           train_steps=args.steps, loader_batches=args.loader_batches, repeats=args.repeats,
                           memory_check_max_gb=args.memory_check_max_gb, num_processes=args.num_processes,
                           workers=args.workers, timeout_s=args.timeout)
