@@ -169,6 +169,9 @@ if [ -z "$WORK" ]; then
     trap 'rm -rf "$WORK"' EXIT
 fi
 mkdir -p "$WORK" || die "cannot create the work folder $WORK"
+# inductor's kernels are compiled into this run's own cache: a half-written shared cache left by a killed
+# compile ("file too short") would otherwise fail every later compiled step on the machine
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$WORK/inductor_cache}"
 EAGER="$WORK/eager.jsonl"
 COMPILED="$WORK/compile.jsonl"
 : >"$EAGER"
