@@ -45,7 +45,7 @@ def _load_plans(case: BenchCase) -> dict[str, Any]:
 
 
 def _device(name: str):
-    from heartcascade.inference.predictor import resolve_device
+    from heartcascade.utils.device import resolve_device
 
     return resolve_device(name)
 
@@ -257,8 +257,6 @@ def section_training(p: dict[str, Any], emit: Emit) -> None:
     so the step time excludes waiting for data (compare it with the loader's rate: ``outpaces``); they
     stay in memory meanwhile and are part of ``peak_rss_gb`` (``held_batches_gb`` says how much).
     """
-    import torch
-
     from heartcascade.training.dataloading import BatchStream
     from heartcascade.training.trainer import Trainer
 
@@ -270,18 +268,15 @@ def section_training(p: dict[str, Any], emit: Emit) -> None:
         trainer = Trainer(case.dataset_id, p.get("fold", "0"), configuration="cascade", device=p["device"],
                           progress=False, num_workers=p.get("workers"), predict_validation=False,
                           output_folder=Path(p["work"]) / "training" / case.name, seed=int(p.get("seed", 0)))
-        trainer._setup()
-        trainer._load_cases()
-        trainer._build_networks()
+        trainer.setup()
         stages = [s for s in trainer.stages if not p.get("steps") or s in p["steps"]]
-    except AttributeError as exc:  # the trainer's internals moved
+    except AttributeError as exc:  # pragma: no cover - the public seams are tested with the trainer
         raise HCError(f"the Trainer API the benchmark uses changed ({exc}); update heartcascade/benchmark/sections.py")
     device = trainer.device
     workers = trainer.num_workers
     budget = mem_available_bytes()
     for stage in stages:
         st = trainer.cfg.steps[stage]
-        module = trainer._stage_module(st)
         base = dict(case=case.name, step=stage, kind=st.kind, batch_size=st.batch_size,
                     patch_shapes=[list(s) for s in st.patch_shapes] if st.patch_shapes else None)
         predicted = _step_predicted_gb(trainer.plans, stage)
@@ -290,17 +285,17 @@ def section_training(p: dict[str, Any], emit: Emit) -> None:
         precompute_s = None
         if st.kind == "slices" and not too_big:
             t = time.perf_counter()
-            trainer._precompute_net1()
+            trainer.prepare_step(stage)
             precompute_s = time.perf_counter() - t
         batches: list[dict[str, Any]] = []
         if want_loader:
-            loader = trainer._make_loader(st, stage, 0)
+            loader = trainer.build_loader(stage)
             n_local = max(2, min(5, n_batches))
             t = time.perf_counter()
             for _ in range(n_local):
                 loader.generate_train_batch()
             sample_ms = 1000 * (time.perf_counter() - t) / n_local
-            stream = BatchStream(trainer._make_loader(st, stage, 0), trainer.cfg.augmentation, workers)
+            stream = BatchStream(trainer.build_loader(stage), trainer.cfg.augmentation, workers)
             try:
                 _collect(stream, loader_warmup)
                 t = time.perf_counter()
@@ -316,23 +311,20 @@ def section_training(p: dict[str, Any], emit: Emit) -> None:
         else:
             rate = None
         if not want_training:
-            _release(trainer)
+            _release(trainer, stage)
             continue
         if too_big:
             emit(benchmark="training_step", **base, skipped=f"predicted peak {predicted:.1f} GB exceeds 80% of the "
                                                             f"{budget / GiB:.1f} GB available")
-            _release(trainer)
+            _release(trainer, stage)
             continue
         if not batches:
-            stream = BatchStream(trainer._make_loader(st, stage, 0), trainer.cfg.augmentation, workers)
+            stream = BatchStream(trainer.build_loader(stage), trainer.cfg.augmentation, workers)
             try:
                 batches = _collect(stream, warmup + iters)
             finally:
                 stream.close()
-        params = [q for q in module.parameters() if q.requires_grad]
-        opt = torch.optim.Adam(params, lr=st.lr)
-        scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and trainer.cfg.amp == "fp16" else None
-        module.train()
+        training = trainer.build_optimizer(stage)  # the trainer's Adam (lr, weight decay) and AMP scaler
         times, shapes = [], []
         held = sum(int(np.asarray(v).nbytes) for b in batches for v in b.values() if isinstance(v, np.ndarray))
         gc.collect()
@@ -341,7 +333,7 @@ def section_training(p: dict[str, Any], emit: Emit) -> None:
             for batch in batches:
                 _sync(device)
                 t = time.perf_counter()
-                trainer._train_iteration(module, params, opt, scaler, st, batch)
+                trainer.train_step(stage, batch)
                 _sync(device)
                 times.append(time.perf_counter() - t)
                 shapes.append(list(np.asarray(batch["data"]).shape[2:]))
@@ -354,13 +346,12 @@ def section_training(p: dict[str, Any], emit: Emit) -> None:
              loader_batches_per_s=None if rate is None else _round(rate, 2),
              outpaces=None if (rate is None or not timed) else bool(rate * float(np.mean(timed)) >= 1.0),
              peak_rss_gb=gb(rss.peak), held_batches_gb=gb(held), **gpu, plans_predicted_peak_gb=predicted, amp=trainer.cfg.amp if device.type == "cuda" else "off")
-        del opt, params, batches
-        _release(trainer)
+        del training, batches
+        _release(trainer, stage)
 
 
-def _release(trainer) -> None:
-    for c in getattr(trainer, "train_cases", []):
-        c.net1_probs = None
+def _release(trainer, stage: str) -> None:
+    trainer.release_step(stage)
     gc.collect()
 
 

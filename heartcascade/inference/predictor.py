@@ -44,6 +44,7 @@ from heartcascade.inference.net2_runner import autocast_context, auto_z_chunk, n
 from heartcascade.inference.postprocessing import Postprocessing, find_postprocessing, load_postprocessing
 from heartcascade.planning.plans import ROI_DEFAULTS, roi_fields
 from heartcascade.utils.atomic import atomic_path, ensure_writable_dir, remove_temp_files_of
+from heartcascade.utils.device import resolve_device
 from heartcascade.utils.errors import HCError
 
 #: Bytes of working memory Net2 / the baseline may use per pass when the plans do not say (CPU).
@@ -56,19 +57,6 @@ DEFAULT_BASELINE_SPACING = (2.0, 2.0, 2.0)
 
 # ---------------------------------------------------------------------------------------------------
 # Settings
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    name = (device or "auto").lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise HCError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise HCError(f"--device must be cpu, cuda or auto, got {device!r}")
-    return torch.device(name)
 
 
 @dataclass

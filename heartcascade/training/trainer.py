@@ -41,29 +41,34 @@ import numpy as np
 import torch
 from torch import nn
 
-from heartcascade.losses.cross_entropy import cross_entropy_loss
-from heartcascade.losses.dice import foreground_dice_loss, multiclass_dice_loss
+from heartcascade.inference.predictor import Predictor
+from heartcascade.losses.terms import total_loss
 from heartcascade.networks import from_plans
 from heartcascade.networks.blocks import init_classifier_bias
-from heartcascade.networks.cascade import downsample_labels
+from heartcascade.paths import find_dataset_name, parse_dataset_id, preprocessed_root, raw_root, results_root
+from heartcascade.planning.plans import load_plans, preprocessing_fields, validate_plans
+from heartcascade.preprocessing.storage import data_dir, list_cases
 from heartcascade.training import distributed as dist_utils
+from heartcascade.training.cases import baseline_grid_case, load_train_case
 from heartcascade.training.checkpoint import (FORMAT_VERSION, capture_rng_state, checkpoint_path, load_checkpoint,
                                               optimizer_state_cpu, plain, restore_rng_state, save_checkpoint,
                                               state_dict_cpu)
 from heartcascade.training.config import (BASELINE_STAGE, CASCADE_STEPS, StepConfig, TrainingConfig,
                                           checkpoint_interval, deep_merge, parse_override, training_config)
-from heartcascade.training.dataloading import (BatchStream, CoarseVolumeLoader, SliceStackLoader, SubvolumeLoader,
-                                               TrainCase, default_num_workers)
+from heartcascade.training.dataloading import BatchStream, default_num_workers
+from heartcascade.training.final_validation import raw_dataset_dir, run_final_validation
 from heartcascade.training.logger import TrainingLogger
+from heartcascade.training.steps import StepRunner, autocast, step_runner
 from heartcascade.training.time_budget import StepSchedule, parse_duration, step_allotment
 from heartcascade.training.splits import fold_cases, fold_folder_name, load_or_create_splits, parse_fold
-from heartcascade.training.validation import (autocast, dice_per_class, net1_coarse_probs, predict_baseline,
-                                              predict_cascade, predict_net1)
+from heartcascade.training.validation import validation_dice, validation_predictor
 from heartcascade.utils.atomic import atomic_write_bytes, atomic_write_json
+from heartcascade.utils.device import resolve_device
 from heartcascade.utils.errors import HCError
+from heartcascade.utils.jsonio import load_json
+from heartcascade.utils.progress import progress_bar
 
 _STAGE_CODES = {"1": 1, "2": 2, "3": 3, "4": 4, BASELINE_STAGE: 9}
-_TARGET_RANK = {"net1": 0, "baseline": 1, "cascade": 1}
 
 Callback = Callable[[str, dict[str, Any]], None]
 
@@ -86,72 +91,16 @@ class TrainingResult:
     validation_method: str | None = None
 
 
-# --------------------------------------------------------------------------------------------------
-# Small modules run by each step (one forward call per iteration, so DDP / torch.compile can wrap them)
+@dataclass
+class StepTraining:
+    """What :meth:`Trainer.train_step` runs a step with (from :meth:`Trainer.build_optimizer`)."""
 
-
-def _net1_batched(cascade: nn.Module, x: torch.Tensor, factors: np.ndarray) -> list[torch.Tensor]:
-    """Net1 logits per sample (each (1, C, *coarse_i)); samples sharing scale factors run together."""
-    groups: dict[tuple[float, ...], list[int]] = {}
-    for i, f in enumerate(factors):
-        groups.setdefault(tuple(float(v) for v in f), []).append(i)
-    out: list[torch.Tensor | None] = [None] * x.shape[0]
-    for key, idx in groups.items():
-        logits, _coarse, _padded = cascade.run_net1(x[idx], key)
-        for j, i in enumerate(idx):
-            out[i] = logits[j:j + 1]
-    return out  # type: ignore[return-value]
-
-
-class _Net1Whole(nn.Module):
-    def __init__(self, net1: nn.Module) -> None:
-        super().__init__()
-        self.net1 = net1
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net1(x)
-
-
-class _Net1Sub(nn.Module):
-    def __init__(self, cascade: nn.Module) -> None:
-        super().__init__()
-        self.cascade = cascade
-
-    def forward(self, x: torch.Tensor, factors: np.ndarray) -> list[torch.Tensor]:
-        return _net1_batched(self.cascade, x, factors)
-
-
-class _CascadeStep(nn.Module):
-    def __init__(self, cascade: nn.Module) -> None:
-        super().__init__()
-        self.cascade = cascade
-
-    def forward(self, x: torch.Tensor, factors: np.ndarray) -> tuple[list[torch.Tensor], torch.Tensor]:
-        net1_logits = _net1_batched(self.cascade, x, factors)
-        probs = torch.cat([self.cascade.upsample_probs(l, x.shape[2:]) for l in net1_logits])
-        return net1_logits, self.cascade.net2(self.cascade.net2_input(x, probs))
-
-
-class _Net2Step(nn.Module):
-    def __init__(self, cascade: nn.Module) -> None:
-        super().__init__()
-        self.cascade = cascade
-
-    def forward(self, image: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        return self.cascade.net2(self.cascade.net2_input(image, probs))
-
-
-#: Which network output each loss term is computed on ("out": the baseline's single network).
-LOSS_OUTPUT = {"L1": "net1", "L1_ROI": "net1", "CE1": "net1", "L2": "net2", "L2_ROI": "net2", "CE2": "net2",
-               "L": "out", "CE": "out"}
-
-
-def _flat_cat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Concatenate (1, C, *spatial_i) tensors of different shapes as one (1, C, 1, 1, sum n_i) batch."""
-    return torch.cat([t.reshape(1, t.shape[1], 1, 1, -1) for t in tensors], dim=4)
-
-
-# --------------------------------------------------------------------------------------------------
+    step: str
+    runner: StepRunner
+    module: nn.Module  # the runner's module, wrapped for DDP when distributed
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scaler: Any
 
 
 def step_learning_rate(base: float, iteration: int, total: int, warmup: int, schedule: str) -> float:
@@ -164,25 +113,8 @@ def step_learning_rate(base: float, iteration: int, total: int, warmup: int, sch
     return base
 
 
-def resolve_device(name: str) -> torch.device:
-    name = (name or "auto").lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise HCError(f"--device {name} was asked for but no CUDA GPU is available to torch "
-                          f"(torch {torch.__version__}, cuda build: {torch.version.cuda or 'none'}); "
-                          f"use --device cpu or --device auto")
-        return torch.device(name)
-    raise HCError(f"unknown device {name!r}; expected cpu, cuda or auto")
-
-
 def find_preprocessed(dataset: int | str) -> Path:
     """The preprocessed dataset folder, or an HCError naming the command that makes it."""
-    from heartcascade.paths import parse_dataset_id, preprocessed_root, find_dataset_name, raw_root
-
     did = parse_dataset_id(dataset)
     root = preprocessed_root()
     name = find_dataset_name(did, root) if root.is_dir() else None
@@ -261,13 +193,20 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------
     # setup
 
-    def _setup(self) -> dict[str, Any] | None:
+    def setup(self) -> None:
+        """Read the plans, splits and cases and build the networks: all a step needs (the benchmark calls
+        this, then :meth:`build_loader`, :meth:`build_optimizer` and :meth:`train_step`)."""
+        self._resume = self._read_run()
+        self._load_cases()
+        self._build_networks()
+        self._runners: dict[str, StepRunner] = {}
+        self._active: StepTraining | None = None
+
+    def _read_run(self) -> dict[str, Any] | None:
         self.dist = dist_utils.init_distributed(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self.pre_dir = find_preprocessed(self.dataset)
-        from heartcascade.preprocessing.storage import data_dir, list_cases
-
         self.data_dir = data_dir(self.pre_dir)
         all_cases = list_cases(self.data_dir)
         if not all_cases:
@@ -286,8 +225,6 @@ class Trainer:
         if self.output_folder_arg is not None:
             self.output_folder = self.output_folder_arg
         else:
-            from heartcascade.paths import results_root
-
             self.output_folder = results_root() / self.pre_dir.name / self.configuration / fold_folder_name(self.fold)
 
         resume = None
@@ -310,8 +247,6 @@ class Trainer:
                 raise HCError(f"{latest}: the interrupted run trains steps {','.join(self.stages)}; "
                               f"continue it with the same --steps (or without --continue to start over)")
         else:
-            from heartcascade.planning.plans import load_plans, preprocessing_fields, validate_plans
-
             plans = load_plans(self.pre_dir / "plans.json")
             if self.plans_override:
                 merged = validate_plans(deep_merge(plans, self.plans_override), "plans with --plans-override")
@@ -342,50 +277,26 @@ class Trainer:
         return resume
 
     def _load_cases(self) -> None:
-        from heartcascade.preprocessing.storage import load_case
-
-        def make(cid: str) -> TrainCase:
-            pc = load_case(self.data_dir, cid, mmap=True)
-            props = pc.properties
-            spacing = tuple(float(s) for s in props.get("spacing", (1.0, 1.0, 1.0)))
-            return TrainCase(case_id=cid, image=pc.image, seg=pc.seg, spacing=spacing,
-                             locations={int(k): v for k, v in pc.class_locations.items()},
-                             coarse_image=pc.coarse_image, coarse_seg=pc.coarse_seg,
-                             coarse_spacing=tuple(float(s) for s in props.get("coarse_spacing", spacing)),
-                             extra={"factors": tuple(float(f) for f in props.get("coarse_scale_factors", (1, 1, 1))),
-                                    "properties": props,
-                                    "coarse_locations": {int(k): v for k, v in pc.coarse_class_locations.items()}})
-
-        self.train_cases = [make(c) for c in self.train_ids]
+        self.train_cases = [load_train_case(self.data_dir, c) for c in self.train_ids]
         val_ids = self.val_ids
         if self.cfg.val_max_cases is not None:
             val_ids = val_ids[: int(self.cfg.val_max_cases)]
-        self.val_cases = [make(c) for c in val_ids]  # preprocessed grid (memory-mapped)
+        self.val_cases = [load_train_case(self.data_dir, c) for c in val_ids]  # preprocessed grid (memory-mapped)
         if self.configuration == "baseline":
-            self.train_cases = [self._to_baseline_grid(c) for c in self.train_cases]
-
-    def _to_baseline_grid(self, case: TrainCase) -> TrainCase:
-        """Resample a case to the baseline spacing (computed once, kept in memory)."""
-        from heartcascade.preprocessing.preprocess import sample_class_locations
-        from heartcascade.preprocessing.resampling import resample_image, resample_labels, shape_for_spacing
-
-        target = self.cfg.baseline_spacing
-        shape = shape_for_spacing(case.shape, case.spacing, target)
-        image = resample_image(np.array(case.image, dtype=np.float32), shape, mode="auto")
-        seg = resample_labels(np.array(case.seg), shape, self.cfg.num_classes)
-        spacing = tuple(s * n / m for s, n, m in zip(case.spacing, case.shape, shape))
-        locs = sample_class_locations(seg, self.cfg.num_classes, seed=_stable_seed(case.case_id))
-        return TrainCase(case_id=case.case_id, image=image, seg=seg, spacing=spacing,
-                         locations={int(k): v for k, v in locs.items()}, extra={"properties": case.extra["properties"]})
+            spacing = self.cfg.baseline_spacing
+            assert spacing is not None  # training_config checks it for the baseline
+            self.train_cases = [baseline_grid_case(c, spacing, self.cfg.num_classes) for c in self.train_cases]
 
     def _build_networks(self) -> None:
         torch.manual_seed(self.seed)
         if self.configuration == "cascade":
             self.cascade = from_plans.build_cascade(self.plans).to(self.device)
             self.networks = {"net1": self.cascade.net1, "net2": self.cascade.net2}
+            self._runner_networks: dict[str, nn.Module] = {"cascade": self.cascade}
         else:
             self.baseline = from_plans.build_baseline(self.plans).to(self.device)
             self.networks = {"baseline": self.baseline}
+            self._runner_networks = {"baseline": self.baseline}
         if self.cfg.classifier_bias_init == "class_prior" and self.cfg.class_fractions:
             for net in self.networks.values():
                 init_classifier_bias(net.classifier, self.cfg.class_fractions)
@@ -451,14 +362,13 @@ class Trainer:
 
     def _run(self) -> TrainingResult:
         started = time.monotonic()
-        resume = self._setup()
+        self.setup()
+        resume = self._resume
         if self.dist.is_main:
             self.output_folder.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.output_folder / "plans.json", self.plans)
             if self.dataset_json_path.is_file():
                 atomic_write_bytes(self.output_folder / "dataset.json", self.dataset_json_path.read_bytes())
-        self._load_cases()
-        self._build_networks()
         self.best: dict[str, Any] = {"target": None, "ema": None, "best_ema": None, "stage": None, "iteration": None}
         self.epoch_acc: dict[str, Any] = {}
         self.epoch_losses: dict[str, list[float]] = {}
@@ -542,55 +452,39 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------
     # one curriculum step
 
-    def _stage_module(self, st: StepConfig) -> nn.Module:
-        if self.configuration == "baseline":
-            return self.baseline
-        self.cascade.set_trainable("net1" in st.train, "net2" in st.train)
-        if st.kind == "coarse_volume":
-            return _Net1Whole(self.cascade.net1)
-        if st.kind == "slices":
-            return _Net2Step(self.cascade)
-        if "net2" in st.train or any(l.startswith("L2") for l in st.losses):
-            return _CascadeStep(self.cascade)
-        return _Net1Sub(self.cascade)
+    def step_runner(self, step: str) -> StepRunner:
+        """The runner of ``step`` (its batch kind's loader, module and forward), made once per run."""
+        if step not in self._runners:
+            self._runners[step] = step_runner(self.cfg, self.cfg.steps[step], self._runner_networks)
+        return self._runners[step]
 
-    def _make_loader(self, st: StepConfig, stage: str, start_batch: int) -> Any:
-        common = dict(batch_size=st.batch_size, seed=self.seed, stream=[_STAGE_CODES[stage], self.dist.rank],
-                      augmentation=self.cfg.augmentation, start_batch=start_batch,
-                      num_workers=max(1, self.num_workers), background_as_class=self.cfg.background_as_class)
-        if st.kind == "coarse_volume":
-            return CoarseVolumeLoader(self.train_cases, divisor=self.cfg.net1_divisor,
-                                      max_shape=st.patch_shapes[0] if st.patch_shapes else None, **common)
-        if st.kind == "slices":
-            return SliceStackLoader(self.train_cases, K=self.cfg.K, divisor=self.cfg.net2_divisor,
-                                    tile=st.patch_shapes[0][1:] if st.patch_shapes else None, **common)
-        loader = SubvolumeLoader(self.train_cases, patch_shapes=st.patch_shapes, **common)
-        return loader
+    def prepare_step(self, step: str) -> None:
+        """What a step computes once before its batches (step 4: frozen Net1's probabilities)."""
+        self.step_runner(step).prepare(self.train_cases, self.device, self.logger.log)
 
-    def _precompute_net1(self) -> None:
-        t0 = time.perf_counter()
-        net1 = self.cascade.net1
-        was_training = net1.training
-        net1.eval()
-        for case in self.train_cases:
-            probs = net1_coarse_probs(net1, case.coarse_image, self.device, self.cfg.amp)
-            case.net1_probs = probs.cpu().numpy().astype(np.float16)
-        net1.train(was_training)
-        self.cascade.train(self.cascade.training)
-        self.logger.log(f"step 4: frozen Net1 probabilities of {len(self.train_cases)} training cases computed "
-                        f"in {time.perf_counter() - t0:.1f}s")
+    def release_step(self, step: str) -> None:
+        """Drop what :meth:`prepare_step` held."""
+        self.step_runner(step).release(self.train_cases)
 
-    def _run_stage(self, index: int, start_iteration: int, optimizer_state: Any, scaler_state: Any,
-                   rng_state: Any, budget_state: dict[str, Any] | None = None) -> None:
-        from heartcascade.utils.progress import progress_bar
+    def build_loader(self, step: str, start_batch: int = 0) -> Any:
+        """The step's seeded data loader, starting at batch ``start_batch`` (resume)."""
+        self.prepare_step(step)
+        st = self.cfg.steps[step]
+        return self.step_runner(step).loader(
+            self.train_cases, batch_size=st.batch_size, seed=self.seed, stream=[_STAGE_CODES[step], self.dist.rank],
+            augmentation=self.cfg.augmentation, start_batch=start_batch, num_workers=max(1, self.num_workers),
+            background_as_class=self.cfg.background_as_class)
 
-        stage = self.stages[index]
-        st = self.cfg.steps[stage]
-        schedule = self._step_schedule(index, budget_state)
-        self.schedule = schedule
-        module = self._stage_module(st)
-        if st.kind == "slices":
-            self._precompute_net1()
+    def build_optimizer(self, step: str, optimizer_state: Any = None, scaler_state: Any = None) -> "StepTraining":
+        """Select what the step trains and build its Adam (the step's lr and weight decay) and AMP scaler.
+
+        The result is the step :meth:`train_step` runs; ``*_state`` restore a resumed step.
+        """
+        st = self.cfg.steps[step]
+        if self.configuration == "cascade":
+            self.cascade.set_trainable("net1" in st.train, "net2" in st.train)
+        runner = self.step_runner(step)
+        module = runner.module
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=st.lr, weight_decay=st.weight_decay)
         if optimizer_state is not None:
@@ -599,10 +493,53 @@ class Trainer:
         scaler = torch.amp.GradScaler("cuda") if use_fp16 else None
         if scaler is not None and scaler_state:
             scaler.load_state_dict(scaler_state)
-        runner = dist_utils.wrap_ddp(module, self.device)
+        wrapped = dist_utils.wrap_ddp(module, self.device)
         module.train()
         if self.configuration == "cascade":
             self.cascade.train()
+        self._active = StepTraining(step, runner, wrapped, params, optimizer, scaler)
+        return self._active
+
+    def train_step(self, step: str, batch: dict[str, Any]) -> tuple[float, dict[str, float]]:
+        """One iteration of ``step`` on ``batch``: forward, loss terms, backward, clipping, optimizer step.
+
+        Runs with the optimizer of the last :meth:`build_optimizer` call for this step.
+        """
+        active = self._active
+        if active is None or active.step != step:
+            raise HCError(f"train_step({step!r}) needs build_optimizer({step!r}) first")
+        st = self.cfg.steps[step]
+        dev = self.device
+        data = torch.from_numpy(np.ascontiguousarray(batch["data"])).to(dev, non_blocking=True)
+        seg = torch.from_numpy(np.ascontiguousarray(batch["seg"])).to(dev, non_blocking=True).long()
+        optimizer, scaler = active.optimizer, active.scaler
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(dev, self.cfg.amp):
+            outputs = active.runner.forward(active.module, data, seg, batch)
+        loss, terms = total_loss(st.losses, st.loss_weights, outputs, self.cfg.dice_weighting)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(active.params, float(self.cfg.grad_clip))
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        return float(loss.detach()), {n: float(t.detach()) for n, t in terms.items()}
+
+    def _run_stage(self, index: int, start_iteration: int, optimizer_state: Any, scaler_state: Any,
+                   rng_state: Any, budget_state: dict[str, Any] | None = None) -> None:
+        stage = self.stages[index]
+        st = self.cfg.steps[stage]
+        schedule = self._step_schedule(index, budget_state)
+        self.schedule = schedule
+        self.prepare_step(stage)
+        training = self.build_optimizer(stage, optimizer_state, scaler_state)
+        optimizer, scaler = training.optimizer, training.scaler
         if start_iteration == 0:
             self.epoch_acc = {}
             self.step_best = self._step_start_candidate(stage)
@@ -611,8 +548,7 @@ class Trainer:
                 schedule.budgeted else f"{st.iterations} iterations ==="))
         if rng_state is not None:
             restore_rng_state(rng_state)
-        loader = self._make_loader(st, stage, start_iteration)
-        stream = BatchStream(loader, self.cfg.augmentation, self.num_workers)
+        stream = BatchStream(self.build_loader(stage, start_iteration), self.cfg.augmentation, self.num_workers)
         bar = progress_bar(total=st.iterations, initial=start_iteration, desc=f"step {stage}", unit="it",
                            enabled=self.progress and self.dist.is_main, leave=False, dynamic_ncols=True)
         per_validation = max(1, self.cfg.validate_every_epochs) * st.iterations_per_epoch
@@ -626,7 +562,7 @@ class Trainer:
                 lr = step_learning_rate(st.lr, it, st.iterations, self.cfg.warmup_iterations, self.cfg.lr_schedule)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                loss, terms = self._train_iteration(runner, params, optimizer, scaler, st, batch)
+                loss, terms = self.train_step(stage, batch)
                 t_end = time.perf_counter()
                 self._accumulate(loss, terms, t_end - t_wait, t_start - t_wait, optimizer)
                 done = it + 1
@@ -658,9 +594,8 @@ class Trainer:
         finally:
             bar.close()
             stream.close()
-            if self.configuration == "cascade":
-                for case in self.train_cases:
-                    case.net1_probs = None
+            self.release_step(stage)
+            self._active = None
 
     def _step_schedule(self, index: int, budget_state: dict[str, Any] | None) -> StepSchedule:
         """The step's iteration count: the plans' without a time budget, else its share of what is left."""
@@ -726,66 +661,6 @@ class Trainer:
                         f"{chosen['score']:.4f}); the step's last weights validated lower")
         self.logger.record(type="restore", stage=stage, iteration=last_iteration, restored_iteration=chosen["iteration"],
                            global_iteration=self._global_iteration(stage, last_iteration), mean_dice=chosen["score"])
-
-    def _train_iteration(self, runner: nn.Module, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-                         scaler: Any, st: StepConfig, batch: dict[str, Any]) -> tuple[float, dict[str, float]]:
-        dev = self.device
-        data = torch.from_numpy(np.ascontiguousarray(batch["data"])).to(dev, non_blocking=True)
-        seg = torch.from_numpy(np.ascontiguousarray(batch["seg"])).to(dev, non_blocking=True).long()
-        optimizer.zero_grad(set_to_none=True)
-        outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        with autocast(dev, self.cfg.amp):
-            if self.configuration == "baseline":
-                outputs["out"] = (runner(data), seg)
-            elif st.kind == "coarse_volume":
-                outputs["net1"] = (runner(data), seg)
-            elif st.kind == "slices":
-                nimg = self.cfg.image_channels
-                logits = runner(data[:, :nimg], data[:, nimg:])
-                m = self.cfg.K // 2
-                outputs["net2"] = (logits, seg[:, :, m:m + 1])
-            else:
-                factors = np.asarray(batch["factors"], dtype=float)
-                result = runner(data, factors)
-                net1_logits, net2_logits = result if isinstance(result, tuple) else (result, None)
-                targets = [downsample_labels(seg[i:i + 1, 0], l.shape[2:]) for i, l in enumerate(net1_logits)]
-                outputs["net1"] = (_flat_cat(net1_logits), _flat_cat([t[:, None] for t in targets]))
-                if net2_logits is not None:
-                    m = self.cfg.K // 2
-                    outputs["net2"] = (net2_logits, seg[:, :, m:seg.shape[2] - m])
-        terms: dict[str, torch.Tensor] = {}
-        probs_cache: dict[str, torch.Tensor] = {}
-
-        def probs(key: str) -> torch.Tensor:
-            if key not in probs_cache:
-                probs_cache[key] = torch.softmax(outputs[key][0].float(), dim=1)
-            return probs_cache[key]
-
-        for name in st.losses:
-            key = LOSS_OUTPUT[name]
-            if key not in outputs:
-                key = "out" if "out" in outputs else next(iter(outputs))
-            target = outputs[key][1]
-            if name.startswith("CE"):
-                terms[name] = cross_entropy_loss(outputs[key][0], target)
-            elif name.endswith("_ROI"):
-                terms[name] = foreground_dice_loss(probs(key), target)
-            else:
-                terms[name] = multiclass_dice_loss(probs(key), target, weighting=self.cfg.dice_weighting)
-        loss = sum(st.loss_weights.get(n, 1.0) * t for n, t in terms.items())
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if self.cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, float(self.cfg.grad_clip))
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        return float(loss.detach()), {n: float(t.detach()) for n, t in terms.items()}
 
     # ------------------------------------------------------------------------------------------------
     # epochs, validation, best checkpoint
@@ -879,82 +754,31 @@ class Trainer:
                             self._state("best", self.stages.index(stage), iteration, None, None, None))
         dist_utils.barrier()
 
-    @torch.no_grad()
     def validation_dice(self, target: str) -> np.ndarray:
-        """Mean over the validation cases of the hard Dice per class (NaN where never present).
-
-        Uses the real predictor's in-memory entry point (``Predictor.predict_preprocessed`` on the
-        preprocessed case: dynamic ROI, memory-aware Net2 chunks/tiles, label maps in the original
-        geometry, compared with the case's labels brought back the same way), so the curve shows what
-        ``hc_predict`` would give. ``target == "net1"`` (steps 1-2) scores Net1's upsampled output.
-        Falls back to the trainer's own forward pass when the predictor is unavailable.
-        """
-        ncls = self.cfg.num_classes
-        rows = []
-        predictor = self._validation_predictor()
+        """Mean hard Dice per class of the validation cases, by the real predictor on copies of the networks
+        (:mod:`heartcascade.training.validation`); ``target == "net1"`` scores Net1 alone."""
+        predictor = validation_predictor(self.configuration, self.plans, self.networks, self.device)
         try:
-            for case in self.val_cases:
-                props = case.extra["properties"]
-                if predictor is not None:
-                    from heartcascade.preprocessing.preprocess import restore_to_original
-
-                    res = predictor.predict_preprocessed(np.array(case.image, dtype=np.float32), props,
-                                                         net1_only=(target == "net1"))
-                    pred, ref = res.labels, restore_to_original(np.asarray(case.seg), props)
-                else:
-                    pred, ref = self._fallback_prediction(case, target)
-                rows.append(dice_per_class(pred, np.asarray(ref), ncls))
+            return validation_dice(predictor, self.val_cases, target, self.cfg.num_classes)
         finally:
             for net in self.networks.values():
                 net.train()
             if self.configuration == "cascade":
                 self.cascade.train()
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return np.nanmean(np.stack(rows), axis=0) if rows else np.full(ncls, np.nan)
-
-    def _validation_predictor(self) -> Any:
-        try:
-            from heartcascade.inference.predictor import Predictor
-        except ImportError:
-            return None
-        # Fresh copies: the predictor may change the modules (eval mode, channels-last weights on CPU),
-        # which must not leak into training (a resumed run would otherwise differ from an uninterrupted
-        # one); rebuilding also leaves torch.compile wrappers behind.
-        networks = from_plans.build_networks(self.configuration, self.plans)
-        for key, net in networks.items():
-            net.load_state_dict(state_dict_cpu(self.networks[key]))
-        return Predictor(self.plans, networks, configuration=self.configuration, device=self.device, label_codes={})
-
-    def _fallback_prediction(self, case: TrainCase, target: str) -> tuple[np.ndarray, np.ndarray]:
-        for net in self.networks.values():
-            net.eval()
-        if target == "net1":
-            return predict_net1(self.cascade.net1, case.coarse_image, self.device, self.cfg.amp), case.coarse_seg
-        if target == "cascade":
-            probs = net1_coarse_probs(self.cascade.net1, case.coarse_image, self.device, self.cfg.amp)
-            return predict_cascade(self.cascade, np.asarray(case.image), probs, self.device, self.cfg.net2_chunk,
-                                   self.cfg.amp), case.seg
-        small = self._to_baseline_grid(case)
-        patch = max(self.cfg.steps[BASELINE_STAGE].patch_shapes, key=lambda s: int(np.prod(s)))
-        return predict_baseline(self.baseline, np.asarray(small.image), patch, self.device,
-                                self.cfg.baseline_divisor, self.cfg.amp), small.seg
-
-    # ------------------------------------------------------------------------------------------------
-    # end of training: predict the validation cases and evaluate them
 
     def _final_validation(self) -> tuple[dict[str, Any] | None, str | None]:
-        from heartcascade.training.final_validation import run_final_validation
-
-        return run_final_validation(self)
-
-
-def _stable_seed(text: str) -> int:
-    import zlib
-
-    return zlib.crc32(text.encode("utf-8"))
+        """Predict the fold's validation cases from the model folder's final checkpoint and evaluate them."""
+        predictor = Predictor.from_model_dir(self.output_folder, checkpoint="final", device=str(self.device),
+                                             configuration=self.configuration, postprocessing=None)
+        ending = ".nii.gz"
+        if self.dataset_json_path.is_file():
+            ending = str(load_json(self.dataset_json_path).get("file_ending", ending))
+        try:
+            return run_final_validation(self.output_folder, predictor, list(self.val_ids),
+                                        raw_dataset_dir(raw_root(), self.pre_dir.name), self.data_dir,
+                                        self.logger.log, ending)
+        finally:
+            self.logger.flush()
 
 
 def train(dataset: int | str, fold: int | str, **kwargs: Any) -> TrainingResult:
