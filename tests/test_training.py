@@ -87,7 +87,7 @@ def _trainer(**kwargs):
 
 
 def test_four_steps_learn_and_validate(tiny):
-    from heartcascade.networks import from_plans
+    from heartcascade.model import from_plans
     from heartcascade.training.checkpoint import load_checkpoint
 
     result = _trainer(plans_override=LEARN_OVERRIDE).run()

@@ -21,11 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m heartcascade.benchmark.predict_child")
     parser.add_argument("--reference-label", required=True)
     args = parser.parse_args(argv)
-    from heartcascade.benchmark.roi_patch import pin_roi_to_reference
+    from heartcascade.benchmark.roi_patch import ReferenceBoxRoi
     from heartcascade.cli import predict
 
-    pin_roi_to_reference(args.reference_label)
-    return predict.main(rest)
+    return predict.main(rest, roi_rule=ReferenceBoxRoi.from_file(args.reference_label))
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def section_preprocessing(p: dict[str, Any], emit: Emit) -> None:
     from heartcascade.dataset.dataset_json import load_dataset
     from heartcascade.paths import raw_dataset_dir
     from heartcascade.planning import fingerprint as fpmod
-    from heartcascade.preprocessing import run as prun
+    from heartcascade.workflows import plan_and_preprocess as prun
     from heartcascade.preprocessing import storage
 
     case = _case(p)
@@ -143,7 +143,7 @@ def section_model(p: dict[str, Any], emit: Emit) -> None:
 
     import torch
 
-    from heartcascade.networks import from_plans
+    from heartcascade.model import from_plans
     from heartcascade.training.checkpoint import FORMAT_VERSION, plain, save_checkpoint
     from heartcascade.utils.atomic import atomic_write_json
 
@@ -382,12 +382,13 @@ def section_inprocess(p: dict[str, Any], emit: Emit) -> None:
     case = _case(p)
     tune_host_allocator()  # as hc_predict does
     roi_mode = p["roi"]
+    roi_rule = None
     if roi_mode == "reference":
-        from heartcascade.benchmark.roi_patch import pin_roi_to_reference
+        from heartcascade.benchmark.roi_patch import ReferenceBoxRoi
 
-        pin_roi_to_reference(case.reference_label)
+        roi_rule = ReferenceBoxRoi.from_file(case.reference_label)
     t = time.perf_counter()
-    predictor = Predictor.from_model_dir(p["model_dir"], device=p["device"], tta=False)
+    predictor = Predictor.from_model_dir(p["model_dir"], device=p["device"], tta=False, roi_rule=roi_rule)
     load_s = time.perf_counter() - t
     device = predictor.device
     plans = predictor.plans

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from heartcascade.losses.terms import LOSS_TERMS, loss_term
-from heartcascade.networks import from_plans
+from heartcascade.model import from_plans
 from heartcascade.training.augmentation import AugmentationParams
 from heartcascade.utils.errors import HCError
 from heartcascade.utils.merge import deep_merge

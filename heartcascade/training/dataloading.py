@@ -35,6 +35,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from batchgenerators.dataloading.data_loader import DataLoader
 
+from heartcascade.preprocessing.resampling import clamped_indices
 from heartcascade.training.augmentation import (AugmentationParams, batch_transforms, extract, random_spatial,
                                                 upsample_at)
 from heartcascade.training.sampling import CaseLocations, ClassBalancedSampler
@@ -70,11 +71,6 @@ class TrainCase:
 
     def sampler_entry(self) -> CaseLocations:
         return CaseLocations(self.case_id, self.shape, self.locations, self.seg)
-
-
-def clamped_indices(start: int, stop: int, size: int) -> np.ndarray:
-    """``start..stop-1`` clamped to the volume: slices beyond the ends are edge-replicated (as in inference)."""
-    return np.clip(np.arange(start, stop), 0, size - 1)
 
 
 def round_up(value: int, multiple: int) -> int:

@@ -15,8 +15,8 @@ BaselineStep        subvolumes on the baseline grid              out
 """
 from __future__ import annotations
 
-import contextlib
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -28,15 +28,9 @@ from heartcascade.networks.blocks import crop_to_shape, pad_to_multiple
 from heartcascade.networks.cascade import downsample_labels
 from heartcascade.training.config import StepConfig, TrainingConfig
 from heartcascade.training.dataloading import CoarseVolumeLoader, SliceStackLoader, SubvolumeLoader, TrainCase
+from heartcascade.utils.device import autocast
 
 Outputs = dict[str, tuple[torch.Tensor, torch.Tensor]]
-
-
-def autocast(device: torch.device, amp: str = "bf16") -> Any:
-    """Mixed precision on CUDA as the plans' ``training.amp`` says; nothing on the CPU."""
-    if device.type == "cuda" and amp in ("bf16", "fp16"):
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-    return contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -217,6 +211,18 @@ class BaselineStep(StepRunner):
 
     def forward(self, module: nn.Module, data: torch.Tensor, seg: torch.Tensor, batch: dict[str, Any]) -> Outputs:
         return {"out": (module(data), seg)}
+
+
+@dataclass
+class StepTraining:
+    """What ``Trainer.train_step`` runs a step with (from ``Trainer.build_optimizer``)."""
+
+    step: str
+    runner: StepRunner
+    module: nn.Module  # the runner's module, wrapped for DDP when distributed
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scaler: Any
 
 
 RUNNERS: dict[str, type[StepRunner]] = {"coarse_volume": CoarseVolumeStep, "subvolume": SubvolumeStep,
