@@ -55,9 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = Trainer(args.dataset, args.fold, configuration=args.config, device=args.device, progress=False,
                           num_workers=args.workers, plans_override=args.plans_override, predict_validation=False)
-        trainer._setup()
-        trainer._load_cases()
-        trainer._build_networks()
+        trainer.setup()
     except HCError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -65,18 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     workers = trainer.num_workers
     for stage in stages:
         st = trainer.cfg.steps[stage]
-        module = trainer._stage_module(st)
-        if st.kind == "slices":
-            trainer._precompute_net1()
+        trainer.prepare_step(stage)
         # per-batch cost in-process
-        loader = trainer._make_loader(st, stage, 0)
+        loader = trainer.build_loader(stage)
         t0 = time.perf_counter()
         n_local = max(3, min(10, args.batches))
         for _ in range(n_local):
             loader.generate_train_batch()
         sample_ms = 1000 * (time.perf_counter() - t0) / n_local
         # throughput through the augmenter
-        stream = BatchStream(trainer._make_loader(st, stage, 0), trainer.cfg.augmentation, workers)
+        stream = BatchStream(trainer.build_loader(stage), trainer.cfg.augmentation, workers)
         try:
             for _ in range(args.warmup):
                 batch = next(stream)
@@ -85,22 +81,20 @@ def main(argv: list[str] | None = None) -> int:
                 batch = next(stream)
             rate = args.batches / (time.perf_counter() - t0)
             # training step time on the device
-            params = [q for q in module.parameters() if q.requires_grad]
-            opt = torch.optim.Adam(params, lr=st.lr)
-            module.train()
-            trainer._train_iteration(module, params, opt, None, st, batch)  # warm-up
+            trainer.build_optimizer(stage)  # the trainer's Adam (lr, weight decay) and AMP scaler
+            trainer.train_step(stage, batch)  # warm-up
             if trainer.device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(args.train_steps):
-                trainer._train_iteration(module, params, opt, None, st, next(stream))
+                trainer.train_step(stage, next(stream))
             if trainer.device.type == "cuda":
                 torch.cuda.synchronize()
             step_s = (time.perf_counter() - t0) / args.train_steps
             cpu_s = None
             if trainer.device.type == "cpu":
                 t0 = time.process_time()
-                trainer._train_iteration(module, params, opt, None, st, next(stream))
+                trainer.train_step(stage, next(stream))
                 cpu_s = time.process_time() - t0
         finally:
             stream.close()
@@ -110,9 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                           "train_step_s": round(step_s, 4), "train_step_cpu_s": None if cpu_s is None else round(cpu_s, 4),
                           "outpaces": bool(rate * step_s >= 1.0),
                           "device": str(trainer.device)}), flush=True)
-        if st.kind == "slices":
-            for case in trainer.train_cases:
-                case.net1_probs = None
+        trainer.release_step(stage)
     return 0
 
 

@@ -111,7 +111,7 @@ def build_datasets(raw: Path) -> list[int]:
 
 def _run_phase(did: int, num_processes: int, plan_only: bool) -> dict:
     """One driver run in this (fresh) process; reports the workers' peak RSS via RUSAGE_CHILDREN."""
-    from heartcascade.preprocessing.run import plan_and_preprocess
+    from heartcascade.workflows.plan_and_preprocess import plan_and_preprocess
 
     t = time.perf_counter()
     if plan_only:

@@ -53,7 +53,7 @@ def make_case(index: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def make_dataset(raw_root: Path, num_cases: int = 5, seed: int = 0, dataset_id: int = 901,
                  preset: str = "demo") -> Path:
     """Write the raw dataset and run the real plan-and-preprocess step; returns the preprocessed folder."""
-    from heartcascade.preprocessing.run import plan_and_preprocess
+    from heartcascade.workflows.plan_and_preprocess import plan_and_preprocess
 
     name = f"Dataset{dataset_id:03d}_TinyTrain"
     raw = raw_root / name

@@ -148,7 +148,7 @@ def world(tmp_path_factory):
             mp.setenv(var, str(roots[key]))
         pre = make_dataset(roots["raw"], num_cases=3, dataset_id=DATASET_ID)
     torch.set_num_threads(threads)
-    from heartcascade.networks import from_plans
+    from heartcascade.model import from_plans
     from heartcascade.planning.plans import load_plans
 
     plans = load_plans(pre / "plans.json")

@@ -25,7 +25,7 @@ from heartcascade.inference import roi as roi_mod
 from heartcascade.inference.io_pipeline import BackgroundWriter, prefetch
 from heartcascade.inference.net2_runner import net2_chunks
 from heartcascade.inference.predictor import Predictor, bspline2_resample, load_probabilities
-from heartcascade.networks import from_plans
+from heartcascade.model import from_plans
 from heartcascade.planning.plans import validate_plans
 from heartcascade.preprocessing.preprocess import restore_to_original
 from heartcascade.utils.errors import HCError
@@ -268,7 +268,7 @@ def test_net2_chunks_direct_equivalence():
     assert torch.allclose(whole[:, 4:9], middle, atol=1e-5)
 
 
-def test_roi_crop_pastes_correctly(monkeypatch):
+def test_roi_crop_pastes_correctly():
     """A forced ROI: Net2 runs on the ROI's window only, results land at the right place after
     un-transposition, everything outside is background."""
     # Slice axis = x (thick x spacing): canonical order differs from SimpleITK's.
@@ -279,7 +279,7 @@ def test_roi_crop_pastes_correctly(monkeypatch):
     assert props["slice_axis"] == 0
     shape = tuple(props["shape"])
     box = ((2, shape[0] - 3), (5, shape[1] - 6), (3, shape[2] - 9))
-    monkeypatch.setattr(Predictor, "roi_box", lambda self, probs, properties: box)
+    p.roi_rule = lambda probs, properties: box  # an ROI rule object: any callable of (probs, properties)
     part = p.predict_preprocessed(image, props, return_probabilities=True)
     div = p.folds[0]["net2"].required_divisor
     window = roi_mod.round_up_inside(box, (1, div, div), shape)

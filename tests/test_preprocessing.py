@@ -330,7 +330,7 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
 
 
 def test_driver_idempotent_and_reports_bad_case(hc_roots, capsys):
-    from heartcascade.preprocessing.run import plan_and_preprocess
+    from heartcascade.workflows.plan_and_preprocess import plan_and_preprocess
 
     make_raw_dataset(hc_roots["raw"], 5, "Tiny", n_cases=3, bad_case="case_bad")
     first = plan_and_preprocess(5, preset="demo", num_processes=2, progress=False)

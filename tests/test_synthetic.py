@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from heartcascade.cli import make_synthetic
 from heartcascade.dataset import synthetic as S
-from heartcascade.dataset import synthetic_anatomy as A
+from heartcascade.dataset.synthetic import anatomy as A
 from heartcascade.dataset.dataset_json import MMWHS_CODES, MMWHS_LABELS, load_dataset
 from heartcascade.dataset.image_io import Geometry, choose_slice_axis, label_array, read_image
 

@@ -87,7 +87,7 @@ def _trainer(**kwargs):
 
 
 def test_four_steps_learn_and_validate(tiny):
-    from heartcascade.networks import from_plans
+    from heartcascade.model import from_plans
     from heartcascade.training.checkpoint import load_checkpoint
 
     result = _trainer(plans_override=LEARN_OVERRIDE).run()
@@ -404,13 +404,12 @@ def test_loader_batches_identical_with_and_without_workers(tiny):
 
     intensity = {key: 0.5 for key in INTENSITY_P}  # batchgenerators' RNG use (numpy's and Python's) too
     trainer = _trainer(plans_override={"augmentation": {"p_flip": 0.5, "flip_axes": [1, 2], **intensity}})
-    trainer._setup()
-    trainer._load_cases()
+    trainer.setup()
     st = trainer.cfg.steps["3"]
 
     def batches(workers, start, n):
-        stream = BatchStream(trainer._make_loader(st, "3", start) if workers == 0 else
-                             _with_workers(trainer, st, start, workers), trainer.cfg.augmentation, workers)
+        stream = BatchStream(trainer.build_loader("3", start) if workers == 0 else
+                             _with_workers(trainer, start, workers), trainer.cfg.augmentation, workers)
         try:
             return [next(stream) for _ in range(n)]
         finally:
@@ -427,10 +426,10 @@ def test_loader_batches_identical_with_and_without_workers(tiny):
     assert single[0]["data"].shape[0] == st.batch_size
 
 
-def _with_workers(trainer, st, start, workers):
+def _with_workers(trainer, start, workers):
     trainer.num_workers = workers
     try:
-        return trainer._make_loader(st, "3", start)
+        return trainer.build_loader("3", start)
     finally:
         trainer.num_workers = 0
 

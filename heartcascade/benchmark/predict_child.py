@@ -25,11 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m heartcascade.benchmark.predict_child")
     parser.add_argument("--reference-label", required=True)
     args = parser.parse_args(argv)
-    from heartcascade.benchmark.roi_patch import pin_roi_to_reference
+    from heartcascade.benchmark.roi_patch import ReferenceBoxRoi
     from heartcascade.cli import predict
 
-    pin_roi_to_reference(args.reference_label)
-    code = predict.main(rest)
+    code = predict.main(rest, roi_rule=ReferenceBoxRoi.from_file(args.reference_label))
     report_gpu_peak()
     return code
 

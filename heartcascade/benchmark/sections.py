@@ -8,8 +8,6 @@ others).
 from __future__ import annotations
 
 import gc
-import math
-import os
 import resource
 import time
 from pathlib import Path
@@ -45,7 +43,7 @@ def _load_plans(case: BenchCase) -> dict[str, Any]:
 
 
 def _device(name: str):
-    from heartcascade.inference.predictor import resolve_device
+    from heartcascade.utils.device import resolve_device
 
     return resolve_device(name)
 
@@ -92,7 +90,7 @@ def section_preprocessing(p: dict[str, Any], emit: Emit) -> None:
     from heartcascade.dataset.dataset_json import load_dataset
     from heartcascade.paths import raw_dataset_dir
     from heartcascade.planning import fingerprint as fpmod
-    from heartcascade.preprocessing import run as prun
+    from heartcascade.workflows import plan_and_preprocess as prun
     from heartcascade.preprocessing import storage
 
     case = _case(p)
@@ -143,7 +141,7 @@ def section_model(p: dict[str, Any], emit: Emit) -> None:
 
     import torch
 
-    from heartcascade.networks import from_plans
+    from heartcascade.model import from_plans
     from heartcascade.training.checkpoint import FORMAT_VERSION, plain, save_checkpoint
     from heartcascade.utils.atomic import atomic_write_json
 
@@ -257,8 +255,6 @@ def section_training(p: dict[str, Any], emit: Emit) -> None:
     so the step time excludes waiting for data (compare it with the loader's rate: ``outpaces``); they
     stay in memory meanwhile and are part of ``peak_rss_gb`` (``held_batches_gb`` says how much).
     """
-    import torch
-
     from heartcascade.training.dataloading import BatchStream
     from heartcascade.training.trainer import Trainer
 
@@ -274,18 +270,15 @@ def section_training(p: dict[str, Any], emit: Emit) -> None:
                           progress=False, num_workers=p.get("workers"), predict_validation=False,
                           output_folder=Path(p["work"]) / "training" / case.name, seed=int(p.get("seed", 0)),
                           compile=compiled, plans_override=override)
-        trainer._setup()
-        trainer._load_cases()
-        trainer._build_networks()
+        trainer.setup()
         stages = [s for s in trainer.stages if not p.get("steps") or s in p["steps"]]
-    except AttributeError as exc:  # the trainer's internals moved
+    except AttributeError as exc:  # pragma: no cover - the public seams are tested with the trainer
         raise HCError(f"the Trainer API the benchmark uses changed ({exc}); update heartcascade/benchmark/sections.py")
     device = trainer.device
     workers = trainer.num_workers
     budget = mem_available_bytes()
     for stage in stages:
         st = trainer.cfg.steps[stage]
-        module = trainer._stage_module(st)
         base = dict(case=case.name, step=stage, kind=st.kind, batch_size=st.batch_size,
                     patch_shapes=[list(s) for s in st.patch_shapes] if st.patch_shapes else None)
         predicted = _step_predicted_gb(trainer.plans, stage)
@@ -294,17 +287,17 @@ def section_training(p: dict[str, Any], emit: Emit) -> None:
         precompute_s = None
         if st.kind == "slices" and not too_big:
             t = time.perf_counter()
-            trainer._precompute_net1()
+            trainer.prepare_step(stage)
             precompute_s = time.perf_counter() - t
         batches: list[dict[str, Any]] = []
         if want_loader:
-            loader = trainer._make_loader(st, stage, 0)
+            loader = trainer.build_loader(stage)
             n_local = max(2, min(5, n_batches))
             t = time.perf_counter()
             for _ in range(n_local):
                 loader.generate_train_batch()
             sample_ms = 1000 * (time.perf_counter() - t) / n_local
-            stream = BatchStream(trainer._make_loader(st, stage, 0), trainer.cfg.augmentation, workers)
+            stream = BatchStream(trainer.build_loader(stage), trainer.cfg.augmentation, workers)
             try:
                 _collect(stream, loader_warmup)
                 t = time.perf_counter()
@@ -320,23 +313,20 @@ def section_training(p: dict[str, Any], emit: Emit) -> None:
         else:
             rate = None
         if not want_training:
-            _release(trainer)
+            _release(trainer, stage)
             continue
         if too_big:
             emit(benchmark="training_step", **base, skipped=f"predicted peak {predicted:.1f} GB exceeds 80% of the "
                                                             f"{budget / GiB:.1f} GB available")
-            _release(trainer)
+            _release(trainer, stage)
             continue
         if not batches:
-            stream = BatchStream(trainer._make_loader(st, stage, 0), trainer.cfg.augmentation, workers)
+            stream = BatchStream(trainer.build_loader(stage), trainer.cfg.augmentation, workers)
             try:
                 batches = _collect(stream, warmup + iters)
             finally:
                 stream.close()
-        params = [q for q in module.parameters() if q.requires_grad]
-        opt = torch.optim.Adam(params, lr=st.lr)
-        scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and trainer.cfg.amp == "fp16" else None
-        module.train()
+        training = trainer.build_optimizer(stage)  # the trainer's Adam (lr, weight decay) and AMP scaler
         times, shapes = [], []
         held = sum(int(np.asarray(v).nbytes) for b in batches for v in b.values() if isinstance(v, np.ndarray))
         gc.collect()
@@ -345,7 +335,7 @@ def section_training(p: dict[str, Any], emit: Emit) -> None:
             for batch in batches:
                 _sync(device)
                 t = time.perf_counter()
-                trainer._train_iteration(module, params, opt, scaler, st, batch)
+                trainer.train_step(stage, batch)
                 _sync(device)
                 times.append(time.perf_counter() - t)
                 shapes.append(list(np.asarray(batch["data"]).shape[2:]))
@@ -359,13 +349,12 @@ def section_training(p: dict[str, Any], emit: Emit) -> None:
              outpaces=None if (rate is None or not timed) else bool(rate * float(np.mean(timed)) >= 1.0),
              peak_rss_gb=gb(rss.peak), held_batches_gb=gb(held), **gpu, plans_predicted_peak_gb=predicted,
              amp=trainer.cfg.amp if device.type == "cuda" else "off", compile=compiled)
-        del opt, params, batches
-        _release(trainer)
+        del training, batches
+        _release(trainer, stage)
 
 
-def _release(trainer) -> None:
-    for c in getattr(trainer, "train_cases", []):
-        c.net1_probs = None
+def _release(trainer, stage: str) -> None:
+    trainer.release_step(stage)
     gc.collect()
 
 
@@ -396,12 +385,13 @@ def section_inprocess(p: dict[str, Any], emit: Emit) -> None:
     case = _case(p)
     tune_host_allocator()  # as hc_predict does
     roi_mode = p["roi"]
+    roi_rule = None
     if roi_mode == "reference":
-        from heartcascade.benchmark.roi_patch import pin_roi_to_reference
+        from heartcascade.benchmark.roi_patch import ReferenceBoxRoi
 
-        pin_roi_to_reference(case.reference_label)
+        roi_rule = ReferenceBoxRoi.from_file(case.reference_label)
     t = time.perf_counter()
-    predictor = Predictor.from_model_dir(p["model_dir"], device=p["device"], tta=False)
+    predictor = Predictor.from_model_dir(p["model_dir"], device=p["device"], tta=False, roi_rule=roi_rule)
     load_s = time.perf_counter() - t
     device = predictor.device
     plans = predictor.plans

@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress = verbosity(args) > QUIET and not args.no_progress
 
     def body() -> int:
-        from heartcascade.preprocessing.run import plan_and_preprocess
+        from heartcascade.workflows.plan_and_preprocess import plan_and_preprocess
 
         if args.verify:
             from heartcascade.dataset.verify import verify_dataset

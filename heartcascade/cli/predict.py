@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from heartcascade.cli.common import QUIET, VERBOSE, HCArgumentParser, add_verbosity_arguments, verbosity
 from heartcascade.utils.errors import HCError
@@ -65,16 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, roi_rule: Any = None) -> int:
+    """``roi_rule``: an ROI rule instead of the plans' (the benchmark's reference box)."""
     if args.model_dir is not None and str(args.model_dir).endswith(".zip") and Path(args.model_dir).is_file():
         from heartcascade.inference.model_archive import extracted_model
 
         with extracted_model(args.model_dir) as (folder, manifest):
-            return _predict(args, folder, args.checkpoint or manifest["checkpoint"])
-    return _predict(args, None, args.checkpoint or "final")
+            return _predict(args, folder, args.checkpoint or manifest["checkpoint"], roi_rule)
+    return _predict(args, None, args.checkpoint or "final", roi_rule)
 
 
-def _predict(args: argparse.Namespace, model_dir: Path | None, checkpoint: str) -> int:
+def _predict(args: argparse.Namespace, model_dir: Path | None, checkpoint: str, roi_rule: Any = None) -> int:
     from heartcascade.inference.predictor import Predictor, tune_host_allocator
     from heartcascade.utils.atomic import ensure_writable_dir
 
@@ -88,7 +89,7 @@ def _predict(args: argparse.Namespace, model_dir: Path | None, checkpoint: str) 
         raise HCError("-f all cannot be combined with numbered folds")
     level = verbosity(args)
     common = dict(folds=folds, checkpoint=checkpoint, device=args.device, tta=args.tta, verbose=level > QUIET,
-                  postprocessing=None if args.no_postprocessing else "auto")
+                  postprocessing=None if args.no_postprocessing else "auto", roi_rule=roi_rule)
     if args.dataset is not None:
         predictor = Predictor.from_dataset(args.dataset, configuration=args.configuration or "cascade", **common)
     else:
@@ -138,11 +139,11 @@ def _after_prediction(args: argparse.Namespace, predictor, report) -> None:
                 f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, roi_rule: Any = None) -> int:
     args = build_parser().parse_args(argv)
     from heartcascade.cli.common import run_cli
 
-    return run_cli(lambda: run(args))
+    return run_cli(lambda: run(args, roi_rule))
 
 
 if __name__ == "__main__":

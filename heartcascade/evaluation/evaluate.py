@@ -32,6 +32,7 @@ from heartcascade.evaluation.metrics import (
 )
 from heartcascade.utils.atomic import atomic_write_json, atomic_write_text, ensure_writable_dir, remove_temp_files_of
 from heartcascade.utils.errors import HCError
+from heartcascade.utils.progress import progress_bar
 
 GEOMETRY_TOLERANCE = 1e-4
 CHANNEL_SUFFIX = "_0000"
@@ -420,8 +421,6 @@ def evaluate_folders(
 
 
 def _run_jobs(jobs: list[tuple], num_processes: int, progress: bool) -> dict[str, dict[str, Any]]:
-    from heartcascade.utils.progress import progress_bar
-
     bar = progress_bar(total=len(jobs), enabled=progress, desc="evaluating", unit="case")
     results: dict[str, dict[str, Any]] = {}
     try:

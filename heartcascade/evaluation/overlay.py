@@ -14,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
+from heartcascade.dataset.image_io import read_image
 from heartcascade.utils.atomic import atomic_write_bytes
 from heartcascade.utils.errors import HCError
 
@@ -127,7 +128,6 @@ def write_case_overlay(image_path: str | os.PathLike, segmentation_path: str | o
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    from heartcascade.dataset.image_io import read_image
 
     image_sitk = read_image(image_path)
     image, spacing = _lps_array(image_sitk)

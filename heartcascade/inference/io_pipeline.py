@@ -6,6 +6,7 @@ device busy. Both helpers capture exceptions per item, so one bad case never sto
 """
 from __future__ import annotations
 
+import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -122,3 +123,27 @@ class BackgroundWriter:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def tune_host_allocator() -> bool:
+    """Let glibc reuse freed memory for large buffers instead of returning it to the OS at once.
+
+    Net2 allocates and frees activations of tens to hundreds of MB for every z-chunk; with glibc's
+    defaults each of them is a fresh ``mmap`` whose pages the kernel must zero again, which cost ~40 s
+    of system time on a 512x512x239 CT. Serving blocks up to 256 MB from the heap (and keeping up to
+    512 MB of freed heap) removes most of that; larger blocks (Net1's biggest maps) still go back to
+    the OS at once, so peak RSS grows by only ~0.1 GB (measured: 3.47 -> 3.57 GB at paper widths on
+    the CPU, against 4.6 GB with a 1 GB threshold). Process-wide, so the command-line tools call it;
+    returns False where it does not apply (not glibc).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, 256 << 20) == 1
+        return libc.mallopt(m_trim_threshold, 512 << 20) == 1 and ok
+    except (OSError, AttributeError):
+        return False

@@ -28,6 +28,10 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from heartcascade.inference.model_loading import (check_plans_version, checkpoint_file, model_dir_for,
+                                                  read_checkpoint, resolve_fold_dirs)
+from heartcascade.paths import parse_dataset_id, results_root
+from heartcascade.planning.plans import PLANS_VERSION
 from heartcascade.utils.atomic import atomic_path
 from heartcascade.utils.errors import HCError
 
@@ -90,9 +94,6 @@ def _readme(manifest: dict[str, Any], figures: dict[str, dict[str, Any]]) -> str
 def export_model(dataset_id: int | str, configuration: str, output: str | os.PathLike,
                  folds: Sequence[str | int] | None = None, checkpoint: str = "final") -> Path:
     """Write the weights-only archive of a trained model to ``output`` (atomically); returns its path."""
-    from heartcascade.inference.model_loading import (check_plans_version, checkpoint_file, model_dir_for,
-                                                      read_checkpoint, resolve_fold_dirs)
-
     output = Path(output)
     if output.suffix != ".zip":
         raise HCError(f"{output}: the model archive must end in .zip")
@@ -143,8 +144,6 @@ def export_model(dataset_id: int | str, configuration: str, output: str | os.Pat
 
 def read_manifest(archive: str | os.PathLike) -> dict[str, Any]:
     """The archive's manifest, after checking that every member lies under its model folder."""
-    from heartcascade.planning.plans import PLANS_VERSION
-
     archive = Path(archive)
     try:
         with zipfile.ZipFile(archive) as zf:
@@ -194,8 +193,6 @@ def install_model(archive: str | os.PathLike, overwrite: bool = False) -> Path:
     Existing folds are kept unless ``overwrite``; each fold folder is swapped in whole, so a reader
     never sees half of one.
     """
-    from heartcascade.paths import parse_dataset_id, results_root
-
     archive = Path(archive)
     manifest = read_manifest(archive)
     dataset, configuration = manifest["dataset"], manifest["configuration"]

@@ -2,18 +2,23 @@
 
 ``HC_RESULTS/DatasetXXX_Name/<configuration>/fold_<f>/checkpoint_{final,best,latest}.pth``; each
 checkpoint holds ``format_version``, ``configuration``, ``plans`` and ``networks`` (state dicts), and
-the networks are rebuilt from the plans with :mod:`heartcascade.networks.from_plans`.
+the networks are rebuilt from the plans with :mod:`heartcascade.model.from_plans`.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
+from heartcascade.model import from_plans
+from heartcascade.model.checkpoint import load_checkpoint
+from heartcascade.paths import results_dataset_dir
+from heartcascade.planning.plans import PLANS_VERSION
 from heartcascade.utils.errors import HCError
+from heartcascade.utils.jsonio import load_json
 
 CONFIGURATIONS = ("cascade", "baseline")
 CHECKPOINT_KINDS = ("final", "best", "latest")
@@ -35,8 +40,6 @@ class LoadedFold:
 
 def model_dir_for(dataset_id: int | str, configuration: str) -> Path:
     """``HC_RESULTS/DatasetXXX_Name/<configuration>``; it must exist."""
-    from heartcascade.paths import results_dataset_dir
-
     if configuration not in CONFIGURATIONS:
         raise HCError(f"unknown configuration {configuration!r}; expected one of {', '.join(CONFIGURATIONS)}")
     folder = results_dataset_dir(dataset_id) / configuration
@@ -103,8 +106,6 @@ def checkpoint_file(fold_dir: Path, kind: str) -> Path:
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
-    from heartcascade.training.checkpoint import load_checkpoint
-
     state = load_checkpoint(path, map_location="cpu")
     for key in ("configuration", "plans", "networks"):
         if key not in state:
@@ -114,8 +115,6 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 
 def check_plans_version(plans: Any, source: str | Path) -> None:
     """Refuse a model whose plans this version of heartcascade cannot read (e.g. from a newer release)."""
-    from heartcascade.planning.plans import PLANS_VERSION
-
     version = plans.get("plans_version") if isinstance(plans, dict) else None
     if version != PLANS_VERSION:
         raise HCError(f"{source}: model has plans_version {version!r}, this heartcascade reads only "
@@ -123,9 +122,7 @@ def check_plans_version(plans: Any, source: str | Path) -> None:
 
 
 def build_networks(configuration: str, plans: dict[str, Any]) -> dict[str, torch.nn.Module]:
-    """Fresh networks of a configuration, built from the plans (see networks.from_plans)."""
-    from heartcascade.networks import from_plans
-
+    """Fresh networks of a configuration, built from the plans (see model.from_plans)."""
     if configuration not in CONFIGURATIONS:
         raise HCError(f"unknown configuration {configuration!r}; expected one of {', '.join(CONFIGURATIONS)}")
     return dict(from_plans.build_networks(configuration, plans))
@@ -155,8 +152,6 @@ def load_fold(fold_dir: str | Path, checkpoint: str = "final", name: str | None 
         net.eval()
     dataset_json = None
     if (fold_dir / "dataset.json").is_file():
-        from heartcascade.utils.jsonio import load_json
-
         dataset_json = load_json(fold_dir / "dataset.json")
     return LoadedFold(name or fold_dir.name.removeprefix("fold_"), fold_dir, config, plans, networks, dataset_json)
 
@@ -169,3 +164,17 @@ def load_folds(model_dir: str | Path, folds: Sequence[str | int] | None = None, 
     if len(configs) > 1:
         raise HCError(f"{model_dir}: folds mix configurations {sorted(configs)}")
     return loaded
+
+
+def check_compatible_plans(a: Mapping[str, Any], b: Mapping[str, Any], where: Any) -> None:
+    """Folds are averaged voxel by voxel, so they must share preprocessing, grids and classes."""
+    keys = ("num_classes", "num_input_channels", "modality", "normalization", "full_resolution", "cropping")
+    for key in keys:
+        if a.get(key) != b.get(key):
+            raise HCError(f"{where}: plans '{key}' differ from the first fold's; folds cannot be averaged")
+    for section, sub in (("net1", "coarse_spacing"), ("net2", "K"), ("net2", "input_mode"),
+                         ("baseline_unet", "spacing"), ("baseline", "spacing")):
+        va = (a.get(section) or {}).get(sub)
+        vb = (b.get(section) or {}).get(sub)
+        if va != vb:
+            raise HCError(f"{where}: plans '{section}.{sub}' differ from the first fold's ({va} vs {vb})")

@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from heartcascade.inference.roi import clamped_range
+from heartcascade.utils.device import autocast
 
 #: Net2 input for one fold: ``make_input(fold_index, z_indices) -> (1, Cin, len(z_indices), H, W)``.
 InputFn = Callable[[int, torch.Tensor], torch.Tensor]
@@ -25,21 +26,12 @@ InputFn = Callable[[int, torch.Tensor], torch.Tensor]
 NET2_TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (4,), (3,), (3, 4))
 
 
-def autocast_context(device: torch.device):
-    """bf16 autocast on CUDA, nothing elsewhere (CPU bf16 convs are slower than fp32)."""
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    import contextlib
-
-    return contextlib.nullcontext()
-
-
 def mirrored_softmax(net: torch.nn.Module, x: torch.Tensor, flips: Sequence[tuple[int, ...]]) -> torch.Tensor:
     """Sum over ``flips`` of ``softmax(net(flip(x)))`` flipped back (float32)."""
     total = None
     for dims in flips:
         xin = torch.flip(x, dims) if dims else x
-        with autocast_context(x.device):
+        with autocast(x.device):
             logits = net(xin)
         probs = torch.softmax(logits.float(), dim=1)
         del logits

@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from heartcascade.utils.errors import HCError
+from heartcascade.utils.jsonio import load_json
 
 POSTPROCESSING_FILE = "postprocessing.json"
 POSTPROCESSING_VERSION = 1
@@ -104,8 +105,6 @@ class Postprocessing:
 
 
 def load_postprocessing(path: str | Path) -> Postprocessing:
-    from heartcascade.utils.jsonio import load_json
-
     return Postprocessing.from_dict(load_json(Path(path)), str(path))
 
 

@@ -16,12 +16,15 @@ upsampled output never has to exist at full resolution outside the window being 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
+
+from heartcascade.preprocessing.resampling import clamped_indices, linear_source_weights
 
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
@@ -92,9 +95,28 @@ def round_up_inside(box: Box, multiple: Sequence[int], shape: Sequence[int]) -> 
 
 
 class RoiRule(Protocol):
-    """Net1's mean softmax (1, C, d, h, w) on the coarse grid + case properties -> ROI on the full grid."""
+    """Net1's mean softmax (1, C, d, h, w) on the coarse grid + case properties -> ROI on the full grid.
+
+    A rule is passed to ``Predictor(roi_rule=...)``; the default is :func:`make_roi_rule` of the plans.
+    A rule dataclass built with ``margin_mm=None`` is given the plans' ``inference.roi_margin_mm`` by the
+    predictor (:func:`with_margin`).
+    """
 
     def __call__(self, mean_probs: torch.Tensor, properties: Mapping[str, Any]) -> Box: ...
+
+
+def margin_voxels(margin_mm: float, properties: Mapping[str, Any], coarse_shape: Sequence[int]) -> list[int]:
+    """The ROI margin per axis in full-grid voxels: ``margin_mm``, and at least one coarse voxel (Net1's
+    resolution, so a box edge that Net1 placed one coarse voxel short is still inside)."""
+    shape = [int(n) for n in properties["shape"]]
+    spacing = [float(s) for s in properties["spacing"]]
+    return [max(math.ceil(margin_mm / s), math.ceil(n / max(int(c), 1))) for s, n, c in zip(spacing, shape, coarse_shape)]
+
+
+def grow_roi(box: Box, margin_mm: float, properties: Mapping[str, Any], coarse_shape: Sequence[int]) -> Box:
+    """A full-grid box grown by the ROI margin (:func:`margin_voxels`) and clipped to the volume."""
+    shape = tuple(int(n) for n in properties["shape"])
+    return grow_box(box, margin_voxels(margin_mm, properties, coarse_shape), shape)
 
 
 def roi_from_coarse_mask(mask: np.ndarray | torch.Tensor, properties: Mapping[str, Any], margin_mm: float) -> Box:
@@ -105,10 +127,14 @@ def roi_from_coarse_mask(mask: np.ndarray | torch.Tensor, properties: Mapping[st
     box = foreground_box(mask)
     if box is None:
         return full_box(shape)
-    full = coarse_box_to_full(box, coarse_shape, shape)
-    spacing = [float(s) for s in properties["spacing"]]
-    margin = [max(math.ceil(margin_mm / s), math.ceil(n / c)) for s, n, c in zip(spacing, shape, coarse_shape)]
-    return grow_box(full, margin, shape)
+    return grow_roi(coarse_box_to_full(box, coarse_shape, shape), margin_mm, properties, coarse_shape)
+
+
+def with_margin(rule: RoiRule, margin_mm: float) -> RoiRule:
+    """``rule`` with the plans' margin when it was built without one (``margin_mm=None``)."""
+    if dataclasses.is_dataclass(rule) and getattr(rule, "margin_mm", 0.0) is None:
+        return dataclasses.replace(rule, margin_mm=margin_mm)  # type: ignore[type-var]
+    return rule
 
 
 @dataclass(frozen=True)
@@ -181,8 +207,9 @@ def make_roi_rule(rule: str, margin_mm: float, min_component_fraction: float = 0
 
 
 def clamped_range(start: int, stop: int, size: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Indices ``start..stop-1`` clamped to ``[0, size - 1]`` (edge replication beyond the volume)."""
-    return torch.arange(start, stop, device=device).clamp_(0, size - 1)
+    """Indices ``start..stop-1`` clamped to ``[0, size - 1]`` (edge replication beyond the volume;
+    :func:`heartcascade.preprocessing.resampling.clamped_indices` on the device)."""
+    return torch.from_numpy(clamped_indices(start, stop, size)).to(device)
 
 
 def padded_range(start: int, length: int, size: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -208,13 +235,11 @@ def _take(x: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
 
 
 def _linear_weights(positions: torch.Tensor, in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Source indices and weights of ``F.interpolate(..., mode='linear', align_corners=False)``."""
-    scale = in_size / out_size
-    src = ((positions.double() + 0.5) * scale - 0.5).clamp_(min=0.0)
-    i0 = src.floor().long().clamp_(max=in_size - 1)
-    i1 = (i0 + 1).clamp_(max=in_size - 1)
-    w1 = (src - i0.double()).clamp_(0.0, 1.0)
-    return i0, i1, w1
+    """Source indices and weights of ``F.interpolate(..., mode='linear', align_corners=False)``: the
+    rule of :func:`heartcascade.preprocessing.resampling.linear_source_weights` (float64), on the device."""
+    i0, i1, w1 = linear_source_weights(positions.cpu().numpy(), in_size, out_size)
+    dev = positions.device
+    return torch.from_numpy(i0).to(dev), torch.from_numpy(i1).to(dev), torch.from_numpy(w1).to(dev)
 
 
 def interpolation_matrix(positions: torch.Tensor, in_size: int, out_size: int,

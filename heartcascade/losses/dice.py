@@ -159,8 +159,11 @@ def foreground_dice_loss_from_logits(
 
 
 class DiceLoss(nn.Module):
-    """``L + roi_weight * L_ROI`` on logits, the form the trainer uses for Net1 and Net2.
+    """``L + roi_weight * L_ROI`` on logits, as one module.
 
+    The trainer does not use it: it sums the terms the plans name from the loss table
+    (:mod:`heartcascade.losses.terms`). It is for code outside the curriculum that wants the paper's
+    combined loss in one call (the network tests train Net2 through the cascade with it).
     ``roi_weight=0`` gives the plain weighted multi-class loss of eq. 2.
     """
 

@@ -30,6 +30,7 @@ from heartcascade.preprocessing.preprocess import read_labels
 from heartcascade.utils.atomic import atomic_write_json
 from heartcascade.utils.errors import HCError
 from heartcascade.utils.jsonio import load_json
+from heartcascade.utils.progress import bars_enabled, progress_bar
 
 FINGERPRINT_FILE = "dataset_fingerprint.json"
 FINGERPRINT_VERSION = 1
@@ -247,8 +248,6 @@ def compute_fingerprint(info: DatasetInfo, num_processes: int = 1, progress: boo
 
 def _map(fn, jobs: list, num_processes: int, progress: bool, desc: str) -> list:
     """Run ``fn`` over ``jobs`` in worker processes (spawned: safe with torch/OpenMP), keeping order."""
-    from heartcascade.utils.progress import bars_enabled, progress_bar
-
     bar = progress_bar(total=len(jobs), desc=desc, unit="case", leave=False) if bars_enabled(progress) else None
     out = []
     if num_processes <= 1 or len(jobs) <= 1 or _input_bytes(jobs) < _SMALL_INPUT_BYTES:

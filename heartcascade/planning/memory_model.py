@@ -34,6 +34,11 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from heartcascade.networks.baseline_unet import BaselineUNet3D
+from heartcascade.networks.cascade import Cascade, coarse_shape_for
+from heartcascade.networks.net1 import Net1
+from heartcascade.networks.net2 import Net2
+
 GiB = 1024 ** 3
 _CPU_CHANNEL_BLOCK = 16  # oneDNN (AVX-512) pads channels to blocks of 16 in its internal layouts
 _CPU_WEIGHT_GRAD_COPIES = 4  # weight-sized scratch buffers oneDNN allocates in convolution backward
@@ -221,7 +226,7 @@ class _Loss:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The networks of heartcascade (imported lazily: networks is a later stage than planning)
+# The networks of heartcascade (the real modules, traced on the meta device)
 # ---------------------------------------------------------------------------------------------------
 
 _MODELS: dict[str, nn.Module] = {}
@@ -249,8 +254,6 @@ def _cache_key(*parts: Any) -> str:
 def net1_memory(net1_kwargs: dict[str, Any], batch: int, shape: Sequence[int], training: bool = True,
                 backend: str = "cuda") -> MemoryEstimate:
     """Net1 on (batch, C, *shape) coarse voxels (each side a multiple of 16)."""
-    from heartcascade.networks.net1 import Net1
-
     model = _meta(lambda: Net1(**net1_kwargs), _cache_key("net1", net1_kwargs))
     model.train(training)
     with torch.device("meta"):
@@ -263,8 +266,6 @@ def net1_memory(net1_kwargs: dict[str, Any], batch: int, shape: Sequence[int], t
 def net2_memory(net2_kwargs: dict[str, Any], batch: int, shape: Sequence[int], training: bool = True,
                 backend: str = "cuda") -> MemoryEstimate:
     """Net2 alone on (batch, Cin, D, H, W) (D >= K; H, W multiples of 2**num_levels); output D-K+1 slices."""
-    from heartcascade.networks.net2 import Net2
-
     model = _meta(lambda: Net2(**net2_kwargs), _cache_key("net2", net2_kwargs))
     model.train(training)
     d, h, w = (int(s) for s in shape)
@@ -282,10 +283,6 @@ def cascade_memory(net1_kwargs: dict[str, Any], net2_kwargs: dict[str, Any], inp
 
     Loss: L1 on Net1's coarse output (when Net1 trains) + L2 on Net2's centre slices.
     """
-    from heartcascade.networks.cascade import Cascade, coarse_shape_for
-    from heartcascade.networks.net1 import Net1
-    from heartcascade.networks.net2 import Net2
-
     channels = int(net1_kwargs["in_channels"])
     model = _meta(lambda: Cascade(Net1(**net1_kwargs), Net2(**net2_kwargs), input_mode=input_mode,
                                   image_channels=channels), _cache_key("cascade", net1_kwargs, net2_kwargs, input_mode))
@@ -308,8 +305,6 @@ def cascade_memory(net1_kwargs: dict[str, Any], net2_kwargs: dict[str, Any], inp
 def baseline_memory(baseline_kwargs: dict[str, Any], batch: int, shape: Sequence[int], training: bool = True,
                     backend: str = "cuda") -> MemoryEstimate:
     """The plain 3D U-Net baseline on (batch, C, *shape)."""
-    from heartcascade.networks.baseline_unet import BaselineUNet3D
-
     model = _meta(lambda: BaselineUNet3D(**baseline_kwargs), _cache_key("baseline", baseline_kwargs))
     model.train(training)
     with torch.device("meta"):
@@ -376,8 +371,6 @@ def measure_training_peak(build: Callable[[], nn.Module], inputs: Callable[[torc
 
 def check_net1(net1_kwargs: dict[str, Any], batch: int, shape: Sequence[int], device: str = "cpu") -> dict[str, float]:
     """Predicted vs measured peak of a Net1 training step on ``device`` (for tests and the GPU benchmark)."""
-    from heartcascade.networks.net1 import Net1
-
     backend = "cuda" if str(device).startswith("cuda") else "cpu"
     predicted = net1_memory(net1_kwargs, batch, shape, True, backend).peak
     c = net1_kwargs["in_channels"]
@@ -392,8 +385,6 @@ def check_net1(net1_kwargs: dict[str, Any], batch: int, shape: Sequence[int], de
 
 def check_net2(net2_kwargs: dict[str, Any], batch: int, shape: Sequence[int], device: str = "cpu") -> dict[str, float]:
     """Predicted vs measured peak of a Net2 training step on ``device``."""
-    from heartcascade.networks.net2 import Net2
-
     backend = "cuda" if str(device).startswith("cuda") else "cpu"
     predicted = net2_memory(net2_kwargs, batch, shape, True, backend).peak
     d, h, w = shape
@@ -410,10 +401,6 @@ def check_net2(net2_kwargs: dict[str, Any], batch: int, shape: Sequence[int], de
 def check_cascade(net1_kwargs: dict[str, Any], net2_kwargs: dict[str, Any], input_mode: str, batch: int,
                   shape: Sequence[int], scale_factors: Sequence[float], device: str = "cpu") -> dict[str, float]:
     """Predicted vs measured peak of an end-to-end cascade training step (step 3) on ``device``."""
-    from heartcascade.networks.cascade import Cascade, coarse_shape_for
-    from heartcascade.networks.net1 import Net1
-    from heartcascade.networks.net2 import Net2
-
     backend = "cuda" if str(device).startswith("cuda") else "cpu"
     predicted = cascade_memory(net1_kwargs, net2_kwargs, input_mode, batch, shape, scale_factors, True, backend).peak
     d, h, w = shape

@@ -44,13 +44,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 from heartcascade.dataset.dataset_json import CT_NAMES, DatasetInfo
 from heartcascade.planning import fingerprint as fpmod
-from heartcascade.planning import memory_model as mm
-from heartcascade.planning.plans import PLANS_VERSION, ROI_DEFAULTS, validate_plans
+from heartcascade.planning import memory_model
+from heartcascade.planning.plans import NETWORK_INPUT_MODE, PLANS_VERSION, ROI_DEFAULTS, validate_plans
 from heartcascade.preprocessing.preprocess import coarse_scale_factors
 from heartcascade.utils.errors import HCError
 from heartcascade.utils.merge import deep_merge
 
-GiB = mm.GiB
+GiB = memory_model.GiB
 PLANNER_VERSION = 1
 NET1_DIVISOR = 16
 
@@ -155,23 +155,23 @@ def _key(d: dict[str, Any]) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def _net1(kw: str, batch: int, shape: tuple, training: bool) -> mm.MemoryEstimate:
-    return mm.net1_memory(json.loads(kw), batch, shape, training)
+def _net1(kw: str, batch: int, shape: tuple, training: bool) -> memory_model.MemoryEstimate:
+    return memory_model.net1_memory(json.loads(kw), batch, shape, training)
 
 
 @functools.lru_cache(maxsize=4096)
-def _net2(kw: str, batch: int, shape: tuple, training: bool) -> mm.MemoryEstimate:
-    return mm.net2_memory(json.loads(kw), batch, shape, training)
+def _net2(kw: str, batch: int, shape: tuple, training: bool) -> memory_model.MemoryEstimate:
+    return memory_model.net2_memory(json.loads(kw), batch, shape, training)
 
 
 @functools.lru_cache(maxsize=4096)
-def _cascade(kw1: str, kw2: str, mode: str, batch: int, shape: tuple, factors: tuple) -> mm.MemoryEstimate:
-    return mm.cascade_memory(json.loads(kw1), json.loads(kw2), mode, batch, shape, factors, True)
+def _cascade(kw1: str, kw2: str, mode: str, batch: int, shape: tuple, factors: tuple) -> memory_model.MemoryEstimate:
+    return memory_model.cascade_memory(json.loads(kw1), json.loads(kw2), mode, batch, shape, factors, True)
 
 
 @functools.lru_cache(maxsize=4096)
-def _baseline(kw: str, batch: int, shape: tuple) -> mm.MemoryEstimate:
-    return mm.baseline_memory(json.loads(kw), batch, shape, True)
+def _baseline(kw: str, batch: int, shape: tuple) -> memory_model.MemoryEstimate:
+    return memory_model.baseline_memory(json.loads(kw), batch, shape, True)
 
 
 def _largest_batch(peak: Callable[[int], int], usable: int, cap: int) -> tuple[int, int]:
@@ -363,7 +363,7 @@ def plan_experiment(fingerprint: dict[str, Any], preset: dict[str, Any], info: D
     full_slice = [ceil_to(ctx.shape95[1], divisor), ceil_to(ctx.shape95[2], divisor)]
     shapes = nominal_subvolumes(ctx, K, divisor)
     mode = p2.get("input_mode", "probabilities")
-    net_mode = "probs" if mode == "probabilities" else "label"
+    net_mode = NETWORK_INPUT_MODE.get(mode, "label")
     base2 = int(p2["base_features"])
     min_base2 = int(p2.get("min_base_features", 8))
 

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from heartcascade.preprocessing.preprocess import PREPROCESSING_VERSION
 from heartcascade.utils.atomic import atomic_write_json
 from heartcascade.utils.errors import HCError
 from heartcascade.utils.jsonio import load_json
@@ -157,8 +158,6 @@ def baseline_kwargs(plans: dict[str, Any]) -> dict[str, Any]:
 
 def preprocessing_fields(plans: dict[str, Any]) -> dict[str, Any]:
     """The plans fields the preprocessed arrays depend on (changing anything else keeps them valid)."""
-    from heartcascade.preprocessing.preprocess import PREPROCESSING_VERSION
-
     return {
         "preprocessing_version": PREPROCESSING_VERSION,
         "modality": plans["modality"],

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+from scipy import ndimage
 import torch
 import torch.nn.functional as F
 
@@ -174,3 +175,90 @@ def resample_labels(seg: np.ndarray, size: Sequence[int], num_classes: int,
             best = np.argpartition(-frac, n - 1)[:n]
             out.ravel()[best] = c
     return out
+
+
+# Index rules shared by the numpy (loader) and torch (predictor) partial upsampling
+
+
+def linear_source_weights(positions: np.ndarray, in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices ``i0, i1`` and the weight of ``i1`` for output positions of a linear resize
+    (PyTorch's half-pixel rule, ``align_corners=False``), in float64: the one definition behind the
+    step-4 loader's and the predictor's partial trilinear upsampling."""
+    scale = in_size / out_size
+    src = np.maximum((np.asarray(positions, dtype=np.float64) + 0.5) * scale - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    i1 = np.minimum(i0 + 1, in_size - 1)
+    w1 = np.clip(src - i0, 0.0, 1.0)
+    return i0, i1, w1
+
+
+def clamped_indices(start: int, stop: int, size: int) -> np.ndarray:
+    """Indices ``start..stop-1`` clamped to ``[0, size - 1]``: reading them replicates the edge slices."""
+    return np.clip(np.arange(start, stop), 0, size - 1)
+
+
+# B-spline (order 2) resampling: the baseline's probabilities back to the full grid
+
+
+def _bspline2_weight(t: torch.Tensor) -> torch.Tensor:
+    """The quadratic B-spline kernel beta2(t)."""
+    a = t.abs()
+    return torch.where(a < 0.5, 0.75 - a * a, torch.where(a < 1.5, 0.5 * (1.5 - a) ** 2, torch.zeros_like(a)))
+
+
+def bspline2_matrix(positions: torch.Tensor, in_size: int, out_size: int,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(len(positions), in_size) matrix evaluating an order-2 B-spline (coefficients on a grid of
+    ``in_size`` cells) at the centres of ``positions`` on a grid of ``out_size`` cells covering the same
+    extent. Mirror boundary (as ITK and ``scipy.ndimage`` with ``mode='mirror'``); positions beyond the
+    first/last coarse centre (at most half a coarse voxel) are clamped to it (nearest extrapolation)."""
+    x = ((positions.double() + 0.5) * (in_size / out_size) - 0.5).clamp(0.0, in_size - 1.0)
+    m = torch.zeros((positions.numel(), in_size), dtype=torch.float64, device=positions.device)
+    rows = torch.arange(positions.numel(), device=positions.device)
+    centre = torch.floor(x + 0.5).long()
+    for offset in (-1, 0, 1):
+        k = centre + offset
+        w = _bspline2_weight(x - k.double())
+        if in_size == 1:
+            k = torch.zeros_like(k)
+        else:
+            period = 2 * (in_size - 1)
+            k = torch.remainder(k, period)
+            k = torch.where(k > in_size - 1, period - k, k)
+        m.index_put_((rows, k), w, accumulate=True)
+    return m.to(dtype)
+
+
+def bspline2_coefficients(array: np.ndarray) -> np.ndarray:
+    """Order-2 B-spline coefficients (mirror boundary) of a (..., d, h, w) float array, float32."""
+    lead = array.shape[:-3]
+    flat = np.asarray(array, dtype=np.float64).reshape((-1,) + array.shape[-3:])
+    out = np.empty(flat.shape, dtype=np.float32)
+    for i, vol in enumerate(flat):
+        out[i] = ndimage.spline_filter(vol, order=2, mode="mirror", output=np.float64)
+    return out.reshape(lead + array.shape[-3:])
+
+
+def bspline2_resample(array: np.ndarray, full_spacing: Sequence[float], full_shape: Sequence[int]) -> np.ndarray:
+    """B-spline (order 2) resampling of a (d, h, w) float array to ``full_shape`` over the same extent.
+
+    Both grids are cell-centred and cover the same box. Separable: after the (small) prefilter, each
+    axis is one product with :func:`bspline2_matrix`. ``full_spacing`` is accepted for symmetry with
+    other resamplers; only the shapes matter because both grids span the same extent.
+    """
+    coeffs = torch.from_numpy(bspline2_coefficients(array)[None])
+    return bspline2_apply(coeffs, tuple(int(n) for n in full_shape), (0, int(full_shape[0])),
+                           ((0, int(full_shape[1])), (0, int(full_shape[2]))))[0].numpy()
+
+
+def bspline2_apply(coeffs: torch.Tensor, full_shape: tuple[int, int, int], z_range: tuple[int, int],
+                    inplane_box: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Evaluate coefficients (C, d, h, w) on output slices ``z_range`` and the in-plane box: (C, L, Hb, Wb)."""
+    dev = coeffs.device
+    _, d, h, w = coeffs.shape
+    mz = bspline2_matrix(torch.arange(*z_range, device=dev), d, full_shape[0])
+    my = bspline2_matrix(torch.arange(*inplane_box[0], device=dev), h, full_shape[1])
+    mx = bspline2_matrix(torch.arange(*inplane_box[1], device=dev), w, full_shape[2])
+    out = torch.einsum("zd,cdhw->czhw", mz, coeffs)  # (C, L, h, w)
+    out = torch.matmul(out, mx.t())                   # (C, L, h, Wb)
+    return torch.matmul(my, out)                      # (C, L, Hb, Wb)

@@ -35,6 +35,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
+from heartcascade.preprocessing.resampling import linear_source_weights
 from heartcascade.utils.errors import HCError
 
 
@@ -206,16 +207,6 @@ def _elastic_field(rng: np.random.Generator, params: AugmentationParams, sp: np.
 # (used for the elastic field here and for Net1 probabilities by the step-4 loader)
 
 
-def linear_weights(positions: np.ndarray, in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Source indices ``i0, i1`` and weight of ``i1`` for output positions (PyTorch's half-pixel rule)."""
-    scale = in_size / out_size
-    src = np.maximum((np.asarray(positions, dtype=np.float64) + 0.5) * scale - 0.5, 0.0)
-    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-    i1 = np.minimum(i0 + 1, in_size - 1)
-    w1 = np.clip(src - i0, 0.0, 1.0)
-    return i0, i1, w1
-
-
 def upsample_at(coarse: np.ndarray, full_shape: Sequence[int], indices: Sequence[np.ndarray | None]) -> np.ndarray:
     """Trilinear upsampling of ``coarse`` (C, d, h, w) to ``full_shape`` evaluated only at ``indices``.
 
@@ -228,7 +219,7 @@ def upsample_at(coarse: np.ndarray, full_shape: Sequence[int], indices: Sequence
         f = int(full_shape[axis])
         if idx is None:
             idx = np.arange(f)
-        i0, i1, w1 = linear_weights(idx, out.shape[axis + 1], f)
+        i0, i1, w1 = linear_source_weights(idx, out.shape[axis + 1], f)
         a = np.take(out, i0, axis=axis + 1).astype(np.float32, copy=False)
         b = np.take(out, i1, axis=axis + 1).astype(np.float32, copy=False)
         shape = [1] * out.ndim

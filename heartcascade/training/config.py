@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from heartcascade.networks import from_plans
+from heartcascade.losses.terms import LOSS_TERMS, loss_term
+from heartcascade.model import from_plans
 from heartcascade.training.augmentation import AugmentationParams
 from heartcascade.utils.errors import HCError
 from heartcascade.utils.merge import deep_merge
@@ -28,9 +29,9 @@ CURRICULUM: dict[str, dict[str, Any]] = {
 }
 CASCADE_STEPS = ("1", "2", "3", "4")
 BASELINE_STAGE = "baseline"
-#: Soft-Dice terms of the paper, plus optional cross-entropy terms (not in the paper: CE1/CE2/CE for
-#: Net1/Net2/baseline) that short CPU schedules such as the demo preset add for faster convergence.
-LOSS_NAMES = ("L1", "L1_ROI", "L2", "L2_ROI", "L", "CE1", "CE2", "CE")
+#: The network outputs each batch kind produces (the losses of a step must read one of them).
+KIND_OUTPUTS = {"coarse_volume": ("net1",), "subvolume": ("net1", "net2"), "slices": ("net2",),
+                BASELINE_STAGE: ("out",)}
 DEFAULT_LR = 1e-4
 
 
@@ -143,7 +144,16 @@ def normalise_override(value: dict[str, Any]) -> dict[str, Any]:
 # Reading (field names: documentation/plans.md; the planner writes them, planning/planner.py)
 
 _INPUT_KINDS = {"whole_coarse_volume": "coarse_volume", "subvolumes": "subvolume", "slice_stacks": "slices"}
-_LOSS_ALIASES = {"multiclass_dice": "L"}
+
+
+def _losses(names: Sequence[Any], kind: str, where: str) -> list[str]:
+    """Loss names resolved through the loss table; each must read an output the step's batches produce."""
+    losses = [loss_term(str(x), f"plans: {where}.losses").name for x in names]
+    wrong = [n for n in losses if LOSS_TERMS[n].output not in KIND_OUTPUTS[kind]]
+    if wrong:
+        raise HCError(f"plans: {where}.losses {wrong} read an output this step does not produce "
+                      f"(it produces {', '.join(KIND_OUTPUTS[kind])})")
+    return losses
 
 
 def _shape(value: Any, where: str) -> tuple[int, int, int]:
@@ -178,10 +188,7 @@ def _step_from_plans(entry: Mapping[str, Any], default_lr: float, default_wd: fl
                       f"(got {epochs}, {ipe}, {batch}, {lr})")
     if not entry.get("enabled", True):
         epochs = 0
-    losses = [_LOSS_ALIASES.get(str(x), str(x)) for x in entry.get("losses", curriculum["losses"])]
-    bad = sorted(set(losses) - set(LOSS_NAMES))
-    if bad:
-        raise HCError(f"plans: {where}.losses has unknown loss(es) {bad}; known: {', '.join(LOSS_NAMES)}")
+    losses = _losses(entry.get("losses", curriculum["losses"]), kind, where)
     train = [str(x) for x in entry.get("train", curriculum["train"])]
     unknown = sorted(set(train) - {"net1", "net2"})
     if unknown:
@@ -248,7 +255,7 @@ def training_config(plans: Mapping[str, Any], configuration: str) -> TrainingCon
             raise HCError(f"plans: {where}: need epochs >= 0, iterations_per_epoch >= 1, batch_size >= 1, lr > 0")
         if not base.get("patch_shape"):
             raise HCError("plans: baseline_unet.patch_shape missing")
-        losses = [_LOSS_ALIASES.get(str(x), str(x)) for x in entry["losses"]]
+        losses = _losses(entry["losses"], BASELINE_STAGE, where)
         steps[BASELINE_STAGE] = StepConfig(
             name=BASELINE_STAGE, kind="subvolume", epochs=epochs, iterations_per_epoch=ipe, batch_size=batch, lr=lr,
             losses=losses, train=["baseline"], patch_shapes=[_shape(base["patch_shape"], f"{where}.patch_shape")],

@@ -35,6 +35,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from batchgenerators.dataloading.data_loader import DataLoader
 
+from heartcascade.preprocessing.resampling import clamped_indices
 from heartcascade.training.augmentation import (AugmentationParams, batch_transforms, extract, random_spatial,
                                                 upsample_at)
 from heartcascade.training.sampling import CaseLocations, ClassBalancedSampler
@@ -60,7 +61,9 @@ class TrainCase:
     coarse_seg: np.ndarray | None = None  # (d, h, w)
     coarse_spacing: tuple[float, float, float] | None = None
     net1_probs: np.ndarray | None = None  # (C, d, h, w)
-    extra: dict[str, Any] = field(default_factory=dict)
+    coarse_locations: dict[int, np.ndarray] = field(default_factory=dict)  # step 1's class-balanced sampling
+    factors: tuple[float, float, float] = (1.0, 1.0, 1.0)  # full -> coarse scale factors (Net1's input grid)
+    properties: dict[str, Any] = field(default_factory=dict)  # preprocessing properties (back to original)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -68,11 +71,6 @@ class TrainCase:
 
     def sampler_entry(self) -> CaseLocations:
         return CaseLocations(self.case_id, self.shape, self.locations, self.seg)
-
-
-def clamped_indices(start: int, stop: int, size: int) -> np.ndarray:
-    """``start..stop-1`` clamped to the volume: slices beyond the ends are edge-replicated (as in inference)."""
-    return np.clip(np.arange(start, stop), 0, size - 1)
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -174,7 +172,7 @@ class CoarseVolumeLoader(_SeededLoader):
             shape = np.asarray(case.coarse_seg.shape)
             centre = shape // 2
             if np.any(shape > np.asarray(out_shape)):
-                fg = [v for c, v in case.extra.get("coarse_locations", {}).items() if c != 0 and len(v)]
+                fg = [v for c, v in case.coarse_locations.items() if c != 0 and len(v)]
                 if fg:
                     locs = fg[int(rng.integers(len(fg)))]
                     centre = np.asarray(locs[int(rng.integers(len(locs)))])
@@ -208,7 +206,7 @@ class SubvolumeLoader(_SeededLoader):
         for _ in range(self.batch_size):
             index, _cls, centre = self.sampler.draw(rng)
             case = self.cases[index]
-            factors.append(case.extra.get("factors", (1.0, 1.0, 1.0)))
+            factors.append(case.factors)
             nch = len(case.image)
             spatial = random_spatial(rng, self.aug, case.spacing, shape)
             outs = extract([*case.image, case.seg], centre, shape, spatial,

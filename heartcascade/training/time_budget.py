@@ -15,7 +15,7 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from heartcascade.utils.errors import HCError
 
@@ -34,6 +34,16 @@ def parse_duration(text: str | float | int) -> float:
     if not math.isfinite(value) or value <= 0:
         raise HCError(f"--time-budget must be a positive duration, got {text!r}")
     return value
+
+
+def step_learning_rate(base: float, iteration: int, total: int, warmup: int, schedule: str) -> float:
+    """The learning rate of a step's ``iteration`` (0-based): linear warm-up, then constant or poly decay."""
+    if warmup > 0 and iteration < warmup:
+        return base * (iteration + 1) / warmup
+    if schedule == "poly":
+        progress = (iteration - warmup) / max(1, total - warmup)
+        return base * max(0.0, 1.0 - progress) ** 0.9
+    return base
 
 
 def step_allotment(remaining_s: float, step: str, remaining_steps: Sequence[str],
@@ -116,3 +126,27 @@ class StepSchedule:
     def state(self) -> dict[str, float | int | None]:
         return {"planned": self.planned, "allotted_s": self.allotted_s, "spent_s": self.elapsed(),
                 "iterations": self.iterations}
+
+
+def step_schedule(cfg: Any, remaining_steps: Sequence[str], left_s: float | None,
+                  budget_state: Mapping[str, Any] | None) -> StepSchedule:
+    """The schedule of ``remaining_steps[0]`` and its iteration count (set on the step config).
+
+    ``cfg``: the run's ``TrainingConfig``; ``left_s``: budget seconds left for the remaining steps (None:
+    no budget, the plans' count); ``budget_state``: the schedule's state when resumed inside the step.
+    """
+    st = cfg.steps[remaining_steps[0]]
+    if left_s is None:
+        st.iterations_override = None
+        return StepSchedule(planned=st.planned_iterations)
+    if budget_state is not None:  # resumed inside this step
+        schedule = StepSchedule(planned=st.planned_iterations, allotted_s=budget_state["allotted_s"],
+                                probe=cfg.budget_probe_iterations, spent_s=float(budget_state["spent_s"]))
+        schedule.iterations = int(budget_state["iterations"])
+    else:
+        remaining = list(remaining_steps)
+        allotted = step_allotment(left_s, remaining[0], remaining, cfg.time_fractions(remaining))
+        schedule = StepSchedule(planned=st.planned_iterations, allotted_s=max(0.0, allotted),
+                                probe=cfg.budget_probe_iterations)
+    st.iterations_override = schedule.iterations
+    return schedule

@@ -6,393 +6,50 @@ Programmatic use (what ``hc_train`` and ``hc_demo`` call)::
     result = Trainer(dataset=1, fold=0, configuration="cascade").run()
     result.output_folder, result.final_checkpoint, result.validation_summary
 
-Curriculum (paper Table 1; iterations, batch size, lr, losses and patch sizes per step from the plans'
-``training.steps``):
-
-====  ===========================================  ==================  ==============
-step  batches                                       loss                trains
-====  ===========================================  ==================  ==============
-1     whole coarse volumes (batch 1)                L1_ROI              Net1
-2     full-res subvolumes, downsampled for Net1     L1 + L1_ROI         Net1
-3     full-res subvolumes through the cascade       L1 + L2             Net1 + Net2
-4     K full slices + frozen Net1's probabilities   L2                  Net2
-====  ===========================================  ==================  ==============
-
-L1* are computed on Net1's coarse logits against the labels downsampled to Net1's grid (nearest),
-L2* on Net2's centre-slice logits. Step 4 precomputes frozen Net1's softmax on each training case's
-whole coarse volume once at the start of the step (exactly what Net2 sees at inference: Net1 on the
-whole volume, upsampled); the loader upsamples it to the K slices of each sample.
-
-Each step gets a fresh Adam optimiser (its own lr). Checkpoints (``checkpoint_latest.pth`` every
-``training.checkpoint_every`` iterations and at the end of every step, ``checkpoint_best.pth`` when the
-moving average of the validation Dice improves, ``checkpoint_final.pth`` at the end) are written
-atomically and hold the complete resume state, so ``continue_training=True`` continues bit-for-bit
-where the last checkpoint was taken (same batches, same dropout masks, same optimiser state).
+The trainer runs the steps of the plans' ``training.steps`` (paper Table 1; batches, modules and outputs
+per step kind: :mod:`heartcascade.training.steps`; loss terms: :mod:`heartcascade.losses.terms`), each
+with a fresh Adam optimiser. The loop itself is generic; a step's pieces are public
+(:meth:`Trainer.setup`, :meth:`~Trainer.build_loader`, :meth:`~Trainer.build_optimizer`,
+:meth:`~Trainer.train_step`) so the benchmark times exactly what training runs. Checkpoints
+(``checkpoint_latest.pth`` every ``training.checkpoint_every`` iterations and at the end of every step,
+``checkpoint_best.pth`` when the moving average of the validation Dice improves
+(:mod:`heartcascade.training.best`), ``checkpoint_final.pth`` at the end) are written atomically and hold
+the complete resume state, so ``continue_training=True`` continues bit-for-bit where the last checkpoint
+was taken (same batches, same dropout masks, same optimiser state).
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from heartcascade.losses.cross_entropy import cross_entropy_loss
-from heartcascade.losses.dice import foreground_dice_loss, multiclass_dice_loss
-from heartcascade.networks import from_plans
-from heartcascade.networks.blocks import init_classifier_bias
-from heartcascade.networks.cascade import downsample_labels
+from heartcascade.inference.predictor import Predictor
+from heartcascade.paths import raw_root
 from heartcascade.training import distributed as dist_utils
-from heartcascade.training.checkpoint import (FORMAT_VERSION, capture_rng_state, checkpoint_path, load_checkpoint,
-                                              optimizer_state_cpu, plain, restore_rng_state, save_checkpoint,
-                                              state_dict_cpu)
-from heartcascade.training.config import (BASELINE_STAGE, CASCADE_STEPS, StepConfig, TrainingConfig,
-                                          checkpoint_interval, deep_merge, parse_override, training_config)
-from heartcascade.training.dataloading import (BatchStream, CoarseVolumeLoader, SliceStackLoader, SubvolumeLoader,
-                                               TrainCase, default_num_workers)
-from heartcascade.training.logger import TrainingLogger
-from heartcascade.training.time_budget import StepSchedule, parse_duration, step_allotment
-from heartcascade.training.splits import fold_cases, fold_folder_name, load_or_create_splits, parse_fold
-from heartcascade.training.validation import (autocast, dice_per_class, net1_coarse_probs, predict_baseline,
-                                              predict_cascade, predict_net1)
+from heartcascade.training.best import BestTracker
+from heartcascade.training.checkpoint import (FORMAT_VERSION, capture_rng_state, checkpoint_path, optimizer_state_cpu,
+                                              plain, restore_rng_state, save_checkpoint, state_dict_cpu)
+from heartcascade.training.config import StepConfig, checkpoint_interval
+from heartcascade.training.dataloading import BatchStream
+from heartcascade.training.final_validation import raw_dataset_dir, run_final_validation
+from heartcascade.training.results import StopTraining, TrainingResult
+from heartcascade.training.session import TrainingSession
+from heartcascade.training.time_budget import StepSchedule, step_learning_rate, step_schedule
+from heartcascade.training.validation import validation_dice, validation_predictor
 from heartcascade.utils.atomic import atomic_write_bytes, atomic_write_json
-from heartcascade.utils.errors import HCError
+from heartcascade.utils.jsonio import load_json
+from heartcascade.utils.progress import progress_bar
 
-_STAGE_CODES = {"1": 1, "2": 2, "3": 3, "4": 4, BASELINE_STAGE: 9}
-_TARGET_RANK = {"net1": 0, "baseline": 1, "cascade": 1}
-
-Callback = Callable[[str, dict[str, Any]], None]
+__all__ = ["StopTraining", "Trainer", "TrainingResult", "step_learning_rate", "train"]
 
 
-class StopTraining(Exception):
-    """Raise from a callback to stop a run (as if killed) -- used by tests."""
-
-
-@dataclass
-class TrainingResult:
-    output_folder: Path
-    configuration: str
-    fold: str
-    stages: list[str]
-    final_checkpoint: Path
-    epoch_losses: dict[str, list[float]] = field(default_factory=dict)
-    last_validation: dict[str, Any] | None = None
-    seconds_per_iteration: dict[str, float] = field(default_factory=dict)
-    validation_summary: dict[str, Any] | None = None
-    validation_method: str | None = None
-
-
-# --------------------------------------------------------------------------------------------------
-# Small modules run by each step (one forward call per iteration, so DDP / torch.compile can wrap them)
-
-
-def _net1_batched(cascade: nn.Module, x: torch.Tensor, factors: np.ndarray) -> list[torch.Tensor]:
-    """Net1 logits per sample (each (1, C, *coarse_i)); samples sharing scale factors run together."""
-    groups: dict[tuple[float, ...], list[int]] = {}
-    for i, f in enumerate(factors):
-        groups.setdefault(tuple(float(v) for v in f), []).append(i)
-    out: list[torch.Tensor | None] = [None] * x.shape[0]
-    for key, idx in groups.items():
-        logits, _coarse, _padded = cascade.run_net1(x[idx], key)
-        for j, i in enumerate(idx):
-            out[i] = logits[j:j + 1]
-    return out  # type: ignore[return-value]
-
-
-class _Net1Whole(nn.Module):
-    def __init__(self, net1: nn.Module) -> None:
-        super().__init__()
-        self.net1 = net1
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net1(x)
-
-
-class _Net1Sub(nn.Module):
-    def __init__(self, cascade: nn.Module) -> None:
-        super().__init__()
-        self.cascade = cascade
-
-    def forward(self, x: torch.Tensor, factors: np.ndarray) -> list[torch.Tensor]:
-        return _net1_batched(self.cascade, x, factors)
-
-
-class _CascadeStep(nn.Module):
-    def __init__(self, cascade: nn.Module) -> None:
-        super().__init__()
-        self.cascade = cascade
-
-    def forward(self, x: torch.Tensor, factors: np.ndarray) -> tuple[list[torch.Tensor], torch.Tensor]:
-        net1_logits = _net1_batched(self.cascade, x, factors)
-        probs = torch.cat([self.cascade.upsample_probs(l, x.shape[2:]) for l in net1_logits])
-        return net1_logits, self.cascade.net2(self.cascade.net2_input(x, probs))
-
-
-class _Net2Step(nn.Module):
-    def __init__(self, cascade: nn.Module) -> None:
-        super().__init__()
-        self.cascade = cascade
-
-    def forward(self, image: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        return self.cascade.net2(self.cascade.net2_input(image, probs))
-
-
-#: Which network output each loss term is computed on ("out": the baseline's single network).
-LOSS_OUTPUT = {"L1": "net1", "L1_ROI": "net1", "CE1": "net1", "L2": "net2", "L2_ROI": "net2", "CE2": "net2",
-               "L": "out", "CE": "out"}
-
-
-def _flat_cat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Concatenate (1, C, *spatial_i) tensors of different shapes as one (1, C, 1, 1, sum n_i) batch."""
-    return torch.cat([t.reshape(1, t.shape[1], 1, 1, -1) for t in tensors], dim=4)
-
-
-# --------------------------------------------------------------------------------------------------
-
-
-def step_learning_rate(base: float, iteration: int, total: int, warmup: int, schedule: str) -> float:
-    """The learning rate of a step's ``iteration`` (0-based): linear warm-up, then constant or poly decay."""
-    if warmup > 0 and iteration < warmup:
-        return base * (iteration + 1) / warmup
-    if schedule == "poly":
-        progress = (iteration - warmup) / max(1, total - warmup)
-        return base * max(0.0, 1.0 - progress) ** 0.9
-    return base
-
-
-def resolve_device(name: str) -> torch.device:
-    name = (name or "auto").lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise HCError(f"--device {name} was asked for but no CUDA GPU is available to torch "
-                          f"(torch {torch.__version__}, cuda build: {torch.version.cuda or 'none'}); "
-                          f"use --device cpu or --device auto")
-        return torch.device(name)
-    raise HCError(f"unknown device {name!r}; expected cpu, cuda or auto")
-
-
-def find_preprocessed(dataset: int | str) -> Path:
-    """The preprocessed dataset folder, or an HCError naming the command that makes it."""
-    from heartcascade.paths import parse_dataset_id, preprocessed_root, find_dataset_name, raw_root
-
-    did = parse_dataset_id(dataset)
-    root = preprocessed_root()
-    name = find_dataset_name(did, root) if root.is_dir() else None
-    if name is None:
-        raw_name = find_dataset_name(did, raw_root()) if raw_root().is_dir() else None
-        what = raw_name or f"Dataset{did:03d}_*"
-        raise HCError(f"no preprocessed data for dataset {did} ({what}) in {root}; "
-                      f"run: hc_plan_and_preprocess -d {did}")
-    folder = root / name
-    if not (folder / "plans.json").is_file():
-        raise HCError(f"{folder / 'plans.json'} not found (preprocessing incomplete); run: hc_plan_and_preprocess -d {did}")
-    return folder
-
-
-class Trainer:
-    """Train one fold of one configuration. See the module docstring and documentation/training.md.
-
-    Args:
-        dataset: dataset id (``1``, ``"001"``, ``"Dataset001_Name"``).
-        fold: ``0``..``4`` / ``"fold0"`` / ``"all"`` (validity checked against the splits file).
-        configuration: ``"cascade"`` or ``"baseline"``.
-        steps: curriculum steps to run (subset of 1..4, e.g. ``[2, 3, 4]`` for an ablation); default all.
-        continue_training: resume from ``checkpoint_latest.pth`` of the fold folder when present.
-        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
-        compile: wrap the trained modules in ``torch.compile``.
-        num_workers: data-augmentation worker processes (0 = in-process); default env ``HC_N_PROC_DA``,
-            then the plans.
-        plans_override: dict / JSON text / JSON file deep-merged into the plans (recorded in the copy of
-            plans.json written to the fold folder and in the checkpoints).
-        splits_file: a custom splits file instead of ``splits_final.json``.
-        seed: seeds the data stream and the network initialisation (default: the plans' training.seed).
-        predict_validation: at the end, predict the fold's validation cases and evaluate them.
-        progress: show tqdm bars.
-        callback: ``callback(event, info)`` called after every iteration (``event == "iteration"``) and at
-            checkpoints; raising :class:`StopTraining` stops the run like a kill (tests).
-        output_folder: override of ``HC_RESULTS/DatasetXXX_Name/<configuration>/fold_<f>``.
-        time_budget: wall-clock budget of the curriculum (``"60m"``, ``"1.5h"``, seconds); overrides the
-            plans' ``training.time_budget_s``. The steps share it by their ``time_fraction``; each step's
-            iteration count is set from its measured speed (see :mod:`heartcascade.training.time_budget`).
-    """
-
-    def __init__(self, dataset: int | str, fold: int | str, configuration: str = "cascade",
-                 steps: Sequence[int | str] | None = None, continue_training: bool = False, device: str = "auto",
-                 compile: bool = False, num_workers: int | None = None,
-                 plans_override: str | dict[str, Any] | None = None, splits_file: str | Path | None = None,
-                 seed: int | None = None, predict_validation: bool = True, progress: bool = True,
-                 callback: Callback | None = None, output_folder: str | Path | None = None,
-                 time_budget: str | float | None = None) -> None:
-        if configuration not in ("cascade", "baseline"):
-            raise HCError(f"unknown configuration {configuration!r}; expected cascade or baseline")
-        self.dataset = dataset
-        self.fold_arg = fold
-        self.configuration = configuration
-        self.requested_steps = None if steps is None else [str(s).strip() for s in steps]
-        if self.requested_steps is not None:
-            if configuration == "baseline":
-                raise HCError("--steps applies to the cascade; the baseline has a single stage")
-            bad = [s for s in self.requested_steps if s not in CASCADE_STEPS]
-            if bad or not self.requested_steps:
-                raise HCError(f"--steps must list curriculum steps among 1,2,3,4 (e.g. 2,3,4), got {','.join(bad) or 'nothing'}")
-            self.requested_steps = sorted(set(self.requested_steps), key=int)
-        self.continue_training = continue_training
-        self.device = resolve_device(device)
-        self.compile = compile
-        self.num_workers_arg = num_workers
-        self.plans_override = parse_override(plans_override)
-        self.splits_file = splits_file
-        self.seed_arg = None if seed is None else int(seed)
-        self.predict_validation = predict_validation
-        self.progress = progress
-        self.callback = callback
-        self.output_folder_arg = Path(output_folder) if output_folder is not None else None
-        self.time_budget_s = None if time_budget is None else parse_duration(time_budget)
-        self.dist = dist_utils.DistInfo()
-
-    # ------------------------------------------------------------------------------------------------
-    # setup
-
-    def _setup(self) -> dict[str, Any] | None:
-        self.dist = dist_utils.init_distributed(self.device.type)
-        if self.dist.enabled and self.device.type == "cuda":
-            self.device = torch.device("cuda", self.dist.local_rank)
-        self.pre_dir = find_preprocessed(self.dataset)
-        from heartcascade.preprocessing.storage import data_dir, list_cases
-
-        self.data_dir = data_dir(self.pre_dir)
-        all_cases = list_cases(self.data_dir)
-        if not all_cases:
-            raise HCError(f"{self.data_dir}: no preprocessed cases; run: hc_plan_and_preprocess -d "
-                          f"{self.pre_dir.name[7:10].lstrip('0') or '0'}")
-        labelled = [c for c in all_cases if (self.data_dir / f"{c}_seg.npy").is_file()]
-        if len(labelled) < 1:
-            raise HCError(f"{self.data_dir}: no preprocessed case has labels")
-        self.case_ids = labelled
-        splits, self.splits_path = load_or_create_splits(self.pre_dir, labelled, self.splits_file,
-                                                         write=self.dist.is_main)
-        self.fold = parse_fold(self.fold_arg, len(splits))
-        self.train_ids, self.val_ids = fold_cases(splits, self.fold, labelled)
-        if not self.train_ids:
-            raise HCError(f"fold {self.fold}: no training cases")
-        if self.output_folder_arg is not None:
-            self.output_folder = self.output_folder_arg
-        else:
-            from heartcascade.paths import results_root
-
-            self.output_folder = results_root() / self.pre_dir.name / self.configuration / fold_folder_name(self.fold)
-
-        resume = None
-        latest = checkpoint_path(self.output_folder, "latest")
-        if self.continue_training and latest.is_file():
-            resume = load_checkpoint(latest)
-            if resume.get("configuration") != self.configuration:
-                raise HCError(f"{latest}: is a '{resume.get('configuration')}' checkpoint, not '{self.configuration}'")
-            self.plans = resume["plans"]
-            self.seed = int(resume.get("seed", 0))
-            self.stages = list(resume["steps"])
-            missing = sorted(set(resume.get("train_cases", [])) - set(labelled))
-            if missing:
-                raise HCError(f"{latest}: training case(s) {', '.join(missing[:5])} of the interrupted run are no "
-                              f"longer in {self.data_dir}")
-            self.train_ids = list(resume.get("train_cases", self.train_ids))
-            self.val_ids = [c for c in resume.get("val_cases", self.val_ids) if c in labelled]
-            if self.requested_steps is not None and self.configuration == "cascade" \
-                    and self.requested_steps != self.stages:
-                raise HCError(f"{latest}: the interrupted run trains steps {','.join(self.stages)}; "
-                              f"continue it with the same --steps (or without --continue to start over)")
-        else:
-            from heartcascade.planning.plans import load_plans, preprocessing_fields, validate_plans
-
-            plans = load_plans(self.pre_dir / "plans.json")
-            if self.plans_override:
-                merged = validate_plans(deep_merge(plans, self.plans_override), "plans with --plans-override")
-                before, after = preprocessing_fields(plans), preprocessing_fields(merged)
-                changed = sorted(k for k in before if before[k] != after[k])
-                if changed:
-                    raise HCError(f"--plans-override changes field(s) the preprocessed data depend on "
-                                  f"({', '.join(changed)}); put them in a preset and re-run hc_plan_and_preprocess")
-                plans = merged
-            if self.time_budget_s is not None:  # recorded in the plans copy of the fold folder
-                plans = deep_merge(plans, {"training": {"time_budget_s": self.time_budget_s}})
-            self.plans = plans
-            if self.configuration == "cascade":
-                self.stages = self.requested_steps or list(CASCADE_STEPS)
-            else:
-                self.stages = [BASELINE_STAGE]
-        self.cfg: TrainingConfig = training_config(self.plans, self.configuration)
-        if resume is None:
-            self.seed = self.cfg.seed if self.seed_arg is None else self.seed_arg
-        self.stages = [s for s in self.stages if self.cfg.steps[s].iterations > 0]
-        if not self.stages:
-            raise HCError("nothing to train: every selected step has 0 epochs or is disabled in the plans")
-        self.num_workers = self.num_workers_arg if self.num_workers_arg is not None \
-            else default_num_workers(self.cfg.num_workers)
-        self.dataset_json_path = self.pre_dir / "dataset.json"
-        self.logger = TrainingLogger(self.output_folder, enabled=self.dist.is_main, echo=self.progress,
-                                     class_names=self.cfg.class_names)
-        return resume
-
-    def _load_cases(self) -> None:
-        from heartcascade.preprocessing.storage import load_case
-
-        def make(cid: str) -> TrainCase:
-            pc = load_case(self.data_dir, cid, mmap=True)
-            props = pc.properties
-            spacing = tuple(float(s) for s in props.get("spacing", (1.0, 1.0, 1.0)))
-            return TrainCase(case_id=cid, image=pc.image, seg=pc.seg, spacing=spacing,
-                             locations={int(k): v for k, v in pc.class_locations.items()},
-                             coarse_image=pc.coarse_image, coarse_seg=pc.coarse_seg,
-                             coarse_spacing=tuple(float(s) for s in props.get("coarse_spacing", spacing)),
-                             extra={"factors": tuple(float(f) for f in props.get("coarse_scale_factors", (1, 1, 1))),
-                                    "properties": props,
-                                    "coarse_locations": {int(k): v for k, v in pc.coarse_class_locations.items()}})
-
-        self.train_cases = [make(c) for c in self.train_ids]
-        val_ids = self.val_ids
-        if self.cfg.val_max_cases is not None:
-            val_ids = val_ids[: int(self.cfg.val_max_cases)]
-        self.val_cases = [make(c) for c in val_ids]  # preprocessed grid (memory-mapped)
-        if self.configuration == "baseline":
-            self.train_cases = [self._to_baseline_grid(c) for c in self.train_cases]
-
-    def _to_baseline_grid(self, case: TrainCase) -> TrainCase:
-        """Resample a case to the baseline spacing (computed once, kept in memory)."""
-        from heartcascade.preprocessing.preprocess import sample_class_locations
-        from heartcascade.preprocessing.resampling import resample_image, resample_labels, shape_for_spacing
-
-        target = self.cfg.baseline_spacing
-        shape = shape_for_spacing(case.shape, case.spacing, target)
-        image = resample_image(np.array(case.image, dtype=np.float32), shape, mode="auto")
-        seg = resample_labels(np.array(case.seg), shape, self.cfg.num_classes)
-        spacing = tuple(s * n / m for s, n, m in zip(case.spacing, case.shape, shape))
-        locs = sample_class_locations(seg, self.cfg.num_classes, seed=_stable_seed(case.case_id))
-        return TrainCase(case_id=case.case_id, image=image, seg=seg, spacing=spacing,
-                         locations={int(k): v for k, v in locs.items()}, extra={"properties": case.extra["properties"]})
-
-    def _build_networks(self) -> None:
-        torch.manual_seed(self.seed)
-        if self.configuration == "cascade":
-            self.cascade = from_plans.build_cascade(self.plans).to(self.device)
-            self.networks = {"net1": self.cascade.net1, "net2": self.cascade.net2}
-        else:
-            self.baseline = from_plans.build_baseline(self.plans).to(self.device)
-            self.networks = {"baseline": self.baseline}
-        if self.cfg.classifier_bias_init == "class_prior" and self.cfg.class_fractions:
-            for net in self.networks.values():
-                init_classifier_bias(net.classifier, self.cfg.class_fractions)
-        if self.compile:
-            # In place (state_dict keys unchanged), static shapes: one graph per patch shape.
-            for net in self.networks.values():
-                net.compile(dynamic=False)
+class Trainer(TrainingSession):
+    """Train one fold of one configuration: the curriculum loop, checkpoints, resume, validation and the
+    time budget around the step pieces of :class:`~heartcascade.training.session.TrainingSession`
+    (arguments there; see documentation/training.md)."""
 
     # ------------------------------------------------------------------------------------------------
     # checkpoints
@@ -414,9 +71,7 @@ class Trainer:
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": rng_states,
             "logger": self.logger.state(),
-            "best": dict(self.best),
-            "step_best": self.step_best if kind == "latest" else None,
-            "best_by_target": dict(self.best_by_target),
+            **self.tracker.state(kind),
             "budget": {"elapsed_s": self._elapsed(),
                        "step": self.schedule.state() if self.schedule is not None and not finished else None,
                        "iterations": {k: v.iterations_override for k, v in self.cfg.steps.items()}},
@@ -451,21 +106,18 @@ class Trainer:
 
     def _run(self) -> TrainingResult:
         started = time.monotonic()
-        resume = self._setup()
+        self.setup()
+        resume = self._resume
         if self.dist.is_main:
             self.output_folder.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.output_folder / "plans.json", self.plans)
             if self.dataset_json_path.is_file():
                 atomic_write_bytes(self.output_folder / "dataset.json", self.dataset_json_path.read_bytes())
-        self._load_cases()
-        self._build_networks()
-        self.best: dict[str, Any] = {"target": None, "ema": None, "best_ema": None, "stage": None, "iteration": None}
+        self.tracker = BestTracker(self.cfg.ema_momentum, self.cfg.keep_best_per_step)
         self.epoch_acc: dict[str, Any] = {}
         self.epoch_losses: dict[str, list[float]] = {}
         self.seconds: dict[str, list[float]] = {}
         self.last_validation: dict[str, Any] | None = None
-        self.step_best: dict[str, Any] | None = None  # best-validated weights of the running step
-        self.best_by_target: dict[str, float] = {}  # score of the weights each step handed on, by target
         self.run_started = started  # the time budget counts from here (resume: minus the time spent)
         self.validation_seconds = 0.0  # the last in-training validation's duration (final-validation reserve)
         self.schedule: StepSchedule | None = None
@@ -477,10 +129,8 @@ class Trainer:
             for key, net in self.networks.items():
                 net.load_state_dict(resume["networks"][key])
             self.logger.load_state(resume.get("logger", {}))
-            self.best = dict(resume.get("best") or self.best)
+            self.tracker.load_state(resume)
             self.epoch_acc = dict(resume.get("epoch_acc") or {})
-            self.step_best = resume.get("step_best")
-            self.best_by_target = dict(resume.get("best_by_target") or {})
             budget = resume.get("budget") or {}
             self.run_started -= float(budget.get("elapsed_s") or 0.0)
             budget_state = budget.get("step")
@@ -539,80 +189,24 @@ class Trainer:
         self.logger.log(f"data augmentation workers: {self.num_workers}; AMP: "
                         f"{c.amp if self.device.type == 'cuda' else 'off (CPU)'}; compile: {self.compile}")
 
-    # ------------------------------------------------------------------------------------------------
-    # one curriculum step
-
-    def _stage_module(self, st: StepConfig) -> nn.Module:
-        if self.configuration == "baseline":
-            return self.baseline
-        self.cascade.set_trainable("net1" in st.train, "net2" in st.train)
-        if st.kind == "coarse_volume":
-            return _Net1Whole(self.cascade.net1)
-        if st.kind == "slices":
-            return _Net2Step(self.cascade)
-        if "net2" in st.train or any(l.startswith("L2") for l in st.losses):
-            return _CascadeStep(self.cascade)
-        return _Net1Sub(self.cascade)
-
-    def _make_loader(self, st: StepConfig, stage: str, start_batch: int) -> Any:
-        common = dict(batch_size=st.batch_size, seed=self.seed, stream=[_STAGE_CODES[stage], self.dist.rank],
-                      augmentation=self.cfg.augmentation, start_batch=start_batch,
-                      num_workers=max(1, self.num_workers), background_as_class=self.cfg.background_as_class)
-        if st.kind == "coarse_volume":
-            return CoarseVolumeLoader(self.train_cases, divisor=self.cfg.net1_divisor,
-                                      max_shape=st.patch_shapes[0] if st.patch_shapes else None, **common)
-        if st.kind == "slices":
-            return SliceStackLoader(self.train_cases, K=self.cfg.K, divisor=self.cfg.net2_divisor,
-                                    tile=st.patch_shapes[0][1:] if st.patch_shapes else None, **common)
-        loader = SubvolumeLoader(self.train_cases, patch_shapes=st.patch_shapes, **common)
-        return loader
-
-    def _precompute_net1(self) -> None:
-        t0 = time.perf_counter()
-        net1 = self.cascade.net1
-        was_training = net1.training
-        net1.eval()
-        for case in self.train_cases:
-            probs = net1_coarse_probs(net1, case.coarse_image, self.device, self.cfg.amp)
-            case.net1_probs = probs.cpu().numpy().astype(np.float16)
-        net1.train(was_training)
-        self.cascade.train(self.cascade.training)
-        self.logger.log(f"step 4: frozen Net1 probabilities of {len(self.train_cases)} training cases computed "
-                        f"in {time.perf_counter() - t0:.1f}s")
-
     def _run_stage(self, index: int, start_iteration: int, optimizer_state: Any, scaler_state: Any,
                    rng_state: Any, budget_state: dict[str, Any] | None = None) -> None:
-        from heartcascade.utils.progress import progress_bar
-
         stage = self.stages[index]
         st = self.cfg.steps[stage]
         schedule = self._step_schedule(index, budget_state)
         self.schedule = schedule
-        module = self._stage_module(st)
-        if st.kind == "slices":
-            self._precompute_net1()
-        params = [p for p in module.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=st.lr, weight_decay=st.weight_decay)
-        if optimizer_state is not None:
-            optimizer.load_state_dict(optimizer_state)
-        use_fp16 = self.device.type == "cuda" and self.cfg.amp == "fp16"
-        scaler = torch.amp.GradScaler("cuda") if use_fp16 else None
-        if scaler is not None and scaler_state:
-            scaler.load_state_dict(scaler_state)
-        runner = dist_utils.wrap_ddp(module, self.device)
-        module.train()
-        if self.configuration == "cascade":
-            self.cascade.train()
+        self.prepare_step(stage)
+        training = self.build_optimizer(stage, optimizer_state, scaler_state)
+        optimizer, scaler = training.optimizer, training.scaler
         if start_iteration == 0:
             self.epoch_acc = {}
-            self.step_best = self._step_start_candidate(stage)
+            self.tracker.start_step(self._validation_target(stage), self.networks)
             self.logger.log(f"=== step {stage} ({st.kind}): " + (
                 f"{schedule.allotted_s:.0f} s of the time budget, iterations set from the measured speed ===" if
                 schedule.budgeted else f"{st.iterations} iterations ==="))
         if rng_state is not None:
             restore_rng_state(rng_state)
-        loader = self._make_loader(st, stage, start_iteration)
-        stream = BatchStream(loader, self.cfg.augmentation, self.num_workers)
+        stream = BatchStream(self.build_loader(stage, start_iteration), self.cfg.augmentation, self.num_workers)
         bar = progress_bar(total=st.iterations, initial=start_iteration, desc=f"step {stage}", unit="it",
                            enabled=self.progress and self.dist.is_main, leave=False, dynamic_ncols=True)
         per_validation = max(1, self.cfg.validate_every_epochs) * st.iterations_per_epoch
@@ -626,7 +220,7 @@ class Trainer:
                 lr = step_learning_rate(st.lr, it, st.iterations, self.cfg.warmup_iterations, self.cfg.lr_schedule)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                loss, terms = self._train_iteration(runner, params, optimizer, scaler, st, batch)
+                loss, terms = self.train_step(stage, batch)
                 t_end = time.perf_counter()
                 self._accumulate(loss, terms, t_end - t_wait, t_start - t_wait, optimizer)
                 done = it + 1
@@ -658,32 +252,16 @@ class Trainer:
         finally:
             bar.close()
             stream.close()
-            if self.configuration == "cascade":
-                for case in self.train_cases:
-                    case.net1_probs = None
+            self.release_step(stage)
+            self._active = None
 
     def _step_schedule(self, index: int, budget_state: dict[str, Any] | None) -> StepSchedule:
         """The step's iteration count: the plans' without a time budget, else its share of what is left."""
-        stage = self.stages[index]
-        st = self.cfg.steps[stage]
+        last = index == len(self.stages) - 1 and self.predict_validation and self.val_cases
+        reserve = 2 * self.validation_seconds if last else 0.0  # the final validation also fits in the budget
         budget = self.cfg.time_budget_s
-        if budget is None:
-            st.iterations_override = None
-            return StepSchedule(planned=st.planned_iterations)
-        if budget_state is not None:  # resumed inside this step
-            schedule = StepSchedule(planned=st.planned_iterations, allotted_s=budget_state["allotted_s"],
-                                    probe=self.cfg.budget_probe_iterations, spent_s=float(budget_state["spent_s"]))
-            schedule.iterations = int(budget_state["iterations"])
-        else:
-            remaining = self.stages[index:]
-            left = budget - self._elapsed()
-            if index == len(self.stages) - 1 and self.predict_validation and self.val_cases:
-                left -= 2 * self.validation_seconds  # the final validation also fits in the budget
-            allotted = step_allotment(left, stage, remaining, self.cfg.time_fractions(remaining))
-            schedule = StepSchedule(planned=st.planned_iterations, allotted_s=max(0.0, allotted),
-                                    probe=self.cfg.budget_probe_iterations)
-        st.iterations_override = schedule.iterations
-        return schedule
+        left = None if budget is None else budget - self._elapsed() - reserve
+        return step_schedule(self.cfg, self.stages[index:], left, budget_state)
 
     def _eta(self) -> float:
         """Seconds until the whole budgeted curriculum ends (this step's deadline plus the later shares)."""
@@ -694,31 +272,13 @@ class Trainer:
         """Seconds of this training run so far (across resumes), what the time budget is measured against."""
         return time.monotonic() - self.run_started
 
-    def _step_start_candidate(self, stage: str) -> dict[str, Any] | None:
-        """With keep_best_per_step, the weights a step starts from compete with what it trains.
-
-        A step validated on the same target as the step before (step 2 after 1: Net1; step 4 after 3:
-        the cascade) starts with the earlier step's score, so a step that only loses accuracy hands on
-        the weights it was given.
-        """
-        if not self.cfg.keep_best_per_step:
-            return None
-        target = self._validation_target(stage)
-        if target not in self.best_by_target:
-            return None
-        return {"score": self.best_by_target[target], "iteration": 0, "target": target,
-                "networks": {k: state_dict_cpu(v) for k, v in self.networks.items()}}
-
     def _finish_step_best(self, stage: str, last_iteration: int) -> None:
         """End the step with its best-validated weights (keep_best_per_step)."""
         if not self.cfg.keep_best_per_step or not self.val_cases:
             return
-        chosen = dist_utils.all_gather_object(self.step_best if self.dist.is_main else None)[0]
-        self.step_best = None
-        if chosen is None:
-            return
-        self.best_by_target[chosen["target"]] = float(chosen["score"])
-        if chosen["iteration"] == last_iteration:
+        chosen = self.tracker.finish_step(
+            dist_utils.all_gather_object(self.tracker.step_best if self.dist.is_main else None)[0])
+        if chosen is None or chosen["iteration"] == last_iteration:
             return
         for key, net in self.networks.items():
             net.load_state_dict(chosen["networks"][key])
@@ -726,66 +286,6 @@ class Trainer:
                         f"{chosen['score']:.4f}); the step's last weights validated lower")
         self.logger.record(type="restore", stage=stage, iteration=last_iteration, restored_iteration=chosen["iteration"],
                            global_iteration=self._global_iteration(stage, last_iteration), mean_dice=chosen["score"])
-
-    def _train_iteration(self, runner: nn.Module, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-                         scaler: Any, st: StepConfig, batch: dict[str, Any]) -> tuple[float, dict[str, float]]:
-        dev = self.device
-        data = torch.from_numpy(np.ascontiguousarray(batch["data"])).to(dev, non_blocking=True)
-        seg = torch.from_numpy(np.ascontiguousarray(batch["seg"])).to(dev, non_blocking=True).long()
-        optimizer.zero_grad(set_to_none=True)
-        outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        with autocast(dev, self.cfg.amp):
-            if self.configuration == "baseline":
-                outputs["out"] = (runner(data), seg)
-            elif st.kind == "coarse_volume":
-                outputs["net1"] = (runner(data), seg)
-            elif st.kind == "slices":
-                nimg = self.cfg.image_channels
-                logits = runner(data[:, :nimg], data[:, nimg:])
-                m = self.cfg.K // 2
-                outputs["net2"] = (logits, seg[:, :, m:m + 1])
-            else:
-                factors = np.asarray(batch["factors"], dtype=float)
-                result = runner(data, factors)
-                net1_logits, net2_logits = result if isinstance(result, tuple) else (result, None)
-                targets = [downsample_labels(seg[i:i + 1, 0], l.shape[2:]) for i, l in enumerate(net1_logits)]
-                outputs["net1"] = (_flat_cat(net1_logits), _flat_cat([t[:, None] for t in targets]))
-                if net2_logits is not None:
-                    m = self.cfg.K // 2
-                    outputs["net2"] = (net2_logits, seg[:, :, m:seg.shape[2] - m])
-        terms: dict[str, torch.Tensor] = {}
-        probs_cache: dict[str, torch.Tensor] = {}
-
-        def probs(key: str) -> torch.Tensor:
-            if key not in probs_cache:
-                probs_cache[key] = torch.softmax(outputs[key][0].float(), dim=1)
-            return probs_cache[key]
-
-        for name in st.losses:
-            key = LOSS_OUTPUT[name]
-            if key not in outputs:
-                key = "out" if "out" in outputs else next(iter(outputs))
-            target = outputs[key][1]
-            if name.startswith("CE"):
-                terms[name] = cross_entropy_loss(outputs[key][0], target)
-            elif name.endswith("_ROI"):
-                terms[name] = foreground_dice_loss(probs(key), target)
-            else:
-                terms[name] = multiclass_dice_loss(probs(key), target, weighting=self.cfg.dice_weighting)
-        loss = sum(st.loss_weights.get(n, 1.0) * t for n, t in terms.items())
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if self.cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, float(self.cfg.grad_clip))
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        return float(loss.detach()), {n: float(t.detach()) for n, t in terms.items()}
 
     # ------------------------------------------------------------------------------------------------
     # epochs, validation, best checkpoint
@@ -853,108 +353,49 @@ class Trainer:
         names = self.cfg.class_names
         fg = dice[1:]
         mean = float(np.nanmean(fg)) if np.any(np.isfinite(fg)) else 0.0
-        best = self.best
-        if best.get("target") != target:
-            best.update(target=target, ema=None, best_ema=None)
-        m = self.cfg.ema_momentum
-        best["ema"] = mean if best.get("ema") is None else m * best["ema"] + (1 - m) * mean
-        improved = best.get("best_ema") is None or best["ema"] > best["best_ema"]
+        improved = self.tracker.record(target, mean, stage, iteration, self.networks)
+        ema = self.tracker.best["ema"]
         per_class = {names[c] if c < len(names) else str(c): (None if not np.isfinite(dice[c]) else float(dice[c]))
                      for c in range(1, len(dice))}
         self.last_validation = {"stage": stage, "iteration": iteration, "target": target, "dice": per_class,
                                 "mean_dice": mean}
-        if self.cfg.keep_best_per_step and (self.step_best is None or mean > self.step_best["score"]):
-            self.step_best = {"score": mean, "iteration": iteration, "target": target,
-                              "networks": {k: state_dict_cpu(v) for k, v in self.networks.items()}}
         self.logger.record(type="val", stage=stage, iteration=iteration,
                            global_iteration=self._global_iteration(stage, iteration), target=target,
-                           dice=per_class, mean_dice=mean, ema=best["ema"])
+                           dice=per_class, mean_dice=mean, ema=ema)
         self.logger.log(f"validation ({target}, {len(self.val_cases)} cases): mean Dice {mean:.4f} "
-                        f"(moving avg {best['ema']:.4f}); " + ", ".join(
+                        f"(moving avg {ema:.4f}); " + ", ".join(
                             f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in per_class.items()))
         if improved:
-            best.update(best_ema=best["ema"], stage=stage, iteration=iteration)
-            self.logger.log(f"new best moving-average Dice {best['ema']:.4f} -> checkpoint_best.pth")
+            self.logger.log(f"new best moving-average Dice {ema:.4f} -> checkpoint_best.pth")
             save_checkpoint(checkpoint_path(self.output_folder, "best"),
                             self._state("best", self.stages.index(stage), iteration, None, None, None))
         dist_utils.barrier()
 
-    @torch.no_grad()
     def validation_dice(self, target: str) -> np.ndarray:
-        """Mean over the validation cases of the hard Dice per class (NaN where never present).
-
-        Uses the real predictor's in-memory entry point (``Predictor.predict_preprocessed`` on the
-        preprocessed case: dynamic ROI, memory-aware Net2 chunks/tiles, label maps in the original
-        geometry, compared with the case's labels brought back the same way), so the curve shows what
-        ``hc_predict`` would give. ``target == "net1"`` (steps 1-2) scores Net1's upsampled output.
-        Falls back to the trainer's own forward pass when the predictor is unavailable.
-        """
-        ncls = self.cfg.num_classes
-        rows = []
-        predictor = self._validation_predictor()
+        """Mean hard Dice per class of the validation cases, by the real predictor on copies of the networks
+        (:mod:`heartcascade.training.validation`); ``target == "net1"`` scores Net1 alone."""
+        predictor = validation_predictor(self.configuration, self.plans, self.networks, self.device)
         try:
-            for case in self.val_cases:
-                props = case.extra["properties"]
-                if predictor is not None:
-                    from heartcascade.preprocessing.preprocess import restore_to_original
-
-                    res = predictor.predict_preprocessed(np.array(case.image, dtype=np.float32), props,
-                                                         net1_only=(target == "net1"))
-                    pred, ref = res.labels, restore_to_original(np.asarray(case.seg), props)
-                else:
-                    pred, ref = self._fallback_prediction(case, target)
-                rows.append(dice_per_class(pred, np.asarray(ref), ncls))
+            return validation_dice(predictor, self.val_cases, target, self.cfg.num_classes)
         finally:
             for net in self.networks.values():
                 net.train()
             if self.configuration == "cascade":
                 self.cascade.train()
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return np.nanmean(np.stack(rows), axis=0) if rows else np.full(ncls, np.nan)
-
-    def _validation_predictor(self) -> Any:
-        try:
-            from heartcascade.inference.predictor import Predictor
-        except ImportError:
-            return None
-        # Fresh copies: the predictor may change the modules (eval mode, channels-last weights on CPU),
-        # which must not leak into training (a resumed run would otherwise differ from an uninterrupted
-        # one); rebuilding also leaves torch.compile wrappers behind.
-        networks = from_plans.build_networks(self.configuration, self.plans)
-        for key, net in networks.items():
-            net.load_state_dict(state_dict_cpu(self.networks[key]))
-        return Predictor(self.plans, networks, configuration=self.configuration, device=self.device, label_codes={})
-
-    def _fallback_prediction(self, case: TrainCase, target: str) -> tuple[np.ndarray, np.ndarray]:
-        for net in self.networks.values():
-            net.eval()
-        if target == "net1":
-            return predict_net1(self.cascade.net1, case.coarse_image, self.device, self.cfg.amp), case.coarse_seg
-        if target == "cascade":
-            probs = net1_coarse_probs(self.cascade.net1, case.coarse_image, self.device, self.cfg.amp)
-            return predict_cascade(self.cascade, np.asarray(case.image), probs, self.device, self.cfg.net2_chunk,
-                                   self.cfg.amp), case.seg
-        small = self._to_baseline_grid(case)
-        patch = max(self.cfg.steps[BASELINE_STAGE].patch_shapes, key=lambda s: int(np.prod(s)))
-        return predict_baseline(self.baseline, np.asarray(small.image), patch, self.device,
-                                self.cfg.baseline_divisor, self.cfg.amp), small.seg
-
-    # ------------------------------------------------------------------------------------------------
-    # end of training: predict the validation cases and evaluate them
 
     def _final_validation(self) -> tuple[dict[str, Any] | None, str | None]:
-        from heartcascade.training.final_validation import run_final_validation
-
-        return run_final_validation(self)
-
-
-def _stable_seed(text: str) -> int:
-    import zlib
-
-    return zlib.crc32(text.encode("utf-8"))
+        """Predict the fold's validation cases from the model folder's final checkpoint and evaluate them."""
+        predictor = Predictor.from_model_dir(self.output_folder, checkpoint="final", device=str(self.device),
+                                             configuration=self.configuration, postprocessing=None)
+        ending = ".nii.gz"
+        if self.dataset_json_path.is_file():
+            ending = str(load_json(self.dataset_json_path).get("file_ending", ending))
+        try:
+            return run_final_validation(self.output_folder, predictor, list(self.val_ids),
+                                        raw_dataset_dir(raw_root(), self.pre_dir.name), self.data_dir,
+                                        self.logger.log, ending)
+        finally:
+            self.logger.flush()
 
 
 def train(dataset: int | str, fold: int | str, **kwargs: Any) -> TrainingResult:

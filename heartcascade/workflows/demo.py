@@ -17,8 +17,17 @@ from typing import Any
 
 import numpy as np
 
+from heartcascade import paths
+from heartcascade.dataset import image_io
+from heartcascade.dataset.dataset_json import load_dataset
+from heartcascade.dataset.synthetic import make_synthetic_dataset
+from heartcascade.evaluation.evaluate import evaluate_folders, markdown_table
+from heartcascade.evaluation.overlay import save_overlay
+from heartcascade.inference.predictor import Predictor
+from heartcascade.training.trainer import Trainer
 from heartcascade.utils.atomic import atomic_write_json
 from heartcascade.utils.errors import HCError
+from heartcascade.workflows.plan_and_preprocess import plan_and_preprocess
 
 DEMO_DATASET_ID = 901
 DEMO_NAME = "SyntheticHeartsCT"
@@ -63,14 +72,6 @@ def _use_roots(output: Path) -> dict[str, Path]:
 
 
 def run_demo(settings: DemoSettings) -> DemoResult:
-    from heartcascade import paths
-    from heartcascade.dataset.dataset_json import load_dataset
-    from heartcascade.dataset.synthetic import make_synthetic_dataset
-    from heartcascade.evaluation.evaluate import evaluate_folders, markdown_table
-    from heartcascade.inference.predictor import Predictor
-    from heartcascade.preprocessing.run import plan_and_preprocess
-    from heartcascade.training.trainer import Trainer
-
     output = settings.output.resolve()
     if settings.fresh and output.exists():
         shutil.rmtree(output)
@@ -171,9 +172,6 @@ def _torch_version() -> str:
 
 
 def _write_overlay(output: Path, raw_dir: Path, predictions: Path, info) -> Path | None:
-    from heartcascade.dataset import image_io
-    from heartcascade.evaluation.overlay import save_overlay
-
     cases = info.test_cases()
     if not cases or cases[0].label is None:
         return None

@@ -4,12 +4,12 @@ Two sources of anatomy:
 
 * parametric (:func:`make_case`): a sampled heart (7 MM-WHS structures plus unlabelled walls, fat,
   great vessels) inside a torso (body, fat, muscle, lungs, liver, spine, ribs, sternum) with random
-  pose, size, shape and spacing; see :mod:`heartcascade.dataset.synthetic_anatomy`;
+  pose, size, shape and spacing; see :mod:`heartcascade.dataset.synthetic.anatomy`;
 * real label maps (:func:`make_case_from_labels`): the labelled heart of e.g. an MM-WHS label map,
   kept voxel for voxel with its geometry, with the torso fitted around it.
 
 The class map is then rendered as contrast CT (HU) or bSSFP-like MR
-(:mod:`heartcascade.dataset.synthetic_appearance`). Case ``index`` of ``seed`` draws from
+(:mod:`heartcascade.dataset.synthetic.appearance`). Case ``index`` of ``seed`` draws from
 ``SeedSequence([seed, index])``, so cases are independent and byte-identical across runs.
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Sequence
 
 import numpy as np
 
-from heartcascade.dataset import synthetic_anatomy as A
-from heartcascade.dataset import synthetic_appearance as appearance
+from heartcascade.dataset.synthetic import anatomy as A
+from heartcascade.dataset.synthetic import appearance
 from heartcascade.dataset.dataset_json import MMWHS_CODES, MMWHS_LABELS
 from heartcascade.dataset.image_io import Geometry, is_image_file, label_array, read_image, strip_image_ending
 from heartcascade.utils.errors import HCError

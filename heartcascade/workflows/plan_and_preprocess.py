@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from heartcascade import paths
+from heartcascade.dataset import image_io
 from heartcascade.dataset.dataset_json import Case, DatasetInfo, load_dataset
 from heartcascade.planning import fingerprint as fpmod
 from heartcascade.planning import planner, presets
@@ -33,7 +34,7 @@ from heartcascade.preprocessing import storage
 from heartcascade.preprocessing.preprocess import preprocess_case, read_images
 from heartcascade.utils.atomic import atomic_path, ensure_writable_dir
 from heartcascade.utils.errors import HCError
-from heartcascade.dataset import image_io
+from heartcascade.utils.progress import bars_enabled, progress_bar
 
 
 @dataclass
@@ -113,7 +114,6 @@ def preprocess_cases(cases: list[Case], plans: dict[str, Any], folder: Path, num
             result.skipped.append(case.case_id)
         else:
             jobs.append((case, plans, folder, stamp))
-    from heartcascade.utils.progress import bars_enabled, progress_bar
 
     bar = progress_bar(total=len(jobs), desc="preprocess", unit="case") if bars_enabled(progress) and jobs else None
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from heartcascade.dataset import synthetic_anatomy as A
+from heartcascade.dataset.synthetic import anatomy as A
 
 CT_MIN, CT_MAX = -1024, 3071
 

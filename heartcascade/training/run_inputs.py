@@ -1,0 +1,72 @@
+"""What a training run starts from: the preprocessed dataset, its labelled cases, the plans with the
+run's overrides, and the checks that a resumed run still matches its data."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from heartcascade.paths import find_dataset_name, parse_dataset_id, preprocessed_root, raw_root
+from heartcascade.planning.plans import load_plans, preprocessing_fields, validate_plans
+from heartcascade.preprocessing.storage import list_cases
+from heartcascade.utils.errors import HCError
+from heartcascade.utils.merge import deep_merge
+
+
+def find_preprocessed(dataset: int | str) -> Path:
+    """The preprocessed dataset folder, or an HCError naming the command that makes it."""
+    did = parse_dataset_id(dataset)
+    root = preprocessed_root()
+    name = find_dataset_name(did, root) if root.is_dir() else None
+    if name is None:
+        raw_name = find_dataset_name(did, raw_root()) if raw_root().is_dir() else None
+        what = raw_name or f"Dataset{did:03d}_*"
+        raise HCError(f"no preprocessed data for dataset {did} ({what}) in {root}; "
+                      f"run: hc_plan_and_preprocess -d {did}")
+    folder = root / name
+    if not (folder / "plans.json").is_file():
+        raise HCError(f"{folder / 'plans.json'} not found (preprocessing incomplete); run: hc_plan_and_preprocess -d {did}")
+    return folder
+
+
+def labelled_cases(pre_dir: Path, data_dir: Path) -> list[str]:
+    """The preprocessed cases that have labels (HCError when there are none)."""
+    all_cases = list_cases(data_dir)
+    if not all_cases:
+        raise HCError(f"{data_dir}: no preprocessed cases; run: hc_plan_and_preprocess -d "
+                      f"{pre_dir.name[7:10].lstrip('0') or '0'}")
+    labelled = [c for c in all_cases if (data_dir / f"{c}_seg.npy").is_file()]
+    if len(labelled) < 1:
+        raise HCError(f"{data_dir}: no preprocessed case has labels")
+    return labelled
+
+
+def run_plans(pre_dir: Path, override: Mapping[str, Any] | None, time_budget_s: float | None) -> dict[str, Any]:
+    """The dataset's plans with ``--plans-override`` merged (never a field the preprocessed data depend on)
+    and the time budget recorded (both end up in the fold folder's plans.json and the checkpoints)."""
+    plans = load_plans(pre_dir / "plans.json")
+    if override:
+        merged = validate_plans(deep_merge(plans, dict(override)), "plans with --plans-override")
+        before, after = preprocessing_fields(plans), preprocessing_fields(merged)
+        changed = sorted(k for k in before if before[k] != after[k])
+        if changed:
+            raise HCError(f"--plans-override changes field(s) the preprocessed data depend on "
+                          f"({', '.join(changed)}); put them in a preset and re-run hc_plan_and_preprocess")
+        plans = merged
+    if time_budget_s is not None:
+        plans = deep_merge(plans, {"training": {"time_budget_s": time_budget_s}})
+    return plans
+
+
+def check_resume(resume: Mapping[str, Any], latest: Path, configuration: str, labelled: Sequence[str],
+                 data_dir: Path, requested_steps: Sequence[str] | None) -> None:
+    """A ``--continue`` checkpoint must be of this configuration, its cases still there, its steps the same."""
+    if resume.get("configuration") != configuration:
+        raise HCError(f"{latest}: is a '{resume.get('configuration')}' checkpoint, not '{configuration}'")
+    missing = sorted(set(resume.get("train_cases", [])) - set(labelled))
+    if missing:
+        raise HCError(f"{latest}: training case(s) {', '.join(missing[:5])} of the interrupted run are no "
+                      f"longer in {data_dir}")
+    steps = list(resume["steps"])
+    if requested_steps is not None and configuration == "cascade" and list(requested_steps) != steps:
+        raise HCError(f"{latest}: the interrupted run trains steps {','.join(steps)}; "
+                      f"continue it with the same --steps (or without --continue to start over)")

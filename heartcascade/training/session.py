@@ -1,0 +1,273 @@
+"""A training session: the run's plans, cases and networks, and the pieces of one curriculum step.
+
+:class:`TrainingSession` reads what a run trains on (:meth:`~TrainingSession.setup`) and gives, per step,
+the seeded loader (:meth:`~TrainingSession.build_loader`), the optimizer and AMP scaler
+(:meth:`~TrainingSession.build_optimizer`) and one iteration (:meth:`~TrainingSession.train_step`),
+through the step's runner (:mod:`heartcascade.training.steps`) and the loss table
+(:mod:`heartcascade.losses.terms`). :class:`heartcascade.training.trainer.Trainer` runs the curriculum
+with these; the benchmark and ``scripts/benchmark_loader.py`` time them, so what they measure is what
+training runs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from heartcascade.losses.terms import total_loss
+from heartcascade.model import from_plans
+from heartcascade.networks.blocks import init_classifier_bias
+from heartcascade.paths import results_root
+from heartcascade.preprocessing.storage import data_dir
+from heartcascade.training import distributed as dist_utils
+from heartcascade.training.cases import baseline_grid_case, load_train_case
+from heartcascade.training.checkpoint import checkpoint_path, load_checkpoint
+from heartcascade.training.config import (BASELINE_STAGE, CASCADE_STEPS, TrainingConfig, parse_override,
+                                          training_config)
+from heartcascade.training.dataloading import default_num_workers
+from heartcascade.training.logger import TrainingLogger
+from heartcascade.training.results import Callback
+from heartcascade.training.run_inputs import check_resume, find_preprocessed, labelled_cases, run_plans
+from heartcascade.training.splits import fold_cases, fold_folder_name, load_or_create_splits, parse_fold
+from heartcascade.training.steps import StepRunner, StepTraining, step_runner
+from heartcascade.training.time_budget import parse_duration
+from heartcascade.utils.device import autocast, resolve_device
+from heartcascade.utils.errors import HCError
+
+#: Data-stream id of each step (the loaders' seeds are [seed, stream, rank]).
+STREAM_CODES = {"1": 1, "2": 2, "3": 3, "4": 4, BASELINE_STAGE: 9}
+
+
+class TrainingSession:
+    """One fold of one configuration, ready to train step by step (the :class:`Trainer` runs it all).
+
+    Args:
+        dataset: dataset id (``1``, ``"001"``, ``"Dataset001_Name"``).
+        fold: ``0``..``4`` / ``"fold0"`` / ``"all"`` (validity checked against the splits file).
+        configuration: ``"cascade"`` or ``"baseline"``.
+        steps: curriculum steps to run (subset of 1..4, e.g. ``[2, 3, 4]`` for an ablation); default all.
+        continue_training: resume from ``checkpoint_latest.pth`` of the fold folder when present.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        compile: wrap the trained modules in ``torch.compile``.
+        num_workers: data-augmentation worker processes (0 = in-process); default env ``HC_N_PROC_DA``,
+            then the plans.
+        plans_override: dict / JSON text / JSON file deep-merged into the plans (recorded in the copy of
+            plans.json written to the fold folder and in the checkpoints).
+        splits_file: a custom splits file instead of ``splits_final.json``.
+        seed: seeds the data stream and the network initialisation (default: the plans' training.seed).
+        predict_validation: at the end, predict the fold's validation cases and evaluate them.
+        progress: show tqdm bars.
+        callback: ``callback(event, info)`` called after every iteration (``event == "iteration"``) and at
+            checkpoints; raising :class:`StopTraining` stops the run like a kill (tests).
+        output_folder: override of ``HC_RESULTS/DatasetXXX_Name/<configuration>/fold_<f>``.
+        time_budget: wall-clock budget of the curriculum (``"60m"``, ``"1.5h"``, seconds); overrides the
+            plans' ``training.time_budget_s``. The steps share it by their ``time_fraction``; each step's
+            iteration count is set from its measured speed (see :mod:`heartcascade.training.time_budget`).
+    """
+
+    def __init__(self, dataset: int | str, fold: int | str, configuration: str = "cascade",
+                 steps: Sequence[int | str] | None = None, continue_training: bool = False, device: str = "auto",
+                 compile: bool = False, num_workers: int | None = None,
+                 plans_override: str | dict[str, Any] | None = None, splits_file: str | Path | None = None,
+                 seed: int | None = None, predict_validation: bool = True, progress: bool = True,
+                 callback: Callback | None = None, output_folder: str | Path | None = None,
+                 time_budget: str | float | None = None) -> None:
+        if configuration not in ("cascade", "baseline"):
+            raise HCError(f"unknown configuration {configuration!r}; expected cascade or baseline")
+        self.dataset = dataset
+        self.fold_arg = fold
+        self.configuration = configuration
+        self.requested_steps = None if steps is None else [str(s).strip() for s in steps]
+        if self.requested_steps is not None:
+            if configuration == "baseline":
+                raise HCError("--steps applies to the cascade; the baseline has a single stage")
+            bad = [s for s in self.requested_steps if s not in CASCADE_STEPS]
+            if bad or not self.requested_steps:
+                raise HCError(f"--steps must list curriculum steps among 1,2,3,4 (e.g. 2,3,4), got {','.join(bad) or 'nothing'}")
+            self.requested_steps = sorted(set(self.requested_steps), key=int)
+        self.continue_training = continue_training
+        self.device = resolve_device(device)
+        self.compile = compile
+        self.num_workers_arg = num_workers
+        self.plans_override = parse_override(plans_override)
+        self.splits_file = splits_file
+        self.seed_arg = None if seed is None else int(seed)
+        self.predict_validation = predict_validation
+        self.progress = progress
+        self.callback = callback
+        self.output_folder_arg = Path(output_folder) if output_folder is not None else None
+        self.time_budget_s = None if time_budget is None else parse_duration(time_budget)
+        self.dist = dist_utils.DistInfo()
+
+    # ------------------------------------------------------------------------------------------------
+    # setup
+
+    def setup(self) -> None:
+        """Read the plans, splits and cases and build the networks: all a step needs (the benchmark calls
+        this, then :meth:`build_loader`, :meth:`build_optimizer` and :meth:`train_step`)."""
+        self._resume = self._read_run()
+        self._load_cases()
+        self._build_networks()
+        self._runners: dict[str, StepRunner] = {}
+        self._active: StepTraining | None = None
+
+    def _read_run(self) -> dict[str, Any] | None:
+        self.dist = dist_utils.init_distributed(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.pre_dir = find_preprocessed(self.dataset)
+        self.data_dir = data_dir(self.pre_dir)
+        labelled = self.case_ids = labelled_cases(self.pre_dir, self.data_dir)
+        splits, self.splits_path = load_or_create_splits(self.pre_dir, labelled, self.splits_file,
+                                                         write=self.dist.is_main)
+        self.fold = parse_fold(self.fold_arg, len(splits))
+        self.train_ids, self.val_ids = fold_cases(splits, self.fold, labelled)
+        if not self.train_ids:
+            raise HCError(f"fold {self.fold}: no training cases")
+        if self.output_folder_arg is not None:
+            self.output_folder = self.output_folder_arg
+        else:
+            self.output_folder = results_root() / self.pre_dir.name / self.configuration / fold_folder_name(self.fold)
+
+        resume = None
+        latest = checkpoint_path(self.output_folder, "latest")
+        if self.continue_training and latest.is_file():
+            resume = load_checkpoint(latest)
+            check_resume(resume, latest, self.configuration, labelled, self.data_dir, self.requested_steps)
+            self.plans = resume["plans"]
+            self.seed = int(resume.get("seed", 0))
+            self.stages = list(resume["steps"])
+            self.train_ids = list(resume.get("train_cases", self.train_ids))
+            self.val_ids = [c for c in resume.get("val_cases", self.val_ids) if c in labelled]
+        else:
+            self.plans = run_plans(self.pre_dir, self.plans_override, self.time_budget_s)
+            if self.configuration == "cascade":
+                self.stages = self.requested_steps or list(CASCADE_STEPS)
+            else:
+                self.stages = [BASELINE_STAGE]
+        self.cfg: TrainingConfig = training_config(self.plans, self.configuration)
+        if resume is None:
+            self.seed = self.cfg.seed if self.seed_arg is None else self.seed_arg
+        self.stages = [s for s in self.stages if self.cfg.steps[s].iterations > 0]
+        if not self.stages:
+            raise HCError("nothing to train: every selected step has 0 epochs or is disabled in the plans")
+        self.num_workers = self.num_workers_arg if self.num_workers_arg is not None \
+            else default_num_workers(self.cfg.num_workers)
+        self.dataset_json_path = self.pre_dir / "dataset.json"
+        self.logger = TrainingLogger(self.output_folder, enabled=self.dist.is_main, echo=self.progress,
+                                     class_names=self.cfg.class_names)
+        return resume
+
+    def _load_cases(self) -> None:
+        self.train_cases = [load_train_case(self.data_dir, c) for c in self.train_ids]
+        val_ids = self.val_ids
+        if self.cfg.val_max_cases is not None:
+            val_ids = val_ids[: int(self.cfg.val_max_cases)]
+        self.val_cases = [load_train_case(self.data_dir, c) for c in val_ids]  # preprocessed grid (memory-mapped)
+        if self.configuration == "baseline":
+            spacing = self.cfg.baseline_spacing
+            assert spacing is not None  # training_config checks it for the baseline
+            self.train_cases = [baseline_grid_case(c, spacing, self.cfg.num_classes) for c in self.train_cases]
+
+    def _build_networks(self) -> None:
+        torch.manual_seed(self.seed)
+        if self.configuration == "cascade":
+            self.cascade = from_plans.build_cascade(self.plans).to(self.device)
+            self.networks = {"net1": self.cascade.net1, "net2": self.cascade.net2}
+            self._runner_networks: dict[str, nn.Module] = {"cascade": self.cascade}
+        else:
+            self.baseline = from_plans.build_baseline(self.plans).to(self.device)
+            self.networks = {"baseline": self.baseline}
+            self._runner_networks = {"baseline": self.baseline}
+        if self.cfg.classifier_bias_init == "class_prior" and self.cfg.class_fractions:
+            for net in self.networks.values():
+                init_classifier_bias(net.classifier, self.cfg.class_fractions)
+        if self.compile:
+            # In place (state_dict keys unchanged), static shapes: one graph per patch shape.
+            for net in self.networks.values():
+                net.compile(dynamic=False)
+
+    # ------------------------------------------------------------------------------------------------
+    # one curriculum step
+
+    def step_runner(self, step: str) -> StepRunner:
+        """The runner of ``step`` (its batch kind's loader, module and forward), made once per run."""
+        if step not in self._runners:
+            self._runners[step] = step_runner(self.cfg, self.cfg.steps[step], self._runner_networks)
+        return self._runners[step]
+
+    def prepare_step(self, step: str) -> None:
+        """What a step computes once before its batches (step 4: frozen Net1's probabilities)."""
+        self.step_runner(step).prepare(self.train_cases, self.device, self.logger.log)
+
+    def release_step(self, step: str) -> None:
+        """Drop what :meth:`prepare_step` held."""
+        self.step_runner(step).release(self.train_cases)
+
+    def build_loader(self, step: str, start_batch: int = 0) -> Any:
+        """The step's seeded data loader, starting at batch ``start_batch`` (resume)."""
+        self.prepare_step(step)
+        st = self.cfg.steps[step]
+        return self.step_runner(step).loader(
+            self.train_cases, batch_size=st.batch_size, seed=self.seed, stream=[STREAM_CODES[step], self.dist.rank],
+            augmentation=self.cfg.augmentation, start_batch=start_batch, num_workers=max(1, self.num_workers),
+            background_as_class=self.cfg.background_as_class)
+
+    def build_optimizer(self, step: str, optimizer_state: Any = None, scaler_state: Any = None) -> "StepTraining":
+        """Select what the step trains and build its Adam (the step's lr and weight decay) and AMP scaler.
+
+        The result is the step :meth:`train_step` runs; ``*_state`` restore a resumed step.
+        """
+        st = self.cfg.steps[step]
+        if self.configuration == "cascade":
+            self.cascade.set_trainable("net1" in st.train, "net2" in st.train)
+        runner = self.step_runner(step)
+        module = runner.module
+        params = [p for p in module.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=st.lr, weight_decay=st.weight_decay)
+        if optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
+        use_fp16 = self.device.type == "cuda" and self.cfg.amp == "fp16"
+        scaler = torch.amp.GradScaler("cuda") if use_fp16 else None
+        if scaler is not None and scaler_state:
+            scaler.load_state_dict(scaler_state)
+        wrapped = dist_utils.wrap_ddp(module, self.device)
+        module.train()
+        if self.configuration == "cascade":
+            self.cascade.train()
+        self._active = StepTraining(step, runner, wrapped, params, optimizer, scaler)
+        return self._active
+
+    def train_step(self, step: str, batch: dict[str, Any]) -> tuple[float, dict[str, float]]:
+        """One iteration of ``step`` on ``batch``: forward, loss terms, backward, clipping, optimizer step.
+
+        Runs with the optimizer of the last :meth:`build_optimizer` call for this step.
+        """
+        active = self._active
+        if active is None or active.step != step:
+            raise HCError(f"train_step({step!r}) needs build_optimizer({step!r}) first")
+        st = self.cfg.steps[step]
+        dev = self.device
+        data = torch.from_numpy(np.ascontiguousarray(batch["data"])).to(dev, non_blocking=True)
+        seg = torch.from_numpy(np.ascontiguousarray(batch["seg"])).to(dev, non_blocking=True).long()
+        optimizer, scaler = active.optimizer, active.scaler
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(dev, self.cfg.amp):
+            outputs = active.runner.forward(active.module, data, seg, batch)
+        loss, terms = total_loss(st.losses, st.loss_weights, outputs, self.cfg.dice_weighting)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(active.params, float(self.cfg.grad_clip))
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        return float(loss.detach()), {n: float(t.detach()) for n, t in terms.items()}

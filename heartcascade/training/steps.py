@@ -1,0 +1,235 @@
+"""One small runner per batch kind: the loader, the trained module and ``forward(batch) -> outputs``.
+
+The trainer's loop is generic: it asks the step's runner for a loader and a module, and each batch's
+``forward`` returns ``{output: (logits, target)}`` for the loss table (:mod:`heartcascade.losses.terms`).
+A new kind of batch is one new runner here, not a branch in the trainer.
+
+==================  ===========================================  ====================
+runner              batches                                      outputs
+==================  ===========================================  ====================
+CoarseVolumeStep    whole coarse volumes (step 1)                net1
+SubvolumeStep       full-res subvolumes (steps 2-3)              net1 (+ net2)
+SliceStep           K slices + frozen Net1 probabilities (4)     net2
+BaselineStep        subvolumes on the baseline grid              out
+==================  ===========================================  ====================
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from heartcascade.losses.terms import LOSS_TERMS
+from heartcascade.networks.blocks import crop_to_shape, pad_to_multiple
+from heartcascade.networks.cascade import downsample_labels
+from heartcascade.training.config import StepConfig, TrainingConfig
+from heartcascade.training.dataloading import CoarseVolumeLoader, SliceStackLoader, SubvolumeLoader, TrainCase
+from heartcascade.utils.device import autocast
+
+Outputs = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+@torch.no_grad()
+def net1_coarse_probs(net1: nn.Module, coarse_image: np.ndarray, device: torch.device,
+                      amp: str = "bf16") -> torch.Tensor:
+    """Softmax of Net1 on a whole coarse volume (C, d, h, w), float32 on ``device`` (step 4's input)."""
+    x = torch.from_numpy(np.array(coarse_image, dtype=np.float32)).to(device)[None]
+    shape = x.shape[2:]
+    with autocast(device, amp):
+        logits = net1(pad_to_multiple(x, 16))
+    return torch.softmax(crop_to_shape(logits, shape).float(), dim=1)[0]
+
+
+def _net1_batched(cascade: nn.Module, x: torch.Tensor, factors: np.ndarray) -> list[torch.Tensor]:
+    """Net1 logits per sample (each (1, C, *coarse_i)); samples sharing scale factors run together."""
+    groups: dict[tuple[float, ...], list[int]] = {}
+    for i, f in enumerate(factors):
+        groups.setdefault(tuple(float(v) for v in f), []).append(i)
+    out: list[torch.Tensor | None] = [None] * x.shape[0]
+    for key, idx in groups.items():
+        logits, _coarse, _padded = cascade.run_net1(x[idx], key)
+        for j, i in enumerate(idx):
+            out[i] = logits[j:j + 1]
+    return out  # type: ignore[return-value]
+
+
+def _flat_cat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Concatenate (1, C, *spatial_i) tensors of different shapes as one (1, C, 1, 1, sum n_i) batch."""
+    return torch.cat([t.reshape(1, t.shape[1], 1, 1, -1) for t in tensors], dim=4)
+
+
+# Modules with one forward call per iteration, so DDP / torch.compile can wrap them.
+
+class _Net1Whole(nn.Module):
+    def __init__(self, net1: nn.Module) -> None:
+        super().__init__()
+        self.net1 = net1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net1(x)
+
+
+class _Net1Sub(nn.Module):
+    def __init__(self, cascade: nn.Module) -> None:
+        super().__init__()
+        self.cascade = cascade
+
+    def forward(self, x: torch.Tensor, factors: np.ndarray) -> list[torch.Tensor]:
+        return _net1_batched(self.cascade, x, factors)
+
+
+class _CascadeStep(nn.Module):
+    def __init__(self, cascade: nn.Module) -> None:
+        super().__init__()
+        self.cascade = cascade
+
+    def forward(self, x: torch.Tensor, factors: np.ndarray) -> tuple[list[torch.Tensor], torch.Tensor]:
+        net1_logits = _net1_batched(self.cascade, x, factors)
+        probs = torch.cat([self.cascade.upsample_probs(l, x.shape[2:]) for l in net1_logits])
+        return net1_logits, self.cascade.net2(self.cascade.net2_input(x, probs))
+
+
+class _Net2Step(nn.Module):
+    def __init__(self, cascade: nn.Module) -> None:
+        super().__init__()
+        self.cascade = cascade
+
+    def forward(self, image: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        return self.cascade.net2(self.cascade.net2_input(image, probs))
+
+
+class StepRunner:
+    """Base of the runners: ``module``, ``loader(cases, **common)``, ``forward(module, data, seg, batch)``."""
+
+    def __init__(self, cfg: TrainingConfig, step: StepConfig, networks: dict[str, nn.Module]) -> None:
+        self.cfg = cfg
+        self.step = step
+        self.module = self.build_module(networks)
+
+    def build_module(self, networks: dict[str, nn.Module]) -> nn.Module:
+        raise NotImplementedError
+
+    def loader(self, cases: list[TrainCase], **common: Any) -> Any:
+        raise NotImplementedError
+
+    def prepare(self, cases: list[TrainCase], device: torch.device, log: Callable[[str], None]) -> None:
+        """Work needed once before the step's first batch (nothing for most kinds)."""
+
+    def release(self, cases: list[TrainCase]) -> None:
+        """Drop what :meth:`prepare` held."""
+
+    def forward(self, module: nn.Module, data: torch.Tensor, seg: torch.Tensor, batch: dict[str, Any]) -> Outputs:
+        raise NotImplementedError
+
+
+class CoarseVolumeStep(StepRunner):
+    """Step 1: Net1 on whole coarse volumes."""
+
+    def build_module(self, networks: dict[str, nn.Module]) -> nn.Module:
+        return _Net1Whole(networks["cascade"].net1)
+
+    def loader(self, cases: list[TrainCase], **common: Any) -> Any:
+        st = self.step
+        return CoarseVolumeLoader(cases, divisor=self.cfg.net1_divisor,
+                                  max_shape=st.patch_shapes[0] if st.patch_shapes else None, **common)
+
+    def forward(self, module: nn.Module, data: torch.Tensor, seg: torch.Tensor, batch: dict[str, Any]) -> Outputs:
+        return {"net1": (module(data), seg)}
+
+
+class SubvolumeStep(StepRunner):
+    """Steps 2-3: Net1 on downsampled subvolumes; with Net2 (trained or in a loss) the whole cascade."""
+
+    def build_module(self, networks: dict[str, nn.Module]) -> nn.Module:
+        cascade = networks["cascade"]
+        with_net2 = "net2" in self.step.train or any(LOSS_TERMS[n].output == "net2" for n in self.step.losses)
+        return _CascadeStep(cascade) if with_net2 else _Net1Sub(cascade)
+
+    def loader(self, cases: list[TrainCase], **common: Any) -> Any:
+        return SubvolumeLoader(cases, patch_shapes=self.step.patch_shapes, **common)
+
+    def forward(self, module: nn.Module, data: torch.Tensor, seg: torch.Tensor, batch: dict[str, Any]) -> Outputs:
+        factors = np.asarray(batch["factors"], dtype=float)
+        result = module(data, factors)
+        net1_logits, net2_logits = result if isinstance(result, tuple) else (result, None)
+        targets = [downsample_labels(seg[i:i + 1, 0], l.shape[2:]) for i, l in enumerate(net1_logits)]
+        outputs = {"net1": (_flat_cat(net1_logits), _flat_cat([t[:, None] for t in targets]))}
+        if net2_logits is not None:
+            m = self.cfg.K // 2
+            outputs["net2"] = (net2_logits, seg[:, :, m:seg.shape[2] - m])
+        return outputs
+
+
+class SliceStep(StepRunner):
+    """Step 4: Net2 on K full slices with frozen Net1's probabilities, computed once per case."""
+
+    def build_module(self, networks: dict[str, nn.Module]) -> nn.Module:
+        self.net1 = networks["cascade"].net1
+        return _Net2Step(networks["cascade"])
+
+    def loader(self, cases: list[TrainCase], **common: Any) -> Any:
+        st = self.step
+        return SliceStackLoader(cases, K=self.cfg.K, divisor=self.cfg.net2_divisor,
+                                tile=st.patch_shapes[0][1:] if st.patch_shapes else None, **common)
+
+    def prepare(self, cases: list[TrainCase], device: torch.device, log: Callable[[str], None]) -> None:
+        """Frozen Net1's softmax on each case's whole coarse volume: what Net2 sees at inference."""
+        if all(case.net1_probs is not None for case in cases):
+            return
+        t0 = time.perf_counter()
+        was_training = self.net1.training
+        self.net1.eval()
+        for case in cases:
+            probs = net1_coarse_probs(self.net1, case.coarse_image, device, self.cfg.amp)
+            case.net1_probs = probs.cpu().numpy().astype(np.float16)
+        self.net1.train(was_training)
+        log(f"step 4: frozen Net1 probabilities of {len(cases)} training cases computed "
+            f"in {time.perf_counter() - t0:.1f}s")
+
+    def release(self, cases: list[TrainCase]) -> None:
+        for case in cases:
+            case.net1_probs = None
+
+    def forward(self, module: nn.Module, data: torch.Tensor, seg: torch.Tensor, batch: dict[str, Any]) -> Outputs:
+        nimg = self.cfg.image_channels
+        m = self.cfg.K // 2
+        return {"net2": (module(data[:, :nimg], data[:, nimg:]), seg[:, :, m:m + 1])}
+
+
+class BaselineStep(StepRunner):
+    """The 2 mm baseline U-Net on subvolumes of its grid."""
+
+    def build_module(self, networks: dict[str, nn.Module]) -> nn.Module:
+        return networks["baseline"]
+
+    def loader(self, cases: list[TrainCase], **common: Any) -> Any:
+        return SubvolumeLoader(cases, patch_shapes=self.step.patch_shapes, **common)
+
+    def forward(self, module: nn.Module, data: torch.Tensor, seg: torch.Tensor, batch: dict[str, Any]) -> Outputs:
+        return {"out": (module(data), seg)}
+
+
+@dataclass
+class StepTraining:
+    """What ``Trainer.train_step`` runs a step with (from ``Trainer.build_optimizer``)."""
+
+    step: str
+    runner: StepRunner
+    module: nn.Module  # the runner's module, wrapped for DDP when distributed
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+
+
+RUNNERS: dict[str, type[StepRunner]] = {"coarse_volume": CoarseVolumeStep, "subvolume": SubvolumeStep,
+                                        "slices": SliceStep, "baseline": BaselineStep}
+
+
+def step_runner(cfg: TrainingConfig, step: StepConfig, networks: dict[str, nn.Module]) -> StepRunner:
+    """The runner of ``step`` (the baseline's single stage has its own, whatever its batch kind)."""
+    kind = "baseline" if cfg.configuration == "baseline" else step.kind
+    return RUNNERS[kind](cfg, step, networks)

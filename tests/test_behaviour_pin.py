@@ -1,0 +1,131 @@
+"""Behaviour pin: a short fixed-seed training run must give bit-identical weights and predictions.
+
+Refactors that promise "same plans in, same weights and predictions out" (issue #15) are checked
+against checksums recorded before the refactor. The run is tiny (4 synthetic cases, a few iterations
+per curriculum step, the baseline, validation through the predictor and ``hc_predict``-style file
+prediction), on one CPU thread. Float results depend on the torch build, so the test pins the torch
+version the checksums were recorded with and skips on another one (re-record with
+``HC_PIN_PRINT=1 pytest -s tests/test_behaviour_pin.py``).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _training_fixture import make_dataset  # noqa: E402
+
+DATASET_ID = 902
+
+#: Every curriculum step for a few iterations, validation every epoch, one step-4 tile.
+PIN_OVERRIDE = {
+    "training": {
+        "validation_interval_epochs": 1,
+        "checkpoint_interval_iterations": 100,
+        "steps": [
+            {"step": 1, "epochs": 1, "iterations_per_epoch": 2},
+            {"step": 2, "epochs": 1, "iterations_per_epoch": 2},
+            {"step": 3, "epochs": 1, "iterations_per_epoch": 2},
+            {"step": 4, "epochs": 1, "iterations_per_epoch": 2},
+        ],
+    },
+}
+BASELINE_OVERRIDE = {"baseline_unet": {"epochs": 1, "iterations_per_epoch": 2}}
+
+PINNED_TORCH = "2.13.0+cpu"
+PINNED: dict[str, str] = {
+    "cascade_weights": "95e99211a18acc15",
+    "cascade_validation": "228f9a9ea18ad8af",
+    "cascade_curve": "036c310eb5d2c2f1",
+    "cascade_prediction": "a6ca579d5e709ce7",
+    "baseline_weights": "ffb87d484ae02017",
+    "baseline_prediction": "b322d3d9f2509a2b",
+}
+
+
+def _digest(items: list[tuple[str, np.ndarray]]) -> str:
+    h = hashlib.sha256()
+    for name, array in items:
+        a = np.ascontiguousarray(array)
+        h.update(name.encode())
+        h.update(str(a.dtype).encode())
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def _weights_digest(checkpoint: Path) -> str:
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    return _digest([(f"{net}.{key}", value.numpy()) for net, sd in sorted(state["networks"].items())
+                    for key, value in sorted(sd.items())])
+
+
+def _folder_digest(folder: Path) -> str:
+    return _digest([(p.name, sitk.GetArrayFromImage(sitk.ReadImage(str(p))))
+                    for p in sorted(folder.glob("*.nii.gz"))])
+
+
+def _curve_digest(records: list[dict]) -> str:
+    values = [(r["stage"], r["iteration"], round(r.get("loss", r.get("mean_dice", 0.0)), 12)) for r in records]
+    return hashlib.sha256(repr(values).encode()).hexdigest()[:16]
+
+
+@pytest.fixture(scope="module")
+def pinned_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hc_pin")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        for key, var in (("raw", "HC_RAW"), ("pre", "HC_PREPROCESSED"), ("res", "HC_RESULTS")):
+            (root / key).mkdir()
+            mp.setenv(var, str(root / key))
+        mp.setenv("HC_N_PROC_DA", "0")
+        pre = make_dataset(root / "raw", num_cases=4, dataset_id=DATASET_ID)
+        yield {"root": root, "pre": pre, "raw": root / "raw" / pre.name}
+    torch.set_num_threads(threads)
+
+
+def _run(configuration: str, override: dict, root: Path):
+    from heartcascade.training.checkpoint import load_checkpoint
+    from heartcascade.training.trainer import Trainer
+
+    out = root / configuration / "fold_0"
+    result = Trainer(DATASET_ID, 0, configuration=configuration, device="cpu", progress=False, num_workers=0,
+                     plans_override=override, output_folder=out).run()
+    records = load_checkpoint(result.final_checkpoint)["logger"]["records"]
+    return out, records
+
+
+def _predict_files(model: Path, raw: Path, out: Path) -> str:
+    from heartcascade.inference.predictor import Predictor
+
+    predictor = Predictor.from_model_dir(model, device="cpu")
+    images = sorted((raw / "imagesTr").glob("*_0000.nii.gz"))[:2]
+    report = predictor.predict_files([[p] for p in images], out)
+    assert report.ok, report.summary()
+    return _folder_digest(out)
+
+
+def test_short_fixed_seed_run_is_pinned(pinned_run):
+    if torch.__version__ != PINNED_TORCH:
+        pytest.skip(f"checksums recorded with torch {PINNED_TORCH}, this is {torch.__version__}")
+    root = pinned_run["root"]
+    got: dict[str, str] = {}
+    out, records = _run("cascade", PIN_OVERRIDE, root)
+    got["cascade_weights"] = _weights_digest(out / "checkpoint_final.pth")
+    got["cascade_validation"] = _folder_digest(out / "validation")
+    got["cascade_curve"] = _curve_digest(records)
+    got["cascade_prediction"] = _predict_files(out, pinned_run["raw"], root / "pred_cascade")
+    out, _ = _run("baseline", BASELINE_OVERRIDE, root)
+    got["baseline_weights"] = _weights_digest(out / "checkpoint_final.pth")
+    got["baseline_prediction"] = _predict_files(out, pinned_run["raw"], root / "pred_baseline")
+    if os.environ.get("HC_PIN_PRINT"):
+        print("\nPINNED =", got)
+    assert got == PINNED
