@@ -22,23 +22,15 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from heartcascade.benchmark.jsonlines import json_records
+
 EXIT_OK, EXIT_INCOMPLETE, EXIT_SETUP, EXIT_TIME_CAP = 0, 1, 2, 3
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
     """The JSON objects of a JSON-lines file (other lines are ignored)."""
-    records = []
     p = Path(path)
-    if not p.is_file():
-        return records
-    for line in p.read_text().splitlines():
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                pass
-    return records
+    return json_records(p.read_text()) if p.is_file() else []
 
 
 def _positive(value: Any) -> bool:

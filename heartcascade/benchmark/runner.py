@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from heartcascade.benchmark.data import BenchCase
+from heartcascade.benchmark.jsonlines import json_records
 from heartcascade.benchmark.memory import ChildRun, gb, mem_available_bytes, run_measured
 from heartcascade.utils.errors import HCError
 
@@ -186,14 +187,7 @@ class Runner:
         path.write_text(json.dumps(job, default=str))
         run = run_measured([sys.executable, "-m", "heartcascade.benchmark.worker", str(path)], env=self._env(),
                            timeout=self.o.timeout_s)
-        records = []
-        for line in run.stdout.splitlines():
-            line = line.strip()
-            if line.startswith("{"):
-                try:
-                    records.append(json.loads(line))
-                except ValueError:
-                    pass
+        records = json_records(run.stdout)
         if run.timed_out:
             records.append({"benchmark": name, "error": f"timed out after {self.o.timeout_s:.0f} s"})
         elif run.returncode != 0 and not any("error" in r for r in records):
