@@ -10,6 +10,7 @@ training runs.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -39,6 +40,21 @@ from heartcascade.utils.errors import HCError
 
 #: Data-stream id of each step (the loaders' seeds are [seed, stream, rank]).
 STREAM_CODES = {"1": 1, "2": 2, "3": 3, "4": 4, BASELINE_STAGE: 9}
+
+
+def training_threads(plans_threads: int | None, num_workers: int) -> int:
+    """CPU intra-op threads while training: the plans' ``training.num_threads``, else the CPUs the loader
+    workers leave free (``cpus - workers``, at least 1), never more than torch already uses.
+
+    On 2 cores with one augmentation worker that is 1 thread. A second OpenMP thread bought 1.05-1.6x
+    the wall speed on an idle machine for 1.2-1.7x the CPU time, and on a shared machine it spins while
+    descheduled: 1.5-5x the CPU time for no wall gain (issue #16, documentation/benchmarks.md "CPU
+    training speed").
+    """
+    current = torch.get_num_threads()
+    if plans_threads is not None:
+        return max(1, min(int(plans_threads), os.cpu_count() or 1))
+    return max(1, min(current, (os.cpu_count() or 1) - max(0, int(num_workers))))
 
 
 class TrainingSession:
@@ -156,6 +172,9 @@ class TrainingSession:
             raise HCError("nothing to train: every selected step has 0 epochs or is disabled in the plans")
         self.num_workers = self.num_workers_arg if self.num_workers_arg is not None \
             else default_num_workers(self.cfg.num_workers)
+        if self.device.type == "cpu":
+            self.threads_before = torch.get_num_threads()
+            torch.set_num_threads(training_threads(self.cfg.num_threads, self.num_workers))
         self.dataset_json_path = self.pre_dir / "dataset.json"
         self.logger = TrainingLogger(self.output_folder, enabled=self.dist.is_main, echo=self.progress,
                                      class_names=self.cfg.class_names)
@@ -185,6 +204,13 @@ class TrainingSession:
         if self.cfg.classifier_bias_init == "class_prior" and self.cfg.class_fractions:
             for net in self.networks.values():
                 init_classifier_bias(net.classifier, self.cfg.class_fractions)
+        if self.device.type == "cpu":
+            # The 3D U-Nets (Net1, the baseline) train 1.3-1.5x faster in channels-last-3d on the CPU
+            # (oneDNN's blocked convolutions); Net2's thin slabs do not gain (issue #16,
+            # documentation/benchmarks.md "CPU training speed"). Parameters only: activations follow.
+            for key in ("net1", "baseline"):
+                if key in self.networks:
+                    self.networks[key].to(memory_format=torch.channels_last_3d)
         if self.compile:
             # In place (state_dict keys unchanged), static shapes: one graph per patch shape.
             for net in self.networks.values():

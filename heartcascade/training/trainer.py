@@ -103,6 +103,9 @@ class Trainer(TrainingSession):
             return self._run()
         finally:
             dist_utils.cleanup()
+            before = getattr(self, "threads_before", None)
+            if before is not None:  # the session lowered them for training (training_threads)
+                torch.set_num_threads(before)
 
     def _run(self) -> TrainingResult:
         started = time.monotonic()
