@@ -102,24 +102,14 @@ def _proc_cpu(pid: int) -> float:
 
 
 class TreeCpu:
-    """CPU seconds of this process (all threads) + live descendants + reaped children since ``start``."""
-
-    def __init__(self) -> None:
-        import resource
-        self._resource = resource
-        self.seen: dict[int, float] = {}
-
-    def _children_now(self) -> float:
-        total = 0.0
-        for pid in _descendants(os.getpid()):
-            self.seen[pid] = max(self.seen.get(pid, 0.0), _proc_cpu(pid))
-        total += sum(self.seen.values())
-        return total
+    """CPU seconds of this process (all threads), of its reaped children (``os.times``: loader workers
+    joined at a step's end) and of its live descendants (``/proc``: loader workers still running)."""
 
     def sample(self) -> tuple[float, float]:
-        """(own CPU s, descendants' CPU s); a worker that exited keeps its last sampled value."""
+        """(own CPU s, descendants' CPU s)."""
         t = os.times()
-        return t.user + t.system, self._children_now()
+        live = sum(_proc_cpu(pid) for pid in _descendants(os.getpid()))
+        return t.user + t.system, t.children_user + t.children_system + live
 
 
 # ----------------------------------------------------------------------------------------------------
