@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: ``threads`` None = what the code under test chooses itself; ``tree`` "old" = ``--old-tree``.
 VARIANTS: dict[str, dict[str, Any]] = {
     "old": {"tree": "old"},                                   # today's code, its own settings
+    "old_t1": {"tree": "old", "env": {"OMP_NUM_THREADS": "1"}},  # today's code on 1 thread (rounding only)
     "new": {"tree": "new"},                                   # this tree, its own settings
     "t2": {"tree": "new", "threads": 2},
     "t1": {"tree": "new", "threads": 1},
