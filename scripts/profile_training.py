@@ -22,12 +22,15 @@ Modes (``--mode``):
   the whole process tree (main process + loader workers), i.e. iterations per wall-minute and per
   CPU-minute. The validation share assumes the plans' interval (one validation per
   ``validation_interval_epochs x iterations_per_epoch`` iterations).
+* ``train``: a whole ``Trainer.run()`` (loader workers, validations, checkpoints; give fixed iteration
+  counts with ``--plans-override``), then the hard Dice of the final networks on the fold's validation
+  cases: the accuracy check at equal iterations.
 
 Examples (documentation/benchmarks.md, "CPU training speed"):
 
     git archive main | tar -x -C /tmp/hc_main            # today's code
     HC_PREPROCESSED=/tmp/pre python scripts/profile_training.py --dataset 20 --mode pipeline \\
-        --variants old,new --old-tree /tmp/hc_main --repeats 3 --iterations 20
+        --variants old,new --old-tree /tmp/hc_main --repeats 3 --iterations 6 --warmup 1
 """
 from __future__ import annotations
 
