@@ -183,8 +183,9 @@ def test_cpu_training_settings(tiny):
 
     cpus = os.cpu_count() or 1
     before = torch.get_num_threads()
-    assert training_threads(None, 0) == before  # never more than torch already uses
-    assert training_threads(None, cpus + 3) == 1
+    assert training_threads(None, 0, load=cpus + 5.0) == before  # never more than torch already uses
+    assert training_threads(None, cpus + 3, load=cpus + 5.0) == 1  # busy machine: what the workers leave
+    assert training_threads(None, cpus + 3, load=0.0) == before  # idle machine: every thread
     assert training_threads(1, 0) == 1
     assert training_threads(cpus + 5, 0) == cpus
     trainer = _trainer(steps=[1], plans_override={"training": {"num_threads": 1}})

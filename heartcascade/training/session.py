@@ -42,19 +42,25 @@ from heartcascade.utils.errors import HCError
 STREAM_CODES = {"1": 1, "2": 2, "3": 3, "4": 4, BASELINE_STAGE: 9}
 
 
-def training_threads(plans_threads: int | None, num_workers: int) -> int:
-    """CPU intra-op threads while training: the plans' ``training.num_threads``, else the CPUs the loader
-    workers leave free (``cpus - workers``, at least 1), never more than torch already uses.
+def training_threads(plans_threads: int | None, num_workers: int, load: float | None = None) -> int:
+    """CPU intra-op threads while training: the plans' ``training.num_threads``, else a rule for the
+    machine as it is when training starts.
 
-    On 2 cores with one augmentation worker that is 1 thread. A second OpenMP thread bought 1.05-1.6x
-    the wall speed on an idle machine for 1.2-1.7x the CPU time, and on a shared machine it spins while
-    descheduled: 1.5-5x the CPU time for no wall gain (issue #16, documentation/benchmarks.md "CPU
-    training speed").
+    Idle machine (1-minute load below ``cpus - 0.5``): every thread torch uses -- a second OpenMP thread
+    buys 1.05-1.6x the wall speed there. Busy machine (other jobs hold the cores): the CPUs the loader
+    workers leave free (``cpus - workers``, at least 1), because OpenMP threads then spin while
+    descheduled: 1.5-5x the CPU time for no wall gain, and 1 thread gave 2.5-2.7x the iterations per
+    wall-minute at load 9-15 on 2 cores (issue #16, documentation/benchmarks.md "CPU training speed").
+    Never more than torch already uses.
     """
     current = torch.get_num_threads()
+    cpus = os.cpu_count() or 1
     if plans_threads is not None:
-        return max(1, min(int(plans_threads), os.cpu_count() or 1))
-    return max(1, min(current, (os.cpu_count() or 1) - max(0, int(num_workers))))
+        return max(1, min(int(plans_threads), cpus))
+    load = os.getloadavg()[0] if load is None and hasattr(os, "getloadavg") else load
+    if load is None or load < cpus - 0.5:
+        return max(1, current)
+    return max(1, min(current, cpus - max(0, int(num_workers))))
 
 
 class TrainingSession:
@@ -175,6 +181,7 @@ class TrainingSession:
         if self.device.type == "cpu":
             self.threads_before = torch.get_num_threads()
             torch.set_num_threads(training_threads(self.cfg.num_threads, self.num_workers))
+            self.threads_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         self.dataset_json_path = self.pre_dir / "dataset.json"
         self.logger = TrainingLogger(self.output_folder, enabled=self.dist.is_main, echo=self.progress,
                                      class_names=self.cfg.class_names)
