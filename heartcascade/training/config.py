@@ -71,6 +71,7 @@ class TrainingConfig:
     steps: dict[str, StepConfig]
     augmentation: AugmentationParams
     num_workers: int | None = None
+    num_threads: int | None = None  # CPU intra-op threads of training (None: CPUs left by the loader workers)
     checkpoint_every: int = 0  # iterations; 0 = use checkpoint_every_epochs
     checkpoint_every_epochs: int = 1
     validate_every_epochs: int = 1
@@ -271,6 +272,7 @@ def training_config(plans: Mapping[str, Any], configuration: str) -> TrainingCon
         configuration=configuration, num_classes=ncls, image_channels=nimg, class_names=names, steps=steps,
         augmentation=aug,
         num_workers=section.get("num_workers"),
+        num_threads=_threads(section.get("num_threads")),
         checkpoint_every=int(section.get("checkpoint_interval_iterations", 0) or 0),
         checkpoint_every_epochs=int(section.get("checkpoint_interval_epochs", 1) or 1),
         validate_every_epochs=int(section.get("validation_interval_epochs", 1) or 1),
@@ -308,6 +310,14 @@ def training_config(plans: Mapping[str, Any], configuration: str) -> TrainingCon
     if configuration == "baseline" and cfg.baseline_spacing is None:
         raise HCError("plans: baseline_unet.spacing (the baseline's resampling spacing) is missing")
     return cfg
+
+
+def _threads(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise HCError(f"plans: training.num_threads must be a positive integer or null, got {value!r}")
+    return value
 
 
 def _budget(value: Any) -> float | None:
