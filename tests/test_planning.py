@@ -156,7 +156,8 @@ def test_coarse_spacing_grows_as_memory_shrinks(paper):
     spacings = []
     for gb in (24, 12, 6):
         ctx = planner._Context(MMWHS_CT, paper, CT_INFO, gb)
-        spacing, patch, kwargs, peak = planner.choose_coarse_spacing(ctx)
+        spacing, patch, network, peak = planner.choose_coarse_spacing(ctx)
+        kwargs = net1_kwargs({"net1": network})
         assert peak <= ctx.usable and all(p % 16 == 0 for p in patch)
         # the whole 95th-percentile field of view fits the patch
         assert all(p * s >= f - 1e-6 for p, s, f in zip(patch, spacing, ctx.fov95))
@@ -262,6 +263,46 @@ def test_step4_stacks_capped_at_the_presets_inplane_mm(paper):
         assert edge % divisor == 0 and edge * spacing[axis] >= 160.0 > (edge - divisor) * spacing[axis]
         assert edge < s4a["stack_shape"][axis]
     assert b["inference"] == a["inference"] and b["net2"] == a["net2"]
+
+
+def test_plan_experiment_assembles_the_rule_functions(paper):
+    """The plans are the rule functions' outputs (issue #15): MS-CMRSeg geometry, paper preset, 12 GB.
+
+    Pinned values were recorded before the planner was split into one function per rule; the networks'
+    keyword arguments come from the plans fields through the plans accessors."""
+    from heartcascade.planning.curriculum import CURRICULUM_STEPS
+    from heartcascade.training.config import training_config
+
+    plans = planner.plan_experiment(MSCMR, paper, MR_INFO, 2, gpu_memory_gb=12)
+    ctx = planner._Context(MSCMR, planner.preset_for_machine(paper, "cuda"), MR_INFO, 12)
+    K = planner.preset_k(ctx.spacing[0], ctx.min_slices, ctx.preset)  # rule 3
+    net1 = planner.plan_net1(ctx)  # rule 4
+    net2 = planner.plan_net2(ctx, net1, K)  # rules 5, 6
+    shapes2 = planner.step2_subvolumes(ctx, net1, net2.subvolumes)
+    shapes3 = planner.step3_subvolumes(ctx, net1, net2)  # rule 7
+    stack = planner.step4_stack(ctx, net2)  # rule 8
+    batches = planner.choose_batch_sizes(ctx, net1, net2, shapes2, shapes3, stack)  # rule 9
+    z_chunk, _ = planner.choose_z_chunk(ctx, net1, net2)  # rule 10
+    assert (K, net1.coarse_spacing, net1.patch_shape, net1.network["base_features"]) == (3, [7.99, 1.25, 1.25],
+                                                                                        [32, 240, 240], 16)
+    assert (net2.network["base_features"], net2.tile, net2.full_slice) == (32, [240, 240], [240, 240])
+    assert shapes2 == shapes3 == [[5, 32, 32], [9, 56, 56], [11, 112, 112]]
+    assert stack == [3, 240, 240] and [batches[s][0] for s in (1, 2, 3, 4)] == [2, 2, 2, 4] and z_chunk == 64
+    assert net1_kwargs(plans) == net1_kwargs({"net1": net1.network})
+    assert net2_kwargs(plans) == net2_kwargs({"net2": net2.network})
+    assert training_step(plans, 2)["subvolume_shapes"] == shapes2
+    assert training_step(plans, 3)["subvolume_shapes"] == shapes3
+    assert training_step(plans, 4)["stack_shape"] == stack
+    assert [s["batch_size"] for s in plans["training"]["steps"]] == [batches[s][0] for s in (1, 2, 3, 4)]
+    assert plans["inference"]["z_chunk"] == z_chunk
+    assert plans["baseline_unet"] == planner.plan_baseline(ctx)  # rule 11
+    assert plans["baseline_unet"]["patch_shape"] == [32, 160, 160]
+    # one curriculum table: the planner's steps and training's step kinds
+    cfg = training_config(plans, "cascade")
+    for row, entry in zip(CURRICULUM_STEPS, plans["training"]["steps"]):
+        assert (entry["step"], entry["name"], entry["train"], entry["frozen"], entry["losses"], entry["input"]) == \
+            (row.step, row.name, list(row.train), list(row.frozen), list(row.losses), row.input)
+        assert cfg.steps[str(row.step)].kind == row.kind
 
 
 def test_presets_folder_and_override(tmp_path, monkeypatch):

@@ -14,20 +14,16 @@ from typing import Any, Mapping, Sequence
 
 from heartcascade.losses.terms import LOSS_TERMS, loss_term
 from heartcascade.model import from_plans
+from heartcascade.planning.curriculum import CURRICULUM_STEPS, STEP_INPUT_KINDS
 from heartcascade.training.augmentation import AugmentationParams
 from heartcascade.utils.errors import HCError
 from heartcascade.utils.merge import deep_merge
 
 __all__ = ["deep_merge"]  # re-exported: overrides are merged with the same rule as presets
 
-#: The paper's curriculum (Table 1): losses and trained networks per step, and the batch kind.
-CURRICULUM: dict[str, dict[str, Any]] = {
-    "1": {"kind": "coarse_volume", "losses": ["L1_ROI"], "train": ["net1"], "batch_size": 1},
-    "2": {"kind": "subvolume", "losses": ["L1", "L1_ROI"], "train": ["net1"], "batch_size": 2},
-    "3": {"kind": "subvolume", "losses": ["L1", "L2"], "train": ["net1", "net2"], "batch_size": 2},
-    "4": {"kind": "slices", "losses": ["L2"], "train": ["net2"], "batch_size": 2},
-}
-CASCADE_STEPS = ("1", "2", "3", "4")
+#: The paper's curriculum (Table 1, defined in planning/curriculum.py) by step name "1".."4".
+CURRICULUM = {str(row.step): row for row in CURRICULUM_STEPS}
+CASCADE_STEPS = tuple(CURRICULUM)
 BASELINE_STAGE = "baseline"
 #: The network outputs each batch kind produces (the losses of a step must read one of them).
 KIND_OUTPUTS = {"coarse_volume": ("net1",), "subvolume": ("net1", "net2"), "slices": ("net2",),
@@ -144,9 +140,6 @@ def normalise_override(value: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 # Reading (field names: documentation/plans.md; the planner writes them, planning/planner.py)
 
-_INPUT_KINDS = {"whole_coarse_volume": "coarse_volume", "subvolumes": "subvolume", "slice_stacks": "slices"}
-
-
 def _losses(names: Sequence[Any], kind: str, where: str) -> list[str]:
     """Loss names resolved through the loss table; each must read an output the step's batches produce."""
     losses = [loss_term(str(x), f"plans: {where}.losses").name for x in names]
@@ -179,18 +172,18 @@ def _number(entry: Mapping[str, Any], key: str, default: Any, where: str, kind: 
 def _step_from_plans(entry: Mapping[str, Any], default_lr: float, default_wd: float, where: str) -> StepConfig:
     name = str(entry.get("step"))
     curriculum = CURRICULUM[name]
-    kind = _INPUT_KINDS.get(str(entry.get("input")), curriculum["kind"])
+    kind = STEP_INPUT_KINDS.get(str(entry.get("input")), curriculum.kind)
     epochs = _number(entry, "epochs", 1, where)
     ipe = _number(entry, "iterations_per_epoch", 250, where)
-    batch = _number(entry, "batch_size", curriculum["batch_size"], where)
+    batch = _number(entry, "batch_size", curriculum.batch_size, where)
     lr = _number(entry, "lr", default_lr, where, float)
     if epochs < 0 or ipe < 1 or batch < 1 or lr <= 0:
         raise HCError(f"plans: {where}: need epochs >= 0, iterations_per_epoch >= 1, batch_size >= 1, lr > 0 "
                       f"(got {epochs}, {ipe}, {batch}, {lr})")
     if not entry.get("enabled", True):
         epochs = 0
-    losses = _losses(entry.get("losses", curriculum["losses"]), kind, where)
-    train = [str(x) for x in entry.get("train", curriculum["train"])]
+    losses = _losses(entry.get("losses", curriculum.losses), kind, where)
+    train = [str(x) for x in entry.get("train", curriculum.train)]
     unknown = sorted(set(train) - {"net1", "net2"})
     if unknown:
         raise HCError(f"plans: {where}.train names unknown network(s) {unknown}")
