@@ -45,7 +45,8 @@ from typing import Any, Callable, Mapping, Sequence
 from heartcascade.dataset.dataset_json import CT_NAMES, DatasetInfo
 from heartcascade.planning import fingerprint as fpmod
 from heartcascade.planning import memory_model
-from heartcascade.planning.plans import NETWORK_INPUT_MODE, PLANS_VERSION, ROI_DEFAULTS, validate_plans
+from heartcascade.planning.augmentation_plan import AugmentationParams, augmentation_dict
+from heartcascade.planning.plans import PLANS_VERSION, ROI_DEFAULTS, validate_plans
 from heartcascade.preprocessing.preprocess import coarse_scale_factors
 from heartcascade.utils.errors import HCError
 from heartcascade.utils.merge import deep_merge
@@ -363,7 +364,6 @@ def plan_experiment(fingerprint: dict[str, Any], preset: dict[str, Any], info: D
     full_slice = [ceil_to(ctx.shape95[1], divisor), ceil_to(ctx.shape95[2], divisor)]
     shapes = nominal_subvolumes(ctx, K, divisor)
     mode = p2.get("input_mode", "probabilities")
-    net_mode = NETWORK_INPUT_MODE.get(mode, "label")
     base2 = int(p2["base_features"])
     min_base2 = int(p2.get("min_base_features", 8))
 
@@ -372,7 +372,7 @@ def plan_experiment(fingerprint: dict[str, Any], preset: dict[str, Any], info: D
         return max(train.peak + net1_params, net1_infer.peak + train.parameters + train.optimizer_state)
 
     def step3_peak(kw2: dict[str, Any], batch: int, shape: Sequence[int]) -> int:
-        return _cascade(k1, _key(kw2), net_mode, batch, tuple(int(v) for v in shape), factors).peak
+        return _cascade(k1, _key(kw2), mode, batch, tuple(int(v) for v in shape), factors).peak
 
     while True:
         n2kw = _net2_kwargs(ctx, base2, K)
@@ -435,23 +435,23 @@ def plan_experiment(fingerprint: dict[str, Any], preset: dict[str, Any], info: D
     baseline = _plan_baseline(ctx)
     aug = _augmentation(ctx)
 
-    def step_entry(n: int, name: str, train: list[str], frozen: list[str], losses: list[str], inp: str,
+    def step_entry(n: int, name: str, train: list[str], losses: list[str], inp: str,
                    batch: int, peak: int, **extra: Any) -> dict[str, Any]:
         sp = step_presets[n]
-        return {"step": n, "name": name, "enabled": bool(sp.get("enabled", True)), "train": train, "frozen": frozen,
+        return {"step": n, "name": name, "enabled": bool(sp.get("enabled", True)), "train": train,
                 "losses": list(sp.get("losses", losses)), "input": inp, **extra, "batch_size": int(batch),
                 "epochs": int(sp.get("epochs", 200)), "iterations_per_epoch": int(sp.get("iterations_per_epoch", 16)),
                 "lr": float(sp.get("lr", tr.get("lr", 1e-4))), "predicted_peak_gb": round(peak / GiB, 3),
-                **({"time_fraction": float(sp["time_fraction"])} if sp.get("time_fraction") is not None else {})}
+                "time_fraction": None if sp.get("time_fraction") is None else float(sp["time_fraction"])}
 
     steps = [
-        step_entry(1, "net1_whole_volume", ["net1"], [], ["L1_ROI"], "whole_coarse_volume", b1, peak1,
+        step_entry(1, "net1_whole_volume", ["net1"], ["L1_ROI"], "whole_coarse_volume", b1, peak1,
                    patch_shape=patch1),
-        step_entry(2, "net1_subvolumes", ["net1"], [], ["L1", "L1_ROI"], "subvolumes", b2, peak2,
+        step_entry(2, "net1_subvolumes", ["net1"], ["L1", "L1_ROI"], "subvolumes", b2, peak2,
                    subvolume_shapes=shapes2, coarse_patch_shapes=[coarse_of(s) for s in shapes2]),
-        step_entry(3, "cascade_subvolumes", ["net1", "net2"], [], ["L1", "L2"], "subvolumes", b3, peak3,
+        step_entry(3, "cascade_subvolumes", ["net1", "net2"], ["L1", "L2"], "subvolumes", b3, peak3,
                    subvolume_shapes=shapes3),
-        step_entry(4, "net2_slice_stacks", ["net2"], ["net1"], ["L2"], "slice_stacks", b4, peak4,
+        step_entry(4, "net2_slice_stacks", ["net2"], ["L2"], "slice_stacks", b4, peak4,
                    stack_shape=[K] + stack_tile),
     ]
     num_workers = min(int(tr.get("num_workers", 4)), max(1, (os.cpu_count() or 2) - 1))
@@ -469,6 +469,7 @@ def plan_experiment(fingerprint: dict[str, Any], preset: dict[str, Any], info: D
         "labels": dict(info.labels),
         "num_classes": ctx.num_classes,
         "label_codes": {str(k): int(v) for k, v in info.label_codes.items()} if info.label_codes else None,
+        "amp": str(tr.get("amp", "bf16")),
         "normalization": _normalization(ctx),
         "cropping": {"method": "ct_hu_threshold" if info.modality == "ct" else "relative_threshold",
                      "margin_mm": float(preset["cropping"].get("margin_mm", 10.0))},
@@ -487,27 +488,28 @@ def plan_experiment(fingerprint: dict[str, Any], preset: dict[str, Any], info: D
                  "required_divisor": NET1_DIVISOR},
         "net2": {"K": K, "input_mode": mode, **{k: v for k, v in n2kw.items() if k != "K"},
                  "widths": [min(n2kw["base_features"] * 2 ** i, n2kw["max_features"]) for i in range(n2kw["num_levels"] + 1)],
-                 "required_divisor": divisor, "full_slice_shape": full_slice, "inplane_tile": tile,
-                 "tiling": tile != full_slice},
-        "training": {"optimizer": tr.get("optimizer", "adam"), "lr": float(tr.get("lr", 1e-4)),
-                     "weight_decay": float(tr.get("weight_decay", 0.0)), "precision": "fp32",
+                 "required_divisor": divisor, "full_slice_shape": full_slice, "tiling": tile != full_slice},
+        "training": {"weight_decay": float(tr.get("weight_decay", 0.0)),
                      "dice_weighting": str(tr.get("dice_weighting", "inverse_count")),
                      "classifier_bias_init": str(tr.get("classifier_bias_init", "zero")), "steps": steps,
                      "lr_schedule": str(tr.get("lr_schedule", "constant")),
                      "warmup_iterations": int(tr.get("warmup_iterations", 0)),
+                     "grad_clip": None if tr.get("grad_clip", 12.0) is None else float(tr.get("grad_clip", 12.0)),
+                     "ema_momentum": float(tr.get("ema_momentum", 0.9)),
                      "keep_best_per_step": bool(tr.get("keep_best_per_step", False)),
                      "time_budget_s": None if tr.get("time_budget_s") is None else float(tr["time_budget_s"]),
+                     "budget_probe_iterations": int(tr.get("budget_probe_iterations", 10)),
                      "validation_interval_epochs": int(tr.get("validation_interval_epochs", 10)),
                      "checkpoint_interval_epochs": int(tr.get("checkpoint_interval_epochs", 10)),
+                     "checkpoint_interval_iterations": int(tr.get("checkpoint_interval_iterations", 0)),
+                     "val_max_cases": None if tr.get("val_max_cases") is None else int(tr["val_max_cases"]),
                      "num_workers": num_workers, "seed": int(tr.get("seed", 0))},
         "augmentation": aug,
-        "sampling": {"scheme": preset["sampling"].get("scheme", "class_balanced"),
-                     "max_locations_per_class": int(preset["sampling"].get("max_locations_per_class", 10000)),
-                     "background_as_class": bool(preset["sampling"].get("background_as_class", True)),
-                     "subvolume_shape_choice": "uniform"},
+        "sampling": {"max_locations_per_class": int(preset["sampling"].get("max_locations_per_class", 10000)),
+                     "background_as_class": bool(preset["sampling"].get("background_as_class", True))},
         "inference": {"roi_margin_mm": float(inf.get("roi_margin_mm", 10.0)),
                       **{k: inf.get(k, v) for k, v in ROI_DEFAULTS.items()}, "z_chunk": int(z),
-                      "inplane_tile": None if tile == full_slice else tile, "predicted_peak_gb": round(peak_inf / GiB, 3)},
+                      "max_z_chunk": None, "memory_budget_gb": None, "predicted_peak_gb": round(peak_inf / GiB, 3)},
         "baseline_unet": baseline,
         "memory": {"target_gb": round(ctx.target_gb, 3), "target_source": ctx.target_source,
                    "usable_gb": round(usable / GiB, 3),
@@ -561,7 +563,7 @@ def _augmentation(ctx: _Context) -> dict[str, Any]:
     if ctx.spacing[0] > 3.0 * min(ctx.spacing[1:]):
         rot = list(aug.get("rotation_deg", [15.0, 15.0, 15.0]))
         aug["rotation_deg"] = [rot[0], 0.0, 0.0]
-    return aug
+    return augmentation_dict(AugmentationParams.from_dict(aug, "preset"))  # every field, defaults written out
 
 
 def _plan_baseline(ctx: _Context) -> dict[str, Any]:
@@ -590,8 +592,8 @@ def _plan_baseline(ctx: _Context) -> dict[str, Any]:
                                  int(pb.get("max_batch_size", 2)))
     return {"spacing": [round(s, 4) for s in spacing], "patch_shape": patch, "batch_size": batch,
             "base_features": base, "max_features": int(pb["max_features"]), "num_levels": levels,
-            "norm": pb.get("norm", "instance"), "kernel_size": 3,
+            "norm": pb.get("norm", "instance"),
             "widths": [min(base * 2 ** i, int(pb["max_features"])) for i in range(levels + 1)],
-            "optimizer": "adam", "lr": float(pb.get("lr", 1e-4)), "epochs": int(pb.get("epochs", 800)),
+            "lr": float(pb.get("lr", 1e-4)), "epochs": int(pb.get("epochs", 800)),
             "iterations_per_epoch": int(pb.get("iterations_per_epoch", 16)), "losses": list(pb.get("losses", ["multiclass_dice"])),
             "predicted_peak_gb": round(peak / GiB, 3)}
