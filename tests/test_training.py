@@ -264,6 +264,9 @@ def test_cli_steps_subset_and_errors(tiny, capsys):
     assert "run: hc_plan_and_preprocess -d 902" in error_of(["902", "0", "--device", "cpu"])
     bad = json.dumps({"net1": {"coarse_spacing": [2.0, 2.0, 2.0]}})
     assert "hc_plan_and_preprocess" in error_of([str(DATASET_ID), "0", "--device", "cpu", "--plans-override", bad])
+    unknown = json.dumps({"training": {"steps": {"2": {"epochs": 1, "epoch": 2}}}})
+    assert "training.steps[2] has unknown key 'epoch'" in error_of([str(DATASET_ID), "0", "--device", "cpu",
+                                                                   "--plans-override", unknown])
     if not torch.cuda.is_available():
         assert "no CUDA GPU is available" in error_of([str(DATASET_ID), "0", "--device", "cuda"])
 

@@ -1,8 +1,8 @@
 """The paper's curriculum (Table 1): the four training steps, defined once.
 
 The planner writes one ``training.steps`` entry per row (``planning/planner.py``,
-:func:`~heartcascade.planning.planner.curriculum_steps`); training reads those entries and falls back on
-this table for what an entry leaves out (``training/config.py``). documentation/plans.md (``training``)
+:func:`~heartcascade.planning.planner.curriculum_steps`); training maps each entry's ``input`` to its batch
+kind with this table (``training/config.py``). documentation/plans.md (``training``)
 and documentation/training.md describe the steps.
 
 Vocabulary: a *step* is one row (1..4). Its ``input`` is the value the plans store
@@ -21,18 +21,17 @@ class CurriculumStep:
     step: int  #: 1..4 (``training.steps[].step``)
     name: str  #: ``training.steps[].name``
     train: tuple[str, ...]  #: networks updated
-    frozen: tuple[str, ...]  #: networks run but kept fixed
+    frozen: tuple[str, ...]  #: networks run but kept fixed (what ``train`` leaves out; not written to the plans)
     losses: tuple[str, ...]  #: the paper's losses; a preset step's ``losses`` replaces them
     input: str  #: ``training.steps[].input``
     kind: str  #: the batch kind training draws for ``input`` (its step runner)
-    batch_size: int  #: training's fallback when a plans entry has no ``batch_size``
 
 
 CURRICULUM_STEPS: tuple[CurriculumStep, ...] = (
-    CurriculumStep(1, "net1_whole_volume", ("net1",), (), ("L1_ROI",), "whole_coarse_volume", "coarse_volume", 1),
-    CurriculumStep(2, "net1_subvolumes", ("net1",), (), ("L1", "L1_ROI"), "subvolumes", "subvolume", 2),
-    CurriculumStep(3, "cascade_subvolumes", ("net1", "net2"), (), ("L1", "L2"), "subvolumes", "subvolume", 2),
-    CurriculumStep(4, "net2_slice_stacks", ("net2",), ("net1",), ("L2",), "slice_stacks", "slices", 2),
+    CurriculumStep(1, "net1_whole_volume", ("net1",), (), ("L1_ROI",), "whole_coarse_volume", "coarse_volume"),
+    CurriculumStep(2, "net1_subvolumes", ("net1",), (), ("L1", "L1_ROI"), "subvolumes", "subvolume"),
+    CurriculumStep(3, "cascade_subvolumes", ("net1", "net2"), (), ("L1", "L2"), "subvolumes", "subvolume"),
+    CurriculumStep(4, "net2_slice_stacks", ("net2",), ("net1",), ("L2",), "slice_stacks", "slices"),
 )
 
 #: The step numbers, in order.

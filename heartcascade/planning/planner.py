@@ -60,14 +60,14 @@ from heartcascade.dataset.dataset_json import CT_NAMES, DatasetInfo
 from heartcascade.planning import fingerprint as fpmod
 from heartcascade.planning import memory_model
 from heartcascade.planning.curriculum import CURRICULUM_STEPS, CurriculumStep
+from heartcascade.planning.augmentation_plan import AugmentationParams, augmentation_dict
 from heartcascade.planning.plans import (
-    NETWORK_INPUT_MODE,
+    NET2_INPUT_MODES,
     PLANS_VERSION,
     ROI_DEFAULTS,
-    baseline_kwargs,
-    cascade_kwargs,
-    net1_kwargs,
-    net2_kwargs,
+    baseline_network_kwargs,
+    net1_network_kwargs,
+    net2_network_kwargs,
     validate_plans,
 )
 from heartcascade.preprocessing.preprocess import coarse_scale_factors
@@ -288,8 +288,8 @@ def net2_network(ctx: _Context, base: int, K: int) -> dict[str, Any]:
     """The network fields of the plans' ``net2`` at base width ``base`` (rule 6 halves it when short)."""
     p = ctx.preset["net2"]
     mode = p.get("input_mode", "probabilities")
-    if mode not in NETWORK_INPUT_MODE:
-        raise HCError(f"planner output: net2.input_mode must be one of {', '.join(NETWORK_INPUT_MODE)}, got {mode!r}")
+    if mode not in NET2_INPUT_MODES:
+        raise HCError(f"planner output: net2.input_mode must be one of {', '.join(NET2_INPUT_MODES)}, got {mode!r}")
     extra = ctx.num_classes if mode == "probabilities" else 1
     return {"K": int(K), "input_mode": mode, "in_channels": ctx.channels + extra, "num_classes": ctx.num_classes,
             "base_features": int(base), "num_levels": int(p["num_levels"]), "recursions": int(p["recursions"]),
@@ -306,12 +306,12 @@ def baseline_network(ctx: _Context, base: int) -> dict[str, Any]:
 
 def _net1_estimate(network: dict[str, Any], batch: int, shape: Sequence[int],
                    training: bool = True) -> memory_model.MemoryEstimate:
-    return _net1(_key(net1_kwargs({"net1": network})), int(batch), tuple(int(v) for v in shape), training)
+    return _net1(_key(net1_network_kwargs(network)), int(batch), tuple(int(v) for v in shape), training)
 
 
 def _net2_estimate(network: dict[str, Any], batch: int, shape: Sequence[int],
                    training: bool = True) -> memory_model.MemoryEstimate:
-    return _net2(_key(net2_kwargs({"net2": network})), int(batch), tuple(int(v) for v in shape), training)
+    return _net2(_key(net2_network_kwargs(network)), int(batch), tuple(int(v) for v in shape), training)
 
 
 @dataclass(frozen=True)
@@ -355,9 +355,8 @@ class Net2Plan:
 
 def step3_peak(ctx: _Context, net1: Net1Plan, network2: dict[str, Any], batch: int, shape: Sequence[int]) -> int:
     """Peak bytes of a step-3 iteration: the cascade trained end to end on full-resolution ``shape``."""
-    kw2 = net2_kwargs({"net2": network2})
-    mode = cascade_kwargs({"net2": network2, "num_input_channels": ctx.channels})["input_mode"]
-    return _cascade(_key(net1_kwargs({"net1": net1.network})), _key(kw2), mode, int(batch),
+    kw2 = net2_network_kwargs(network2)
+    return _cascade(_key(net1_network_kwargs(net1.network)), _key(kw2), network2["input_mode"], int(batch),
                     tuple(int(v) for v in shape), net1.scale_factors).peak
 
 
@@ -585,8 +584,7 @@ def plan_baseline(ctx: _Context) -> dict[str, Any]:
     base = int(pb["base_features"])
 
     def estimate(network: dict[str, Any], batch: int, shape: Sequence[int]) -> memory_model.MemoryEstimate:
-        kw = baseline_kwargs({"num_input_channels": ctx.channels, "num_classes": ctx.num_classes,
-                              "baseline_unet": network})
+        kw = baseline_network_kwargs(network, ctx.channels, ctx.num_classes)
         return _baseline(_key(kw), batch, tuple(shape))
 
     while True:
@@ -604,8 +602,8 @@ def plan_baseline(ctx: _Context) -> dict[str, Any]:
     batch, peak = _largest_batch(lambda b: estimate(network, b, patch).peak, ctx.usable,
                                  int(pb.get("max_batch_size", 2)))
     return {"spacing": [round(s, 4) for s in spacing], "patch_shape": patch, "batch_size": batch, **network,
-            "kernel_size": 3, "widths": widths(base, network["max_features"], levels),
-            "optimizer": "adam", "lr": float(pb.get("lr", 1e-4)), "epochs": int(pb.get("epochs", 800)),
+            "widths": widths(base, network["max_features"], levels),
+            "lr": float(pb.get("lr", 1e-4)), "epochs": int(pb.get("epochs", 800)),
             "iterations_per_epoch": int(pb.get("iterations_per_epoch", 16)),
             "losses": list(pb.get("losses", ["multiclass_dice"])), "predicted_peak_gb": round(peak / GiB, 3)}
 
@@ -690,7 +688,7 @@ def net2_section(net2: Net2Plan) -> dict[str, Any]:
     """``net2``: rule 6's network fields, the full slice and the tile."""
     n = net2.network
     return {**n, "widths": widths(n["base_features"], n["max_features"], n["num_levels"]),
-            "required_divisor": net2.divisor, "full_slice_shape": net2.full_slice, "inplane_tile": net2.tile,
+            "required_divisor": net2.divisor, "full_slice_shape": net2.full_slice,
             "tiling": net2.tile != net2.full_slice}
 
 
@@ -699,12 +697,12 @@ def step_entry(ctx: _Context, row: CurriculumStep, shapes: dict[str, Any], batch
     ``shapes`` (rules 4-8), its batch size and peak (rule 9)."""
     sp = ctx.step_presets[row.step]
     return {"step": row.step, "name": row.name, "enabled": bool(sp.get("enabled", True)), "train": list(row.train),
-            "frozen": list(row.frozen), "losses": list(sp.get("losses", row.losses)), "input": row.input, **shapes,
+            "losses": list(sp.get("losses", row.losses)), "input": row.input, **shapes,
             "batch_size": int(batch), "epochs": int(sp.get("epochs", 200)),
             "iterations_per_epoch": int(sp.get("iterations_per_epoch", 16)),
             "lr": float(sp.get("lr", ctx.preset["training"].get("lr", 1e-4))),
             "predicted_peak_gb": round(peak / GiB, 3),
-            **({"time_fraction": float(sp["time_fraction"])} if sp.get("time_fraction") is not None else {})}
+            "time_fraction": None if sp.get("time_fraction") is None else float(sp["time_fraction"])}
 
 
 def curriculum_steps(ctx: _Context, net1: Net1Plan, shapes2: list[list[int]], shapes3: list[list[int]],
@@ -722,17 +720,22 @@ def training_section(ctx: _Context, steps: list[dict[str, Any]]) -> dict[str, An
     """``training``: the preset's optimiser and schedule, the steps, data-loader workers (at most the
     planning machine's CPUs - 1)."""
     tr = ctx.preset["training"]
-    return {"optimizer": tr.get("optimizer", "adam"), "lr": float(tr.get("lr", 1e-4)),
-            "weight_decay": float(tr.get("weight_decay", 0.0)), "precision": "fp32",
+    return {"weight_decay": float(tr.get("weight_decay", 0.0)),
             "dice_weighting": str(tr.get("dice_weighting", "inverse_count")),
             "classifier_bias_init": str(tr.get("classifier_bias_init", "zero")), "steps": steps,
             "lr_schedule": str(tr.get("lr_schedule", "constant")),
             "warmup_iterations": int(tr.get("warmup_iterations", 0)),
+            "grad_clip": None if tr.get("grad_clip", 12.0) is None else float(tr.get("grad_clip", 12.0)),
+            "ema_momentum": float(tr.get("ema_momentum", 0.9)),
             "keep_best_per_step": bool(tr.get("keep_best_per_step", False)),
             "time_budget_s": None if tr.get("time_budget_s") is None else float(tr["time_budget_s"]),
+            "budget_probe_iterations": int(tr.get("budget_probe_iterations", 10)),
             "validation_interval_epochs": int(tr.get("validation_interval_epochs", 10)),
             "checkpoint_interval_epochs": int(tr.get("checkpoint_interval_epochs", 10)),
+            "checkpoint_interval_iterations": int(tr.get("checkpoint_interval_iterations", 0)),
+            "val_max_cases": None if tr.get("val_max_cases") is None else int(tr["val_max_cases"]),
             "num_workers": min(int(tr.get("num_workers", 4)), max(1, (os.cpu_count() or 2) - 1)),
+            "num_threads": None if tr.get("num_threads") is None else int(tr["num_threads"]),
             "seed": int(tr.get("seed", 0))}
 
 
@@ -743,24 +746,22 @@ def augmentation_section(ctx: _Context) -> dict[str, Any]:
     if ctx.spacing[0] > 3.0 * min(ctx.spacing[1:]):
         rot = list(aug.get("rotation_deg", [15.0, 15.0, 15.0]))
         aug["rotation_deg"] = [rot[0], 0.0, 0.0]
-    return aug
+    return augmentation_dict(AugmentationParams.from_dict(aug, "preset"))  # every field, defaults written out
 
 
 def sampling_section(ctx: _Context) -> dict[str, Any]:
     """``sampling``: class-balanced sampling (paper section 2.3) from the preset."""
     ps = ctx.preset["sampling"]
-    return {"scheme": ps.get("scheme", "class_balanced"),
-            "max_locations_per_class": int(ps.get("max_locations_per_class", 10000)),
-            "background_as_class": bool(ps.get("background_as_class", True)), "subvolume_shape_choice": "uniform"}
+    return {"max_locations_per_class": int(ps.get("max_locations_per_class", 10000)),
+            "background_as_class": bool(ps.get("background_as_class", True))}
 
 
-def inference_section(ctx: _Context, net2: Net2Plan, z_chunk: int, peak: int) -> dict[str, Any]:
-    """``inference``: the ROI rule from the preset, rule 10's z-chunk, the tile (null = whole slices)."""
+def inference_section(ctx: _Context, z_chunk: int, peak: int) -> dict[str, Any]:
+    """``inference``: the ROI rule from the preset, rule 10's z-chunk and its predicted peak."""
     inf = ctx.preset["inference"]
     return {"roi_margin_mm": float(inf.get("roi_margin_mm", 10.0)),
             **{k: inf.get(k, v) for k, v in ROI_DEFAULTS.items()}, "z_chunk": int(z_chunk),
-            "inplane_tile": None if net2.tile == net2.full_slice else net2.tile,
-            "predicted_peak_gb": round(peak / GiB, 3)}
+            "max_z_chunk": None, "memory_budget_gb": None, "predicted_peak_gb": round(peak / GiB, 3)}
 
 
 def memory_section(ctx: _Context, steps: list[dict[str, Any]], inference: Mapping[str, Any],
@@ -813,7 +814,7 @@ def plan_experiment(fingerprint: dict[str, Any], preset: dict[str, Any], info: D
     shapes3 = step3_subvolumes(ctx, net1, net2)  # rule 7
     stack = step4_stack(ctx, net2)  # rule 8
     batches = choose_batch_sizes(ctx, net1, net2, shapes2, shapes3, stack)  # rule 9
-    inference = inference_section(ctx, net2, *choose_z_chunk(ctx, net1, net2))  # rule 10
+    inference = inference_section(ctx, *choose_z_chunk(ctx, net1, net2))  # rule 10
     baseline = plan_baseline(ctx)  # rule 11
     steps = curriculum_steps(ctx, net1, shapes2, shapes3, stack, batches)
     plans: dict[str, Any] = {
@@ -823,6 +824,7 @@ def plan_experiment(fingerprint: dict[str, Any], preset: dict[str, Any], info: D
         "preset": preset.get("name"),
         "machine": machine_section(ctx, machine, machine_source),
         **labels_section(ctx),
+        "amp": str(ctx.preset["training"].get("amp", "bf16")),
         "normalization": normalization_section(ctx),
         "cropping": cropping_section(ctx),
         "full_resolution": full_resolution_section(ctx),
