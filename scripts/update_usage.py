@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--check", action="store_true", help="only report whether usage.md is up to date")
     args = parser.parse_args(argv)
-    current = USAGE.read_text()
+    current = USAGE.read_text(encoding="utf-8")
     wanted = render(current)
     if args.check:
         if wanted != current:
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if wanted != current:
         tmp = USAGE.with_suffix(".md.tmp")
-        tmp.write_text(wanted)
+        tmp.write_text(wanted, encoding="utf-8")
         os.replace(tmp, USAGE)
         print(f"updated {USAGE}")
     return 0

@@ -19,7 +19,7 @@ def _script():
 
 def test_usage_reference_matches_help():
     script = _script()
-    current = script.USAGE.read_text()
+    current = script.USAGE.read_text(encoding="utf-8")
     _, block, _, version = script.split(current)
     from heartcascade.cli import COMMANDS
 
@@ -31,7 +31,7 @@ def test_usage_reference_matches_help():
 
 
 def test_coming_from_nnunet_guide_covers_the_mapping():
-    text = (REPO / "documentation" / "coming_from_nnunet.md").read_text()
+    text = (REPO / "documentation" / "coming_from_nnunet.md").read_text(encoding="utf-8")
     for needle in ("nnUNetv2_plan_and_preprocess", "nnUNetv2_train", "nnUNetv2_predict", "nnUNetv2_evaluate_folder",
                    "nnUNetv2_ensemble", "nnUNet_raw", "splits_final.json", "-chk", "--preset cpu", "region",
                    "2D", "MPS", "hc_export_model"):
