@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from heartcascade.paths import find_dataset_name, raw_root
+from heartcascade.utils.atomic import atomic_write_json
 from heartcascade.utils.errors import HCError
 
 CT_LABEL_MAPS = ("ct_train_1002_label.nii.gz", "ct_train_1012_label.nii.gz")
@@ -60,13 +62,11 @@ def _recipe_current(folder: Path, recipe: dict[str, Any]) -> bool:
 
 
 def _write_recipe(folder: Path, recipe: dict[str, Any]) -> None:
-    from heartcascade.utils.atomic import atomic_write_json
-
     atomic_write_json(folder / "bench_recipe.json", recipe)
 
 
 def _geometry_of(path: Path) -> tuple[list[int], list[float]]:
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # deferred: SimpleITK, runner.py imports BenchCase and stays light for hc_benchmark --help
 
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
@@ -75,16 +75,14 @@ def _geometry_of(path: Path) -> tuple[list[int], list[float]]:
 
 
 def _existing(dataset_id: int) -> Path | None:
-    from heartcascade.paths import find_dataset_name, raw_root
-
     root = raw_root()
     name = find_dataset_name(dataset_id, root) if root.is_dir() else None
     return root / name if name else None
 
 
 def build_ct(shared: Path | None, quick: bool, seed: int = 0) -> BenchCase:
-    from heartcascade.dataset.dataset_json import MMWHS_CODES, MMWHS_LABELS
-    from heartcascade.dataset.writer import DatasetWriter
+    from heartcascade.dataset.dataset_json import MMWHS_CODES, MMWHS_LABELS  # deferred: SimpleITK, runner.py imports BenchCase and stays light for hc_benchmark --help
+    from heartcascade.dataset.writer import DatasetWriter  # deferred: SimpleITK, runner.py imports BenchCase and stays light for hc_benchmark --help
 
     did = DATASET_IDS["ct"]
     if quick:
@@ -103,7 +101,7 @@ def build_ct(shared: Path | None, quick: bool, seed: int = 0) -> BenchCase:
                        "ct_train_1012 (512x512x177) with make_case_from_labels")
     existing = _existing(did)
     if existing is None or not _recipe_current(existing, recipe):
-        from heartcascade.dataset.synthetic import make_case, make_case_from_labels
+        from heartcascade.dataset.synthetic import make_case, make_case_from_labels  # deferred: SimpleITK and scipy, runner.py imports BenchCase and stays light for hc_benchmark --help
 
         with DatasetWriter(did, name, overwrite=True) as out:
             for i, cid in enumerate(ids):
@@ -126,9 +124,9 @@ def build_mr(shared: Path | None, quick: bool, seed: int = 0) -> BenchCase:
     did = DATASET_IDS["mr"]
     existing = _existing(did)
     if quick:
-        from heartcascade.dataset.dataset_json import MMWHS_LABELS
-        from heartcascade.dataset.synthetic import make_case
-        from heartcascade.dataset.writer import DatasetWriter
+        from heartcascade.dataset.dataset_json import MMWHS_LABELS  # deferred: SimpleITK, runner.py imports BenchCase and stays light for hc_benchmark --help
+        from heartcascade.dataset.synthetic import make_case  # deferred: SimpleITK and scipy, runner.py imports BenchCase and stays light for hc_benchmark --help
+        from heartcascade.dataset.writer import DatasetWriter  # deferred: SimpleITK, runner.py imports BenchCase and stays light for hc_benchmark --help
 
         recipe = {"version": RECIPE_VERSION, "kind": "mr-quick", "seed": seed}
         ids = ["mr_small_000", "mr_small_001"]
@@ -151,7 +149,7 @@ def build_mr(shared: Path | None, quick: bool, seed: int = 0) -> BenchCase:
         recipe = {"version": RECIPE_VERSION, "kind": "mr-full", "source": str(folder.resolve())}
         description = "MS-CMRSeg 2019 bSSFP, 25 cases imported with hc_import (codes 200/500/600); predicted: image_1"
         if existing is None or not _recipe_current(existing, recipe):
-            from heartcascade.dataset.importers import import_dataset
+            from heartcascade.dataset.importers import import_dataset  # deferred: SimpleITK, runner.py imports BenchCase and stays light for hc_benchmark --help
 
             existing = import_dataset(folder, did, "image_*.nii.gz", "label_*.nii.gz", MR_CODES, "mr", "BenchMR",
                                       overwrite=True)

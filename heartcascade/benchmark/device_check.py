@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import platform
 import sys
 import time
 from pathlib import Path
@@ -117,9 +118,7 @@ def summarise(eager: list[dict[str, Any]], compiled: list[dict[str, Any]], steps
 
 
 def setup_record(python: str, how: str, setup_s: float, device: str) -> dict[str, Any]:
-    import platform
-
-    import torch
+    import torch  # deferred: torch, the summary subcommand needs none; check reports a broken torch in one line
 
     rec: dict[str, Any] = {"benchmark": "device_check_setup", "python": python, "python_version": platform.python_version(),
                            "how": how, "setup_s": round(setup_s, 1), "torch": str(torch.__version__),
@@ -132,20 +131,20 @@ def setup_record(python: str, how: str, setup_s: float, device: str) -> dict[str
 
 def check_imports() -> None:
     """Import what the measurements need, so a broken setup fails here, in one line, not mid-run."""
-    import acvl_utils.cropping_and_padding.bounding_boxes  # noqa: F401
-    import batchgenerators  # noqa: F401
-    import cc3d  # noqa: F401
-    import SimpleITK  # noqa: F401
-    import torch  # noqa: F401
+    import acvl_utils.cropping_and_padding.bounding_boxes  # noqa: F401  # deferred: the check itself, a broken install fails here and is reported in one line
+    import batchgenerators  # noqa: F401  # deferred: the check itself, a broken install fails here and is reported in one line
+    import cc3d  # noqa: F401  # deferred: the check itself, a broken install fails here and is reported in one line
+    import SimpleITK  # noqa: F401  # deferred: the check itself, a broken install fails here and is reported in one line
+    import torch  # noqa: F401  # deferred: the check itself, a broken install fails here and is reported in one line
 
-    import heartcascade.benchmark.runner  # noqa: F401
-    import heartcascade.inference.predictor  # noqa: F401
-    import heartcascade.training.trainer  # noqa: F401
+    import heartcascade.benchmark.runner  # noqa: F401  # deferred: the check itself, a broken install fails here and is reported in one line
+    import heartcascade.inference.predictor  # noqa: F401  # deferred: the check itself, a broken install fails here and is reported in one line
+    import heartcascade.training.trainer  # noqa: F401  # deferred: the check itself, a broken install fails here and is reported in one line
 
 
 def resolve_device(name: str) -> str:
     """``auto`` → cuda when torch sees a GPU, else cpu; an explicit cuda without one is an error."""
-    import torch
+    import torch  # deferred: torch, the summary subcommand needs none; check reports a broken torch in one line
 
     name = name.lower()
     if name == "auto":

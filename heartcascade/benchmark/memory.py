@@ -22,6 +22,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -178,8 +179,6 @@ class ChildRun:
 def run_measured(cmd: Sequence[str], env: Mapping[str, str] | None = None, timeout: float | None = None,
                  cwd: str | Path | None = None, interval: float = 0.05) -> ChildRun:
     """Run ``cmd``; wall time, exact peak RSS (``os.wait4``) and a sampled tree peak; output captured."""
-    import tempfile
-
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(list(cmd), env=dict(env) if env is not None else None, cwd=cwd, stdout=out, stderr=err,
@@ -213,7 +212,7 @@ def run_measured(cmd: Sequence[str], env: Mapping[str, str] | None = None, timeo
 
 
 def gpu_reset(device) -> None:
-    import torch
+    import torch  # deferred: torch, runner.py imports this module and stays light for hc_benchmark --help
 
     if getattr(device, "type", str(device)).startswith("cuda") and torch.cuda.is_available():
         torch.cuda.synchronize(device)
@@ -222,7 +221,7 @@ def gpu_reset(device) -> None:
 
 def gpu_peaks(device) -> dict[str, float | None]:
     """``{"gpu_peak_allocated_gb", "gpu_peak_reserved_gb"}`` since the last :func:`gpu_reset` (None on CPU)."""
-    import torch
+    import torch  # deferred: torch, runner.py imports this module and stays light for hc_benchmark --help
 
     if not (getattr(device, "type", str(device)).startswith("cuda") and torch.cuda.is_available()):
         return {"gpu_peak_allocated_gb": None, "gpu_peak_reserved_gb": None}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,9 +30,7 @@ from typing import Any
 
 def run_child(python: str, case, work: Path, device: str, env: dict[str, str], timeout: float) -> list[dict[str, Any]]:
     """Run this file with ``python`` on ``case`` (a BenchCase); returns its records."""
-    from heartcascade.benchmark.memory import gb, run_measured
-
-    import shutil
+    from heartcascade.benchmark.memory import gb, run_measured  # deferred: heartcascade, absent from the --nnunet-python interpreter that runs this file as a script
 
     if shutil.which(python) is None and not Path(python).is_file():
         return [{"benchmark": "nnunet", "skipped": f"--nnunet-python {python}: no such interpreter"}]
@@ -112,21 +111,20 @@ def child(job_path: str) -> int:
         (work / sub).mkdir(parents=True, exist_ok=True)
         os.environ[var] = str(work / sub)  # nnunetv2.paths reads these at import
     try:
-        import nnunetv2  # noqa: F401
-        import torch
+        import nnunetv2  # noqa: F401  # deferred: optional nnunetv2, imported after the nnUNet_* variables it reads are set; failing: reported as skipped
+        import torch  # deferred: torch, runner.py imports this module and stays light for hc_benchmark --help
     except Exception as exc:  # noqa: BLE001 - ImportError, or a broken install
         _emit(benchmark="nnunet", skipped=f"nnunetv2 is not importable with {sys.executable} "
                                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
                                           f"install the optional extra 'nnunetv2' or pass --nnunet-python")
         return 0
-    from importlib.metadata import version
+    from importlib.metadata import version  # deferred: importlib.metadata (~20 ms), runner.py imports this module and stays light for hc_benchmark --help
 
-    import numpy as np
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments  # deferred: optional nnunetv2, imported after the nnUNet_* variables it reads are set
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor  # deferred: optional nnunetv2, imported after the nnUNet_* variables it reads are set
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans  # deferred: optional nnunetv2, imported after the nnUNet_* variables it reads are set
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels  # deferred: optional nnunetv2, imported after the nnUNet_* variables it reads are set
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager  # deferred: optional nnunetv2, imported after the nnUNet_* variables it reads are set
 
     device = torch.device(job["device"] if job["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     info = {"nnunetv2": version("nnunetv2"), "nnunet_torch": str(torch.__version__)}
@@ -155,7 +153,7 @@ def child(job_path: str) -> int:
                                 verbose_preprocessing=False, allow_tqdm=False)
     predictor.manual_initialization(network, plans, config, [network.state_dict()], dataset_json, "nnUNetTrainer",
                                     None)
-    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO  # deferred: optional nnunetv2, imported after the nnUNet_* variables it reads are set
 
     t = time.perf_counter()
     img, props = SimpleITKIO().read_images([job["image"]])

@@ -12,6 +12,11 @@ import argparse
 import json
 import sys
 
+import torch
+
+from heartcascade.benchmark.roi_patch import ReferenceBoxRoi
+from heartcascade.cli import predict
+
 # stderr line carrying this process's peak GPU memory (stdout and the log are hc_predict's own)
 GPU_PEAK_TAG = "hc_benchmark gpu peak: "
 
@@ -25,9 +30,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m heartcascade.benchmark.predict_child")
     parser.add_argument("--reference-label", required=True)
     args = parser.parse_args(argv)
-    from heartcascade.benchmark.roi_patch import ReferenceBoxRoi
-    from heartcascade.cli import predict
-
     code = predict.main(rest, roi_rule=ReferenceBoxRoi.from_file(args.reference_label))
     report_gpu_peak()
     return code
@@ -35,8 +37,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def report_gpu_peak() -> None:
     """Peak GPU memory of the whole run (model load to last file written), when it used CUDA."""
-    import torch
-
     if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
         return
     gib = 1024 ** 3

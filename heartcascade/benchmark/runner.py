@@ -21,6 +21,7 @@ import os
 import platform
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from heartcascade.benchmark import nnunet_compare
 from heartcascade.benchmark.data import BenchCase
 from heartcascade.benchmark.jsonlines import json_records
 from heartcascade.benchmark.memory import ChildRun, gb, mem_available_bytes, run_measured
@@ -73,7 +75,7 @@ class Options:
 
 
 def resolve_device_name(name: str) -> str:
-    import torch
+    import torch  # deferred: torch, hc_benchmark --help imports this module (cli/benchmark.py)
 
     name = (name or "auto").lower()
     if name == "auto":
@@ -86,7 +88,7 @@ def resolve_device_name(name: str) -> str:
 
 
 def environment(device: str) -> dict[str, Any]:
-    import torch
+    import torch  # deferred: torch, hc_benchmark --help imports this module (cli/benchmark.py)
 
     info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
                             "torch_threads": torch.get_num_threads(), "mem_total_gb": None,
@@ -109,8 +111,6 @@ def environment(device: str) -> dict[str, Any]:
         info["gpu_memory_gb"] = round(props.total_memory / 1024 ** 3, 1)
         info["cuda"] = torch.version.cuda
     try:
-        import subprocess
-
         info["git_commit"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                                             text=True, timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
@@ -130,7 +130,7 @@ def _hc_predict_command() -> tuple[list[str], str]:
 
 def _gpu_peak_line(stderr: str) -> dict[str, Any]:
     """The peak GPU memory :mod:`.predict_child` reports on stderr ({} when it did not use CUDA)."""
-    from heartcascade.benchmark.predict_child import GPU_PEAK_TAG
+    from heartcascade.benchmark.predict_child import GPU_PEAK_TAG  # deferred: predict_child loads torch; this module stays light for hc_benchmark --help
 
     for line in reversed(stderr.splitlines()):
         if line.startswith(GPU_PEAK_TAG):
@@ -143,7 +143,7 @@ def _gpu_peak_line(stderr: str) -> dict[str, Any]:
 
 class Runner:
     def __init__(self, options: Options, out: Callable[[str], None] | None = None) -> None:
-        import torch
+        import torch  # deferred: torch, hc_benchmark --help imports this module (cli/benchmark.py)
 
         self.o = options
         self.out = out or (lambda line: print(line, flush=True))
@@ -248,8 +248,6 @@ class Runner:
 
     # -- nnU-Net ----------------------------------------------------------------------------------
     def nnunet(self, case: BenchCase, ours: dict[str, Any] | None) -> None:
-        from heartcascade.benchmark import nnunet_compare
-
         python = self.o.nnunet_python or sys.executable
         work = self.work / "nnunet" / case.name
         records = nnunet_compare.run_child(python, case, work, self.device, self._env(), self.o.timeout_s)

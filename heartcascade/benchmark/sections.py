@@ -9,15 +9,34 @@ from __future__ import annotations
 
 import gc
 import resource
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
 
-from heartcascade.benchmark.data import BenchCase
+from heartcascade.benchmark.data import BenchCase, build_case
 from heartcascade.benchmark.memory import GiB, PeakRss, gb, gpu_peaks, gpu_reset, mem_available_bytes
+from heartcascade.benchmark.roi_patch import ReferenceBoxRoi
+from heartcascade.dataset import image_io
+from heartcascade.dataset.dataset_json import load_dataset
+from heartcascade.dataset.image_io import Geometry
+from heartcascade.inference.predictor import Predictor, tune_host_allocator
+from heartcascade.model import from_plans
+from heartcascade.paths import preprocessed_dataset_dir, raw_dataset_dir
+from heartcascade.planning import fingerprint as fpmod
+from heartcascade.planning import memory_model as mm
+from heartcascade.planning.plans import cascade_kwargs, load_plans, net1_kwargs, net2_kwargs, training_step
+from heartcascade.preprocessing import storage
+from heartcascade.training.checkpoint import FORMAT_VERSION, plain, save_checkpoint
+from heartcascade.training.dataloading import BatchStream
+from heartcascade.training.trainer import Trainer
+from heartcascade.utils.atomic import atomic_write_json
+from heartcascade.utils.device import resolve_device
 from heartcascade.utils.errors import HCError
+from heartcascade.workflows import plan_and_preprocess as prun
 
 Emit = Callable[..., None]
 
@@ -31,26 +50,18 @@ def _case(p: dict[str, Any]) -> BenchCase:
 
 
 def _pre_dir(case: BenchCase) -> Path:
-    from heartcascade.paths import preprocessed_dataset_dir
-
     return preprocessed_dataset_dir(case.dataset_id, must_exist=True)
 
 
 def _load_plans(case: BenchCase) -> dict[str, Any]:
-    from heartcascade.planning.plans import load_plans
-
     return load_plans(_pre_dir(case) / "plans.json")
 
 
 def _device(name: str):
-    from heartcascade.utils.device import resolve_device
-
     return resolve_device(name)
 
 
 def _sync(device) -> None:
-    import torch
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -60,8 +71,6 @@ def _sync(device) -> None:
 
 
 def section_dataset(p: dict[str, Any], emit: Emit) -> None:
-    from heartcascade.benchmark.data import build_case
-
     t = time.perf_counter()
     shared = Path(p["shared_data"]) if p.get("shared_data") else None
     case = build_case(p["case_name"], shared, bool(p["quick"]))
@@ -87,12 +96,6 @@ def plans_summary(plans: dict[str, Any]) -> dict[str, Any]:
 
 def section_preprocessing(p: dict[str, Any], emit: Emit) -> None:
     """Fingerprint + plans (timed), then every training case preprocessed by the real driver (timed)."""
-    from heartcascade.dataset.dataset_json import load_dataset
-    from heartcascade.paths import raw_dataset_dir
-    from heartcascade.planning import fingerprint as fpmod
-    from heartcascade.workflows import plan_and_preprocess as prun
-    from heartcascade.preprocessing import storage
-
     case = _case(p)
     did, preset, nproc = case.dataset_id, p["preset"], int(p["num_processes"])
     if not p.get("timed", True):  # section skipped: only make sure the data and plans exist
@@ -137,14 +140,6 @@ def section_preprocessing(p: dict[str, Any], emit: Emit) -> None:
 def section_model(p: dict[str, Any], emit: Emit) -> None:
     """``<results>/DatasetXXX/cascade/fold_0/checkpoint_final.pth`` with freshly initialised networks
     (the checkpoint contract of documentation/conventions.md), plus plans.json and dataset.json."""
-    import shutil
-
-    import torch
-
-    from heartcascade.model import from_plans
-    from heartcascade.training.checkpoint import FORMAT_VERSION, plain, save_checkpoint
-    from heartcascade.utils.atomic import atomic_write_json
-
     case = _case(p)
     plans = _load_plans(case)
     folder = Path(p["model_dir"]) / "fold_0"
@@ -191,10 +186,6 @@ def section_memory(p: dict[str, Any], emit: Emit) -> None:
     shrunk until it fits (``scaled: true`` in the record) -- a full-size check would be a multi-GB,
     multi-minute training step.
     """
-    from heartcascade.planning import memory_model as mm
-    from heartcascade.planning.plans import cascade_kwargs, net1_kwargs, net2_kwargs
-    from heartcascade.preprocessing import storage
-
     case = _case(p)
     device = _device(p["device"])
     backend = "cuda" if device.type == "cuda" else "cpu"
@@ -255,9 +246,6 @@ def section_training(p: dict[str, Any], emit: Emit) -> None:
     so the step time excludes waiting for data (compare it with the loader's rate: ``outpaces``); they
     stay in memory meanwhile and are part of ``peak_rss_gb`` (``held_batches_gb`` says how much).
     """
-    from heartcascade.training.dataloading import BatchStream
-    from heartcascade.training.trainer import Trainer
-
     case = _case(p)
     want_loader, want_training = bool(p["loader"]), bool(p["training"])
     warmup, iters = int(p["train_warmup"]), int(p["train_iterations"])
@@ -376,19 +364,11 @@ def section_inprocess(p: dict[str, Any], emit: Emit) -> None:
     ``predict_s`` = preprocess + predict_preprocessed: the in-process seconds without file I/O.
     On CUDA one untimed warm-up prediction runs first (cuDNN algorithm choice, allocator growth).
     """
-    import torch
-
-    from heartcascade.dataset import image_io
-    from heartcascade.dataset.image_io import Geometry
-    from heartcascade.inference.predictor import Predictor, tune_host_allocator
-
     case = _case(p)
     tune_host_allocator()  # as hc_predict does
     roi_mode = p["roi"]
     roi_rule = None
     if roi_mode == "reference":
-        from heartcascade.benchmark.roi_patch import ReferenceBoxRoi
-
         roi_rule = ReferenceBoxRoi.from_file(case.reference_label)
     t = time.perf_counter()
     predictor = Predictor.from_model_dir(p["model_dir"], device=p["device"], tta=False, roi_rule=roi_rule)

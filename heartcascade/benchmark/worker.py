@@ -11,6 +11,10 @@ import os
 import sys
 import traceback
 
+import numpy as np
+
+from heartcascade.utils.errors import HCError
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -22,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout = sys.stderr
     threads = job.get("threads")
     if threads:
-        import torch
+        import torch  # deferred: torch, imported after fd 1 points at stderr, so nothing printed on import reaches the records
 
         torch.set_num_threads(int(threads))
 
@@ -30,8 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         out.write(json.dumps(record, default=_plain) + "\n")
         out.flush()
 
-    from heartcascade.benchmark.sections import SECTIONS
-    from heartcascade.utils.errors import HCError
+    from heartcascade.benchmark.sections import SECTIONS  # deferred: torch and the measured libraries, imported after fd 1 points at stderr, so nothing printed on import reaches the records
 
     # one section, or several in order ("sections"); a section's "bench_case" record feeds the next ones
     names = job.get("sections") or [job["section"]]
@@ -55,8 +58,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _plain(obj):
-    import numpy as np
-
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):

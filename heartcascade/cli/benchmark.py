@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
+from heartcascade.benchmark.runner import CASE_NAMES, SECTION_NAMES, Options, Runner
 from heartcascade.cli.common import HCArgumentParser, add_verbosity_arguments, non_negative_int, positive_int, run_cli
 
 
@@ -19,8 +20,6 @@ def _list(allowed: Sequence[str], what: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from heartcascade.benchmark.runner import CASE_NAMES, SECTION_NAMES
-
     p = HCArgumentParser(
         prog="hc_benchmark",
         description="Measure preprocessing seconds per case, loader batches/s, training step time, hc_predict "
@@ -85,8 +84,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        from heartcascade.benchmark.runner import Options, Runner
-
         options = Options(device=args.device, cases=args.cases, shared_data=args.shared_data, work=args.work,
                           preset=args.preset, quick=args.quick, compare_nnunet=args.compare_nnunet,
                           nnunet_python=args.nnunet_python, skip=set(args.skip), roi=args.roi,
