@@ -205,8 +205,9 @@ def _elastic_field(rng: np.random.Generator, params: AugmentationParams, sp: np.
 
 
 # --------------------------------------------------------------------------------------------------
-# Exact partial trilinear upsampling (numpy), identical to F.interpolate(trilinear, align_corners=False)
-# (used for the elastic field here and for Net1 probabilities by the step-4 loader)
+# Exact partial trilinear upsampling (numpy), identical to F.interpolate(trilinear, align_corners=False):
+# the elastic field's control points, in the worker processes (which stay free of torch threads). Net1's
+# probabilities are read with the same rule in torch: heartcascade.inference.upsampling.
 
 
 def upsample_at(coarse: np.ndarray, full_shape: Sequence[int], indices: Sequence[np.ndarray | None]) -> np.ndarray:
@@ -215,7 +216,7 @@ def upsample_at(coarse: np.ndarray, full_shape: Sequence[int], indices: Sequence
     ``indices[a]`` lists full-resolution positions along axis ``a`` (``None`` = all). Separable, so
     reading K slices costs K slices, not the whole volume. Returns float32 (C, len(i0), len(i1), len(i2)).
     """
-    out = coarse  # converted to float32 after the first take: a float16 case is never copied whole
+    out = coarse  # converted to float32 after the first take: a float16 input is never copied whole
     for axis in range(3):
         idx = indices[axis]
         f = int(full_shape[axis])
