@@ -288,7 +288,7 @@ def bench_memory(device: str) -> None:
     configs = [
         ("net1", lambda: mm.check_net1(net1, 1, (32, 48, 48) if small else (128, 160, 160), device)),
         ("net2 step 4", lambda: mm.check_net2(net2, 1, (9, 96, 96) if small else (9, 480, 480), device)),
-        ("cascade step 3", lambda: mm.check_cascade(net1, net2, "probs", 1, (24, 64, 64) if small else (64, 208, 208),
+        ("cascade step 3", lambda: mm.check_cascade(net1, net2, "probabilities", 1, (24, 64, 64) if small else (64, 208, 208),
                                                     (0.5, 0.45, 0.45), device)),
     ]
     for name, fn in configs:

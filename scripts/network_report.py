@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--classes", type=int, default=8, help="classes incl. background (MM-WHS: 8)")
     ap.add_argument("--K", type=int, default=9, help="Net2 slab size (odd)")
-    ap.add_argument("--mode", choices=("probs", "label"), default="probs", help="Net2 input form")
+    ap.add_argument("--mode", choices=("probabilities", "labelmap"), default="probabilities", help="Net2 input form")
     ap.add_argument("--repeats", type=int, default=2, help="timed forwards per entry (median)")
     ap.add_argument("--large", action="store_true", help="also time larger tiles (slow on CPU)")
     args = ap.parse_args(argv)

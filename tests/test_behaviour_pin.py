@@ -40,12 +40,14 @@ PIN_OVERRIDE = {
 BASELINE_OVERRIDE = {"baseline_unet": {"epochs": 1, "iterations_per_epoch": 2}}
 
 PINNED_TORCH = "2.13.0+cpu"
+# Re-recorded for issue #16: Net1 and the baseline train in channels-last-3d on the CPU (different
+# float rounding in oneDNN's convolutions, same maths); the baseline's prediction did not change.
 PINNED: dict[str, str] = {
-    "cascade_weights": "95e99211a18acc15",
-    "cascade_validation": "228f9a9ea18ad8af",
-    "cascade_curve": "036c310eb5d2c2f1",
-    "cascade_prediction": "a6ca579d5e709ce7",
-    "baseline_weights": "ffb87d484ae02017",
+    "cascade_weights": "0f086ef7bdc3d551",
+    "cascade_validation": "0f83543da62b375d",
+    "cascade_curve": "780cee791def5ce7",
+    "cascade_prediction": "883b4172cd9d2f96",
+    "baseline_weights": "70070c02c646e4b0",
     "baseline_prediction": "b322d3d9f2509a2b",
 }
 

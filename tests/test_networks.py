@@ -36,7 +36,7 @@ def tiny_net2(in_channels: int, K: int, **kw) -> Net2:
     return Net2(in_channels, C, K, base_features=4, max_features=16, **kw)
 
 
-def tiny_cascade(K: int = 3, mode: str = "probs") -> Cascade:
+def tiny_cascade(K: int = 3, mode: str = "probabilities") -> Cascade:
     return Cascade(
         tiny_net1(), tiny_net2(net2_input_channels(mode, C, 1), K), input_mode=mode,
         scale_factors=(0.5, 0.25, 0.25),
@@ -141,7 +141,7 @@ def test_net2_is_equivariant_along_z(K: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ Cascade
-@pytest.mark.parametrize("mode", ["probs", "label"])
+@pytest.mark.parametrize("mode", ["probabilities", "labelmap"])
 def test_cascade_shapes(mode: str) -> None:
     torch.manual_seed(0)
     casc = tiny_cascade(K=3, mode=mode)
@@ -158,7 +158,7 @@ def test_cascade_shapes(mode: str) -> None:
 
 def test_cascade_rejects_mismatched_channels() -> None:
     with pytest.raises(HCError):
-        Cascade(tiny_net1(), tiny_net2(2, 3), input_mode="probs")
+        Cascade(tiny_net1(), tiny_net2(2, 3), input_mode="probabilities")
 
 
 def _grads(module: nn.Module) -> list:

@@ -186,8 +186,10 @@ def test_export_install_and_predict_from_zip(tmp_path, hc_roots, monkeypatch):
 def test_unknown_plans_version_is_refused(tmp_path):
     from heartcascade.inference.model_loading import load_fold
 
-    plans = dict(tiny_plans(), plans_version=99)
-    folder = write_model(tmp_path / "m", plans)
+    folder = write_model(tmp_path / "m", tiny_plans())
+    state = torch.load(folder / "fold_0" / "checkpoint_final.pth", weights_only=True)
+    state["plans"]["plans_version"] = 99  # a model from a newer release
+    torch.save(state, folder / "fold_0" / "checkpoint_final.pth")
     with pytest.raises(HCError, match=r"plans_version 99, this heartcascade reads only 1") as info:
         load_fold(folder / "fold_0")
     assert "\n" not in str(info.value)

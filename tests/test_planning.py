@@ -1,6 +1,7 @@
 """Planning: fingerprint statistics, planner rules, plans schema, presets, memory model vs measurement."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from heartcascade.planning.plans import (
     PLANS_VERSION,
     load_plans,
     net1_kwargs,
+    net1_network_kwargs,
     net2_kwargs,
+    net2_network_kwargs,
     preprocessing_hash,
     save_plans,
     training_step,
@@ -113,7 +116,7 @@ def _check_plans(plans: dict, usable_gb: float) -> None:
     div = plans["net2"]["required_divisor"]
     for step in plans["training"]["steps"]:
         assert step["predicted_peak_gb"] <= usable_gb + 1e-6, step
-    for shape in training_step(plans, 3)["subvolume_shapes"]:
+    for shape in training_step(plans, 3).subvolume_shapes:
         assert shape[1] % div == 0 and shape[2] % div == 0 and shape[0] >= plans["net2"]["K"]
     # the whole 95th-percentile field of view fits Net1's patch
     fov = plans["fingerprint_summary"]["fov_mm_p95"]
@@ -128,7 +131,7 @@ def test_plan_ct_geometry(paper):
     assert plans["normalization"][0] == {"channel": 0, "name": "CT", "scheme": "ct_clip", "clip_low": -150.0,
                                          "clip_high": 650.0, "target_range": [-1.0, 1.0]}
     assert [s["losses"] for s in plans["training"]["steps"]] == [["L1_ROI"], ["L1", "L1_ROI"], ["L1", "L2"], ["L2"]]
-    assert training_step(plans, 4)["frozen"] == ["net1"] and training_step(plans, 4)["stack_shape"][0] == 9
+    assert training_step(plans, 4).train == ("net2",) and training_step(plans, 4).stack_shape[0] == 9
     assert all(s["epochs"] == 200 and s["iterations_per_epoch"] == 16 and s["lr"] == 1e-4
                for s in plans["training"]["steps"])
     _check_plans(plans, plans["memory"]["usable_gb"])
@@ -148,7 +151,7 @@ def test_plan_mr_geometry(paper):
     assert plans["net1"]["coarse_spacing"][0] == pytest.approx(7.99)  # thick slices are never resampled
     assert plans["normalization"][0]["scheme"] == "percentile_clip"
     assert plans["augmentation"]["rotation_deg"][1:] == [0.0, 0.0]  # in-plane rotation only
-    assert all(s[0] <= 11 for s in training_step(plans, 3)["subvolume_shapes"])
+    assert all(s[0] <= 11 for s in training_step(plans, 3).subvolume_shapes)
     _check_plans(plans, plans["memory"]["usable_gb"])
 
 
@@ -156,7 +159,8 @@ def test_coarse_spacing_grows_as_memory_shrinks(paper):
     spacings = []
     for gb in (24, 12, 6):
         ctx = planner._Context(MMWHS_CT, paper, CT_INFO, gb)
-        spacing, patch, kwargs, peak = planner.choose_coarse_spacing(ctx)
+        spacing, patch, network, peak = planner.choose_coarse_spacing(ctx)
+        kwargs = net1_network_kwargs(network)
         assert peak <= ctx.usable and all(p % 16 == 0 for p in patch)
         # the whole 95th-percentile field of view fits the patch
         assert all(p * s >= f - 1e-6 for p, s, f in zip(patch, spacing, ctx.fov95))
@@ -255,13 +259,53 @@ def test_step4_stacks_capped_at_the_presets_inplane_mm(paper):
     divisor = b["net2"]["required_divisor"]
     spacing = b["full_resolution"]["spacing"]
     s4a, s4b = a["training"]["steps"][3], b["training"]["steps"][3]
-    assert s4a["stack_shape"][1:] == a["net2"]["inplane_tile"]
+    assert not a["net2"]["tiling"] and s4a["stack_shape"][1:] == a["net2"]["full_slice_shape"]
     assert s4b["stack_shape"][0] == s4a["stack_shape"][0]
     for axis in (1, 2):
         edge = s4b["stack_shape"][axis]
         assert edge % divisor == 0 and edge * spacing[axis] >= 160.0 > (edge - divisor) * spacing[axis]
         assert edge < s4a["stack_shape"][axis]
     assert b["inference"] == a["inference"] and b["net2"] == a["net2"]
+
+
+def test_plan_experiment_assembles_the_rule_functions(paper):
+    """The plans are the rule functions' outputs (issue #15): MS-CMRSeg geometry, paper preset, 12 GB.
+
+    Pinned values were recorded before the planner was split into one function per rule; the networks'
+    keyword arguments come from the plans fields through the plans accessors."""
+    from heartcascade.planning.curriculum import CURRICULUM_STEPS
+    from heartcascade.training.config import training_config
+
+    plans = planner.plan_experiment(MSCMR, paper, MR_INFO, 2, gpu_memory_gb=12)
+    ctx = planner._Context(MSCMR, planner.preset_for_machine(paper, "cuda"), MR_INFO, 12)
+    K = planner.preset_k(ctx.spacing[0], ctx.min_slices, ctx.preset)  # rule 3
+    net1 = planner.plan_net1(ctx)  # rule 4
+    net2 = planner.plan_net2(ctx, net1, K)  # rules 5, 6
+    shapes2 = planner.step2_subvolumes(ctx, net1, net2.subvolumes)
+    shapes3 = planner.step3_subvolumes(ctx, net1, net2)  # rule 7
+    stack = planner.step4_stack(ctx, net2)  # rule 8
+    batches = planner.choose_batch_sizes(ctx, net1, net2, shapes2, shapes3, stack)  # rule 9
+    z_chunk, _ = planner.choose_z_chunk(ctx, net1, net2)  # rule 10
+    assert (K, net1.coarse_spacing, net1.patch_shape, net1.network["base_features"]) == (3, [7.99, 1.25, 1.25],
+                                                                                        [32, 240, 240], 16)
+    assert (net2.network["base_features"], net2.tile, net2.full_slice) == (32, [240, 240], [240, 240])
+    assert shapes2 == shapes3 == [[5, 32, 32], [9, 56, 56], [11, 112, 112]]
+    assert stack == [3, 240, 240] and [batches[s][0] for s in (1, 2, 3, 4)] == [2, 2, 2, 4] and z_chunk == 64
+    assert net1_kwargs(plans) == net1_network_kwargs(net1.network)
+    assert net2_kwargs(plans) == net2_network_kwargs(net2.network)
+    assert [list(s) for s in training_step(plans, 2).subvolume_shapes] == shapes2
+    assert [list(s) for s in training_step(plans, 3).subvolume_shapes] == shapes3
+    assert list(training_step(plans, 4).stack_shape) == stack
+    assert [s["batch_size"] for s in plans["training"]["steps"]] == [batches[s][0] for s in (1, 2, 3, 4)]
+    assert plans["inference"]["z_chunk"] == z_chunk
+    assert plans["baseline_unet"] == planner.plan_baseline(ctx)  # rule 11
+    assert plans["baseline_unet"]["patch_shape"] == [32, 160, 160]
+    # one curriculum table: the planner's steps and training's step kinds
+    cfg = training_config(plans, "cascade")
+    for row, entry in zip(CURRICULUM_STEPS, plans["training"]["steps"]):
+        assert (entry["step"], entry["name"], entry["train"], entry["losses"], entry["input"]) == \
+            (row.step, row.name, list(row.train), list(row.losses), row.input)
+        assert cfg.steps[str(row.step)].kind == row.kind
 
 
 def test_presets_folder_and_override(tmp_path, monkeypatch):
@@ -287,7 +331,7 @@ def test_memory_model_matches_measured_cpu():
             "max_features": 64}
     results = [
         mm.check_net1(net1, 1, (16, 32, 32)),
-        mm.check_cascade(net1, net2, "probs", 1, (10, 48, 48), (0.5, 0.5, 0.5)),  # Net1 + Net2 end to end
+        mm.check_cascade(net1, net2, "probabilities", 1, (10, 48, 48), (0.5, 0.5, 0.5)),  # Net1 + Net2 end to end
     ]
     for r in results:
         assert 0.75 <= r["ratio"] <= 1.25, results
@@ -312,7 +356,7 @@ def test_default_preset_is_the_planners_default_and_differs_by_machine():
     assert [s["iterations_per_epoch"] for s in cuda["training"]["steps"]] == [50] * 4
     # step 4 on heart-sized windows on the CPU (160 mm at 1.25 mm = 128), whole slices on the GPU
     assert cpu["training"]["steps"][3]["stack_shape"][1:] == [128, 128]
-    assert cuda["training"]["steps"][3]["stack_shape"][1:] == cuda["net2"]["inplane_tile"]
+    assert not cuda["net2"]["tiling"] and cuda["training"]["steps"][3]["stack_shape"][1:] == cuda["net2"]["full_slice_shape"]
     for plans in (cpu, cuda):  # the recipe shared by both machines
         tr = plans["training"]
         assert tr["lr_schedule"] == "poly" and tr["keep_best_per_step"] and tr["warmup_iterations"] == 20
@@ -346,3 +390,137 @@ def test_training_config_reads_budget_schedule_and_keep_best():
     plans["training"]["steps"][0]["time_fraction"] = 1.5
     with pytest.raises(HCError, match="time_fraction"):
         training_config(plans, "cascade")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The plans are the one, complete, validated configuration (schema version 2)
+# ---------------------------------------------------------------------------------------------------
+
+V1_PLANS = Path(__file__).parent / "data" / "plans_v1_demo_mr.json"  # written by plans_version 1 (demo, MSCMR, cpu)
+
+
+def _fresh_demo() -> dict:
+    return planner.plan_experiment(MSCMR, presets.load_preset("demo"), MR_INFO, 2, machine="cpu")
+
+
+def test_fresh_plans_parse_complete_and_without_dead_fields():
+    from heartcascade.inference.settings import InferenceSettings
+    from heartcascade.planning.augmentation_plan import AugmentationParams
+    from heartcascade.planning.plans import parse_plans
+    from heartcascade.training.config import training_config
+
+    plans = _fresh_demo()
+    p = parse_plans(plans, "plans.json")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.training.grad_clip = 1.0  # type: ignore[misc]
+    # the values that take effect are written, not left to defaults
+    tr = plans["training"]
+    for key in ("grad_clip", "ema_momentum", "warmup_iterations", "budget_probe_iterations", "val_max_cases",
+                "checkpoint_interval_iterations", "num_workers", "seed", "weight_decay"):
+        assert key in tr, key
+    assert plans["amp"] == "bf16" and "roi_margin_mm" in plans["inference"]
+    assert set(plans["augmentation"]) == {f.name for f in dataclasses.fields(AugmentationParams)}
+    # ... and nothing that has no effect
+    for section, dead in (("training", ("precision", "optimizer", "lr", "amp")),
+                          ("sampling", ("scheme", "subvolume_shape_choice")), ("net2", ("inplane_tile",)),
+                          ("inference", ("inplane_tile",)), ("baseline_unet", ("kernel_size", "optimizer"))):
+        assert not set(dead) & set(plans[section]), section
+    assert all("frozen" not in s for s in tr["steps"])
+    # every written field is a field of the typed sections (parse refuses others), and every typed field is
+    # written: nothing falls back on a default (loss_weights is the one optional, unwritten field)
+    typed = {"net1": p.net1, "net2": p.net2, "sampling": p.sampling, "inference": p.inference,
+             "baseline_unet": p.baseline_unet, "dataset": p.dataset, "machine": p.machine, "memory": p.memory}
+    for name, obj in typed.items():
+        assert set(plans[name]) == {f.name for f in dataclasses.fields(obj)}, name
+    assert set(tr) == {f.name for f in dataclasses.fields(p.training)}
+    for entry, st in zip(tr["steps"], p.training.steps):
+        assert set(entry) | {"loss_weights"} >= {f.name for f in dataclasses.fields(st)} - {
+            "patch_shape", "subvolume_shapes", "coarse_patch_shapes", "stack_shape"}
+    # the consumers build from it
+    cfg = training_config(p, "cascade")
+    assert cfg.amp == p.amp and cfg.grad_clip == 12.0 and cfg.ema_momentum == 0.9
+    settings = InferenceSettings.from_plans(p)
+    assert settings.amp == "bf16" and settings.input_mode == "probabilities"
+
+
+@pytest.mark.parametrize("where", ["", "net1", "net2", "training", "training.steps.1", "augmentation", "sampling",
+                                   "inference", "baseline_unet", "memory", "dataset", "normalization.0",
+                                   "cropping", "full_resolution", "fingerprint_summary", "machine"])
+def test_unknown_keys_are_refused_in_every_section(tmp_path, where):
+    from heartcascade.planning.plans import parse_plans
+
+    plans = _fresh_demo()
+    target = plans
+    for part in filter(None, where.split(".")):
+        target = target[int(part) if part.isdigit() else part]
+    target["foo"] = 1
+    path = tmp_path / "plans.json"
+    path.write_text(json.dumps(plans))
+    with pytest.raises(HCError) as info:
+        load_plans(path)
+    label = {"": "plans have", "training.steps.1": "training.steps[2] has",
+             "normalization.0": "normalization[0] has"}.get(where, f"{where} has")
+    assert str(info.value).startswith(f"{path}: {label} unknown key 'foo'"), str(info.value)
+    assert "\n" not in str(info.value)
+    with pytest.raises(HCError, match="unknown key 'foo'"):
+        parse_plans(plans, "x")
+
+
+def test_wrong_values_are_one_line_errors_naming_the_field():
+    from heartcascade.planning.plans import parse_plans
+
+    for edit, message in ((lambda p: p["training"].update(grad_clip="big"), "training.grad_clip must be a number"),
+                          (lambda p: p.update(amp="fp8"), "plans.amp must be one of"),
+                          (lambda p: p["training"]["steps"][2].pop("lr"), r"training.steps\[3\] lacks field 'lr'"),
+                          (lambda p: p["net2"].update(input_mode="probs"), "net2.input_mode must be one of"),
+                          (lambda p: p["inference"].update(z_chunk=0), "inference.z_chunk must be >= 1")):
+        plans = _fresh_demo()
+        edit(plans)
+        with pytest.raises(HCError, match=message):
+            parse_plans(plans, "plans.json")
+
+
+def test_version_1_plans_are_upgraded_to_what_the_planner_writes_now(tmp_path):
+    from heartcascade.planning.plans import parse_plans, upgrade_plans
+    from heartcascade.training.config import training_config
+
+    v1 = json.loads(V1_PLANS.read_text())
+    assert v1["plans_version"] == 1 and v1["training"]["precision"] == "fp32" and "amp" not in v1
+    up = upgrade_plans(v1, str(V1_PLANS))
+    assert up["plans_version"] == PLANS_VERSION and v1["plans_version"] == 1  # the input is not modified
+    fresh = _fresh_demo()
+    for key in set(fresh) | set(up):  # same dataset, preset and machine: the same plans (bar the CPU count)
+        if key != "machine":
+            assert up[key] == fresh[key], key
+    parse_plans(up, "upgraded")
+    assert upgrade_plans(up) is up  # current plans are left alone
+    # hidden v1 defaults become explicit values, the same ones the v1 readers used
+    legacy = json.loads(V1_PLANS.read_text())
+    legacy["training"].update(amp="fp16", validation_interval_epochs=None)
+    legacy["inference"].pop("roi_rule")
+    up = upgrade_plans(legacy)
+    assert up["amp"] == "fp16" and up["training"]["validation_interval_epochs"] == 1
+    assert up["inference"]["roi_rule"] == "heart_components" and up["training"]["grad_clip"] == 12.0
+    assert training_config(up, "cascade").amp == "fp16"
+    # a file and a checkpoint-like dict read the same way; an unknown key is still refused after the upgrade
+    (tmp_path / "plans.json").write_text(V1_PLANS.read_text())
+    assert load_plans(tmp_path)["plans_version"] == PLANS_VERSION
+    bad = json.loads(V1_PLANS.read_text())
+    bad["inference"]["foo"] = 1
+    (tmp_path / "plans.json").write_text(json.dumps(bad))
+    with pytest.raises(HCError, match=r"plans.json: inference has unknown key 'foo'"):
+        load_plans(tmp_path)
+
+
+def test_plans_override_keys_are_checked():
+    from heartcascade.training.config import parse_override
+
+    assert parse_override('{"training": {"steps": {"2": {"epochs": 1}}}, "amp": "none"}') == {
+        "training": {"steps": [{"epochs": 1, "step": 2}]}, "amp": "none"}
+    for text, message in (('{"training": {"foo": 1}}', "--plans-override: training has unknown key 'foo'"),
+                          ('{"training": {"steps": {"3": {"bogus": 2}}}}', r"training.steps\[3\] has unknown key 'bogus'"),
+                          ('{"net2": {"inplane_tile": [64, 64]}}', "net2 has unknown key 'inplane_tile'"),
+                          ('{"augmentation": {"p_twist": 1}}', "augmentation has unknown key 'p_twist'"),
+                          ('{"fooo": 1}', "plans have unknown key 'fooo'")):
+        with pytest.raises(HCError, match=message):
+            parse_override(text)

@@ -6,6 +6,7 @@ The dataset (tests/_training_fixture.py) is planned and preprocessed with the re
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -173,6 +174,36 @@ def test_kill_and_continue_matches_uninterrupted_run(tiny):
     assert "resuming from" in (out_b / "training_log.txt").read_text()
 
 
+def test_cpu_training_settings(tiny):
+    """Issue #16: Net1 and the baseline train channels-last on the CPU (checkpoints stay contiguous), and
+    the intra-op threads follow training.num_threads / the CPUs the loader workers leave free, restored
+    when the run ends."""
+    from heartcascade.training.config import training_config
+    from heartcascade.training.session import training_threads
+
+    cpus = os.cpu_count() or 1
+    before = torch.get_num_threads()
+    assert training_threads(None, 0, load=cpus + 5.0) == before  # never more than torch already uses
+    assert training_threads(None, cpus + 3, load=cpus + 5.0) == 1  # busy machine: what the workers leave
+    assert training_threads(None, cpus + 3, load=0.0) == before  # idle machine: every thread
+    assert training_threads(1, 0) == 1
+    assert training_threads(cpus + 5, 0) == cpus
+    trainer = _trainer(steps=[1], plans_override={"training": {"num_threads": 1}})
+    trainer.setup()
+    assert torch.get_num_threads() == 1
+    w = [p for p in trainer.networks["net1"].parameters() if p.dim() == 5 and p.shape[1] > 1][0]
+    assert w.is_contiguous(memory_format=torch.channels_last_3d) and not w.is_contiguous()
+    assert all(p.is_contiguous() for p in trainer.networks["net2"].parameters())
+    from heartcascade.model.checkpoint import state_dict_cpu
+    assert all(t.is_contiguous() for t in state_dict_cpu(trainer.networks["net1"]).values())
+    torch.set_num_threads(before)
+    plans = json.loads((tiny["pre"] / "plans.json").read_text())
+    for bad in (0, -1, 1.5, "2", True):
+        plans["training"]["num_threads"] = bad
+        with pytest.raises(HCError, match="num_threads"):
+            training_config(plans, "cascade")
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     from heartcascade.training import checkpoint as ck
 
@@ -233,6 +264,9 @@ def test_cli_steps_subset_and_errors(tiny, capsys):
     assert "run: hc_plan_and_preprocess -d 902" in error_of(["902", "0", "--device", "cpu"])
     bad = json.dumps({"net1": {"coarse_spacing": [2.0, 2.0, 2.0]}})
     assert "hc_plan_and_preprocess" in error_of([str(DATASET_ID), "0", "--device", "cpu", "--plans-override", bad])
+    unknown = json.dumps({"training": {"steps": {"2": {"epochs": 1, "epoch": 2}}}})
+    assert "training.steps[2] has unknown key 'epoch'" in error_of([str(DATASET_ID), "0", "--device", "cpu",
+                                                                   "--plans-override", unknown])
     if not torch.cuda.is_available():
         assert "no CUDA GPU is available" in error_of([str(DATASET_ID), "0", "--device", "cuda"])
 

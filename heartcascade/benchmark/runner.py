@@ -60,7 +60,7 @@ class Options:
     roi: str | None = None             # reference | net1 | both (default: reference; both with --quick)
     train_iterations: int | None = None
     train_warmup: int = 1
-    amp: str | None = None             # bf16 | fp16 | none overrides the plans' training.amp (None: the plans')
+    amp: str | None = None             # bf16 | fp16 | none overrides the plans' amp (None: the plans')
     compile: bool = False              # torch.compile the trained networks, as hc_train --compile
     train_steps: list[str] | None = None
     loader_batches: int | None = None

@@ -192,7 +192,7 @@ def section_memory(p: dict[str, Any], emit: Emit) -> None:
     multi-minute training step.
     """
     from heartcascade.planning import memory_model as mm
-    from heartcascade.planning.plans import cascade_kwargs, net1_kwargs, net2_kwargs, training_step
+    from heartcascade.planning.plans import cascade_kwargs, net1_kwargs, net2_kwargs
     from heartcascade.preprocessing import storage
 
     case = _case(p)
@@ -204,9 +204,9 @@ def section_memory(p: dict[str, Any], emit: Emit) -> None:
     mode = cascade_kwargs(plans)["input_mode"]
     props = storage.load_properties(storage.data_dir(_pre_dir(case)), case.case_id)
     factors = [float(f) for f in props["coarse_scale_factors"]]
-    K, d2 = int(n2["K"]), int(plans["net2"].get("required_divisor", 2 ** int(n2["num_levels"])))
+    K, d2 = int(n2["K"]), int(plans["net2"]["required_divisor"])
     limit = float("inf") if backend == "cuda" else float(p["memory_check_max_gb"])
-    s1, s2, s3, s4 = (training_step(plans, i) for i in (1, 2, 3, 4))
+    s1, s2, s3, s4 = plans["training"]["steps"]  # the plans' own step entries (steps 1..4, validated)
     largest = lambda shapes: max((list(s) for s in shapes), key=lambda s: int(np.prod(s)))  # noqa: E731
     checks = [
         ("step1 net1 whole coarse volume", "net1", int(s1["batch_size"]), list(s1["patch_shape"]), s1),
@@ -264,7 +264,7 @@ def section_training(p: dict[str, Any], emit: Emit) -> None:
     n_batches, loader_warmup = int(p["loader_batches"]), int(p["loader_warmup"])
     compiled = bool(p.get("compile"))
     # --amp overrides the plans' setting through the trainer's own override, so the iteration is unchanged
-    override = {"training": {"amp": p["amp"]}} if p.get("amp") else None
+    override = {"amp": p["amp"]} if p.get("amp") else None
     try:
         trainer = Trainer(case.dataset_id, p.get("fold", "0"), configuration="cascade", device=p["device"],
                           progress=False, num_workers=p.get("workers"), predict_validation=False,

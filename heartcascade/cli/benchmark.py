@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timed training iterations per step after the warm-up (default 2; 1 with --quick)")
     p.add_argument("--train-warmup", type=non_negative_int, default=1, help="untimed warm-up iterations (default 1)")
     p.add_argument("--amp", choices=("plans", "bf16", "fp16", "none"), default="plans",
-                   help="mixed precision of the timed training iterations on CUDA (the plans' training.amp is "
+                   help="mixed precision of the timed training iterations on CUDA (the plans' amp is "
                         "overridden for the benchmark's trainer only; CPU iterations run in float32 whatever "
                         "this says; default: the plans' own setting)")
     p.add_argument("--compile", action="store_true",

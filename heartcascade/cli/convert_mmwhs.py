@@ -31,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> None:
-        from heartcascade.dataset.importers import convert_mmwhs
+        from heartcascade.dataset.importers import convert_mmwhs  # deferred: SimpleITK, keeps --help instant
 
         folder = convert_mmwhs(args.input, args.dataset, args.modality, args.unknown_to_background, args.overwrite,
                                args.name)

@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        from heartcascade.workflows.demo import DemoSettings, run_demo
+        from heartcascade.workflows.demo import DemoSettings, run_demo  # deferred: torch, keeps --help instant
 
         run_demo(DemoSettings(output=args.output, num_training=args.num_training, num_test=args.num_test,
                               seed=args.seed, modality=args.modality, num_processes=args.num_processes,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from heartcascade.cli.common import QUIET, HCArgumentParser, add_verbosity_arguments, dataset_id, run_cli, verbosity
+from heartcascade.paths import raw_dataset_dir
 from heartcascade.utils.errors import HCError
 
 
@@ -37,10 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from heartcascade.evaluation.postprocessing import determine_postprocessing, postprocessing_path
-    from heartcascade.inference.model_loading import model_dir_for, resolve_fold_dirs
-    from heartcascade.paths import raw_dataset_dir
-    from heartcascade.training.final_validation import VALIDATION_FOLDER
+    from heartcascade.evaluation.postprocessing import (  # deferred: scipy, keeps --help instant
+        determine_postprocessing, postprocessing_path)
+    from heartcascade.inference.model_loading import model_dir_for, resolve_fold_dirs  # deferred: torch, keeps --help instant
+    from heartcascade.training.final_validation import VALIDATION_FOLDER  # deferred: torch, keeps --help instant
 
     model_dir = model_dir_for(args.dataset, args.configuration)
     raw = raw_dataset_dir(args.dataset)

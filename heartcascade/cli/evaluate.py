@@ -6,6 +6,7 @@ import sys
 from typing import Sequence
 
 from heartcascade.cli.common import QUIET, HCArgumentParser, add_verbosity_arguments, verbosity
+from heartcascade.paths import raw_dataset_dir
 from heartcascade.utils.errors import HCError
 
 
@@ -64,13 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from heartcascade.evaluation.evaluate import evaluate_folders, labels_from_dataset, markdown_table
+        from heartcascade.evaluation.evaluate import (  # deferred: scipy, keeps --help instant
+            evaluate_folders, labels_from_dataset, markdown_table)
 
         if args.num_processes < 1:
             raise HCError(f"-np must be at least 1, got {args.num_processes}")
         if args.dataset is not None:
-            from heartcascade.paths import raw_dataset_dir
-
             labels, codes = labels_from_dataset(raw_dataset_dir(args.dataset))
         else:
             labels, codes = parse_labels(args.labels)

@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        from heartcascade.inference.model_archive import export_model
+        from heartcascade.inference.model_archive import export_model  # deferred: torch, keeps --help instant
 
         path = export_model(args.dataset, args.configuration, args.output, args.folds, args.checkpoint)
         print(f"hc_export_model: wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")

@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> None:
-        from heartcascade.dataset.importers import import_dataset
+        from heartcascade.dataset.importers import import_dataset  # deferred: SimpleITK, keeps --help instant
 
         folder = import_dataset(args.input, args.dataset, args.images, args.labels, args.codes, args.modality,
                                 args.name, args.overwrite, args.unknown_to_background)

@@ -23,7 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        from heartcascade.inference.model_archive import install_model, read_manifest
+        from heartcascade.inference.model_archive import install_model, read_manifest  # deferred: torch, keeps --help instant
 
         target = install_model(args.archive, overwrite=args.overwrite)
         manifest = read_manifest(args.archive)

@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> None:
-        from heartcascade.dataset.synthetic import make_synthetic_dataset
+        from heartcascade.dataset.synthetic import make_synthetic_dataset  # deferred: scipy, keeps --help instant
 
         folder = make_synthetic_dataset(args.dataset, args.num_training, args.modality, args.seed, args.size,
                                         args.n_test, args.name, args.from_labels, args.overwrite,

@@ -3,21 +3,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from heartcascade.cli.common import HCArgumentParser, add_verbosity_arguments, run_cli
+from heartcascade.utils.errors import HCError
 
 
 def _label_names(spec: str | None) -> dict[int, str] | None:
     """``--labels`` as a dataset.json path or '1:LV,2:RV'."""
     if spec is None:
         return None
-    from pathlib import Path
-
-    from heartcascade.utils.errors import HCError
-
     if spec.endswith(".json") or Path(spec).is_dir():
-        from heartcascade.dataset.dataset_json import load_dataset
+        from heartcascade.dataset.dataset_json import load_dataset  # deferred: SimpleITK, keeps --help instant
 
         info = load_dataset(Path(spec).parent if spec.endswith(".json") else Path(spec))
         codes = info.label_codes or {}
@@ -54,9 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        from pathlib import Path
-
-        from heartcascade.evaluation.overlay import write_case_overlay
+        from heartcascade.evaluation.overlay import write_case_overlay  # deferred: SimpleITK, keeps --help instant
 
         title = args.title if args.title is not None else Path(args.segmentation).name
         path = write_case_overlay(args.image, args.segmentation, args.output, args.reference,

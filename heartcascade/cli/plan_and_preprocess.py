@@ -5,11 +5,11 @@ import argparse
 import sys
 from typing import Sequence
 
-
+from heartcascade.cli.common import QUIET, HCArgumentParser, add_verbosity_arguments, run_cli, verbosity
 from heartcascade.cli.common import dataset_id as _dataset_id_type
 from heartcascade.cli.common import positive_int as _positive_int
+from heartcascade.paths import raw_dataset_dir
 from heartcascade.planning.presets import DEFAULT_PRESET, available_presets
-from heartcascade.cli.common import QUIET, HCArgumentParser, add_verbosity_arguments, run_cli, verbosity
 
 
 def _positive_float(value: str) -> float:
@@ -55,11 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress = verbosity(args) > QUIET and not args.no_progress
 
     def body() -> int:
-        from heartcascade.workflows.plan_and_preprocess import plan_and_preprocess
+        from heartcascade.workflows.plan_and_preprocess import plan_and_preprocess  # deferred: torch, keeps --help instant
 
         if args.verify:
-            from heartcascade.dataset.verify import verify_dataset
-            from heartcascade.paths import raw_dataset_dir
+            from heartcascade.dataset.verify import verify_dataset  # deferred: SimpleITK, keeps --help instant
 
             report = verify_dataset(raw_dataset_dir(args.dataset), progress=progress)
             if not report.ok:

@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from heartcascade.cli.common import QUIET, VERBOSE, HCArgumentParser, add_verbosity_arguments, verbosity
+from heartcascade.cli.common import QUIET, VERBOSE, HCArgumentParser, add_verbosity_arguments, run_cli, verbosity
+from heartcascade.utils.atomic import ensure_writable_dir
 from heartcascade.utils.errors import HCError
 
 
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, roi_rule: Any = None) -> int:
     """``roi_rule``: an ROI rule instead of the plans' (the benchmark's reference box)."""
     if args.model_dir is not None and str(args.model_dir).endswith(".zip") and Path(args.model_dir).is_file():
-        from heartcascade.inference.model_archive import extracted_model
+        from heartcascade.inference.model_archive import extracted_model  # deferred: torch, keeps --help instant
 
         with extracted_model(args.model_dir) as (folder, manifest):
             return _predict(args, folder, args.checkpoint or manifest["checkpoint"], roi_rule)
@@ -76,8 +77,7 @@ def run(args: argparse.Namespace, roi_rule: Any = None) -> int:
 
 
 def _predict(args: argparse.Namespace, model_dir: Path | None, checkpoint: str, roi_rule: Any = None) -> int:
-    from heartcascade.inference.predictor import Predictor, tune_host_allocator
-    from heartcascade.utils.atomic import ensure_writable_dir
+    from heartcascade.inference.predictor import Predictor, tune_host_allocator  # deferred: torch, keeps --help instant
 
     tune_host_allocator()
     if args.num_parts < 1 or not 0 <= args.part_id < args.num_parts:
@@ -116,8 +116,8 @@ def _predict(args: argparse.Namespace, model_dir: Path | None, checkpoint: str, 
 def _after_prediction(args: argparse.Namespace, predictor, report) -> None:
     """nnU-Net probability files and overlay pictures of the cases just written (a case failing here is
     reported like a failed prediction)."""
-    from heartcascade.inference.cases import discover_cases
-    from heartcascade.inference.predictor import probabilities_path
+    from heartcascade.inference.cases import discover_cases  # deferred: SimpleITK, keeps --help instant
+    from heartcascade.inference.predictor import probabilities_path  # deferred: torch, keeps --help instant
 
     inputs = {c.case_id: c for c in discover_cases(args.input, predictor.num_channels)}
     codes = predictor.label_codes or {}
@@ -126,11 +126,12 @@ def _after_prediction(args: argparse.Namespace, predictor, report) -> None:
         out = report.outputs[case_id]
         try:
             if args.nnunet_probabilities:
-                from heartcascade.inference.nnunet_interop import write_nnunet_probabilities
+                from heartcascade.inference.nnunet_interop import (  # deferred: torch, keeps --help instant
+                    write_nnunet_probabilities)
 
                 write_nnunet_probabilities(probabilities_path(out), inputs[case_id].files[0])
             if args.overlays:
-                from heartcascade.evaluation.overlay import write_case_overlay
+                from heartcascade.evaluation.overlay import write_case_overlay  # deferred: SimpleITK, keeps --help instant
 
                 write_case_overlay(inputs[case_id].files[0], out, Path(args.output) / "overlays" / f"{case_id}.png",
                                    label_names=names, title=case_id)
@@ -141,8 +142,6 @@ def _after_prediction(args: argparse.Namespace, predictor, report) -> None:
 
 def main(argv: Sequence[str] | None = None, roi_rule: Any = None) -> int:
     args = build_parser().parse_args(argv)
-    from heartcascade.cli.common import run_cli
-
     return run_cli(lambda: run(args, roi_rule))
 
 

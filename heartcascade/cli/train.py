@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from heartcascade.training.trainer import Trainer
+        from heartcascade.training.trainer import Trainer  # deferred: torch, keeps --help instant
 
         if args.num_workers is not None and args.num_workers < 0:
             raise HCError(f"--num-workers must be >= 0, got {args.num_workers}")

@@ -5,6 +5,7 @@ import argparse
 from typing import Sequence
 
 from heartcascade.cli.common import QUIET, HCArgumentParser, add_verbosity_arguments, dataset_id, run_cli, verbosity
+from heartcascade.paths import raw_dataset_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,8 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        from heartcascade.dataset.verify import verify_dataset
-        from heartcascade.paths import raw_dataset_dir
+        from heartcascade.dataset.verify import verify_dataset  # deferred: SimpleITK, keeps --help instant
 
         report = verify_dataset(raw_dataset_dir(args.dataset),
                                 progress=verbosity(args) > QUIET and not args.no_progress)

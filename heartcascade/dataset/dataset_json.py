@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from heartcascade.dataset.image_io import IMAGE_ENDINGS
 from heartcascade.utils.atomic import atomic_write_json
 from heartcascade.utils.errors import HCError
 from heartcascade.utils.jsonio import load_json
@@ -86,8 +87,6 @@ class DatasetInfo:
     def unpaired_training_files(self) -> list[str]:
         """Problems that would make a training case vanish silently: an image named without its 4-digit
         channel index (``CASE.nii.gz`` instead of ``CASE_0000.nii.gz``) or a label without images."""
-        from heartcascade.dataset.image_io import IMAGE_ENDINGS
-
         images, labels, ending = self.folder / "imagesTr", self.folder / "labelsTr", self.file_ending
         problems = []
         ids = set()

@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from heartcascade.dataset import nifti_header
 from heartcascade.utils.atomic import atomic_path
 from heartcascade.utils.errors import HCError
 
@@ -169,8 +170,6 @@ def check_nifti_payload(path: Path) -> bool:
 
     Returns True when the file was a NIfTI this scan understood (its values are then known finite).
     """
-    from heartcascade.dataset import nifti_header
-
     try:
         facts = nifti_header.scan(path)
     except OSError as exc:
@@ -254,8 +253,6 @@ def write_array(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, 
     writer re-derives the quaternion and can move an oblique direction by ~1e-8, while a copied header
     reads back bit for bit.
     """
-    from heartcascade.dataset import nifti_header
-
     if reference is not None and nifti_header.can_copy_header(reference, path, geometry):
         with atomic_path(path) as tmp:
             nifti_header.write_with_header(np.ascontiguousarray(array), reference, tmp, compress)

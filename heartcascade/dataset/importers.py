@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from heartcascade.dataset.dataset_json import MMWHS_CODES, MMWHS_LABELS
 from heartcascade.dataset.image_io import Geometry, image_array, label_array, read_image, write_array, write_image
-from heartcascade.dataset.writer import DatasetWriter
+from heartcascade.dataset.writer import DatasetWriter, copy_nifti
 from heartcascade.utils.atomic import atomic_path
 from heartcascade.utils.errors import HCError
 from heartcascade.utils.progress import progress_bar
@@ -155,8 +155,6 @@ def check_image(path: Path) -> sitk.Image:
 
 def write_image_exact(source: Path, image: sitk.Image, dest: Path) -> None:
     """NIfTI sources are copied byte for byte (exact geometry); others go through SimpleITK."""
-    from heartcascade.dataset.writer import copy_nifti
-
     if is_nifti(source) and source.is_file():
         copy_nifti(source, dest)
     else:

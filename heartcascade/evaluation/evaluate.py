@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+import SimpleITK as sitk
 from scipy import ndimage as ndi
 
 from heartcascade.dataset.dataset_json import load_dataset
@@ -217,8 +218,6 @@ def _case_job(args: tuple) -> tuple[str, dict[str, Any]]:
 
 def _init_worker(threads: int) -> None:
     """Share the cores between worker processes instead of each SimpleITK filter taking all of them."""
-    import SimpleITK as sitk
-
     sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(max(1, threads))
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import SimpleITK as sitk
 
 from heartcascade.dataset.image_io import read_image
 from heartcascade.utils.atomic import atomic_write_bytes
@@ -37,6 +38,17 @@ def _colourise(image: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np
     return rgb
 
 
+def _pyplot():
+    """``(matplotlib.pyplot, Patch)`` with the file-only Agg backend, chosen before pyplot is first loaded."""
+    import matplotlib  # deferred: matplotlib (~1.4 s), loaded only when a picture is drawn
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # deferred: matplotlib, after matplotlib.use("Agg")
+    from matplotlib.patches import Patch  # deferred: matplotlib, after matplotlib.use("Agg")
+
+    return plt, Patch
+
+
 def choose_slices(reference: np.ndarray, count: int = 4) -> list[int]:
     """Evenly spaced slices (axis 0) through the labelled region."""
     occupied = np.flatnonzero(reference.reshape(reference.shape[0], -1).any(axis=1))
@@ -49,12 +61,7 @@ def choose_slices(reference: np.ndarray, count: int = 4) -> list[int]:
 def save_overlay(path: str | os.PathLike, image: np.ndarray, reference: np.ndarray, prediction: np.ndarray,
                  label_names: dict[int, str] | None = None, title: str = "", count: int = 4) -> list[int]:
     """Write the overlay PNG atomically; arrays are (slices, rows, cols). Returns the slice indices shown."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-
+    plt, Patch = _pyplot()
     slices = choose_slices(reference, count)
     fig, axes = plt.subplots(len(slices), 2, figsize=(7, 3.3 * len(slices)), squeeze=False)
     for row, k in enumerate(slices):
@@ -87,8 +94,6 @@ VIEWS = ("axial", "coronal", "sagittal")
 def _lps_array(image, label: bool = False) -> tuple[np.ndarray, tuple[float, float, float]]:
     """(array (k, j, i), spacing (k, j, i)) of an image reoriented so that i→patient left, j→posterior,
     k→superior (nearest axis-aligned orientation for oblique scans)."""
-    import SimpleITK as sitk
-
     oriented = sitk.DICOMOrient(image, "LPS")
     array = sitk.GetArrayFromImage(oriented)
     if not label:
@@ -122,13 +127,7 @@ def write_case_overlay(image_path: str | os.PathLike, segmentation_path: str | o
                        label_names: dict[int, str] | None = None, title: str = "", dpi: int = 90) -> Path:
     """Axial, coronal and sagittal views through the heart of ``segmentation`` (and ``reference``, a
     second row) over the image, with a colour legend; written atomically as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-
-
+    plt, Patch = _pyplot()
     image_sitk = read_image(image_path)
     image, spacing = _lps_array(image_sitk)
     rows: list[tuple[str, np.ndarray]] = []

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from scipy import ndimage
 
 from heartcascade.dataset.image_io import label_array, read_image
 from heartcascade.evaluation.evaluate import _check_labels, check_geometry, find_cases, labels_from_dataset, \
@@ -43,8 +44,6 @@ def _variant_dice(ref: np.ndarray, pred: np.ndarray, labels: Sequence[int], conn
     """(2, 2, L) Dice: [raw | largest foreground component] x [as is | largest component of the label]."""
     union = (ref != 0) | (pred != 0)
     if union.any():
-        from scipy import ndimage
-
         box = ndimage.find_objects(union.astype(np.uint8))[0]
         ref, pred = ref[box], pred[box]
     out = np.zeros((2, 2, len(labels)))

@@ -16,7 +16,7 @@ import torch
 from heartcascade.model import from_plans
 from heartcascade.model.checkpoint import load_checkpoint
 from heartcascade.paths import results_dataset_dir
-from heartcascade.planning.plans import PLANS_VERSION
+from heartcascade.planning.plans import check_plans_version, read_plans
 from heartcascade.utils.errors import HCError
 from heartcascade.utils.jsonio import load_json
 
@@ -113,14 +113,6 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-def check_plans_version(plans: Any, source: str | Path) -> None:
-    """Refuse a model whose plans this version of heartcascade cannot read (e.g. from a newer release)."""
-    version = plans.get("plans_version") if isinstance(plans, dict) else None
-    if version != PLANS_VERSION:
-        raise HCError(f"{source}: model has plans_version {version!r}, this heartcascade reads only "
-                      f"{PLANS_VERSION}; install the heartcascade release the model was trained with")
-
-
 def build_networks(configuration: str, plans: dict[str, Any]) -> dict[str, torch.nn.Module]:
     """Fresh networks of a configuration, built from the plans (see model.from_plans)."""
     if configuration not in CONFIGURATIONS:
@@ -137,8 +129,8 @@ def load_fold(fold_dir: str | Path, checkpoint: str = "final", name: str | None 
     config = state["configuration"]
     if configuration is not None and config != configuration:
         raise HCError(f"{path}: checkpoint is a '{config}' model, not '{configuration}'")
-    plans = state["plans"]
-    check_plans_version(plans, path)
+    check_plans_version(state["plans"], path)
+    plans = read_plans(state["plans"], str(path))  # older plans upgraded: the model predicts as before
     networks = build_networks(config, plans)
     stored = state["networks"]
     for key, net in networks.items():

@@ -26,12 +26,13 @@ InputFn = Callable[[int, torch.Tensor], torch.Tensor]
 NET2_TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (4,), (3,), (3, 4))
 
 
-def mirrored_softmax(net: torch.nn.Module, x: torch.Tensor, flips: Sequence[tuple[int, ...]]) -> torch.Tensor:
-    """Sum over ``flips`` of ``softmax(net(flip(x)))`` flipped back (float32)."""
+def mirrored_softmax(net: torch.nn.Module, x: torch.Tensor, flips: Sequence[tuple[int, ...]],
+                     amp: str = "bf16") -> torch.Tensor:
+    """Sum over ``flips`` of ``softmax(net(flip(x)))`` flipped back (float32); ``amp``: the plans' autocast."""
     total = None
     for dims in flips:
         xin = torch.flip(x, dims) if dims else x
-        with autocast(x.device):
+        with autocast(x.device, amp):
             logits = net(xin)
         probs = torch.softmax(logits.float(), dim=1)
         del logits
@@ -42,7 +43,7 @@ def mirrored_softmax(net: torch.nn.Module, x: torch.Tensor, flips: Sequence[tupl
 
 
 def net2_chunks(nets: Sequence[torch.nn.Module], make_input: InputFn, z_range: tuple[int, int], depth: int,
-                K: int, chunk: int, tta: bool = False) -> Iterator[tuple[int, int, torch.Tensor]]:
+                K: int, chunk: int, tta: bool = False, amp: str = "bf16") -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield ``(a, b, probs)`` for consecutive chunks ``[a, b)`` of ``z_range``.
 
     ``probs`` is Net2's softmax averaged over ``nets`` (folds) and, with ``tta``, over the in-plane
@@ -61,7 +62,7 @@ def net2_chunks(nets: Sequence[torch.nn.Module], make_input: InputFn, z_range: t
         total = None
         for i, net in enumerate(nets):
             x = make_input(i, z_idx)
-            probs = mirrored_softmax(net, x, flips)
+            probs = mirrored_softmax(net, x, flips, amp)
             del x
             total = probs if total is None else total.add_(probs)
         total.mul_(1.0 / (len(nets) * len(flips)))

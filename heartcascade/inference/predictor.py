@@ -42,10 +42,11 @@ from heartcascade.inference.postprocessing import Postprocessing, find_postproce
 from heartcascade.inference.results import (CaseResult, PredictionReport, RoiProbabilities, load_probabilities,
                                             probabilities_path, restore_probabilities)
 from heartcascade.inference.settings import (DEFAULT_CPU_BUDGET, GPU_BUDGET_FRACTION, InferenceSettings, code_lookup,
-                                             label_codes_from, net2_input_mode)
+                                             label_codes_from)
 from heartcascade.inference.sliding_window import sliding_window_softmax
 from heartcascade.inference.upsampling import upsample_at
 from heartcascade.networks.blocks import crop_to_shape, pad_to_multiple
+from heartcascade.planning.plans import read_plans
 from heartcascade.preprocessing.preprocess import preprocess_images, restore_to_original
 from heartcascade.preprocessing.resampling import (bspline2_apply, bspline2_coefficients, bspline2_resample,
                                                    resample_torch, shape_for_spacing)
@@ -88,7 +89,7 @@ class Predictor:
                  label_codes: Mapping[int, int] | None = None, dataset_json: Mapping[str, Any] | None = None,
                  verbose: bool = False, postprocessing: Postprocessing | None = None,
                  roi_rule: roi_mod.RoiRule | None = None) -> None:
-        self.plans = dict(plans)
+        self.plans = read_plans(dict(plans), "plans")  # any supported version, upgraded and validated
         self.device = resolve_device(device)
         self.tta = bool(tta)
         self.verbose = verbose
@@ -123,7 +124,7 @@ class Predictor:
                                              self.settings.roi_min_component_fraction,
                                              self.settings.roi_join_distance_mm)
         self.roi_rule = roi_mod.with_margin(roi_rule, self.settings.roi_margin_mm)
-        self.input_mode = net2_input_mode(self.plans)
+        self.input_mode = self.settings.input_mode
         codes = label_codes if label_codes is not None else label_codes_from(self.plans, dataset_json)
         self.label_codes = dict(codes) if codes else None
         self._lookup = code_lookup(self.label_codes, self.num_classes)
@@ -233,7 +234,7 @@ class Predictor:
             for dims in flips:
                 x = torch.flip(coarse, dims) if dims else coarse
                 x = pad_to_multiple(x, net1.required_divisor)
-                with autocast(self.device):
+                with autocast(self.device, self.settings.amp):
                     logits = net1(x)
                 probs = torch.softmax(crop_to_shape(logits.float(), coarse_shape), dim=1)
                 if dims:
@@ -253,7 +254,7 @@ class Predictor:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = GPU_BUDGET_FRACTION * free
-            usable = (self.plans.get("memory") or {}).get("usable_gb")
+            usable = self.settings.usable_gb
             return min(budget, float(usable) * 2**30) if usable else budget
         return DEFAULT_CPU_BUDGET
 
@@ -330,7 +331,7 @@ class Predictor:
             idx = [z_idx, inplane[0], inplane[1]]
             img = roi_mod.gather(image_t, idx)[None]
             p = upsample_at(net1_probs[i], shape, idx)
-            if mode == "probs":
+            if mode == "probabilities":
                 extra = p
             else:  # 'label': Net1 argmax scaled to [0, 1], the paper's two-channel input
                 extra = p.argmax(dim=1, keepdim=True).to(p.dtype) / max(num_c - 1, 1)
@@ -339,7 +340,8 @@ class Predictor:
         chunk = self.z_chunk_for(net2, (len(inplane[0]), len(inplane[1])), box[0][1] - box[0][0])
         self.last_z_chunk = chunk
         (z0, _), (y0, y1), (x0, x1) = box
-        for a, b, probs in net2_chunks(nets, make_input, box[0], shape[0], K, chunk, tta=self.tta):
+        for a, b, probs in net2_chunks(nets, make_input, box[0], shape[0], K, chunk, tta=self.tta,
+                                         amp=self.settings.amp):
             probs = probs[:, :, crop[0], crop[1]]
             labels[a:b, y0:y1, x0:x1] = probs.argmax(0).to(torch.uint8).cpu().numpy()
             if probs_out is not None:
@@ -400,14 +402,14 @@ class Predictor:
             total = None
             for dims in flips:
                 xin = torch.flip(x, dims) if dims else x
-                with autocast(self.device):
+                with autocast(self.device, self.settings.amp):
                     logits = net(pad_to_multiple(xin, divisor))
                 p = torch.softmax(crop_to_shape(logits.float(), x.shape[2:]), dim=1)
                 if dims:
                     p = torch.flip(p, dims)
                 total = p if total is None else total.add_(p)
             return total / len(flips)
-        return sliding_window_softmax(net, x, patch, divisor, flips, self.device)
+        return sliding_window_softmax(net, x, patch, divisor, flips, self.device, amp=self.settings.amp)
 
     def _baseline_fits(self, net: torch.nn.Module, padded_shape: Sequence[int]) -> bool:
         widths = getattr(net, "widths", [32])

@@ -199,7 +199,7 @@ def _coarse_spacing(properties: Mapping[str, Any], coarse_shape: Sequence[int]) 
 
 def make_roi_rule(rule: str, margin_mm: float, min_component_fraction: float = 0.1,
                   join_distance_mm: float = 0.0) -> RoiRule:
-    """The ROI rule named by the plans' ``inference.roi_rule`` (validated by ``planning.plans.roi_fields``)."""
+    """The ROI rule named by the plans' ``inference.roi_rule`` (validated by ``planning.plans.parse_plans``)."""
     if rule == "all_foreground":
         return AllForegroundRoi(margin_mm)
     if rule == "heart_components":

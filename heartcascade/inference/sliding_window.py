@@ -28,7 +28,7 @@ def gaussian_weights(patch: Sequence[int], device: torch.device, sigma_scale: fl
 
 def sliding_window_softmax(net: torch.nn.Module, x: torch.Tensor, patch: Sequence[int], divisor: int,
                            flips: Sequence[tuple[int, ...]], device: torch.device, overlap: float = 0.5,
-                           sigma_scale: float = 1.0 / 8) -> torch.Tensor:
+                           sigma_scale: float = 1.0 / 8, amp: str = "bf16") -> torch.Tensor:
     """Gaussian-weighted average of the softmax over tiles of ``patch`` overlapping by ``overlap``."""
     patch = [int(math.ceil(p / divisor) * divisor) for p in patch]
     shape = list(x.shape[2:])
@@ -52,7 +52,7 @@ def sliding_window_softmax(net: torch.nn.Module, x: torch.Tensor, patch: Sequenc
                 acc = None
                 for dims in flips:
                     tin = torch.flip(tile, dims) if dims else tile
-                    with autocast(device):
+                    with autocast(device, amp):
                         logits = net(tin)
                     p = torch.softmax(logits.float(), dim=1)
                     if dims:

@@ -87,7 +87,7 @@ def plain(obj: Any) -> Any:
 def state_dict_cpu(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A module's state dict on the CPU, unwrapped from DDP / torch.compile prefixes."""
     module = unwrap(module)
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in module.state_dict().items()}
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:

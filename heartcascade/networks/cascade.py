@@ -67,7 +67,7 @@ class Cascade(nn.Module):
     Args:
         net1: the coarse network; its ``in_channels`` must equal ``image_channels``.
         net2: the slice network, built with ``net2_input_channels(input_mode, C, image_channels)``.
-        input_mode: 'probs' (image + C class probabilities) or 'label' (the paper's two-channel
+        input_mode: 'probabilities' (image + C class probabilities) or 'labelmap' (the paper's two-channel
             image + argmax map scaled to [0, 1]; argmax is not differentiable, so no gradient reaches
             Net1 through Net2's loss in this mode).
         image_channels: image channels of the input.
@@ -79,7 +79,7 @@ class Cascade(nn.Module):
         self,
         net1: Net1,
         net2: Net2,
-        input_mode: str = "probs",
+        input_mode: str = "probabilities",
         image_channels: int = 1,
         scale_factors: Optional[Sequence[float]] = None,
         downsample_mode: str = "area",
@@ -164,7 +164,7 @@ class Cascade(nn.Module):
 
     def net2_input(self, image: torch.Tensor, net1_probs: torch.Tensor) -> torch.Tensor:
         """Concatenate the image with Net1's full-resolution output in the configured form."""
-        if self.input_mode == "probs":
+        if self.input_mode == "probabilities":
             extra = net1_probs
         else:
             labels = net1_probs.argmax(dim=1, keepdim=True).to(net1_probs.dtype)

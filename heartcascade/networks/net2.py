@@ -29,16 +29,17 @@ from torch import nn
 from heartcascade.networks.blocks import center_crop_depth, lecun_normal_
 from heartcascade.utils.errors import HCError
 
-#: Net2 input forms: 'label' = image channel(s) + Net1 argmax map scaled to [0, 1] (the paper's
-#: two-channel input); 'probs' = image channel(s) + one channel per class probability.
-NET2_INPUT_MODES = ("label", "probs")
+#: Net2 input forms -- the one vocabulary of plans (``net2.input_mode``), networks, memory model and
+#: inference: 'probabilities' = image channel(s) + one channel per class probability; 'labelmap' = image
+#: channel(s) + Net1 argmax map scaled to [0, 1] (the paper's two-channel input).
+NET2_INPUT_MODES = ("probabilities", "labelmap")
 
 
 def net2_input_channels(mode: str, num_classes: int, image_channels: int = 1) -> int:
     """Channels Net2 must be built with for a given input form (see :data:`NET2_INPUT_MODES`)."""
-    if mode == "label":
+    if mode == "labelmap":
         return image_channels + 1
-    if mode == "probs":
+    if mode == "probabilities":
         return image_channels + num_classes
     raise HCError(f"unknown Net2 input mode {mode!r}; expected one of {NET2_INPUT_MODES}")
 

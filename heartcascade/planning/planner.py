@@ -1,37 +1,50 @@
 """The planner: preset + dataset fingerprint + GPU memory target -> plans (see documentation/plans.md).
 
-Rules, in the order they are applied:
+:func:`plan_experiment` assembles the plans from one function per rule (named after each rule below)
+and one per plans section (``*_section``). The networks' keyword arguments are only ever taken from
+plans fields through the accessors of ``planning/plans.py``, so what the memory model traces is what
+training and prediction build. The curriculum (the four steps) is ``planning/curriculum.py``.
 
-1. **Memory budget.** target = ``--gpu-memory-gb``, else the preset's ``memory.target_gb``, else the
-   detected CUDA GPU, else ``memory.default_target_gb`` (12 GB, the paper's K40). The networks may use
-   ``usable = target * usable_fraction - reserve_gb`` (CUDA context, allocator fragmentation).
-2. **Full-resolution grid.** Net2 works at the data's own resolution. Only when in-plane spacings vary
-   widely across cases (max/min > ``max_inplane_spacing_ratio`` = 2) a common in-plane spacing -- the
-   median in-plane spacing -- is chosen; slices are never resampled.
-3. **K** (odd) = the odd number nearest ``k_extent_mm / slice spacing`` (ties up), clamped to
-   [``k_min``, ``k_max``] = [3, 9] and to the thinnest case's (cropped) slice count: 9 for CT with 0.5-0.7
-   mm slices, 3 for 8 mm MR. The clamp uses the median case: a thinner outlier is left out of the plan
-   (``dataset.excluded_cases``) instead of lowering K for everyone.
-4. **Net1's coarse spacing.** The smallest isotropic spacing ``s`` (never finer than the data; per axis
-   ``max(native, s)``; searched on a geometric grid of step ``coarse_spacing_step``) at which Net1
-   trains on the whole 95th-percentile field of view (cropped extent in mm) at batch 1 within the
-   budget. If even ``max_coarse_spacing_mm`` does not fit, Net1's widths are halved and the search
-   repeats. The patch is that field of view on the coarse grid, rounded up to multiples of 16.
-5. **Subvolumes.** The paper's edges {64, 128, 256} voxels of a 512-voxel field of view are scaled
-   to the median in-plane field of view (mm), converted to voxels per axis at full resolution, in-plane
-   rounded to Net2's divisor, depth at least K+2 and at most the thinnest case's slice count.
-6. **Net2's widths**: the largest base width (halving from the preset's) at which step 4 (a stack of
-   K full slices of the 95th-percentile in-plane size) and step 3 (the smallest subvolume) fit at batch
-   1. If none does, the minimal width is used and Net2 works on in-plane tiles.
-7. **Step-3 subvolumes** that do not fit are shrunk, depth first (Net1 still sees the whole in-plane
-   context it needs), then in-plane.
-8. **Step-4 stacks** are K slices of that in-plane size (or tile), capped at the preset's step-4
-   ``max_inplane_mm`` when set (a heart-sized window around the sampled voxel).
-9. **Batch sizes** per step: the largest up to the preset's ``max_batch_size`` that fits for the
-   step's largest input.
-10. **Inference**: the largest z-chunk (up to ``max_z_chunk`` output slices) for which Net2 fits.
-11. **Baseline 3D U-Net** on data resampled to 2 mm (native where coarser): the whole 95th-percentile
-    field of view if it fits, else shrunk along its longest axis; widths halved if even 32^3 fails.
+Rules, in the order they are applied (the functions that apply each in brackets):
+
+1. **Memory budget** (:func:`memory_target`, :func:`usable_bytes`). target = ``--gpu-memory-gb``, else
+   the preset's ``memory.target_gb``, else the detected CUDA GPU, else ``memory.default_target_gb``
+   (12 GB, the paper's K40). The networks may use ``usable = target * usable_fraction - reserve_gb``
+   (CUDA context, allocator fragmentation).
+2. **Full-resolution grid** (:func:`choose_inplane_spacing`). Net2 works at the data's own resolution.
+   Only when in-plane spacings vary widely across cases (max/min > ``max_inplane_spacing_ratio`` = 2) a
+   common in-plane spacing -- the median in-plane spacing -- is chosen; slices are never resampled.
+3. **K** (:func:`choose_k`, :func:`preset_k`, :func:`planned_min_slices`), odd: the odd number nearest
+   ``k_extent_mm / slice spacing`` (ties up), clamped to [``k_min``, ``k_max``] = [3, 9] and to the
+   thinnest case's (cropped) slice count: 9 for CT with 0.5-0.7 mm slices, 3 for 8 mm MR. The clamp uses
+   the median case: a thinner outlier is left out of the plan (``dataset.excluded_cases``) instead of
+   lowering K for everyone.
+4. **Net1's coarse spacing** (:func:`plan_net1`, :func:`choose_coarse_spacing`). The smallest isotropic
+   spacing ``s`` (never finer than the data; per axis ``max(native, s)``; searched on a geometric grid of
+   step ``coarse_spacing_step``) at which Net1 trains on the whole 95th-percentile field of view (cropped
+   extent in mm) at batch 1 within the budget. If even ``max_coarse_spacing_mm`` does not fit, Net1's
+   widths are halved and the search repeats. The patch is that field of view on the coarse grid, rounded
+   up to multiples of 16.
+5. **Subvolumes** (:func:`nominal_subvolumes`; step 2: :func:`step2_subvolumes`). The paper's edges
+   {64, 128, 256} voxels of a 512-voxel field of view are scaled to the median in-plane field of view
+   (mm), converted to voxels per axis at full resolution, in-plane rounded to Net2's divisor, depth at
+   least K+2 and at most the thinnest case's slice count.
+6. **Net2's widths** (:func:`plan_net2`, :func:`choose_net2_width`, :func:`choose_inplane_tile`): the
+   largest base width (halving from the preset's) at which step 4 (a stack of K full slices of the
+   95th-percentile in-plane size) and step 3 (the smallest subvolume) fit at batch 1. If none does, the
+   minimal width is used and Net2 works on in-plane tiles.
+7. **Step-3 subvolumes** (:func:`step3_subvolumes`) that do not fit are shrunk, depth first (Net1 still
+   sees the whole in-plane context it needs), then in-plane.
+8. **Step-4 stacks** (:func:`step4_stack`, :func:`step4_tile`) are K slices of that in-plane size (or
+   tile), capped at the preset's step-4 ``max_inplane_mm`` when set (a heart-sized window around the
+   sampled voxel).
+9. **Batch sizes** (:func:`choose_batch_sizes`) per step: the largest up to the preset's
+   ``max_batch_size`` that fits for the step's largest input.
+10. **Inference** (:func:`choose_z_chunk`): the largest z-chunk (up to ``max_z_chunk`` output slices)
+    for which Net2 fits.
+11. **Baseline 3D U-Net** (:func:`plan_baseline`) on data resampled to 2 mm (native where coarser): the
+    whole 95th-percentile field of view if it fits, else shrunk along its longest axis; widths halved if
+    even 32^3 fails.
 """
 from __future__ import annotations
 
@@ -40,12 +53,23 @@ import functools
 import json
 import math
 import os
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from heartcascade.dataset.dataset_json import CT_NAMES, DatasetInfo
 from heartcascade.planning import fingerprint as fpmod
 from heartcascade.planning import memory_model
-from heartcascade.planning.plans import NETWORK_INPUT_MODE, PLANS_VERSION, ROI_DEFAULTS, validate_plans
+from heartcascade.planning.curriculum import CURRICULUM_STEPS, CurriculumStep
+from heartcascade.planning.augmentation_plan import AugmentationParams, augmentation_dict
+from heartcascade.planning.plans import (
+    NET2_INPUT_MODES,
+    PLANS_VERSION,
+    ROI_DEFAULTS,
+    baseline_network_kwargs,
+    net1_network_kwargs,
+    net2_network_kwargs,
+    validate_plans,
+)
 from heartcascade.preprocessing.preprocess import coarse_scale_factors
 from heartcascade.utils.errors import HCError
 from heartcascade.utils.merge import deep_merge
@@ -108,6 +132,7 @@ def memory_target(preset: dict[str, Any], gpu_memory_gb: float | None = None) ->
 
 
 def usable_bytes(target_gb: float, preset: dict[str, Any]) -> int:
+    """Rule 1: bytes the networks may use, ``target * usable_fraction - reserve_gb``."""
     mem = preset["memory"]
     usable = target_gb * float(mem.get("usable_fraction", 0.85)) - float(mem.get("reserve_gb", 0.5))
     if usable <= 0:
@@ -190,11 +215,33 @@ def _largest_batch(peak: Callable[[int], int], usable: int, cap: int) -> tuple[i
 
 
 # ---------------------------------------------------------------------------------------------------
-# The planner
+# What the rules share
 # ---------------------------------------------------------------------------------------------------
 
+def preset_k(slice_spacing: float, min_slices: int, preset: Mapping[str, Any]) -> int:
+    """Rule 3 with the preset's ``net2`` bounds (``k_extent_mm``, ``k_min``, ``k_max``)."""
+    p2 = preset["net2"]
+    return choose_k(slice_spacing, min_slices, float(p2.get("k_extent_mm", 6.0)), int(p2.get("k_min", 3)),
+                    int(p2.get("k_max", 9)))
+
+
+def planned_min_slices(fingerprint: Mapping[str, Any], slice_spacing: float, preset: Mapping[str, Any]) -> int:
+    """Rule 3's clamp: the slice count of the thinnest case left in the plan.
+
+    K is clamped at the median case's slice count; cases thinner than that K (and those too small for any
+    network) are left out of the plan (``dataset.excluded_cases``), so one odd case never lowers K.
+    """
+    small = fingerprint.get("too_small_cases") or {}
+    slices = sorted(r["cropped_shape"][0] for r in fingerprint.get("cases", []) if r["case_id"] not in small)
+    if not slices:
+        return int(fingerprint["min_slices"])
+    k = preset_k(slice_spacing, slices[(len(slices) - 1) // 2], preset)
+    return min(n for n in slices if n >= k)
+
+
 class _Context:
-    """Everything the rules share: fingerprint-derived geometry, budget, preset."""
+    """Everything the rules share: fingerprint-derived geometry, the memory budget (rule 1), the
+    full-resolution grid (rule 2), the thinnest planned case (rule 3) and the preset."""
 
     def __init__(self, fingerprint: dict[str, Any], preset: dict[str, Any], info: DatasetInfo,
                  gpu_memory_gb: float | None) -> None:
@@ -210,21 +257,26 @@ class _Context:
         self.spacing = list(self.native) if self.inplane is None else [self.native[0]] + list(self.inplane)
         self.fov95 = [float(v) for v in fingerprint["fov_mm"]["p95"]]
         self.fov_median = [float(v) for v in fingerprint["fov_mm"]["median"]]
-        self.min_slices = int(fingerprint["min_slices"])
-        small = fingerprint.get("too_small_cases") or {}
-        slices = sorted(r["cropped_shape"][0] for r in fingerprint.get("cases", []) if r["case_id"] not in small)
-        if slices:  # a case thinner than the K the typical case allows is left out; it does not lower K
-            p2 = preset["net2"]
-            k = choose_k(self.spacing[0], slices[(len(slices) - 1) // 2], float(p2.get("k_extent_mm", 6.0)),
-                         int(p2.get("k_min", 3)), int(p2.get("k_max", 9)))
-            self.min_slices = min(n for n in slices if n >= k)
+        self.min_slices = planned_min_slices(fingerprint, self.spacing[0], preset)
         if self.inplane is None:
             self.shape95 = [int(round(v)) for v in fingerprint["cropped_shape"]["p95"]]
         else:
             self.shape95 = [int(round(f / s)) for f, s in zip(self.fov95, self.spacing)]
+        #: the preset's ``training.steps`` entries by step number
+        self.step_presets: dict[int, dict[str, Any]] = {s["step"]: s for s in preset["training"]["steps"]}
 
 
-def _net1_kwargs(ctx: _Context, base: int) -> dict[str, Any]:
+def widths(base: int, maximum: int, levels: int) -> list[int]:
+    """Feature widths ``min(base * 2^l, maximum)`` for l = 0..levels (the plans' ``widths``, for humans)."""
+    return [min(base * 2 ** i, maximum) for i in range(levels + 1)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Networks: the plans' network fields, and their memory through the plans accessors
+# ---------------------------------------------------------------------------------------------------
+
+def net1_network(ctx: _Context, base: int) -> dict[str, Any]:
+    """The network fields of the plans' ``net1`` at base width ``base`` (rule 4 halves it when short)."""
     p = ctx.preset["net1"]
     return {"in_channels": ctx.channels, "num_classes": ctx.num_classes, "base_features": int(base),
             "max_features": int(p["max_features"]), "dilations": list(p["dilations"]),
@@ -232,15 +284,97 @@ def _net1_kwargs(ctx: _Context, base: int) -> dict[str, Any]:
             "kernel_size": int(p["kernel_size"]), "norm": p["norm"]}
 
 
-def _net2_kwargs(ctx: _Context, base: int, K: int) -> dict[str, Any]:
+def net2_network(ctx: _Context, base: int, K: int) -> dict[str, Any]:
+    """The network fields of the plans' ``net2`` at base width ``base`` (rule 6 halves it when short)."""
     p = ctx.preset["net2"]
     mode = p.get("input_mode", "probabilities")
+    if mode not in NET2_INPUT_MODES:
+        raise HCError(f"planner output: net2.input_mode must be one of {', '.join(NET2_INPUT_MODES)}, got {mode!r}")
     extra = ctx.num_classes if mode == "probabilities" else 1
-    return {"in_channels": ctx.channels + extra, "num_classes": ctx.num_classes, "K": int(K),
+    return {"K": int(K), "input_mode": mode, "in_channels": ctx.channels + extra, "num_classes": ctx.num_classes,
             "base_features": int(base), "num_levels": int(p["num_levels"]), "recursions": int(p["recursions"]),
             "max_features": int(p["max_features"]), "convs_per_level": int(p.get("convs_per_level", 2)),
             "dropout": float(p.get("dropout", 0.0)), "expansive_kernel": int(p.get("expansive_kernel", 5))}
 
+
+def baseline_network(ctx: _Context, base: int) -> dict[str, Any]:
+    """The network fields of the plans' ``baseline_unet`` at base width ``base`` (rule 11 halves it)."""
+    pb = ctx.preset["baseline_unet"]
+    return {"base_features": int(base), "max_features": int(pb["max_features"]),
+            "num_levels": int(pb.get("num_levels", 4)), "norm": pb.get("norm", "instance")}
+
+
+def _net1_estimate(network: dict[str, Any], batch: int, shape: Sequence[int],
+                   training: bool = True) -> memory_model.MemoryEstimate:
+    return _net1(_key(net1_network_kwargs(network)), int(batch), tuple(int(v) for v in shape), training)
+
+
+def _net2_estimate(network: dict[str, Any], batch: int, shape: Sequence[int],
+                   training: bool = True) -> memory_model.MemoryEstimate:
+    return _net2(_key(net2_network_kwargs(network)), int(batch), tuple(int(v) for v in shape), training)
+
+
+@dataclass(frozen=True)
+class Net1Plan:
+    """Rule 4's outcome: Net1's coarse grid, whole-volume patch and network fields."""
+
+    coarse_spacing: list[float]
+    patch_shape: list[int]
+    network: dict[str, Any]  #: the network fields of the plans' ``net1`` (read through ``net1_kwargs``)
+    scale_factors: tuple[float, ...]  #: full resolution -> coarse grid at the representative spacing
+
+    def estimate(self, batch: int, shape: Sequence[int], training: bool = True) -> memory_model.MemoryEstimate:
+        """Net1's memory for ``batch`` inputs of the coarse ``shape``."""
+        return _net1_estimate(self.network, batch, shape, training)
+
+    @property
+    def parameters(self) -> int:
+        """Bytes of Net1's parameters (held while Net2 trains in step 4 and at inference)."""
+        return self.estimate(1, self.patch_shape).parameters
+
+    @property
+    def inference_peak(self) -> int:
+        """Peak bytes of Net1's no-grad pass over its whole-volume patch."""
+        return self.estimate(1, self.patch_shape, False).peak
+
+
+@dataclass(frozen=True)
+class Net2Plan:
+    """Rules 5 and 6's outcome: Net2's network fields, the in-plane sizes it works on, the subvolumes."""
+
+    network: dict[str, Any]  #: the network fields of the plans' ``net2`` (read through ``net2_kwargs``)
+    divisor: int  #: H and W must be multiples of it
+    full_slice: list[int]  #: the 95th-percentile slice, rounded up to ``divisor``
+    tile: list[int]  #: the in-plane size Net2 trains on (``full_slice`` unless memory forces tiles)
+    subvolumes: list[list[int]]  #: rule 5's nominal subvolumes, ascending
+
+    @property
+    def K(self) -> int:  # noqa: N802 - the paper's name
+        return int(self.network["K"])
+
+
+def step3_peak(ctx: _Context, net1: Net1Plan, network2: dict[str, Any], batch: int, shape: Sequence[int]) -> int:
+    """Peak bytes of a step-3 iteration: the cascade trained end to end on full-resolution ``shape``."""
+    kw2 = net2_network_kwargs(network2)
+    return _cascade(_key(net1_network_kwargs(net1.network)), _key(kw2), network2["input_mode"], int(batch),
+                    tuple(int(v) for v in shape), net1.scale_factors).peak
+
+
+def step4_peak(net1: Net1Plan, network2: dict[str, Any], batch: int, tile: Sequence[int]) -> int:
+    """Peak bytes of a step-4 iteration on K-slice stacks of ``tile``: Net2 trains beside the frozen Net1
+    (its parameters, then its whole-volume inference pass)."""
+    train = _net2_estimate(network2, batch, (network2["K"], int(tile[0]), int(tile[1])), True)
+    return max(train.peak + net1.parameters, net1.inference_peak + train.parameters + train.optimizer_state)
+
+
+def coarse_subvolume(shape: Sequence[int], factors: Sequence[float]) -> list[int]:
+    """The coarse version of a full-resolution subvolume, padded to Net1's divisor (what Net1 runs on)."""
+    return [ceil_to(max(1, math.floor(n * f + 0.5)), NET1_DIVISOR) for n, f in zip(shape, factors)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The rules (numbered as in the module docstring and documentation/plans.md)
+# ---------------------------------------------------------------------------------------------------
 
 def _coarse_axes(native: Sequence[float], s: float) -> list[float]:
     """Per-axis coarse spacing for isotropic target ``s``: never finer than the data; an axis within
@@ -250,11 +384,12 @@ def _coarse_axes(native: Sequence[float], s: float) -> list[float]:
 
 
 def coarse_patch(fov_mm: Sequence[float], coarse_spacing: Sequence[float]) -> list[int]:
+    """Net1's whole-volume patch: the field of view on the coarse grid, rounded up to multiples of 16."""
     return [ceil_to(f / c, NET1_DIVISOR) for f, c in zip(fov_mm, coarse_spacing)]
 
 
 def choose_coarse_spacing(ctx: _Context) -> tuple[list[float], list[int], dict[str, Any], int]:
-    """Rule 4. Returns (coarse spacing, Net1 patch, Net1 kwargs, batch-1 peak bytes)."""
+    """Rule 4. Returns (coarse spacing, Net1 patch, Net1's network fields, batch-1 peak bytes)."""
     p = ctx.preset["net1"]
     s0 = max(min(ctx.native[1:]), float(p.get("min_coarse_spacing_mm") or 0.0))
     s_max = max(s0, float(p.get("max_coarse_spacing_mm") or 8.0))
@@ -262,11 +397,10 @@ def choose_coarse_spacing(ctx: _Context) -> tuple[list[float], list[int], dict[s
     grid = [s0 * step ** k for k in range(int(math.log(s_max / s0) / math.log(step)) + 1)] or [s0]
     base = int(p["base_features"])
     while True:
-        kw = _net1_kwargs(ctx, base)
-        key = _key(kw)
+        network = net1_network(ctx, base)
 
         def peak(s: float) -> int:
-            return _net1(key, 1, tuple(coarse_patch(ctx.fov95, _coarse_axes(ctx.native, s))), True).peak
+            return _net1_estimate(network, 1, coarse_patch(ctx.fov95, _coarse_axes(ctx.native, s))).peak
 
         if peak(grid[0]) <= ctx.usable or peak(grid[-1]) <= ctx.usable:
             lo, hi = 0, len(grid) - 1  # smallest index that fits (memory falls as s grows)
@@ -280,11 +414,17 @@ def choose_coarse_spacing(ctx: _Context) -> tuple[list[float], list[int], dict[s
                     lo = mid + 1
             s = grid[lo]
             spacing = _coarse_axes(ctx.native, s)
-            return [round(v, 4) for v in spacing], coarse_patch(ctx.fov95, spacing), kw, peak(s)
+            return [round(v, 4) for v in spacing], coarse_patch(ctx.fov95, spacing), network, peak(s)
         if base // 2 < int(p.get("min_base_features", 4)):
             raise HCError(f"memory target {ctx.target_gb:g} GB is too small: Net1 does not fit even at "
                           f"{s_max:g} mm with {base} base features (usable {ctx.usable / GiB:.2f} GB)")
         base //= 2
+
+
+def plan_net1(ctx: _Context) -> Net1Plan:
+    """Rule 4: Net1's coarse spacing, whole-volume patch and widths (:func:`choose_coarse_spacing`)."""
+    coarse_spacing, patch, network, _ = choose_coarse_spacing(ctx)
+    return Net1Plan(coarse_spacing, patch, network, tuple(coarse_scale_factors(ctx.spacing, coarse_spacing)))
 
 
 def nominal_subvolumes(ctx: _Context, K: int, divisor: int) -> list[list[int]]:
@@ -306,17 +446,46 @@ def nominal_subvolumes(ctx: _Context, K: int, divisor: int) -> list[list[int]]:
     return sorted(shapes, key=lambda s: math.prod(s))
 
 
-def step4_tile(tile: Sequence[int], inplane_spacing: Sequence[float], max_inplane_mm: float | None,
-               divisor: int) -> list[int]:
-    """Step-4 stacks' in-plane size: the memory tile, capped at ``max_inplane_mm`` when the preset sets it.
+def choose_net2_width(ctx: _Context, net1: Net1Plan, K: int, full_slice: Sequence[int],
+                      smallest_subvolume: Sequence[int]) -> dict[str, Any]:
+    """Rule 6: Net2's network fields at the largest base width (halving from the preset's) at which step 4
+    (K full slices) and step 3 (the smallest subvolume) fit at batch 1; else the minimal width."""
+    p2 = ctx.preset["net2"]
+    base, min_base = int(p2["base_features"]), int(p2.get("min_base_features", 8))
+    while True:
+        network = net2_network(ctx, base, K)
+        fits = (step4_peak(net1, network, 1, full_slice) <= ctx.usable
+                and step3_peak(ctx, net1, network, 1, smallest_subvolume) <= ctx.usable)
+        if fits or base // 2 < min_base:
+            return network
+        base //= 2
 
-    Net2 only ever predicts inside the heart ROI, so whole slices (mostly arms, liver and air on a
-    320 mm MR field of view) spend most of a step-4 iteration on context it never sees at test time;
-    a tile a little larger than a heart (rounded up to Net2's divisor) trains on what it will meet.
-    """
-    if max_inplane_mm is None:
-        return [int(t) for t in tile]
-    return [min(int(t), ceil_to(float(max_inplane_mm) / float(sp), divisor)) for t, sp in zip(tile, inplane_spacing)]
+
+def choose_inplane_tile(ctx: _Context, net1: Net1Plan, network2: dict[str, Any], full_slice: Sequence[int],
+                        divisor: int) -> list[int]:
+    """Rule 6 (tiles): the full slice, shrunk (x0.8, to Net2's divisor) until a step-4 stack fits at batch 1."""
+    tile = list(full_slice)
+    while step4_peak(net1, network2, 1, tile) > ctx.usable and max(tile) > divisor:
+        tile = [max(divisor, round_to(t * 0.8, divisor, divisor)) for t in tile]
+    return tile
+
+
+def plan_net2(ctx: _Context, net1: Net1Plan, K: int) -> Net2Plan:
+    """Rules 5 and 6: the nominal subvolumes, Net2's widths and the in-plane tile it trains on."""
+    divisor = 2 ** int(ctx.preset["net2"]["num_levels"])
+    full_slice = [ceil_to(ctx.shape95[1], divisor), ceil_to(ctx.shape95[2], divisor)]
+    subvolumes = nominal_subvolumes(ctx, K, divisor)
+    network = choose_net2_width(ctx, net1, K, full_slice, subvolumes[0])
+    tile = choose_inplane_tile(ctx, net1, network, full_slice, divisor)
+    return Net2Plan(network, divisor, full_slice, tile, subvolumes)
+
+
+def step2_subvolumes(ctx: _Context, net1: Net1Plan, subvolumes: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Rule 5 (step 2): the nominal subvolumes whose coarse version Net1 alone trains on within the budget
+    (the smallest one when none does)."""
+    fitting = [list(s) for s in subvolumes
+               if net1.estimate(1, coarse_subvolume(s, net1.scale_factors)).peak <= ctx.usable]
+    return fitting or [list(subvolumes[0])]
 
 
 def _shrink(shape: list[int], min_d: int, min_hw: int, divisor: int) -> list[int] | None:
@@ -329,216 +498,153 @@ def _shrink(shape: list[int], min_d: int, min_hw: int, divisor: int) -> list[int
     return None
 
 
-def plan_experiment(fingerprint: dict[str, Any], preset: dict[str, Any], info: DatasetInfo,
-                    dataset_id: int | None = None, gpu_memory_gb: float | None = None,
-                    machine: str | None = None) -> dict[str, Any]:
-    """Make the plans for a dataset (see the module docstring for the rules).
+def step3_subvolumes(ctx: _Context, net1: Net1Plan, net2: Net2Plan) -> list[list[int]]:
+    """Rule 7: the nominal subvolumes cut to Net2's tile and, where the cascade does not fit at batch 1,
+    shrunk depth first (x0.75 down to K + 2), then in-plane (x0.8); deduplicated, ascending."""
+    sv = ctx.preset["subvolumes"]
+    min_d = min(net2.K + int(sv.get("min_extra_slices", 2)), ctx.min_slices)
+    min_hw = min(int(sv.get("min_inplane", 32)), min(net2.tile))
+    shapes: list[list[int]] = []
+    for shape in net2.subvolumes:
+        cur: list[int] | None = [shape[0], min(shape[1], net2.tile[0]), min(shape[2], net2.tile[1])]
+        while cur is not None and step3_peak(ctx, net1, net2.network, 1, cur) > ctx.usable:
+            cur = _shrink(cur, min_d, min_hw, net2.divisor)
+        if cur is not None and cur not in shapes:
+            shapes.append(cur)
+    if not shapes:
+        shapes = [[min_d, min_hw, min_hw]]
+    shapes.sort(key=lambda s: math.prod(s))
+    return shapes
 
-    ``machine`` (cpu or cuda) selects the preset's machine section; default: cuda when a GPU memory is
-    given or detected, else cpu.
+
+def step4_tile(tile: Sequence[int], inplane_spacing: Sequence[float], max_inplane_mm: float | None,
+               divisor: int) -> list[int]:
+    """Rule 8: step-4 stacks' in-plane size: the memory tile, capped at ``max_inplane_mm`` when the preset sets it.
+
+    Net2 only ever predicts inside the heart ROI, so whole slices (mostly arms, liver and air on a
+    320 mm MR field of view) spend most of a step-4 iteration on context it never sees at test time;
+    a tile a little larger than a heart (rounded up to Net2's divisor) trains on what it will meet.
     """
-    if machine is None:
-        machine, machine_source = ("cuda", "--gpu-memory-gb") if gpu_memory_gb is not None else (detect_machine(), "detected")
-    else:
-        machine_source = "--machine"
-    preset = preset_for_machine(preset, machine)
-    ctx = _Context(fingerprint, preset, info, gpu_memory_gb)
-    usable = ctx.usable
-    p1, p2, tr = preset["net1"], preset["net2"], preset["training"]
-    step_presets = {s["step"]: s for s in tr["steps"]}
+    if max_inplane_mm is None:
+        return [int(t) for t in tile]
+    return [min(int(t), ceil_to(float(max_inplane_mm) / float(sp), divisor)) for t, sp in zip(tile, inplane_spacing)]
 
-    # K and Net1's coarse grid
-    K = choose_k(ctx.spacing[0], ctx.min_slices, float(p2.get("k_extent_mm", 6.0)), int(p2.get("k_min", 3)),
-                 int(p2.get("k_max", 9)))
-    coarse_spacing, patch1, n1kw, _ = choose_coarse_spacing(ctx)
-    k1 = _key(n1kw)
-    factors = tuple(coarse_scale_factors(ctx.spacing, coarse_spacing))
-    b1, peak1 = _largest_batch(lambda b: _net1(k1, b, tuple(patch1), True).peak, usable,
-                               step_presets[1].get("max_batch_size", 1))
-    net1_params = _net1(k1, 1, tuple(patch1), True).parameters
-    net1_infer = _net1(k1, 1, tuple(patch1), False)
 
-    # Net2 widths (rule 6) with step-4 stacks of K full slices and the smallest subvolume
-    divisor = 2 ** int(p2["num_levels"])
-    full_slice = [ceil_to(ctx.shape95[1], divisor), ceil_to(ctx.shape95[2], divisor)]
-    shapes = nominal_subvolumes(ctx, K, divisor)
-    mode = p2.get("input_mode", "probabilities")
-    net_mode = NETWORK_INPUT_MODE.get(mode, "label")
-    base2 = int(p2["base_features"])
-    min_base2 = int(p2.get("min_base_features", 8))
+def step4_stack(ctx: _Context, net2: Net2Plan) -> list[int]:
+    """Rule 8: the step-4 stack ``[K, H, W]`` (:func:`step4_tile` with the preset's step-4 ``max_inplane_mm``)."""
+    return [net2.K] + step4_tile(net2.tile, ctx.spacing[1:], ctx.step_presets[4].get("max_inplane_mm"), net2.divisor)
 
-    def step4_peak(kw2: dict[str, Any], batch: int, tile: Sequence[int]) -> int:
-        train = _net2(_key(kw2), batch, (K, int(tile[0]), int(tile[1])), True)
-        return max(train.peak + net1_params, net1_infer.peak + train.parameters + train.optimizer_state)
 
-    def step3_peak(kw2: dict[str, Any], batch: int, shape: Sequence[int]) -> int:
-        return _cascade(k1, _key(kw2), net_mode, batch, tuple(int(v) for v in shape), factors).peak
+def choose_batch_sizes(ctx: _Context, net1: Net1Plan, net2: Net2Plan, shapes2: Sequence[Sequence[int]],
+                       shapes3: Sequence[Sequence[int]], stack: Sequence[int]) -> dict[int, tuple[int, int]]:
+    """Rule 9: per step, the largest batch up to the preset's ``max_batch_size`` for which the step's largest
+    input fits, with its peak bytes: ``{step: (batch_size, peak)}``."""
+    peaks: dict[int, Callable[[int], int]] = {
+        1: lambda b: net1.estimate(b, net1.patch_shape).peak,
+        2: lambda b: net1.estimate(b, coarse_subvolume(shapes2[-1], net1.scale_factors)).peak,
+        3: lambda b: step3_peak(ctx, net1, net2.network, b, shapes3[-1]),
+        4: lambda b: step4_peak(net1, net2.network, b, stack[1:]),
+    }
+    return {step: _largest_batch(peak, ctx.usable, ctx.step_presets[step].get("max_batch_size", 1))
+            for step, peak in peaks.items()}
 
-    while True:
-        n2kw = _net2_kwargs(ctx, base2, K)
-        if (step4_peak(n2kw, 1, full_slice) <= usable and step3_peak(n2kw, 1, shapes[0]) <= usable) \
-                or base2 // 2 < min_base2:
-            break
-        base2 //= 2
-    tile = list(full_slice)
-    while step4_peak(n2kw, 1, tile) > usable and max(tile) > divisor:
-        tile = [max(divisor, round_to(t * 0.8, divisor, divisor)) for t in tile]
 
-    # Step-3 subvolumes (rule 7)
-    min_d = min(K + int(preset["subvolumes"].get("min_extra_slices", 2)), ctx.min_slices)
-    min_hw = min(int(preset["subvolumes"].get("min_inplane", 32)), min(tile))
-    shapes3: list[list[int]] = []
-    for shape in shapes:
-        cur: list[int] | None = [shape[0], min(shape[1], tile[0]), min(shape[2], tile[1])]
-        while cur is not None and step3_peak(n2kw, 1, cur) > usable:
-            cur = _shrink(cur, min_d, min_hw, divisor)
-        if cur is not None and cur not in shapes3:
-            shapes3.append(cur)
-    if not shapes3:
-        shapes3 = [[min_d, min_hw, min_hw]]
-    shapes3.sort(key=lambda s: math.prod(s))
-
-    # Step-2 subvolumes: Net1 alone on the coarse version of the subvolumes
-    def coarse_of(shape: Sequence[int]) -> list[int]:
-        return [ceil_to(max(1, math.floor(n * f + 0.5)), NET1_DIVISOR) for n, f in zip(shape, factors)]
-
-    shapes2 = [s for s in shapes if _net1(k1, 1, tuple(coarse_of(s)), True).peak <= usable] or [shapes[0]]
-    b2, peak2 = _largest_batch(lambda b: _net1(k1, b, tuple(coarse_of(shapes2[-1])), True).peak, usable,
-                               step_presets[2].get("max_batch_size", 1))
-    b3, peak3 = _largest_batch(lambda b: step3_peak(n2kw, b, shapes3[-1]), usable,
-                               step_presets[3].get("max_batch_size", 1))
-    stack_tile = step4_tile(tile, ctx.spacing[1:], step_presets[4].get("max_inplane_mm"), divisor)
-    b4, peak4 = _largest_batch(lambda b: step4_peak(n2kw, b, stack_tile), usable,
-                               step_presets[4].get("max_batch_size", 1))
-
-    # Inference (rule 9)
-    inf = preset["inference"]
-    k2 = _key(n2kw)
+def choose_z_chunk(ctx: _Context, net1: Net1Plan, net2: Net2Plan) -> tuple[int, int]:
+    """Rule 10: the largest z-chunk (Net2 output slices per pass, up to ``max_z_chunk``) for which Net2's
+    no-grad pass on the tile, plus Net1's parameters, fits; returns (z_chunk, inference peak bytes)."""
+    tile = net2.tile
 
     def infer_peak(z: int) -> int:
-        return _net2(k2, 1, (z + K - 1, tile[0], tile[1]), False).peak + net1_params
+        return _net2_estimate(net2.network, 1, (z + net2.K - 1, tile[0], tile[1]), False).peak + net1.parameters
 
-    z_hi = max(1, int(inf.get("max_z_chunk", 64)))
+    z_hi = max(1, int(ctx.preset["inference"].get("max_z_chunk", 64)))
     z = z_hi
-    if infer_peak(z) > usable:
+    if infer_peak(z) > ctx.usable:
         lo, hi = 1, z_hi
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if infer_peak(mid) <= usable:
+            if infer_peak(mid) <= ctx.usable:
                 lo = mid
             else:
                 hi = mid - 1
         z = lo
-    net2_params = _net2(k2, 1, (K, tile[0], tile[1]), False).parameters
-    peak_inf = max(net1_infer.peak + net2_params, infer_peak(z))
-
-    baseline = _plan_baseline(ctx)
-    aug = _augmentation(ctx)
-
-    def step_entry(n: int, name: str, train: list[str], frozen: list[str], losses: list[str], inp: str,
-                   batch: int, peak: int, **extra: Any) -> dict[str, Any]:
-        sp = step_presets[n]
-        return {"step": n, "name": name, "enabled": bool(sp.get("enabled", True)), "train": train, "frozen": frozen,
-                "losses": list(sp.get("losses", losses)), "input": inp, **extra, "batch_size": int(batch),
-                "epochs": int(sp.get("epochs", 200)), "iterations_per_epoch": int(sp.get("iterations_per_epoch", 16)),
-                "lr": float(sp.get("lr", tr.get("lr", 1e-4))), "predicted_peak_gb": round(peak / GiB, 3),
-                **({"time_fraction": float(sp["time_fraction"])} if sp.get("time_fraction") is not None else {})}
-
-    steps = [
-        step_entry(1, "net1_whole_volume", ["net1"], [], ["L1_ROI"], "whole_coarse_volume", b1, peak1,
-                   patch_shape=patch1),
-        step_entry(2, "net1_subvolumes", ["net1"], [], ["L1", "L1_ROI"], "subvolumes", b2, peak2,
-                   subvolume_shapes=shapes2, coarse_patch_shapes=[coarse_of(s) for s in shapes2]),
-        step_entry(3, "cascade_subvolumes", ["net1", "net2"], [], ["L1", "L2"], "subvolumes", b3, peak3,
-                   subvolume_shapes=shapes3),
-        step_entry(4, "net2_slice_stacks", ["net2"], ["net1"], ["L2"], "slice_stacks", b4, peak4,
-                   stack_shape=[K] + stack_tile),
-    ]
-    num_workers = min(int(tr.get("num_workers", 4)), max(1, (os.cpu_count() or 2) - 1))
-    plans: dict[str, Any] = {
-        "plans_version": PLANS_VERSION,
-        "planner_version": PLANNER_VERSION,
-        "dataset": {"name": info.folder.name, "id": dataset_id, "num_training_cases": int(fingerprint["num_cases"]),
-                    "excluded_cases": fpmod.excluded_cases(fingerprint, K)},
-        "preset": preset.get("name"),
-        "machine": {"kind": machine, "source": machine_source, "cpu_count": os.cpu_count(),
-                    "gpu_memory_gb": None if machine == "cpu" else round(ctx.target_gb, 3)},
-        "modality": info.modality,
-        "num_input_channels": ctx.channels,
-        "channel_names": dict(info.channel_names),
-        "labels": dict(info.labels),
-        "num_classes": ctx.num_classes,
-        "label_codes": {str(k): int(v) for k, v in info.label_codes.items()} if info.label_codes else None,
-        "normalization": _normalization(ctx),
-        "cropping": {"method": "ct_hu_threshold" if info.modality == "ct" else "relative_threshold",
-                     "margin_mm": float(preset["cropping"].get("margin_mm", 10.0))},
-        "full_resolution": {
-            "inplane_spacing": ctx.inplane,
-            "inplane_spacing_ratio": round(float(fingerprint["inplane_spacing_ratio"]), 4),
-            "max_inplane_spacing_ratio": float(preset["full_resolution"].get("max_inplane_spacing_ratio", 2.0)),
-            "median_spacing": [round(v, 6) for v in ctx.native],
-            "spacing": [round(v, 6) for v in ctx.spacing],
-            "shape_p95": ctx.shape95,
-            "min_slices": ctx.min_slices,
-        },
-        "net1": {"coarse_spacing": coarse_spacing, "patch_shape": patch1,
-                 "coarse_shape_median": [int(round(f / c)) for f, c in zip(ctx.fov_median, coarse_spacing)],
-                 **n1kw, "widths": [min(n1kw["base_features"] * 2 ** i, n1kw["max_features"]) for i in range(5)],
-                 "required_divisor": NET1_DIVISOR},
-        "net2": {"K": K, "input_mode": mode, **{k: v for k, v in n2kw.items() if k != "K"},
-                 "widths": [min(n2kw["base_features"] * 2 ** i, n2kw["max_features"]) for i in range(n2kw["num_levels"] + 1)],
-                 "required_divisor": divisor, "full_slice_shape": full_slice, "inplane_tile": tile,
-                 "tiling": tile != full_slice},
-        "training": {"optimizer": tr.get("optimizer", "adam"), "lr": float(tr.get("lr", 1e-4)),
-                     "weight_decay": float(tr.get("weight_decay", 0.0)), "precision": "fp32",
-                     "dice_weighting": str(tr.get("dice_weighting", "inverse_count")),
-                     "classifier_bias_init": str(tr.get("classifier_bias_init", "zero")), "steps": steps,
-                     "lr_schedule": str(tr.get("lr_schedule", "constant")),
-                     "warmup_iterations": int(tr.get("warmup_iterations", 0)),
-                     "keep_best_per_step": bool(tr.get("keep_best_per_step", False)),
-                     "time_budget_s": None if tr.get("time_budget_s") is None else float(tr["time_budget_s"]),
-                     "validation_interval_epochs": int(tr.get("validation_interval_epochs", 10)),
-                     "checkpoint_interval_epochs": int(tr.get("checkpoint_interval_epochs", 10)),
-                     "num_workers": num_workers, "seed": int(tr.get("seed", 0))},
-        "augmentation": aug,
-        "sampling": {"scheme": preset["sampling"].get("scheme", "class_balanced"),
-                     "max_locations_per_class": int(preset["sampling"].get("max_locations_per_class", 10000)),
-                     "background_as_class": bool(preset["sampling"].get("background_as_class", True)),
-                     "subvolume_shape_choice": "uniform"},
-        "inference": {"roi_margin_mm": float(inf.get("roi_margin_mm", 10.0)),
-                      **{k: inf.get(k, v) for k, v in ROI_DEFAULTS.items()}, "z_chunk": int(z),
-                      "inplane_tile": None if tile == full_slice else tile, "predicted_peak_gb": round(peak_inf / GiB, 3)},
-        "baseline_unet": baseline,
-        "memory": {"target_gb": round(ctx.target_gb, 3), "target_source": ctx.target_source,
-                   "usable_gb": round(usable / GiB, 3),
-                   "model": "meta-device allocation trace of the real networks (fp32, Adam), see planning/memory_model.py",
-                   "predicted_peak_gb": {"step1": steps[0]["predicted_peak_gb"], "step2": steps[1]["predicted_peak_gb"],
-                                         "step3": steps[2]["predicted_peak_gb"], "step4": steps[3]["predicted_peak_gb"],
-                                         "inference": round(peak_inf / GiB, 3),
-                                         "baseline": baseline["predicted_peak_gb"]}},
-        "fingerprint_summary": {
-            "num_cases": int(fingerprint["num_cases"]),
-            "median_spacing": [round(v, 6) for v in ctx.native],
-            "fov_mm_p95": [round(v, 3) for v in ctx.fov95],
-            "cropped_shape_p95": [round(float(v), 2) for v in fingerprint["cropped_shape"]["p95"]],
-            "min_slices": ctx.min_slices,
-            "class_fractions": _class_fractions(fingerprint),
-        },
-    }
-    return validate_plans(plans, "planner output")
+    net2_params = _net2_estimate(net2.network, 1, (net2.K, tile[0], tile[1]), False).parameters
+    return z, max(net1.inference_peak + net2_params, infer_peak(z))
 
 
-def _class_fractions(fingerprint: Mapping[str, Any]) -> list[float] | None:
-    """Share of each class among the labelled voxels of the cropped training volumes (bias prior)."""
-    counts = fingerprint.get("class_voxels_total")
-    if not counts or sum(counts) <= 0:
-        return None
-    total = float(sum(counts))
-    return [round(c / total, 8) for c in counts]
+def plan_baseline(ctx: _Context) -> dict[str, Any]:
+    """Rule 11: the plain 3D U-Net comparator on a ~2 mm grid (native where coarser): the whole
+    95th-percentile field of view if it fits, else shrunk along its longest axis; widths halved if even the
+    smallest patch fails; batch up to ``max_batch_size``. Returns the plans' ``baseline_unet``."""
+    pb = ctx.preset["baseline_unet"]
+    target = float(pb.get("spacing_mm", 2.0))
+    spacing = [max(n, target) for n in ctx.native]
+    levels = int(pb.get("num_levels", 4))
+    div = 2 ** levels
+    base = int(pb["base_features"])
+
+    def estimate(network: dict[str, Any], batch: int, shape: Sequence[int]) -> memory_model.MemoryEstimate:
+        kw = baseline_network_kwargs(network, ctx.channels, ctx.num_classes)
+        return _baseline(_key(kw), batch, tuple(shape))
+
+    while True:
+        network = baseline_network(ctx, base)
+        patch = [ceil_to(f / s, div) for f, s in zip(ctx.fov95, spacing)]
+        while estimate(network, 1, patch).peak > ctx.usable:
+            mm_extent = [p * s for p, s in zip(patch, spacing)]
+            axis = max((a for a in range(3) if patch[a] > div), key=lambda a: mm_extent[a], default=None)
+            if axis is None:
+                break
+            patch[axis] = max(div, patch[axis] - div)
+        if estimate(network, 1, patch).peak <= ctx.usable or base // 2 < 2:
+            break
+        base //= 2
+    batch, peak = _largest_batch(lambda b: estimate(network, b, patch).peak, ctx.usable,
+                                 int(pb.get("max_batch_size", 2)))
+    return {"spacing": [round(s, 4) for s in spacing], "patch_shape": patch, "batch_size": batch, **network,
+            "widths": widths(base, network["max_features"], levels),
+            "lr": float(pb.get("lr", 1e-4)), "epochs": int(pb.get("epochs", 800)),
+            "iterations_per_epoch": int(pb.get("iterations_per_epoch", 16)),
+            "losses": list(pb.get("losses", ["multiclass_dice"])), "predicted_peak_gb": round(peak / GiB, 3)}
 
 
-def _normalization(ctx: _Context) -> list[dict[str, Any]]:
-    """CT channels: clip to the fingerprint's foreground 0.5/99.5 percentiles; others: per-case percentiles."""
+# ---------------------------------------------------------------------------------------------------
+# Plans sections (documentation/plans.md, "Fields")
+# ---------------------------------------------------------------------------------------------------
+
+def choose_machine(machine: str | None, gpu_memory_gb: float | None) -> tuple[str, str]:
+    """The machine the plans are made for and where that came from: ``--machine``, else cuda when a GPU
+    memory is given, else the detected machine (:func:`detect_machine`)."""
+    if machine is not None:
+        return machine, "--machine"
+    if gpu_memory_gb is not None:
+        return "cuda", "--gpu-memory-gb"
+    return detect_machine(), "detected"
+
+
+def dataset_section(ctx: _Context, dataset_id: int | None, K: int) -> dict[str, Any]:
+    """``dataset``: name, id, case count and the cases rule 3 leaves out."""
+    return {"name": ctx.info.folder.name, "id": dataset_id, "num_training_cases": int(ctx.fp["num_cases"]),
+            "excluded_cases": fpmod.excluded_cases(ctx.fp, K)}
+
+
+def machine_section(ctx: _Context, machine: str, source: str) -> dict[str, Any]:
+    """``machine``: the machine kind the plans were made for (selects the preset's ``machines`` section)."""
+    return {"kind": machine, "source": source, "cpu_count": os.cpu_count(),
+            "gpu_memory_gb": None if machine == "cpu" else round(ctx.target_gb, 3)}
+
+
+def labels_section(ctx: _Context) -> dict[str, Any]:
+    """``modality``, ``num_input_channels``, ``channel_names``, ``labels``, ``num_classes``, ``label_codes``."""
+    info = ctx.info
+    return {"modality": info.modality, "num_input_channels": ctx.channels, "channel_names": dict(info.channel_names),
+            "labels": dict(info.labels), "num_classes": ctx.num_classes,
+            "label_codes": {str(k): int(v) for k, v in info.label_codes.items()} if info.label_codes else None}
+
+
+def normalization_section(ctx: _Context) -> list[dict[str, Any]]:
+    """``normalization``: CT channels clip to the fingerprint's foreground 0.5/99.5 percentiles; others use
+    per-case percentiles."""
     pn = ctx.preset["normalization"]
     lo_q, hi_q = float(pn.get("percentile_low", 0.5)), float(pn.get("percentile_high", 99.5))
     out = []
@@ -555,43 +661,181 @@ def _normalization(ctx: _Context) -> list[dict[str, Any]]:
     return out
 
 
-def _augmentation(ctx: _Context) -> dict[str, Any]:
-    """The preset's ranges; with thick slices (> 3x in-plane) rotations only about the slice axis."""
+def cropping_section(ctx: _Context) -> dict[str, Any]:
+    """``cropping``: CT by Hounsfield threshold, other modalities by a relative threshold."""
+    return {"method": "ct_hu_threshold" if ctx.info.modality == "ct" else "relative_threshold",
+            "margin_mm": float(ctx.preset["cropping"].get("margin_mm", 10.0))}
+
+
+def full_resolution_section(ctx: _Context) -> dict[str, Any]:
+    """``full_resolution``: Net2's grid (rule 2)."""
+    return {"inplane_spacing": ctx.inplane,
+            "inplane_spacing_ratio": round(float(ctx.fp["inplane_spacing_ratio"]), 4),
+            "max_inplane_spacing_ratio": float(ctx.preset["full_resolution"].get("max_inplane_spacing_ratio", 2.0)),
+            "median_spacing": [round(v, 6) for v in ctx.native], "spacing": [round(v, 6) for v in ctx.spacing],
+            "shape_p95": ctx.shape95, "min_slices": ctx.min_slices}
+
+
+def net1_section(ctx: _Context, net1: Net1Plan) -> dict[str, Any]:
+    """``net1``: rule 4's grid and patch, and the network fields."""
+    return {"coarse_spacing": net1.coarse_spacing, "patch_shape": net1.patch_shape,
+            "coarse_shape_median": [int(round(f / c)) for f, c in zip(ctx.fov_median, net1.coarse_spacing)],
+            **net1.network, "widths": widths(net1.network["base_features"], net1.network["max_features"], 4),
+            "required_divisor": NET1_DIVISOR}
+
+
+def net2_section(net2: Net2Plan) -> dict[str, Any]:
+    """``net2``: rule 6's network fields, the full slice and the tile."""
+    n = net2.network
+    return {**n, "widths": widths(n["base_features"], n["max_features"], n["num_levels"]),
+            "required_divisor": net2.divisor, "full_slice_shape": net2.full_slice,
+            "tiling": net2.tile != net2.full_slice}
+
+
+def step_entry(ctx: _Context, row: CurriculumStep, shapes: dict[str, Any], batch: int, peak: int) -> dict[str, Any]:
+    """One ``training.steps`` entry: the curriculum row, the preset step's schedule, the step's input
+    ``shapes`` (rules 4-8), its batch size and peak (rule 9)."""
+    sp = ctx.step_presets[row.step]
+    return {"step": row.step, "name": row.name, "enabled": bool(sp.get("enabled", True)), "train": list(row.train),
+            "losses": list(sp.get("losses", row.losses)), "input": row.input, **shapes,
+            "batch_size": int(batch), "epochs": int(sp.get("epochs", 200)),
+            "iterations_per_epoch": int(sp.get("iterations_per_epoch", 16)),
+            "lr": float(sp.get("lr", ctx.preset["training"].get("lr", 1e-4))),
+            "predicted_peak_gb": round(peak / GiB, 3),
+            "time_fraction": None if sp.get("time_fraction") is None else float(sp["time_fraction"])}
+
+
+def curriculum_steps(ctx: _Context, net1: Net1Plan, shapes2: list[list[int]], shapes3: list[list[int]],
+                     stack: list[int], batches: Mapping[int, tuple[int, int]]) -> list[dict[str, Any]]:
+    """``training.steps``: one :func:`step_entry` per row of the curriculum (planning/curriculum.py)."""
+    shapes = {1: {"patch_shape": net1.patch_shape},
+              2: {"subvolume_shapes": shapes2,
+                  "coarse_patch_shapes": [coarse_subvolume(s, net1.scale_factors) for s in shapes2]},
+              3: {"subvolume_shapes": shapes3},
+              4: {"stack_shape": stack}}
+    return [step_entry(ctx, row, shapes[row.step], *batches[row.step]) for row in CURRICULUM_STEPS]
+
+
+def training_section(ctx: _Context, steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """``training``: the preset's optimiser and schedule, the steps, data-loader workers (at most the
+    planning machine's CPUs - 1)."""
+    tr = ctx.preset["training"]
+    return {"weight_decay": float(tr.get("weight_decay", 0.0)),
+            "dice_weighting": str(tr.get("dice_weighting", "inverse_count")),
+            "classifier_bias_init": str(tr.get("classifier_bias_init", "zero")), "steps": steps,
+            "lr_schedule": str(tr.get("lr_schedule", "constant")),
+            "warmup_iterations": int(tr.get("warmup_iterations", 0)),
+            "grad_clip": None if tr.get("grad_clip", 12.0) is None else float(tr.get("grad_clip", 12.0)),
+            "ema_momentum": float(tr.get("ema_momentum", 0.9)),
+            "keep_best_per_step": bool(tr.get("keep_best_per_step", False)),
+            "time_budget_s": None if tr.get("time_budget_s") is None else float(tr["time_budget_s"]),
+            "budget_probe_iterations": int(tr.get("budget_probe_iterations", 10)),
+            "validation_interval_epochs": int(tr.get("validation_interval_epochs", 10)),
+            "checkpoint_interval_epochs": int(tr.get("checkpoint_interval_epochs", 10)),
+            "checkpoint_interval_iterations": int(tr.get("checkpoint_interval_iterations", 0)),
+            "val_max_cases": None if tr.get("val_max_cases") is None else int(tr["val_max_cases"]),
+            "num_workers": min(int(tr.get("num_workers", 4)), max(1, (os.cpu_count() or 2) - 1)),
+            "num_threads": None if tr.get("num_threads") is None else int(tr["num_threads"]),
+            "seed": int(tr.get("seed", 0))}
+
+
+def augmentation_section(ctx: _Context) -> dict[str, Any]:
+    """``augmentation``: the preset's ranges; with thick slices (> 3x in-plane) rotations only about the
+    slice axis."""
     aug = copy.deepcopy(ctx.preset["augmentation"])
     if ctx.spacing[0] > 3.0 * min(ctx.spacing[1:]):
         rot = list(aug.get("rotation_deg", [15.0, 15.0, 15.0]))
         aug["rotation_deg"] = [rot[0], 0.0, 0.0]
-    return aug
+    return augmentation_dict(AugmentationParams.from_dict(aug, "preset"))  # every field, defaults written out
 
 
-def _plan_baseline(ctx: _Context) -> dict[str, Any]:
-    """Rule 10: the plain 3D U-Net comparator on a ~2 mm grid."""
-    pb = ctx.preset["baseline_unet"]
-    target = float(pb.get("spacing_mm", 2.0))
-    spacing = [max(n, target) for n in ctx.native]
-    levels = int(pb.get("num_levels", 4))
-    div = 2 ** levels
-    base = int(pb["base_features"])
-    while True:
-        kw = {"in_channels": ctx.channels, "num_classes": ctx.num_classes, "base_features": base,
-              "max_features": int(pb["max_features"]), "num_levels": levels, "norm": pb.get("norm", "instance")}
-        key = _key(kw)
-        patch = [ceil_to(f / s, div) for f, s in zip(ctx.fov95, spacing)]
-        while _baseline(key, 1, tuple(patch)).peak > ctx.usable:
-            mm_extent = [p * s for p, s in zip(patch, spacing)]
-            axis = max((a for a in range(3) if patch[a] > div), key=lambda a: mm_extent[a], default=None)
-            if axis is None:
-                break
-            patch[axis] = max(div, patch[axis] - div)
-        if _baseline(key, 1, tuple(patch)).peak <= ctx.usable or base // 2 < 2:
-            break
-        base //= 2
-    batch, peak = _largest_batch(lambda b: _baseline(key, b, tuple(patch)).peak, ctx.usable,
-                                 int(pb.get("max_batch_size", 2)))
-    return {"spacing": [round(s, 4) for s in spacing], "patch_shape": patch, "batch_size": batch,
-            "base_features": base, "max_features": int(pb["max_features"]), "num_levels": levels,
-            "norm": pb.get("norm", "instance"), "kernel_size": 3,
-            "widths": [min(base * 2 ** i, int(pb["max_features"])) for i in range(levels + 1)],
-            "optimizer": "adam", "lr": float(pb.get("lr", 1e-4)), "epochs": int(pb.get("epochs", 800)),
-            "iterations_per_epoch": int(pb.get("iterations_per_epoch", 16)), "losses": list(pb.get("losses", ["multiclass_dice"])),
-            "predicted_peak_gb": round(peak / GiB, 3)}
+def sampling_section(ctx: _Context) -> dict[str, Any]:
+    """``sampling``: class-balanced sampling (paper section 2.3) from the preset."""
+    ps = ctx.preset["sampling"]
+    return {"max_locations_per_class": int(ps.get("max_locations_per_class", 10000)),
+            "background_as_class": bool(ps.get("background_as_class", True))}
+
+
+def inference_section(ctx: _Context, z_chunk: int, peak: int) -> dict[str, Any]:
+    """``inference``: the ROI rule from the preset, rule 10's z-chunk and its predicted peak."""
+    inf = ctx.preset["inference"]
+    return {"roi_margin_mm": float(inf.get("roi_margin_mm", 10.0)),
+            **{k: inf.get(k, v) for k, v in ROI_DEFAULTS.items()}, "z_chunk": int(z_chunk),
+            "max_z_chunk": None, "memory_budget_gb": None, "predicted_peak_gb": round(peak / GiB, 3)}
+
+
+def memory_section(ctx: _Context, steps: list[dict[str, Any]], inference: Mapping[str, Any],
+                   baseline: Mapping[str, Any]) -> dict[str, Any]:
+    """``memory``: rule 1's target and usable memory, and every predicted peak."""
+    return {"target_gb": round(ctx.target_gb, 3), "target_source": ctx.target_source,
+            "usable_gb": round(ctx.usable / GiB, 3),
+            "model": "meta-device allocation trace of the real networks (fp32, Adam), see planning/memory_model.py",
+            "predicted_peak_gb": {**{f"step{s['step']}": s["predicted_peak_gb"] for s in steps},
+                                  "inference": inference["predicted_peak_gb"],
+                                  "baseline": baseline["predicted_peak_gb"]}}
+
+
+def class_fractions(fingerprint: Mapping[str, Any]) -> list[float] | None:
+    """Share of each class among the labelled voxels of the cropped training volumes (bias prior)."""
+    counts = fingerprint.get("class_voxels_total")
+    if not counts or sum(counts) <= 0:
+        return None
+    total = float(sum(counts))
+    return [round(c / total, 8) for c in counts]
+
+
+def fingerprint_summary(ctx: _Context) -> dict[str, Any]:
+    """``fingerprint_summary``: for humans, and ``class_fractions`` for ``classifier_bias_init``."""
+    return {"num_cases": int(ctx.fp["num_cases"]), "median_spacing": [round(v, 6) for v in ctx.native],
+            "fov_mm_p95": [round(v, 3) for v in ctx.fov95],
+            "cropped_shape_p95": [round(float(v), 2) for v in ctx.fp["cropped_shape"]["p95"]],
+            "min_slices": ctx.min_slices, "class_fractions": class_fractions(ctx.fp)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The planner
+# ---------------------------------------------------------------------------------------------------
+
+def plan_experiment(fingerprint: dict[str, Any], preset: dict[str, Any], info: DatasetInfo,
+                    dataset_id: int | None = None, gpu_memory_gb: float | None = None,
+                    machine: str | None = None) -> dict[str, Any]:
+    """Make the plans for a dataset: the rules of the module docstring, one function each, assembled.
+
+    ``machine`` (cpu or cuda) selects the preset's machine section; default: cuda when a GPU memory is
+    given or detected, else cpu.
+    """
+    machine, machine_source = choose_machine(machine, gpu_memory_gb)
+    preset = preset_for_machine(preset, machine)
+    ctx = _Context(fingerprint, preset, info, gpu_memory_gb)  # rules 1-3: budget, full-res grid, planned cases
+    K = preset_k(ctx.spacing[0], ctx.min_slices, preset)  # rule 3
+    net1 = plan_net1(ctx)  # rule 4
+    net2 = plan_net2(ctx, net1, K)  # rules 5, 6
+    shapes2 = step2_subvolumes(ctx, net1, net2.subvolumes)  # rule 5
+    shapes3 = step3_subvolumes(ctx, net1, net2)  # rule 7
+    stack = step4_stack(ctx, net2)  # rule 8
+    batches = choose_batch_sizes(ctx, net1, net2, shapes2, shapes3, stack)  # rule 9
+    inference = inference_section(ctx, *choose_z_chunk(ctx, net1, net2))  # rule 10
+    baseline = plan_baseline(ctx)  # rule 11
+    steps = curriculum_steps(ctx, net1, shapes2, shapes3, stack, batches)
+    plans: dict[str, Any] = {
+        "plans_version": PLANS_VERSION,
+        "planner_version": PLANNER_VERSION,
+        "dataset": dataset_section(ctx, dataset_id, K),
+        "preset": preset.get("name"),
+        "machine": machine_section(ctx, machine, machine_source),
+        **labels_section(ctx),
+        "amp": str(ctx.preset["training"].get("amp", "bf16")),
+        "normalization": normalization_section(ctx),
+        "cropping": cropping_section(ctx),
+        "full_resolution": full_resolution_section(ctx),
+        "net1": net1_section(ctx, net1),
+        "net2": net2_section(net2),
+        "training": training_section(ctx, steps),
+        "augmentation": augmentation_section(ctx),
+        "sampling": sampling_section(ctx),
+        "inference": inference,
+        "baseline_unet": baseline,
+        "memory": memory_section(ctx, steps, inference, baseline),
+        "fingerprint_summary": fingerprint_summary(ctx),
+    }
+    return validate_plans(plans, "planner output")

@@ -1,111 +1,624 @@
-"""The plans file (``plans.json``): a plain dict with a versioned schema, plus small accessors.
+"""The plans file (``plans.json``): the one, complete, validated configuration of a dataset's model.
 
-Plans are kept as a plain JSON dict on purpose: every later stage (training, prediction, benchmark)
-reads them, humans read and occasionally edit them, and a dict round-trips through JSON and
-checkpoints without custom classes. Every field is documented in ``documentation/plans.md``.
+On disk (and inside checkpoints) the plans are a plain JSON dict: humans read and occasionally edit them,
+and a dict round-trips through JSON and checkpoints without custom classes. Code reads them only through
+:func:`parse_plans`, which checks every section once -- types, ranges, and *no unknown key anywhere* --
+and returns frozen, typed sections (:class:`Plans` with :class:`Net1Plan`, :class:`Net2Plan`,
+:class:`TrainingPlan` / :class:`StepPlan`, :class:`SamplingPlan`, :class:`InferencePlan`,
+:class:`BaselinePlan`, ...). The planner writes every field that takes effect (no hidden defaults later),
+and nothing that has none. Every field is documented in ``documentation/plans.md``.
 
-This module loads/saves/validates them and offers the few derived values other stages need, so the
-field layout is spelled out in one place: keyword arguments for the networks (:func:`net1_kwargs`,
-:func:`net2_kwargs`, :func:`baseline_kwargs`, :func:`cascade_kwargs`), one training step
-(:func:`training_step`) and the hash of the preprocessing-relevant fields (:func:`preprocessing_hash`).
+Plans of an older schema are brought to :data:`PLANS_VERSION` by :func:`upgrade_plans` wherever plans are
+read (``load_plans``, checkpoints, ``--plans-override``), so old plans and trained models keep working.
+
+Derived values other stages need: keyword arguments for the networks (:func:`net1_kwargs`,
+:func:`net2_kwargs`, :func:`baseline_kwargs`, :func:`cascade_kwargs`) and the hash of the
+preprocessing-relevant fields (:func:`preprocessing_hash`).
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping, Sequence
 
+from heartcascade.networks.net2 import NET2_INPUT_MODES  # one vocabulary: plans, networks, inference
+from heartcascade.planning.augmentation_plan import AugmentationParams, augmentation_dict
 from heartcascade.preprocessing.preprocess import PREPROCESSING_VERSION
 from heartcascade.utils.atomic import atomic_write_json
 from heartcascade.utils.errors import HCError
 from heartcascade.utils.jsonio import load_json
 
-PLANS_VERSION = 1
+PLANS_VERSION = 2
+#: Versions :func:`upgrade_plans` brings to :data:`PLANS_VERSION` (older models and plans files keep working).
+SUPPORTED_PLANS_VERSIONS = (1, 2)
 PLANS_FILE = "plans.json"
 
-#: Top-level keys every plans file has (validated on load).
-REQUIRED_KEYS = (
-    "plans_version", "dataset", "preset", "modality", "num_input_channels", "labels", "num_classes", "label_codes",
-    "normalization", "cropping", "full_resolution", "net1", "net2", "training", "augmentation", "sampling",
-    "inference", "baseline_unet", "memory",
-)
-_SECTION_KEYS = {
-    "net1": ("coarse_spacing", "patch_shape", "in_channels", "num_classes", "base_features", "max_features", "widths",
-             "dilations", "bottleneck_dilation", "dropout", "kernel_size", "norm"),
-    "net2": ("K", "input_mode", "in_channels", "num_classes", "base_features", "max_features", "widths", "num_levels",
-             "recursions", "convs_per_level", "dropout", "expansive_kernel", "inplane_tile"),
-    "training": ("optimizer", "lr", "steps"),
-    "inference": ("roi_margin_mm", "z_chunk", "inplane_tile"),
-}
-#: plans' Net2 input modes -> the names used by heartcascade.networks (Cascade / net2_input_channels)
-NETWORK_INPUT_MODE = {"probabilities": "probs", "labelmap": "label"}
 #: ``inference.roi_rule`` values: the ROI from the heart's connected component(s) of Net1's whole-heart
 #: probability, or (the rule before plans had the field) the box of every Net1 foreground voxel.
 ROI_RULES = ("heart_components", "all_foreground")
 #: What plans without the ROI fields get (documentation/plans.md): the heart-component rule.
 ROI_DEFAULTS = {"roi_rule": "heart_components", "roi_min_component_fraction": 0.1, "roi_join_distance_mm": 0.0}
+#: ``amp``: mixed precision of training and inference on CUDA (the CPU always computes in float32).
+AMP_MODES = ("bf16", "fp16", "none")
+STEP_INPUTS = {1: "whole_coarse_volume", 2: "subvolumes", 3: "subvolumes", 4: "slice_stacks"}
+NORMALIZATION_SCHEMES = ("ct_clip", "percentile_clip")
+
+
+class _Bad(Exception):
+    """A field's value is wrong (message completed with the file and field by :func:`_section`)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Field checks: value -> the typed value (tuples for lists), or _Bad
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(lo: int | None = None) -> Callable[[Any], int]:
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())):
+            raise _Bad(f"must be an integer, got {v!r}")
+        if lo is not None and v < lo:
+            raise _Bad(f"must be >= {lo}, got {v!r}")
+        return int(v)
+    return check
+
+
+def _num(lo: float | None = None, hi: float | None = None, open_lo: bool = False) -> Callable[[Any], float]:
+    def check(v: Any) -> float:
+        if not _is_num(v):
+            raise _Bad(f"must be a number, got {v!r}")
+        if lo is not None and (v < lo or (open_lo and v == lo)):
+            raise _Bad(f"must be {'>' if open_lo else '>='} {lo}, got {v!r}")
+        if hi is not None and v > hi:
+            raise _Bad(f"must be <= {hi}, got {v!r}")
+        return float(v)
+    return check
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise _Bad(f"must be true or false, got {v!r}")
+    return v
+
+
+def _str(choices: tuple[str, ...] | None = None) -> Callable[[Any], str]:
+    def check(v: Any) -> str:
+        if not isinstance(v, str):
+            raise _Bad(f"must be a string, got {v!r}")
+        if choices is not None and v not in choices:
+            raise _Bad(f"must be one of {', '.join(choices)}, got {v!r}")
+        return v
+    return check
+
+
+def _opt(inner: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda v: None if v is None else inner(v)
+
+
+def _list(inner: Callable[[Any], Any], length: int | None = None, nonempty: bool = False) -> Callable[[Any], tuple]:
+    def check(v: Any) -> tuple:
+        if not isinstance(v, (list, tuple)):
+            raise _Bad(f"must be a list, got {v!r}")
+        if length is not None and len(v) != length:
+            raise _Bad(f"must have {length} entries, got {list(v)!r}")
+        if nonempty and not v:
+            raise _Bad("must not be empty")
+        return tuple(inner(x) for x in v)
+    return check
+
+
+def _object(v: Any) -> dict[str, Any]:
+    if not isinstance(v, Mapping):
+        raise _Bad(f"must be an object, got {v!r}")
+    return copy.deepcopy(dict(v))
+
+
+def _any(v: Any) -> Any:
+    return copy.deepcopy(v)
+
+
+def _dilation(v: Any) -> int | tuple[int, int, int]:
+    if isinstance(v, (list, tuple)):
+        return _list(_int(1), 3)(v)  # type: ignore[return-value]
+    return _int(1)(v)
+
+
+_SHAPE = _list(_int(1), 3)
+_SPACING = _list(_num(0, open_lo=True), 3)
+
+
+def _f(check: Callable[[Any], Any], default: Any = dataclasses.MISSING) -> Any:
+    """A typed field: ``check`` converts and validates the JSON value; a default makes the field optional."""
+    return dataclasses.field(default=default, metadata={"check": check})
+
+
+def _section(cls: type, data: Any, where: str, source: str, **extra: Any) -> Any:
+    """``cls`` built from the JSON object ``data``: unknown keys, missing required fields and wrong values
+    are one-line HCErrors naming ``source`` and the field (``where.key``)."""
+    if not isinstance(data, Mapping):
+        raise HCError(f"{source}: {where} must be an object, got {type(data).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls) if "check" in f.metadata}
+    for key in data:
+        if key not in known:
+            raise HCError(f"{source}: {where} has unknown key {key!r}")
+    values: dict[str, Any] = {}
+    for name, f in known.items():
+        if name not in data:
+            if f.default is dataclasses.MISSING:
+                raise HCError(f"{source}: {where} lacks field {name!r}")
+            values[name] = f.default
+            continue
+        try:
+            values[name] = f.metadata["check"](data[name])
+        except _Bad as exc:
+            raise HCError(f"{source}: {where}.{name} {exc}") from None
+    return cls(**values, **extra)
+
+
+# --------------------------------------------------------------------------------------------------
+# The typed sections (field meaning: documentation/plans.md)
+
+
+@dataclass(frozen=True)
+class DatasetPlan:
+    name: str = _f(_str())
+    id: int = _f(_int(0))
+    num_training_cases: int = _f(_int(0))
+    excluded_cases: dict[str, str] = _f(_object)
+
+
+@dataclass(frozen=True)
+class MachinePlan:
+    kind: str = _f(_str(("cpu", "cuda")))
+    source: str = _f(_str())
+    cpu_count: int | None = _f(_opt(_int(1)))
+    gpu_memory_gb: float | None = _f(_opt(_num(0)))
+
+
+@dataclass(frozen=True)
+class NormalizationPlan:
+    channel: int = _f(_int(0))
+    name: str = _f(_str())
+    scheme: str = _f(_str(NORMALIZATION_SCHEMES))
+    target_range: tuple[float, float] = _f(_list(_num(), 2))
+    clip_low: float | None = _f(_num(), None)         # ct_clip
+    clip_high: float | None = _f(_num(), None)        # ct_clip
+    percentile_low: float | None = _f(_num(0, 100), None)   # percentile_clip
+    percentile_high: float | None = _f(_num(0, 100), None)  # percentile_clip
+
+
+@dataclass(frozen=True)
+class CroppingPlan:
+    method: str = _f(_str(("ct_hu_threshold", "relative_threshold")))
+    margin_mm: float = _f(_num(0))
+
+
+@dataclass(frozen=True)
+class FullResolutionPlan:
+    inplane_spacing: tuple[float, float] | None = _f(_opt(_list(_num(0, open_lo=True), 2)))
+    inplane_spacing_ratio: float = _f(_num(0))
+    max_inplane_spacing_ratio: float = _f(_num(0))
+    median_spacing: tuple[float, float, float] = _f(_SPACING)
+    spacing: tuple[float, float, float] = _f(_SPACING)
+    shape_p95: tuple[int, int, int] = _f(_list(_int(0), 3))
+    min_slices: int = _f(_int(0))
+
+
+@dataclass(frozen=True)
+class Net1Plan:
+    coarse_spacing: tuple[float, float, float] = _f(_SPACING)
+    patch_shape: tuple[int, int, int] = _f(_SHAPE)
+    coarse_shape_median: tuple[int, int, int] = _f(_list(_int(0), 3))
+    in_channels: int = _f(_int(1))
+    num_classes: int = _f(_int(2))
+    base_features: int = _f(_int(1))
+    max_features: int = _f(_int(1))
+    widths: tuple[int, ...] = _f(_list(_int(1)))
+    dilations: tuple[Any, ...] = _f(_list(_dilation, nonempty=True))
+    bottleneck_dilation: int = _f(_int(1))
+    dropout: float = _f(_num(0, 1))
+    kernel_size: int = _f(_int(1))
+    norm: str | None = _f(_opt(_str(("instance", "none"))))
+    required_divisor: int = _f(_int(1))
+
+
+@dataclass(frozen=True)
+class Net2Plan:
+    K: int = _f(_int(1))
+    input_mode: str = _f(_str(NET2_INPUT_MODES))
+    in_channels: int = _f(_int(1))
+    num_classes: int = _f(_int(2))
+    base_features: int = _f(_int(1))
+    max_features: int = _f(_int(1))
+    widths: tuple[int, ...] = _f(_list(_int(1)))
+    num_levels: int = _f(_int(0))
+    recursions: int = _f(_int(0))
+    convs_per_level: int = _f(_int(1))
+    dropout: float = _f(_num(0, 1))
+    expansive_kernel: int = _f(_int(1))
+    required_divisor: int = _f(_int(1))
+    full_slice_shape: tuple[int, int] = _f(_list(_int(1), 2))
+    tiling: bool = _f(_bool)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    step: int = _f(_int(1))
+    name: str = _f(_str())
+    enabled: bool = _f(_bool)
+    train: tuple[str, ...] = _f(_list(_str(("net1", "net2")), nonempty=True))
+    losses: tuple[str, ...] = _f(_list(_str(), nonempty=True))
+    input: str = _f(_str(tuple(sorted(set(STEP_INPUTS.values())))))
+    batch_size: int = _f(_int(1))
+    epochs: int = _f(_int(0))
+    iterations_per_epoch: int = _f(_int(1))
+    lr: float = _f(_num(0, open_lo=True))
+    predicted_peak_gb: float | None = _f(_opt(_num(0)))
+    time_fraction: float | None = _f(_opt(_num(0, 1)))
+    patch_shape: tuple[int, int, int] | None = _f(_opt(_SHAPE), None)                   # step 1
+    subvolume_shapes: tuple[tuple[int, int, int], ...] | None = _f(_opt(_list(_SHAPE, nonempty=True)), None)  # 2, 3
+    coarse_patch_shapes: tuple[tuple[int, int, int], ...] | None = _f(_opt(_list(_SHAPE)), None)  # step 2
+    stack_shape: tuple[int, int, int] | None = _f(_opt(_SHAPE), None)                   # step 4
+    loss_weights: dict[str, float] | None = _f(_opt(_object), None)  # optional; null: every loss weighs 1
+
+    @property
+    def shapes(self) -> tuple[tuple[int, int, int], ...]:
+        """The step's input shapes: its patch, subvolume shapes or stack."""
+        if self.input == "whole_coarse_volume":
+            return (self.patch_shape,) if self.patch_shape else ()
+        if self.input == "slice_stacks":
+            return (self.stack_shape,) if self.stack_shape else ()
+        return self.subvolume_shapes or ()
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    weight_decay: float = _f(_num(0))
+    dice_weighting: str = _f(_str(("inverse_count", "uniform")))
+    classifier_bias_init: str = _f(_str(("zero", "class_prior")))
+    lr_schedule: str = _f(_str(("constant", "poly")))
+    warmup_iterations: int = _f(_int(0))
+    grad_clip: float | None = _f(_opt(_num(0, open_lo=True)))
+    ema_momentum: float = _f(_num(0, 1))
+    keep_best_per_step: bool = _f(_bool)
+    time_budget_s: float | None = _f(_opt(_num(0, open_lo=True)))
+    budget_probe_iterations: int = _f(_int(1))
+    validation_interval_epochs: int = _f(_int(1))
+    checkpoint_interval_epochs: int = _f(_int(1))
+    checkpoint_interval_iterations: int = _f(_int(0))
+    val_max_cases: int | None = _f(_opt(_int(1)))
+    num_workers: int | None = _f(_opt(_int(0)))
+    num_threads: int | None = _f(_opt(_int(1)))
+    seed: int = _f(_int())
+    steps: tuple[StepPlan, ...] = dataclasses.field(default=())
+
+    def step(self, number: int) -> StepPlan:
+        for entry in self.steps:
+            if entry.step == number:
+                return entry
+        raise HCError(f"plans have no training step {number}")
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    max_locations_per_class: int = _f(_int(1))
+    background_as_class: bool = _f(_bool)
+
+
+@dataclass(frozen=True)
+class InferencePlan:
+    roi_margin_mm: float = _f(_num(0))
+    roi_rule: str = _f(_str(ROI_RULES))
+    roi_min_component_fraction: float = _f(_num(0, 1))
+    roi_join_distance_mm: float = _f(_num(0))
+    z_chunk: int | None = _f(_opt(_int(1)))
+    max_z_chunk: int | None = _f(_opt(_int(1)))
+    memory_budget_gb: float | None = _f(_opt(_num(0, open_lo=True)))
+    predicted_peak_gb: float | None = _f(_opt(_num(0)))
+
+
+@dataclass(frozen=True)
+class BaselinePlan:
+    spacing: tuple[float, float, float] = _f(_SPACING)
+    patch_shape: tuple[int, int, int] = _f(_SHAPE)
+    batch_size: int = _f(_int(1))
+    base_features: int = _f(_int(1))
+    max_features: int = _f(_int(1))
+    num_levels: int = _f(_int(1))
+    norm: str | None = _f(_opt(_str(("instance", "none"))))
+    widths: tuple[int, ...] = _f(_list(_int(1)))
+    lr: float = _f(_num(0, open_lo=True))
+    epochs: int = _f(_int(0))
+    iterations_per_epoch: int = _f(_int(1))
+    losses: tuple[str, ...] = _f(_list(_str(), nonempty=True))
+    predicted_peak_gb: float | None = _f(_opt(_num(0)))
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    target_gb: float = _f(_num(0))
+    target_source: str = _f(_str())
+    usable_gb: float = _f(_num())
+    model: str = _f(_str())
+    predicted_peak_gb: dict[str, float] = _f(_object)
+
+
+@dataclass(frozen=True)
+class FingerprintSummary:
+    num_cases: int = _f(_int(0))
+    median_spacing: tuple[float, ...] = _f(_list(_num()))
+    fov_mm_p95: tuple[float, ...] = _f(_list(_num()))
+    cropped_shape_p95: tuple[float, ...] = _f(_list(_num()))
+    min_slices: int = _f(_int(0))
+    class_fractions: tuple[float, ...] | None = _f(_opt(_list(_num(0, 1))))
+
+
+@dataclass(frozen=True)
+class Plans:
+    """The parsed plans: every section typed and frozen (``raw`` is the validated JSON dict)."""
+
+    plans_version: int = _f(_int())
+    planner_version: int = _f(_int())
+    preset: str | None = _f(_opt(_str()))
+    modality: str = _f(_str())
+    num_input_channels: int = _f(_int(1))
+    channel_names: dict[str, str] = _f(_object)
+    labels: dict[str, int] = _f(_object)
+    num_classes: int = _f(_int(2))
+    label_codes: dict[str, int] | None = _f(_opt(_object))
+    amp: str = _f(_str(AMP_MODES))
+    normalization: tuple[NormalizationPlan, ...] = dataclasses.field(default=())
+    dataset: DatasetPlan | None = None
+    machine: MachinePlan | None = None
+    cropping: CroppingPlan | None = None
+    full_resolution: FullResolutionPlan | None = None
+    net1: Net1Plan | None = None
+    net2: Net2Plan | None = None
+    training: TrainingPlan | None = None
+    augmentation: AugmentationParams | None = None
+    sampling: SamplingPlan | None = None
+    inference: InferencePlan | None = None
+    baseline_unet: BaselinePlan | None = None
+    memory: MemoryPlan | None = None
+    fingerprint_summary: FingerprintSummary | None = None
+    raw: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def class_names(self) -> list[str]:
+        by_value = {int(v): str(k) for k, v in self.labels.items()}
+        return [by_value.get(i, str(i)) for i in range(self.num_classes)]
+
+
+#: Sections parsed into their own types (besides ``training``, ``normalization`` and ``augmentation``).
+_SECTIONS: dict[str, type] = {
+    "dataset": DatasetPlan, "machine": MachinePlan, "cropping": CroppingPlan, "full_resolution": FullResolutionPlan,
+    "net1": Net1Plan, "net2": Net2Plan, "sampling": SamplingPlan, "inference": InferencePlan,
+    "baseline_unet": BaselinePlan, "memory": MemoryPlan, "fingerprint_summary": FingerprintSummary,
+}
+_TOP_LEVEL = {f.name for f in dataclasses.fields(Plans) if f.name != "raw"}
+
+
+def parse_plans(plans: Any, source: str = "plans") -> Plans:
+    """Validate a plans dict of the current version and return its typed, frozen sections.
+
+    Every section refuses unknown keys and missing fields with a one-line :class:`HCError` naming
+    ``source`` and the field, e.g. ``plans.json: training.steps[2] has unknown key 'foo'``.
+    """
+    if not isinstance(plans, Mapping):
+        raise HCError(f"{source}: plans must be a JSON object")
+    version = plans.get("plans_version")
+    if version != PLANS_VERSION:
+        raise HCError(f"{source}: plans_version {version!r} is not supported (expected {PLANS_VERSION}); "
+                      "re-run hc_plan_and_preprocess --overwrite")
+    for key in plans:
+        if key not in _TOP_LEVEL:
+            raise HCError(f"{source}: plans have unknown key {key!r}")
+    missing = [k for k in _TOP_LEVEL if k not in plans and k != "machine"]
+    if missing:
+        raise HCError(f"{source}: missing field(s) {', '.join(sorted(missing))}")
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        value = plans[name] if name in plans else None
+        sections[name] = None if value is None and name == "machine" else _section(cls, value, name, source)
+    training = plans["training"]
+    if not isinstance(training, Mapping):
+        raise HCError(f"{source}: training must be an object")
+    steps = training.get("steps")
+    if not isinstance(steps, list) or [s.get("step") if isinstance(s, Mapping) else None for s in steps] != [1, 2, 3, 4]:
+        raise HCError(f"{source}: training.steps must list steps 1, 2, 3, 4 in order")
+    parsed_steps = tuple(_section(StepPlan, s, f"training.steps[{s['step']}]", source) for s in steps)
+    for st in parsed_steps:
+        if st.input != STEP_INPUTS[st.step]:
+            raise HCError(f"{source}: training.steps[{st.step}].input must be {STEP_INPUTS[st.step]!r}, got {st.input!r}")
+        if not st.shapes:
+            need = {1: "patch_shape", 2: "subvolume_shapes", 3: "subvolume_shapes", 4: "stack_shape"}[st.step]
+            raise HCError(f"{source}: training.steps[{st.step}] needs '{need}'")
+        if st.loss_weights is not None and any(not _is_num(v) for v in st.loss_weights.values()):
+            raise HCError(f"{source}: training.steps[{st.step}].loss_weights must map loss names to numbers")
+    sections["training"] = _section(TrainingPlan, {k: v for k, v in training.items() if k != "steps"}, "training",
+                                    source, steps=parsed_steps)
+    norm = plans["normalization"]
+    if not isinstance(norm, list):
+        raise HCError(f"{source}: normalization must be a list, one entry per input channel")
+    sections["normalization"] = tuple(_section(NormalizationPlan, n, f"normalization[{i}]", source)
+                                      for i, n in enumerate(norm))
+    sections["augmentation"] = AugmentationParams.from_dict(plans["augmentation"], source)
+    top = {k: v for k, v in plans.items() if k not in sections and k in _TOP_LEVEL}
+    out = _section(Plans, top, "plans", source, **sections, raw=plans)
+    _check_consistency(out, source)
+    return out
+
+
+def _check_consistency(p: Plans, source: str) -> None:
+    if p.net2.K % 2 != 1:
+        raise HCError(f"{source}: net2.K must be a positive odd integer, got {p.net2.K!r}")
+    if len(p.normalization) != p.num_input_channels:
+        raise HCError(f"{source}: 'normalization' needs one entry per input channel ({p.num_input_channels})")
+    for i, n in enumerate(p.normalization):
+        need = ("clip_low", "clip_high") if n.scheme == "ct_clip" else ("percentile_low", "percentile_high")
+        if any(getattr(n, k) is None for k in need):
+            raise HCError(f"{source}: normalization[{i}] ({n.scheme}) needs {' and '.join(need)}")
+    for name, net in (("net1", p.net1), ("net2", p.net2)):
+        if net.num_classes != p.num_classes:
+            raise HCError(f"{source}: {name}.num_classes is {net.num_classes}, the plans have {p.num_classes} classes")
+    if p.net2.required_divisor != 2 ** p.net2.num_levels:
+        raise HCError(f"{source}: net2.required_divisor must be 2**num_levels = {2 ** p.net2.num_levels}")
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls) if f.name != "raw"}
+
+
+def check_override_keys(override: Mapping[str, Any], source: str = "--plans-override") -> None:
+    """Every key of a partial plans dict (``--plans-override``) must be a plans field; the first unknown one is
+    a one-line HCError naming it (values are checked once the override is merged, by :func:`parse_plans`)."""
+    def walk(data: Any, cls: type, where: str) -> None:
+        if not isinstance(data, Mapping):
+            return
+        for key in data:
+            if key not in _field_names(cls):
+                raise HCError(f"{source}: {where + ' has' if where else 'plans have'} unknown key {key!r}")
+    walk(override, Plans, "")
+    for name, cls in {**_SECTIONS, "augmentation": AugmentationParams}.items():
+        walk(override.get(name), cls, name)
+    training = override.get("training")
+    if isinstance(training, Mapping):
+        walk(training, TrainingPlan, "training")
+        for entry in training.get("steps") or []:
+            if isinstance(entry, Mapping):
+                walk(entry, StepPlan, f"training.steps[{entry.get('step')}]")
+    for i, entry in enumerate(override.get("normalization") or []):
+        walk(entry, NormalizationPlan, f"normalization[{i}]")
+
+
+def validate_plans(plans: Any, source: str = "plans") -> dict[str, Any]:
+    """Check a plans dict of the current version (:func:`parse_plans`) and return it unchanged."""
+    parse_plans(plans, source)
+    return plans
+
+
+# --------------------------------------------------------------------------------------------------
+# Older versions
+
+#: Fields version 1 wrote that never took effect; version 2 no longer has them.
+V1_DEAD_FIELDS = {
+    "training": ("precision", "optimizer", "lr"),
+    "sampling": ("scheme", "subvolume_shape_choice"),
+    "net2": ("inplane_tile",),
+    "inference": ("inplane_tile",),
+    "baseline_unet": ("kernel_size", "optimizer"),
+}
+#: Values version-1 readers used for training fields the v1 planner did not write (or wrote as null).
+V1_TRAINING_DEFAULTS: dict[str, Any] = {
+    "weight_decay": 0.0, "dice_weighting": "inverse_count", "classifier_bias_init": "zero",
+    "lr_schedule": "constant", "warmup_iterations": 0, "grad_clip": 12.0, "ema_momentum": 0.9,
+    "keep_best_per_step": False, "time_budget_s": None, "budget_probe_iterations": 10,
+    "validation_interval_epochs": 1, "checkpoint_interval_epochs": 1, "checkpoint_interval_iterations": 0,
+    "val_max_cases": None, "num_workers": None, "num_threads": None, "seed": 0,
+}
+#: v1 fields whose null (or 0) meant the default (``int(x or default)`` in the v1 readers).
+_V1_FALSY_MEANS_DEFAULT = ("validation_interval_epochs", "checkpoint_interval_epochs",
+                           "checkpoint_interval_iterations", "budget_probe_iterations", "warmup_iterations")
+_V1_STEP_DEFAULTS = {1: (["L1_ROI"], ["net1"], 1), 2: (["L1", "L1_ROI"], ["net1"], 2),
+                     3: (["L1", "L2"], ["net1", "net2"], 2), 4: (["L2"], ["net2"], 2)}
+_V1_STEP_NAMES = {1: "net1_whole_volume", 2: "net1_subvolumes", 3: "cascade_subvolumes", 4: "net2_slice_stacks"}
+
+
+def upgrade_plans(plans: Any, source: str = "plans") -> Any:
+    """Plans of an older schema brought to :data:`PLANS_VERSION` (current plans are returned as they are).
+
+    Version 1 -> 2: the fields that never took effect are dropped (:data:`V1_DEAD_FIELDS`, ``steps[].frozen``),
+    ``training.amp`` moves to the top-level ``amp`` (which inference now follows too; v1 inference always
+    used bf16 on CUDA, the v1 training default), and every default the v1 readers applied to a missing field is
+    written out, so an upgraded model trains and predicts exactly as before.
+    """
+    if not isinstance(plans, Mapping) or plans.get("plans_version") != 1:
+        return plans
+    p = copy.deepcopy(dict(plans))
+    sections = ("training", "sampling", "net1", "net2", "inference", "baseline_unet", "dataset")
+    for name in sections:
+        if not isinstance(p.get(name), dict):
+            raise HCError(f"{source}: plans_version 1 plans lack the '{name}' section")
+    tr = p["training"]
+    for section, dead in V1_DEAD_FIELDS.items():
+        for key in dead:
+            if not (section == "training" and key == "lr"):
+                p[section].pop(key, None)
+    p["amp"] = tr.pop("amp", None) or "bf16"
+    training_lr = tr.pop("lr", None)
+    for key, default in V1_TRAINING_DEFAULTS.items():
+        value = tr.get(key)
+        if value is None or (key in _V1_FALSY_MEANS_DEFAULT and not value):
+            tr[key] = default
+    steps = tr.get("steps")
+    if isinstance(steps, list):
+        for entry in steps:
+            if not isinstance(entry, dict) or entry.get("step") not in _V1_STEP_DEFAULTS:
+                continue
+            n = entry["step"]
+            losses, train, batch = _V1_STEP_DEFAULTS[n]
+            entry.pop("frozen", None)
+            for key, default in (("name", _V1_STEP_NAMES[n]), ("enabled", True), ("train", train), ("losses", losses),
+                                 ("input", STEP_INPUTS[n]), ("batch_size", batch), ("epochs", 1),
+                                 ("iterations_per_epoch", 250), ("lr", 1e-4 if training_lr is None else training_lr),
+                                 ("predicted_peak_gb", None), ("time_fraction", None)):
+                entry.setdefault(key, default)
+            if entry["input"] not in STEP_INPUTS.values():  # v1 readers fell back on the curriculum's batch kind
+                entry["input"] = STEP_INPUTS[n]
+    p["sampling"].setdefault("background_as_class", True)
+    p["net1"].setdefault("required_divisor", 16)
+    p["net2"].setdefault("required_divisor", 2 ** int(p["net2"].get("num_levels", 0)))
+    p["net2"].setdefault("tiling", False)
+    inf = p["inference"]
+    for key, default in {**ROI_DEFAULTS, "roi_margin_mm": 10.0, "z_chunk": None, "max_z_chunk": None,
+                         "memory_budget_gb": None, "predicted_peak_gb": None}.items():
+        if inf.get(key) is None:
+            inf[key] = default
+    p["dataset"].setdefault("excluded_cases", {})
+    p.setdefault("machine", None)
+    p["augmentation"] = augmentation_dict(AugmentationParams.from_dict(p.get("augmentation"), source))
+    p["plans_version"] = PLANS_VERSION
+    return p
+
+
+def check_plans_version(plans: Any, source: str | Path) -> None:
+    """Refuse plans this version of heartcascade cannot read (e.g. a model from a newer release)."""
+    version = plans.get("plans_version") if isinstance(plans, Mapping) else None
+    if version not in SUPPORTED_PLANS_VERSIONS:
+        raise HCError(f"{source}: model has plans_version {version!r}, this heartcascade reads only "
+                      f"{', '.join(map(str, SUPPORTED_PLANS_VERSIONS))}; install the heartcascade release the "
+                      "model was trained with")
+
+
+def read_plans(plans: Any, source: str = "plans") -> dict[str, Any]:
+    """A plans dict of any supported version, upgraded and validated (checkpoints, overrides, files)."""
+    plans = upgrade_plans(plans, source)
+    return validate_plans(plans, source)
+
+
+# --------------------------------------------------------------------------------------------------
+# Files
 
 
 def plans_path(preprocessed_dataset_dir: str | os.PathLike) -> Path:
     return Path(preprocessed_dataset_dir) / PLANS_FILE
 
 
-def validate_plans(plans: Any, source: str = "plans") -> dict[str, Any]:
-    """Check version and required fields; raises HCError naming the first problem."""
-    if not isinstance(plans, dict):
-        raise HCError(f"{source}: plans must be a JSON object")
-    version = plans.get("plans_version")
-    if version != PLANS_VERSION:
-        raise HCError(f"{source}: plans_version {version!r} is not supported (expected {PLANS_VERSION}); "
-                      "re-run hc_plan_and_preprocess --overwrite")
-    missing = [k for k in REQUIRED_KEYS if k not in plans]
-    if missing:
-        raise HCError(f"{source}: missing field(s) {', '.join(missing)}")
-    for section, keys in _SECTION_KEYS.items():
-        lack = [k for k in keys if k not in plans[section]]
-        if lack:
-            raise HCError(f"{source}: '{section}' lacks field(s) {', '.join(lack)}")
-    if plans["net2"]["input_mode"] not in NETWORK_INPUT_MODE:
-        raise HCError(f"{source}: net2.input_mode must be one of {', '.join(NETWORK_INPUT_MODE)}, "
-                      f"got {plans['net2']['input_mode']!r}")
-    k = plans["net2"]["K"]
-    if not isinstance(k, int) or k < 1 or k % 2 != 1:
-        raise HCError(f"{source}: net2.K must be a positive odd integer, got {k!r}")
-    if len(plans["normalization"]) != plans["num_input_channels"]:
-        raise HCError(f"{source}: 'normalization' needs one entry per input channel ({plans['num_input_channels']})")
-    steps = plans["training"]["steps"]
-    if [s.get("step") for s in steps] != [1, 2, 3, 4]:
-        raise HCError(f"{source}: training.steps must list steps 1, 2, 3, 4 in order")
-    roi_fields(plans, source)
-    return plans
-
-
-def roi_fields(plans: dict[str, Any], source: str = "plans") -> dict[str, Any]:
-    """The ROI rule of ``inference`` (``roi_rule``, ``roi_min_component_fraction``, ``roi_join_distance_mm``),
-    checked, with :data:`ROI_DEFAULTS` for fields that older plans lack."""
-    section = plans.get("inference") or {}
-    out = {key: section.get(key, default) for key, default in ROI_DEFAULTS.items()}
-    for key, default in ROI_DEFAULTS.items():
-        if out[key] is None:
-            out[key] = default
-    if out["roi_rule"] not in ROI_RULES:
-        raise HCError(f"{source}: inference.roi_rule must be one of {', '.join(ROI_RULES)}, got {out['roi_rule']!r}")
-    for key, lo, hi in (("roi_min_component_fraction", 0.0, 1.0), ("roi_join_distance_mm", 0.0, float("inf"))):
-        value = out[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-            raise HCError(f"{source}: inference.{key} must be a number in [{lo}, {hi}], got {value!r}")
-        out[key] = float(value)
-    return out
-
-
 def load_plans(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and validate a plans file (a folder is accepted: its ``plans.json``)."""
+    """Read, upgrade and validate a plans file (a folder is accepted: its ``plans.json``)."""
     path = Path(path)
     if path.is_dir():
         path = path / PLANS_FILE
-    return validate_plans(load_json(path), str(path))
+    return read_plans(load_json(path), str(path))
 
 
 def save_plans(path: str | os.PathLike, plans: dict[str, Any]) -> None:
@@ -113,47 +626,76 @@ def save_plans(path: str | os.PathLike, plans: dict[str, Any]) -> None:
     atomic_write_json(path, plans)
 
 
-def training_step(plans: dict[str, Any], step: int) -> dict[str, Any]:
+def as_plans(plans: Plans | Mapping[str, Any], source: str = "plans") -> Plans:
+    """``plans`` typed: a :class:`Plans` as it is, a dict of any supported version upgraded and parsed."""
+    if isinstance(plans, Plans):
+        return plans
+    return parse_plans(upgrade_plans(plans, source), source)
+
+
+# --------------------------------------------------------------------------------------------------
+# Derived values
+
+
+def training_step(plans: Plans | Mapping[str, Any], step: int) -> StepPlan:
     """The ``training.steps`` entry of step 1..4."""
-    for entry in plans["training"]["steps"]:
-        if entry["step"] == step:
-            return entry
-    raise HCError(f"plans have no training step {step}")
+    return as_plans(plans).training.step(step)
 
 
-def net1_kwargs(plans: dict[str, Any]) -> dict[str, Any]:
+def _fields(section: Any, keys: Sequence[str]) -> dict[str, Any]:
+    """``keys`` of a typed section or of a section dict (the planner's, before the plans exist); tuples as lists."""
+    get = section.get if isinstance(section, Mapping) else (lambda key: getattr(section, key))
+    out = {key: get(key) for key in keys}
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in out.items()}
+
+
+#: The plans fields that are the networks' keyword arguments (the rest of each section is planning data).
+NET1_KWARGS = ("in_channels", "num_classes", "base_features", "max_features", "dilations", "bottleneck_dilation",
+               "dropout", "kernel_size", "norm")
+NET2_KWARGS = ("in_channels", "num_classes", "K", "base_features", "num_levels", "recursions", "max_features",
+               "convs_per_level", "dropout", "expansive_kernel")
+BASELINE_KWARGS = ("base_features", "max_features", "num_levels", "norm")
+
+
+def net1_network_kwargs(net1: "Net1Plan | Mapping[str, Any]") -> dict[str, Any]:
+    """Keyword arguments for ``heartcascade.networks.Net1`` from the ``net1`` section (typed or a dict)."""
+    return _fields(net1, NET1_KWARGS)
+
+
+def net2_network_kwargs(net2: "Net2Plan | Mapping[str, Any]") -> dict[str, Any]:
+    """Keyword arguments for ``heartcascade.networks.Net2`` from the ``net2`` section (typed or a dict)."""
+    return _fields(net2, NET2_KWARGS)
+
+
+def baseline_network_kwargs(baseline: "BaselinePlan | Mapping[str, Any]", in_channels: int,
+                            num_classes: int) -> dict[str, Any]:
+    """Keyword arguments for ``heartcascade.networks.BaselineUNet3D`` from the ``baseline_unet`` section."""
+    return {"in_channels": int(in_channels), "num_classes": int(num_classes), **_fields(baseline, BASELINE_KWARGS)}
+
+
+def net1_kwargs(plans: Plans | Mapping[str, Any]) -> dict[str, Any]:
     """Keyword arguments for ``heartcascade.networks.Net1``."""
-    n = plans["net1"]
-    return {"in_channels": n["in_channels"], "num_classes": n["num_classes"], "base_features": n["base_features"],
-            "max_features": n["max_features"], "dilations": list(n["dilations"]),
-            "bottleneck_dilation": n["bottleneck_dilation"], "dropout": n["dropout"],
-            "kernel_size": n["kernel_size"], "norm": n["norm"]}
+    return net1_network_kwargs(as_plans(plans).net1)
 
 
-def net2_kwargs(plans: dict[str, Any]) -> dict[str, Any]:
+def net2_kwargs(plans: Plans | Mapping[str, Any]) -> dict[str, Any]:
     """Keyword arguments for ``heartcascade.networks.Net2``."""
-    n = plans["net2"]
-    return {"in_channels": n["in_channels"], "num_classes": n["num_classes"], "K": n["K"],
-            "base_features": n["base_features"], "num_levels": n["num_levels"], "recursions": n["recursions"],
-            "max_features": n["max_features"], "convs_per_level": n["convs_per_level"], "dropout": n["dropout"],
-            "expansive_kernel": n["expansive_kernel"]}
+    return net2_network_kwargs(as_plans(plans).net2)
 
 
-def cascade_kwargs(plans: dict[str, Any]) -> dict[str, Any]:
+def cascade_kwargs(plans: Plans | Mapping[str, Any]) -> dict[str, Any]:
     """Keyword arguments for ``heartcascade.networks.Cascade`` besides the two networks.
 
     Scale factors are per case (``properties['coarse_scale_factors']``); pass them to ``forward``.
     """
-    return {"input_mode": NETWORK_INPUT_MODE[plans["net2"]["input_mode"]],
-            "image_channels": plans["num_input_channels"]}
+    p = as_plans(plans)
+    return {"input_mode": p.net2.input_mode, "image_channels": p.num_input_channels}
 
 
-def baseline_kwargs(plans: dict[str, Any]) -> dict[str, Any]:
+def baseline_kwargs(plans: Plans | Mapping[str, Any]) -> dict[str, Any]:
     """Keyword arguments for ``heartcascade.networks.BaselineUNet3D``."""
-    b = plans["baseline_unet"]
-    return {"in_channels": plans["num_input_channels"], "num_classes": plans["num_classes"],
-            "base_features": b["base_features"], "max_features": b["max_features"], "num_levels": b["num_levels"],
-            "norm": b["norm"]}
+    p = as_plans(plans)
+    return baseline_network_kwargs(p.baseline_unet, p.num_input_channels, p.num_classes)
 
 
 def preprocessing_fields(plans: dict[str, Any]) -> dict[str, Any]:

@@ -1,38 +1,34 @@
-"""The trainer's view of the plans: one place that reads the training-related plans fields.
+"""The trainer's view of the plans: :class:`TrainingConfig` / :class:`StepConfig`, built from the typed
+plans (:func:`heartcascade.planning.plans.parse_plans`) and nothing else.
 
-Everything the trainer needs is turned into :class:`TrainingConfig` / :class:`StepConfig` here, so the
-rest of the training package never indexes the plans dict directly. Field names and defaults are those
-documented in documentation/plans.md; see documentation/training.md for how they are used.
+Every value comes from the plans' sections; there are no defaults here (the planner writes every field,
+:func:`~heartcascade.planning.plans.upgrade_plans` fills older plans). What this module adds is what the
+planning stage cannot check: loss names against the loss table and the outputs of each step's batches.
+See documentation/plans.md for the fields and documentation/training.md for how they are used.
 """
 from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from heartcascade.losses.terms import LOSS_TERMS, loss_term
-from heartcascade.model import from_plans
-from heartcascade.training.augmentation import AugmentationParams
+from heartcascade.planning.augmentation_plan import AugmentationParams
+from heartcascade.planning.curriculum import STEP_INPUT_KINDS, STEP_NUMBERS
+from heartcascade.planning.plans import Plans, StepPlan, as_plans, check_override_keys
 from heartcascade.utils.errors import HCError
 from heartcascade.utils.merge import deep_merge
 
 __all__ = ["deep_merge"]  # re-exported: overrides are merged with the same rule as presets
 
-#: The paper's curriculum (Table 1): losses and trained networks per step, and the batch kind.
-CURRICULUM: dict[str, dict[str, Any]] = {
-    "1": {"kind": "coarse_volume", "losses": ["L1_ROI"], "train": ["net1"], "batch_size": 1},
-    "2": {"kind": "subvolume", "losses": ["L1", "L1_ROI"], "train": ["net1"], "batch_size": 2},
-    "3": {"kind": "subvolume", "losses": ["L1", "L2"], "train": ["net1", "net2"], "batch_size": 2},
-    "4": {"kind": "slices", "losses": ["L2"], "train": ["net2"], "batch_size": 2},
-}
-CASCADE_STEPS = ("1", "2", "3", "4")
+#: The curriculum's steps (paper Table 1: planning/curriculum.py; losses and trained networks are in the plans).
+CASCADE_STEPS = tuple(str(n) for n in STEP_NUMBERS)
 BASELINE_STAGE = "baseline"
 #: The network outputs each batch kind produces (the losses of a step must read one of them).
 KIND_OUTPUTS = {"coarse_volume": ("net1",), "subvolume": ("net1", "net2"), "slices": ("net2",),
                 BASELINE_STAGE: ("out",)}
-DEFAULT_LR = 1e-4
 
 
 @dataclass
@@ -47,10 +43,10 @@ class StepConfig:
     lr: float
     losses: list[str]
     train: list[str]  # subset of net1, net2 (cascade) or [baseline]
-    patch_shapes: list[tuple[int, int, int]] = field(default_factory=list)
-    loss_weights: dict[str, float] = field(default_factory=dict)
-    weight_decay: float = 0.0
-    time_fraction: float | None = None  # share of training.time_budget_s (None: by planned iterations)
+    patch_shapes: list[tuple[int, int, int]]
+    loss_weights: dict[str, float]
+    weight_decay: float
+    time_fraction: float | None  # share of training.time_budget_s (None: by planned iterations)
     iterations_override: int | None = None  # set by the time budget once the step's speed is measured
 
     @property
@@ -70,31 +66,30 @@ class TrainingConfig:
     class_names: list[str]
     steps: dict[str, StepConfig]
     augmentation: AugmentationParams
-    num_workers: int | None = None
-    checkpoint_every: int = 0  # iterations; 0 = use checkpoint_every_epochs
-    checkpoint_every_epochs: int = 1
-    validate_every_epochs: int = 1
-    val_max_cases: int | None = None
-    ema_momentum: float = 0.9
-    grad_clip: float | None = 12.0
-    amp: str = "bf16"
-    K: int = 1
-    net2_divisor: int = 1
-    net1_divisor: int = 16
-    baseline_spacing: tuple[float, float, float] | None = None
-    baseline_divisor: int = 16
-    net2_chunk: int = 16
-    seed: int = 0
-    background_as_class: bool = True
-    warmup_iterations: int = 0
-    dice_weighting: str = "inverse_count"
-    classifier_bias_init: str = "zero"
-    class_fractions: list[float] | None = None
-    lr_schedule: str = "constant"  # per step: constant | poly (warm-up first, then (1 - t)^0.9 to zero)
-    keep_best_per_step: bool = False  # end each step with its best-validated weights
-    time_budget_s: float | None = None  # wall-clock budget of the whole curriculum (None: plans' counts)
-    budget_probe_iterations: int = 10
-    extra: dict[str, Any] = field(default_factory=dict)
+    num_workers: int | None
+    num_threads: int | None  # CPU intra-op threads of training (None: decided at the start, session.training_threads)
+    checkpoint_every: int  # iterations; 0 = use checkpoint_every_epochs
+    checkpoint_every_epochs: int
+    validate_every_epochs: int
+    val_max_cases: int | None
+    ema_momentum: float
+    grad_clip: float | None
+    amp: str
+    K: int
+    net2_divisor: int
+    net1_divisor: int
+    baseline_spacing: tuple[float, float, float]
+    baseline_divisor: int
+    seed: int
+    background_as_class: bool
+    warmup_iterations: int
+    dice_weighting: str
+    classifier_bias_init: str
+    class_fractions: list[float] | None
+    lr_schedule: str  # per step: constant | poly (warm-up first, then (1 - t)^0.9 to zero)
+    keep_best_per_step: bool  # end each step with its best-validated weights
+    time_budget_s: float | None  # wall-clock budget of the whole curriculum (None: plans' counts)
+    budget_probe_iterations: int
 
     def time_fractions(self, names: list[str]) -> dict[str, float]:
         """Budget shares of the steps: their ``time_fraction`` or, when one is unset, planned iterations."""
@@ -113,7 +108,7 @@ def parse_override(text: str | Mapping[str, Any] | None) -> dict[str, Any] | Non
     if text is None:
         return None
     if isinstance(text, Mapping):
-        return normalise_override(dict(text))
+        return normalise_override(dict(text), "plans override")
     candidate = Path(text)
     source = "--plans-override"
     if not text.lstrip().startswith("{") and candidate.is_file():
@@ -125,11 +120,12 @@ def parse_override(text: str | Mapping[str, Any] | None) -> dict[str, Any] | Non
         raise HCError(f"{source}: not valid JSON ({exc})") from None
     if not isinstance(value, dict):
         raise HCError(f"{source}: must be a JSON object, e.g. '{{\"training\": {{...}}}}'")
-    return normalise_override(value)
+    return normalise_override(value, source)
 
 
-def normalise_override(value: dict[str, Any]) -> dict[str, Any]:
-    """Accept ``training.steps`` as ``{"2": {...}}`` as well as the plans' list ``[{"step": 2, ...}]``."""
+def normalise_override(value: dict[str, Any], source: str = "--plans-override") -> dict[str, Any]:
+    """Accept ``training.steps`` as ``{"2": {...}}`` as well as the plans' list ``[{"step": 2, ...}]``; every key
+    must be a plans field (an unknown one is a one-line HCError naming it)."""
     steps = (value.get("training") or {}).get("steps") if isinstance(value.get("training"), Mapping) else None
     if isinstance(steps, Mapping):
         value = copy.deepcopy(value)
@@ -137,16 +133,15 @@ def normalise_override(value: dict[str, Any]) -> dict[str, Any]:
             value["training"]["steps"] = [{**dict(v), "step": int(k)} for k, v in steps.items()]
         except (TypeError, ValueError):
             raise HCError("plans override: training.steps keys must be step numbers 1..4") from None
+    check_override_keys(value, source)
     return value
 
 
 # --------------------------------------------------------------------------------------------------
 # Reading (field names: documentation/plans.md; the planner writes them, planning/planner.py)
 
-_INPUT_KINDS = {"whole_coarse_volume": "coarse_volume", "subvolumes": "subvolume", "slice_stacks": "slices"}
 
-
-def _losses(names: Sequence[Any], kind: str, where: str) -> list[str]:
+def _losses(names: Sequence[str], kind: str, where: str) -> list[str]:
     """Loss names resolved through the loss table; each must read an output the step's batches produce."""
     losses = [loss_term(str(x), f"plans: {where}.losses").name for x in names]
     wrong = [n for n in losses if LOSS_TERMS[n].output not in KIND_OUTPUTS[kind]]
@@ -156,170 +151,70 @@ def _losses(names: Sequence[Any], kind: str, where: str) -> list[str]:
     return losses
 
 
-def _shape(value: Any, where: str) -> tuple[int, int, int]:
-    if isinstance(value, (int, float)):
-        return (int(value),) * 3
-    if isinstance(value, Sequence) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value):
-        shape = tuple(int(v) for v in value)
-        if min(shape) < 1:
-            raise HCError(f"plans: {where} has a non-positive size: {list(shape)}")
-        return shape  # type: ignore[return-value]
-    raise HCError(f"plans: {where} must be [d, h, w], got {value!r}")
+def _step(entry: StepPlan, weight_decay: float) -> StepConfig:
+    where = f"training.steps[{entry.step}]"
+    kind = STEP_INPUT_KINDS[entry.input]
+    return StepConfig(name=str(entry.step), kind=kind, epochs=entry.epochs if entry.enabled else 0,
+                      iterations_per_epoch=entry.iterations_per_epoch, batch_size=entry.batch_size, lr=entry.lr,
+                      losses=_losses(entry.losses, kind, where), train=list(entry.train),
+                      patch_shapes=[tuple(s) for s in entry.shapes],  # type: ignore[misc]
+                      loss_weights={str(k): float(v) for k, v in (entry.loss_weights or {}).items()},
+                      weight_decay=weight_decay, time_fraction=entry.time_fraction)
 
 
-def _number(entry: Mapping[str, Any], key: str, default: Any, where: str, kind: type = int) -> Any:
-    value = entry.get(key, default)
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise HCError(f"plans: {where}.{key} must be a number, got {value!r}") from None
-
-
-def _step_from_plans(entry: Mapping[str, Any], default_lr: float, default_wd: float, where: str) -> StepConfig:
-    name = str(entry.get("step"))
-    curriculum = CURRICULUM[name]
-    kind = _INPUT_KINDS.get(str(entry.get("input")), curriculum["kind"])
-    epochs = _number(entry, "epochs", 1, where)
-    ipe = _number(entry, "iterations_per_epoch", 250, where)
-    batch = _number(entry, "batch_size", curriculum["batch_size"], where)
-    lr = _number(entry, "lr", default_lr, where, float)
-    if epochs < 0 or ipe < 1 or batch < 1 or lr <= 0:
-        raise HCError(f"plans: {where}: need epochs >= 0, iterations_per_epoch >= 1, batch_size >= 1, lr > 0 "
-                      f"(got {epochs}, {ipe}, {batch}, {lr})")
-    if not entry.get("enabled", True):
-        epochs = 0
-    losses = _losses(entry.get("losses", curriculum["losses"]), kind, where)
-    train = [str(x) for x in entry.get("train", curriculum["train"])]
-    unknown = sorted(set(train) - {"net1", "net2"})
-    if unknown:
-        raise HCError(f"plans: {where}.train names unknown network(s) {unknown}")
-    if kind == "coarse_volume":
-        shapes = [_shape(entry["patch_shape"], f"{where}.patch_shape")] if entry.get("patch_shape") else []
-    elif kind == "slices":
-        shapes = [_shape(entry["stack_shape"], f"{where}.stack_shape")] if entry.get("stack_shape") else []
-    else:
-        raw = entry.get("subvolume_shapes")
-        if not raw:
-            raise HCError(f"plans: {where} needs 'subvolume_shapes' (the subvolume edge sizes)")
-        shapes = [_shape(s, f"{where}.subvolume_shapes") for s in raw]
-    fraction = entry.get("time_fraction")
-    if fraction is not None:
-        fraction = _number(entry, "time_fraction", None, where, float)
-        if not (0 <= fraction <= 1):
-            raise HCError(f"plans: {where}.time_fraction must be between 0 and 1, got {fraction}")
-    return StepConfig(name=name, kind=kind, epochs=epochs, iterations_per_epoch=ipe, batch_size=batch, lr=lr,
-                      losses=losses, train=train, patch_shapes=shapes,
-                      loss_weights={str(k): float(v) for k, v in (entry.get("loss_weights") or {}).items()},
-                      weight_decay=_number(entry, "weight_decay", default_wd, where, float), time_fraction=fraction)
-
-
-def training_config(plans: Mapping[str, Any], configuration: str) -> TrainingConfig:
-    """Read everything training needs from ``plans`` (HCError naming the field when it is wrong)."""
-    section = plans.get("training")
-    if not isinstance(section, Mapping):
-        raise HCError("plans: 'training' section missing")
-    ncls = from_plans.num_classes(plans)
-    nimg = from_plans.image_channels(plans)
-    labels = plans.get("labels") or {}
-    by_value = {int(v): str(k) for k, v in labels.items()} if isinstance(labels, Mapping) else {}
-    names = [by_value.get(i, str(i)) for i in range(ncls)]
-    default_lr = _number(section, "lr", DEFAULT_LR, "training", float)
-    default_wd = _number(section, "weight_decay", 0.0, "training", float)
+def training_config(plans: Plans | Mapping[str, Any], configuration: str) -> TrainingConfig:
+    """Everything training needs, from the typed plans (a dict is upgraded and parsed first)."""
+    p = as_plans(plans)
+    tr = p.training
     steps: dict[str, StepConfig] = {}
     if configuration == "cascade":
-        entries = section.get("steps")
-        if not isinstance(entries, list):
-            raise HCError("plans: training.steps must be a list of the four step entries")
-        for entry in entries:
-            if not isinstance(entry, Mapping) or str(entry.get("step")) not in CASCADE_STEPS:
-                raise HCError(f"plans: training.steps entries need 'step' 1..4, got {entry!r}"[:200])
-            name = str(entry["step"])
-            steps[name] = _step_from_plans(entry, default_lr, default_wd, f"training.steps[{name}]")
-        missing = [s for s in CASCADE_STEPS if s not in steps]
-        if missing:
-            raise HCError(f"plans: training.steps lacks step(s) {', '.join(missing)}")
+        for entry in tr.steps:
+            steps[str(entry.step)] = _step(entry, tr.weight_decay)
     elif configuration == "baseline":
-        base = plans.get("baseline_unet")
-        if not isinstance(base, Mapping):
-            raise HCError("plans: 'baseline_unet' section missing (re-run hc_plan_and_preprocess)")
-        entry = {"step": BASELINE_STAGE, "epochs": base.get("epochs", 1),
-                 "iterations_per_epoch": base.get("iterations_per_epoch", 250),
-                 "batch_size": base.get("batch_size", 2), "lr": base.get("lr", default_lr),
-                 "weight_decay": base.get("weight_decay", default_wd), "losses": base.get("losses", ["L"])}
-        where = "baseline_unet"
-        epochs = _number(entry, "epochs", 1, where)
-        ipe = _number(entry, "iterations_per_epoch", 250, where)
-        batch = _number(entry, "batch_size", 2, where)
-        lr = _number(entry, "lr", default_lr, where, float)
-        if epochs < 0 or ipe < 1 or batch < 1 or lr <= 0:
-            raise HCError(f"plans: {where}: need epochs >= 0, iterations_per_epoch >= 1, batch_size >= 1, lr > 0")
-        if not base.get("patch_shape"):
-            raise HCError("plans: baseline_unet.patch_shape missing")
-        losses = _losses(entry["losses"], BASELINE_STAGE, where)
+        b = p.baseline_unet
         steps[BASELINE_STAGE] = StepConfig(
-            name=BASELINE_STAGE, kind="subvolume", epochs=epochs, iterations_per_epoch=ipe, batch_size=batch, lr=lr,
-            losses=losses, train=["baseline"], patch_shapes=[_shape(base["patch_shape"], f"{where}.patch_shape")],
-            weight_decay=_number(entry, "weight_decay", default_wd, where, float))
+            name=BASELINE_STAGE, kind="subvolume", epochs=b.epochs, iterations_per_epoch=b.iterations_per_epoch,
+            batch_size=b.batch_size, lr=b.lr, losses=_losses(b.losses, BASELINE_STAGE, "baseline_unet"),
+            train=["baseline"], patch_shapes=[tuple(b.patch_shape)], loss_weights={},  # type: ignore[list-item]
+            weight_decay=tr.weight_decay, time_fraction=None)
     else:
         raise HCError(f"unknown configuration {configuration!r}; expected 'cascade' or 'baseline'")
 
-    aug = AugmentationParams.from_dict(plans.get("augmentation"))
-    net2 = plans.get("net2") or {}
-    base = plans.get("baseline_unet") or {}
-    inference = plans.get("inference") or {}
     cfg = TrainingConfig(
-        configuration=configuration, num_classes=ncls, image_channels=nimg, class_names=names, steps=steps,
-        augmentation=aug,
-        num_workers=section.get("num_workers"),
-        checkpoint_every=int(section.get("checkpoint_interval_iterations", 0) or 0),
-        checkpoint_every_epochs=int(section.get("checkpoint_interval_epochs", 1) or 1),
-        validate_every_epochs=int(section.get("validation_interval_epochs", 1) or 1),
-        val_max_cases=section.get("val_max_cases"),
-        ema_momentum=float(section.get("ema_momentum", 0.9)),
-        grad_clip=section.get("grad_clip", 12.0),
-        amp=str(section.get("amp", "bf16")),
-        K=int(net2.get("K", 1)),
-        net2_divisor=int(net2.get("required_divisor", 2 ** int(net2.get("num_levels", 0)))),
-        net1_divisor=int((plans.get("net1") or {}).get("required_divisor", 16)),
-        baseline_spacing=tuple(float(s) for s in base["spacing"]) if base.get("spacing") else None,
-        baseline_divisor=2 ** int(base.get("num_levels", 4)),
-        net2_chunk=int(inference.get("z_chunk") or 16),
-        seed=int(section.get("seed", 0)),
-        background_as_class=bool((plans.get("sampling") or {}).get("background_as_class", True)),
-        warmup_iterations=int(section.get("warmup_iterations", 0) or 0),
-        dice_weighting=str(section.get("dice_weighting", "inverse_count")),
-        classifier_bias_init=str(section.get("classifier_bias_init", "zero")),
-        class_fractions=(plans.get("fingerprint_summary") or {}).get("class_fractions"),
-        lr_schedule=str(section.get("lr_schedule", "constant")),
-        keep_best_per_step=bool(section.get("keep_best_per_step", False)),
-        time_budget_s=_budget(section.get("time_budget_s")),
-        budget_probe_iterations=max(1, int(section.get("budget_probe_iterations", 10) or 10)),
+        configuration=configuration, num_classes=p.num_classes, image_channels=p.num_input_channels,
+        class_names=p.class_names, steps=steps, augmentation=p.augmentation,
+        num_workers=tr.num_workers,
+        num_threads=tr.num_threads,
+        checkpoint_every=tr.checkpoint_interval_iterations,
+        checkpoint_every_epochs=tr.checkpoint_interval_epochs,
+        validate_every_epochs=tr.validation_interval_epochs,
+        val_max_cases=tr.val_max_cases,
+        ema_momentum=tr.ema_momentum,
+        grad_clip=tr.grad_clip,
+        amp=p.amp,
+        K=p.net2.K,
+        net2_divisor=p.net2.required_divisor,
+        net1_divisor=p.net1.required_divisor,
+        baseline_spacing=tuple(p.baseline_unet.spacing),  # type: ignore[arg-type]
+        baseline_divisor=2 ** p.baseline_unet.num_levels,
+        seed=tr.seed,
+        background_as_class=p.sampling.background_as_class,
+        warmup_iterations=tr.warmup_iterations,
+        dice_weighting=tr.dice_weighting,
+        classifier_bias_init=tr.classifier_bias_init,
+        class_fractions=None if p.fingerprint_summary.class_fractions is None
+        else list(p.fingerprint_summary.class_fractions),
+        lr_schedule=tr.lr_schedule,
+        keep_best_per_step=tr.keep_best_per_step,
+        time_budget_s=tr.time_budget_s,
+        budget_probe_iterations=tr.budget_probe_iterations,
     )
-    for name, allowed in (("lr_schedule", ("constant", "poly")), ("classifier_bias_init", ("zero", "class_prior")),
-                          ("dice_weighting", ("inverse_count", "uniform")), ("amp", ("bf16", "fp16", "none"))):
-        value = getattr(cfg, name)
-        if value not in allowed:
-            raise HCError(f"plans: training.{name} must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {value!r}")
     if configuration == "cascade":
         for shape in steps["3"].patch_shapes:
             if shape[0] < cfg.K or shape[1] % cfg.net2_divisor or shape[2] % cfg.net2_divisor:
                 raise HCError(f"plans: training.steps[3] subvolume {list(shape)} must have D >= K={cfg.K} and H, W "
                               f"divisible by {cfg.net2_divisor} (Net2)")
-    if configuration == "baseline" and cfg.baseline_spacing is None:
-        raise HCError("plans: baseline_unet.spacing (the baseline's resampling spacing) is missing")
     return cfg
-
-
-def _budget(value: Any) -> float | None:
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        raise HCError(f"plans: training.time_budget_s must be a number of seconds or null, got {value!r}") from None
-    if not seconds > 0:
-        raise HCError(f"plans: training.time_budget_s must be positive, got {value!r}")
-    return seconds
 
 
 def checkpoint_interval(cfg: TrainingConfig, step: StepConfig) -> int:

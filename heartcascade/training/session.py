@@ -10,6 +10,7 @@ training runs.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,6 +22,7 @@ from heartcascade.losses.terms import total_loss
 from heartcascade.model import from_plans
 from heartcascade.networks.blocks import init_classifier_bias
 from heartcascade.paths import results_root
+from heartcascade.planning.plans import read_plans
 from heartcascade.preprocessing.storage import data_dir
 from heartcascade.training import distributed as dist_utils
 from heartcascade.training.cases import baseline_grid_case, load_train_case
@@ -39,6 +41,27 @@ from heartcascade.utils.errors import HCError
 
 #: Data-stream id of each step (the loaders' seeds are [seed, stream, rank]).
 STREAM_CODES = {"1": 1, "2": 2, "3": 3, "4": 4, BASELINE_STAGE: 9}
+
+
+def training_threads(plans_threads: int | None, num_workers: int, load: float | None = None) -> int:
+    """CPU intra-op threads while training: the plans' ``training.num_threads``, else a rule for the
+    machine as it is when training starts.
+
+    Idle machine (1-minute load below ``cpus - 0.5``): every thread torch uses -- a second OpenMP thread
+    buys 1.05-1.6x the wall speed there. Busy machine (other jobs hold the cores): the CPUs the loader
+    workers leave free (``cpus - workers``, at least 1), because OpenMP threads then spin while
+    descheduled: 1.5-5x the CPU time for no wall gain, and 1 thread gave 2.5-2.7x the iterations per
+    wall-minute at load 9-15 on 2 cores (issue #16, documentation/benchmarks.md "CPU training speed").
+    Never more than torch already uses.
+    """
+    current = torch.get_num_threads()
+    cpus = os.cpu_count() or 1
+    if plans_threads is not None:
+        return max(1, min(int(plans_threads), cpus))
+    load = os.getloadavg()[0] if load is None and hasattr(os, "getloadavg") else load
+    if load is None or load < cpus - 0.5:
+        return max(1, current)
+    return max(1, min(current, cpus - max(0, int(num_workers))))
 
 
 class TrainingSession:
@@ -137,7 +160,7 @@ class TrainingSession:
         if self.continue_training and latest.is_file():
             resume = load_checkpoint(latest)
             check_resume(resume, latest, self.configuration, labelled, self.data_dir, self.requested_steps)
-            self.plans = resume["plans"]
+            self.plans = read_plans(resume["plans"], str(latest))  # a run started before an upgrade: upgraded
             self.seed = int(resume.get("seed", 0))
             self.stages = list(resume["steps"])
             self.train_ids = list(resume.get("train_cases", self.train_ids))
@@ -156,6 +179,10 @@ class TrainingSession:
             raise HCError("nothing to train: every selected step has 0 epochs or is disabled in the plans")
         self.num_workers = self.num_workers_arg if self.num_workers_arg is not None \
             else default_num_workers(self.cfg.num_workers)
+        if self.device.type == "cpu":
+            self.threads_before = torch.get_num_threads()
+            torch.set_num_threads(training_threads(self.cfg.num_threads, self.num_workers))
+            self.threads_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         self.dataset_json_path = self.pre_dir / "dataset.json"
         self.logger = TrainingLogger(self.output_folder, enabled=self.dist.is_main, echo=self.progress,
                                      class_names=self.cfg.class_names)
@@ -185,6 +212,13 @@ class TrainingSession:
         if self.cfg.classifier_bias_init == "class_prior" and self.cfg.class_fractions:
             for net in self.networks.values():
                 init_classifier_bias(net.classifier, self.cfg.class_fractions)
+        if self.device.type == "cpu":
+            # The 3D U-Nets (Net1, the baseline) train 1.3-1.5x faster in channels-last-3d on the CPU
+            # (oneDNN's blocked convolutions); Net2's thin slabs do not gain (issue #16,
+            # documentation/benchmarks.md "CPU training speed"). Parameters only: activations follow.
+            for key in ("net1", "baseline"):
+                if key in self.networks:
+                    self.networks[key].to(memory_format=torch.channels_last_3d)
         if self.compile:
             # In place (state_dict keys unchanged), static shapes: one graph per patch shape.
             for net in self.networks.values():

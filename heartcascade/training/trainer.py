@@ -103,6 +103,9 @@ class Trainer(TrainingSession):
             return self._run()
         finally:
             dist_utils.cleanup()
+            before = getattr(self, "threads_before", None)
+            if before is not None:  # the session lowered them for training (training_threads)
+                torch.set_num_threads(before)
 
     def _run(self) -> TrainingResult:
         started = time.monotonic()
@@ -180,6 +183,11 @@ class Trainer(TrainingSession):
                         f"fold={self.fold} device={self.device} world_size={self.dist.world_size} seed={self.seed}")
         self.logger.log(f"splits: {self.splits_path}; {len(self.train_ids)} training cases, "
                         f"{len(self.val_ids)} validation cases ({', '.join(self.val_ids)})")
+        if self.device.type == "cpu":
+            load = getattr(self, "threads_load", None)
+            self.logger.log(f"CPU threads: {torch.get_num_threads()} ({self.num_workers} loader worker(s), "
+                            f"1-min load {'?' if load is None else f'{load:.1f}'}; training.num_threads="
+                            f"{c.num_threads})")
         for name in self.stages:
             st = c.steps[name]
             self.logger.log(f"step {name}: {st.kind}, {st.epochs} epochs x {st.iterations_per_epoch} iterations, "

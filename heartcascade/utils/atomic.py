@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -132,15 +133,18 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Non
 
 
 def _json_default(obj: Any) -> Any:
-    """Let numpy scalars/arrays and paths pass through json.dumps."""
-    import numpy as np
+    """Let numpy scalars/arrays and paths pass through json.dumps.
 
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return float(obj)
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
+    numpy is looked up, not imported: an object can only be a numpy one once numpy is loaded, and this
+    lowest layer stays importable without it (the console commands' ``--help``)."""
+    np = sys.modules.get("numpy")
+    if np is not None:
+        if isinstance(obj, np.integer):
+            return int(obj)
+        if isinstance(obj, np.floating):
+            return float(obj)
+        if isinstance(obj, np.ndarray):
+            return obj.tolist()
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"cannot serialise {type(obj).__name__}")

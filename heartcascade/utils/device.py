@@ -29,7 +29,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 def autocast(device: torch.device, amp: str = "bf16") -> Any:
     """Mixed precision on CUDA (``amp``: bf16, fp16 or none); nothing on the CPU, where bf16 convolutions
-    are slower than fp32. Training passes the plans' ``training.amp``; inference uses bf16."""
+    are slower than fp32. Training and inference pass the plans' ``amp``."""
     if device.type == "cuda" and amp in ("bf16", "fp16"):
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
     return contextlib.nullcontext()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import sys
 from typing import Any, Iterable
 
+from tqdm import tqdm
+
 
 def bars_enabled(wanted: bool = True) -> bool:
     """True when a bar was asked for and stderr is an interactive terminal."""
@@ -18,7 +20,5 @@ def bars_enabled(wanted: bool = True) -> bool:
 
 def progress_bar(iterable: Iterable[Any] | None = None, *, enabled: bool = True, **kwargs: Any):
     """``tqdm`` on stderr, disabled unless :func:`bars_enabled` (``enabled`` is the caller's wish)."""
-    from tqdm import tqdm
-
     kwargs.setdefault("file", sys.stderr)
     return tqdm(iterable, disable=not bars_enabled(enabled), **kwargs)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from heartcascade import paths
 from heartcascade.dataset import image_io
@@ -166,8 +167,6 @@ def _demo_summary(summary: dict[str, Any], info, timings: dict[str, float], sett
 
 
 def _torch_version() -> str:
-    import torch
-
     return torch.__version__
 
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from heartcascade import paths
 from heartcascade.dataset import image_io
 from heartcascade.dataset.dataset_json import Case, DatasetInfo, load_dataset
@@ -96,8 +98,6 @@ def _process_one(job: tuple) -> tuple[str, str | None, float]:
 
 def _init_worker(threads: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    import torch
-
     torch.set_num_threads(threads)
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
+from scipy import ndimage
 
 from heartcascade.dataset.image_io import Geometry
 
@@ -385,8 +386,6 @@ def remove_specks(classes: np.ndarray, values: Sequence[int] = HEART_CLASSES) ->
     Painting thin shapes on a coarse grid can leave one-voxel slivers (e.g. RV between myocardium
     and wall); each fragment takes the most common class around it, so every label is one piece.
     """
-    from scipy import ndimage
-
     heart = (classes > 0) & (classes <= max(values))
     if not heart.any():
         return

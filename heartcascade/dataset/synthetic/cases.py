@@ -22,12 +22,16 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from scipy import ndimage
 
-from heartcascade.dataset.synthetic import anatomy as A
-from heartcascade.dataset.synthetic import appearance
 from heartcascade.dataset.dataset_json import MMWHS_CODES, MMWHS_LABELS
 from heartcascade.dataset.image_io import Geometry, is_image_file, label_array, read_image, strip_image_ending
+from heartcascade.dataset.importers import remap_labels
+from heartcascade.dataset.synthetic import anatomy as A
+from heartcascade.dataset.synthetic import appearance
+from heartcascade.dataset.writer import DatasetWriter
 from heartcascade.utils.errors import HCError
+from heartcascade.utils.progress import progress_bar
 
 MODALITIES = ("ct", "mr")
 SIZES = ("small", "full")
@@ -217,8 +221,6 @@ def structure_ellipsoids(label: np.ndarray, grid: A.Grid, step: int = 2) -> list
 
 
 def _dilate_inplane_z(mask: np.ndarray, spacing_zyx: Sequence[float], mm: float) -> np.ndarray:
-    from scipy import ndimage
-
     out = mask
     n_xy = max(1, int(round(mm / min(spacing_zyx[1:]))))
     n_z = max(1, int(round(mm / spacing_zyx[0])))
@@ -269,8 +271,6 @@ def classes_from_labels(label: np.ndarray, grid: A.Grid, rng: np.random.Generato
 
 def remap_mmwhs(array: np.ndarray, path: str | os.PathLike, unknown_to_background: bool = False) -> np.ndarray:
     """MM-WHS codes → training labels (shared with the MM-WHS importer)."""
-    from heartcascade.dataset.importers import remap_labels
-
     codes = {code: lab for lab, code in MMWHS_CODES.items()}
     return remap_labels(array, codes, path, stray={421: 4}, unknown_to_background=unknown_to_background)
 
@@ -332,10 +332,6 @@ def make_synthetic_dataset(dataset_id: int, num_training: int, modality: str = "
     folder (sorted) become training cases and the next ``num_test`` test cases; ``size`` does not
     apply (the maps keep their geometry).
     """
-    from heartcascade.utils.progress import progress_bar
-
-    from heartcascade.dataset.writer import DatasetWriter
-
     _check(modality, size)
     if num_training < 1:
         raise HCError(f"-n must be at least 1, got {num_training}")

@@ -1,0 +1,99 @@
+"""The plans' ``augmentation`` section: probabilities and ranges of the training transforms.
+
+Part of the typed plans (:mod:`heartcascade.planning.plans` parses the section with
+:meth:`AugmentationParams.from_dict`); the transforms themselves are in
+:mod:`heartcascade.training.augmentation`. documentation/plans.md lists the fields.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from heartcascade.utils.errors import HCError
+
+
+@dataclass(frozen=True)
+class AugmentationParams:
+    """Probabilities and ranges of the random spatial transform (angles in degrees, lengths in mm)."""
+
+    enabled: bool = True
+    p_rotation: float = 0.3
+    rotation_deg: tuple[float, float, float] = (15.0, 15.0, 15.0)  # max |angle| about axes D, H, W
+    p_scale: float = 0.3
+    scale_range: tuple[float, float] = (0.85, 1.15)  # zoom factor (>1 enlarges the anatomy)
+    p_shear: float = 0.2
+    shear: float = 0.1  # max |off-diagonal| of the shear matrix
+    p_translation: float = 0.3
+    translation_mm: float = 10.0  # max |shift| per axis
+    p_elastic: float = 0.2
+    elastic_magnitude_mm: float = 3.0  # std of control-point displacements
+    elastic_spacing_mm: float = 32.0  # distance between control points
+    p_flip: float = 0.0  # probability per sample that flipping is considered ...
+    flip_axes: tuple[int, ...] = ()  # ... along these canonical axes (0=D, 1=H, 2=W), each 50 %
+    # Intensity (image channels only; probabilities per sample, all off unless the plans say otherwise).
+    # Images are normalised to about [-1, 1] (preprocessing.normalization), hence the modest noise.
+    p_gaussian_noise: float = 0.0
+    noise_std: tuple[float, float] = (0.0, 0.05)  # std of the added noise, drawn uniformly
+    p_gaussian_blur: float = 0.0
+    blur_sigma: tuple[float, float] = (0.5, 1.0)  # in voxels; each channel blurred with probability 0.5
+    p_brightness: float = 0.0
+    brightness_range: tuple[float, float] = (0.75, 1.25)  # multiplier
+    p_contrast: float = 0.0
+    contrast_range: tuple[float, float] = (0.75, 1.25)  # factor about the mean, clipped to the old range
+    p_low_resolution: float = 0.0
+    low_resolution_zoom: tuple[float, float] = (0.5, 1.0)  # in-plane down- and up-sampling factor
+    p_gamma: float = 0.0
+    p_gamma_inverted: float = 0.0  # gamma applied to the negated image (darkens bright structures)
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, source: str = "plans") -> "AugmentationParams":
+        """Build from the plans' augmentation section; unknown keys are an error, missing ones default."""
+        if data is None:
+            return cls()
+        if not isinstance(data, Mapping):
+            raise HCError(f"{source}: augmentation must be an object")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise HCError(f"{source}: augmentation has unknown key '{unknown[0]}' (known: {', '.join(sorted(names))})")
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            kwargs[key] = tuple(value) if isinstance(value, list) else value
+        try:
+            params = cls(**kwargs)
+        except TypeError as exc:
+            raise HCError(f"{source}: augmentation: {exc}") from None
+        if len(params.rotation_deg) != 3:
+            raise HCError(f"{source}: augmentation: rotation_deg needs 3 values (about D, H, W), got {params.rotation_deg}")
+        if len(params.scale_range) != 2 or min(params.scale_range) <= 0:
+            raise HCError(f"{source}: augmentation: scale_range must be two positive numbers, got {params.scale_range}")
+        if any(a not in (0, 1, 2) for a in params.flip_axes):
+            raise HCError(f"{source}: augmentation: flip_axes must be among 0, 1, 2, got {params.flip_axes}")
+        for p_name, range_name in INTENSITY_FIELDS:
+            p = getattr(params, p_name)
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+                raise HCError(f"{source}: augmentation: {p_name} must be a probability in [0, 1], got {p!r}")
+            lo_hi = getattr(params, range_name)
+            if not isinstance(lo_hi, tuple) or len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1]:
+                raise HCError(f"{source}: augmentation: {range_name} must be two numbers 0 <= low <= high, got {lo_hi}")
+        return params
+
+    def disabled(self) -> "AugmentationParams":
+        return AugmentationParams(enabled=False)
+
+    @property
+    def any_intensity(self) -> bool:
+        return self.enabled and any(getattr(self, p_name) > 0 for p_name, _ in INTENSITY_FIELDS)
+
+
+#: (probability, range) field pairs of the intensity transforms
+INTENSITY_FIELDS = (("p_gaussian_noise", "noise_std"), ("p_gaussian_blur", "blur_sigma"),
+                    ("p_brightness", "brightness_range"), ("p_contrast", "contrast_range"),
+                    ("p_low_resolution", "low_resolution_zoom"), ("p_gamma", "gamma_range"),
+                    ("p_gamma_inverted", "gamma_range"))
+
+
+def augmentation_dict(params: AugmentationParams) -> dict[str, Any]:
+    """Every field of ``params`` as the plans write it (tuples as lists)."""
+    return {f.name: list(v) if isinstance(v := getattr(params, f.name), tuple) else v for f in fields(params)}
