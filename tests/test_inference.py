@@ -25,6 +25,7 @@ from heartcascade.inference import roi as roi_mod
 from heartcascade.inference.io_pipeline import BackgroundWriter, prefetch
 from heartcascade.inference.net2_runner import net2_chunks
 from heartcascade.inference.predictor import Predictor, bspline2_resample, load_probabilities
+from heartcascade.inference.upsampling import upsample_at, upsample_at_points
 from heartcascade.model import from_plans
 from heartcascade.planning.plans import validate_plans
 from heartcascade.preprocessing.preprocess import restore_to_original
@@ -316,8 +317,30 @@ def test_roi_helpers():
     full_shape = (13, 17, 9)
     ref = F.interpolate(coarse, size=full_shape, mode="trilinear", align_corners=False)
     idx = [roi_mod.clamped_range(-2, 15, 13), torch.arange(4, 11), torch.arange(9)]
-    got = roi_mod.upsample_at(coarse, full_shape, idx)
+    got = upsample_at(coarse, full_shape, idx)
     assert torch.allclose(got, roi_mod.gather(ref, idx), atol=1e-5)
+
+
+def test_upsample_at_points_is_the_trilinear_rule_anywhere():
+    """Step 4's device-side reading of Net1's probabilities: at integer positions it equals the
+    predictor's separable reading (F.interpolate), between them it interpolates the upsampled grid
+    linearly inside one coarse cell, and NaN positions read the outside class one-hot."""
+    torch.manual_seed(0)
+    coarse = torch.rand(3, 5, 6, 4)
+    full_shape = (13, 17, 9)
+    ref = F.interpolate(coarse[None], size=full_shape, mode="trilinear", align_corners=False)[0]
+    zz, yy, xx = torch.meshgrid(torch.tensor([-2, 0, 6, 12, 14]), torch.arange(17), torch.arange(9), indexing="ij")
+    points = torch.stack([zz, yy, xx]).float()
+    got = upsample_at_points(coarse.half(), full_shape, points)
+    want = upsample_at(coarse.half().float()[None], full_shape, [zz[:, 0, 0].clamp(0, 12), torch.arange(17),
+                                                                   torch.arange(9)])[0]
+    assert torch.allclose(got, want, atol=1e-5)
+    # A point half-way between two full-resolution voxels that share a coarse cell: their mean.
+    mid = torch.tensor([[6.0], [8.5], [4.0]])
+    assert torch.allclose(upsample_at_points(coarse, full_shape, mid)[:, 0], ref[:, 6, 8:10, 4].mean(1), atol=1e-5)
+    points[:, 1, 3, 2] = float("nan")
+    out = upsample_at_points(coarse, full_shape, points)
+    assert out[:, 1, 3, 2].tolist() == [1.0, 0.0, 0.0]  # outside_class 0 (background)
 
 
 def _coarse_probs(shape: tuple, blobs: list[tuple[tuple[slice, ...], float]]) -> torch.Tensor:

@@ -351,8 +351,10 @@ def test_inplane_transform_interpolates_each_plane_exactly_like_3d():
         sample = A.random_spatial(np.random.default_rng(seed), params, (3.0, 1.0, 1.0), (5, 24, 24),
                                   inplane_only=True)
         centre = np.array([2 + seed * 3, 20, 18])  # the first stack reaches beyond z = 0
-        local = A._coordinates(centre, (5, 24, 24), sample)
-        assert A._source_planes(local) is not None  # step-4 transforms never move along D
+        local = A.sample_coordinates(centre, (5, 24, 24), sample)
+        assert sample.inplane  # step-4 transforms never move along D: the in-plane path
+        np.testing.assert_allclose(local[0], np.broadcast_to(np.arange(5).reshape(5, 1, 1) + centre[0] - 2,
+                                                             local[0].shape), atol=1e-4)
         fast = A.extract([vol], centre, (5, 24, 24), sample, orders=[1], cvals=[0.5])[0]
         lo = np.floor(local.reshape(3, -1).min(1)).astype(int) - 1
         box_lo = np.maximum(lo, 0)
@@ -360,11 +362,18 @@ def test_inplane_transform_interpolates_each_plane_exactly_like_3d():
         sub = vol[tuple(slice(a, b) for a, b in zip(box_lo, box_hi))]
         full3d = ndimage.map_coordinates(sub, local - box_lo.reshape(3, 1, 1, 1), order=1, mode="constant",
                                          cval=0.5, prefilter=False)
-        np.testing.assert_allclose(fast, full3d, atol=1e-6)
+        np.testing.assert_allclose(fast, full3d, atol=1e-5)
+        labels = (vol * 7).astype(np.int16)
+        fast_labels = A.extract([labels], centre, (5, 24, 24), sample, orders=[0], cvals=[0])[0]
+        idx = np.rint(local).astype(int)
+        ok = np.all((idx >= 0) & (idx < np.asarray(vol.shape).reshape(3, 1, 1, 1)), axis=0)
+        want = np.zeros((5, 24, 24), np.int16)
+        want[ok] = labels[idx[0][ok], idx[1][ok], idx[2][ok]]
+        assert (fast_labels != want).mean() < 0.002  # rounding ties of float32 coordinates aside
     # a 3D rotation reads several planes per output plane: the general path
     tilted = A.random_spatial(np.random.default_rng(0), A.AugmentationParams(p_rotation=1), (1.0, 1.0, 1.0),
                               (5, 24, 24))
-    assert A._source_planes(A._coordinates(np.array([6, 20, 18]), (5, 24, 24), tilted)) is None
+    assert not tilted.inplane
 
 
 def test_extract_identity_and_label_values():
@@ -414,6 +423,50 @@ def test_image_and_label_stay_aligned_under_random_spatial_transforms():
                 assert len(np.unique(labels)) > 3  # the transform actually moves things along this axis
             # a pair misaligned by one voxel would fail
             assert np.abs(warped - np.roll(labels, 1, axis=axis)).max() > 0.6 or axis == 0 and inplane
+
+
+def test_step4_probabilities_follow_the_image_under_augmentation_and_flips():
+    """Step 4's workers hand over source positions, the device reads Net1's coarse probabilities there.
+    With an image that *is* the upsampled coarse field and a class-1 probability equal to the same field,
+    both must agree after every kind of in-plane transform and a flip applied by the batch transform
+    (which only the positions channels carry along), and read background where the image is padding."""
+    from heartcascade.inference.upsampling import upsample_at_points
+    from heartcascade.training.augmentation import AugmentationParams, batch_transforms
+    from heartcascade.training.dataloading import SliceStackLoader, TrainCase
+
+    rng = np.random.default_rng(3)
+    field = rng.random((1, 4, 6, 6)).astype(np.float32)
+    shape = (12, 40, 44)
+    image = F.interpolate(torch.from_numpy(field)[None], size=shape, mode="trilinear",
+                          align_corners=False)[0].numpy()
+    seg = (image[0] > 0.5).astype(np.int16)
+    coarse = torch.from_numpy(np.concatenate([1 - field, field])).half()
+    case = TrainCase("a", image, seg, (3.0, 1.0, 1.0), {1: np.argwhere(seg == 1)[::7], 0: np.argwhere(seg == 0)[::7]})
+    params = AugmentationParams(p_rotation=1, p_scale=1, p_shear=1, p_translation=1, p_elastic=1, p_flip=1,
+                                flip_axes=(0, 1, 2), translation_mm=4.0)
+    loader = SliceStackLoader([case], 4, 0, [7], params, K=3, divisor=8, tile=(32, 32))
+    transform = batch_transforms(params, image_channels=1)
+    checked = 0
+    for _ in range(3):
+        batch = transform(**loader.generate_train_batch())
+        assert batch["data"].shape == (4, 4, 3, 32, 32)  # image + (z, y, x) positions, no probabilities
+        for b in range(4):
+            positions = torch.from_numpy(batch["data"][b, 1:])
+            probs = upsample_at_points(coarse, shape, positions).numpy()
+            img = batch["data"][b, 0]
+            outside = np.isnan(batch["data"][b, 1])
+            np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-3)
+            assert np.all(probs[1][outside] == 0) and np.all(img[outside] == 0)
+            inside = ~outside
+            assert inside.sum() > 500
+            # Bilinear reading of the upsampled image vs. direct reading of the field: equal up to the
+            # kinks at coarse cell borders (a quarter of the slope per output voxel at most).
+            diff = np.abs(probs[1][inside] - img[inside])
+            assert diff.max() < 0.1 and diff.mean() < 0.005, (diff.max(), diff.mean())
+            flipped = np.flip(probs[1], axis=2)
+            both = inside & np.flip(inside, axis=2)
+            checked += int(np.abs(flipped[both] - img[both]).mean() > 0.02)
+    assert checked >= 6  # a flip of the image alone would have been caught
 
 
 def test_class_balanced_sampling():

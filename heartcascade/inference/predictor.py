@@ -44,6 +44,7 @@ from heartcascade.inference.results import (CaseResult, PredictionReport, RoiPro
 from heartcascade.inference.settings import (DEFAULT_CPU_BUDGET, GPU_BUDGET_FRACTION, InferenceSettings, code_lookup,
                                              label_codes_from)
 from heartcascade.inference.sliding_window import sliding_window_softmax
+from heartcascade.inference.upsampling import upsample_at
 from heartcascade.networks.blocks import crop_to_shape, pad_to_multiple
 from heartcascade.planning.plans import read_plans
 from heartcascade.preprocessing.preprocess import preprocess_images, restore_to_original
@@ -301,7 +302,7 @@ class Predictor:
         chunk = max(1, int(256 * 2**20 // per_slice))
         for a in range(z0, z1, chunk):
             b = min(a + chunk, z1)
-            p = roi_mod.upsample_at(mean, shape, [torch.arange(a, b, device=dev), iy, ix])[0]
+            p = upsample_at(mean, shape, [torch.arange(a, b, device=dev), iy, ix])[0]
             labels[a:b, y0:y1, x0:x1] = p.argmax(0).to(torch.uint8).cpu().numpy()
             if probs_out is not None:
                 probs_out[:, a - z0:b - z0] = p.to(torch.float16).cpu().numpy()
@@ -329,7 +330,7 @@ class Predictor:
         def make_input(i: int, z_idx: torch.Tensor) -> torch.Tensor:
             idx = [z_idx, inplane[0], inplane[1]]
             img = roi_mod.gather(image_t, idx)[None]
-            p = roi_mod.upsample_at(net1_probs[i], shape, idx)
+            p = upsample_at(net1_probs[i], shape, idx)
             if mode == "probabilities":
                 extra = p
             else:  # 'label': Net1 argmax scaled to [0, 1], the paper's two-channel input

@@ -1,4 +1,4 @@
-"""The dynamic tile: the region of interest Net2 runs on, and exact partial trilinear upsampling.
+"""The dynamic tile: the region of interest Net2 runs on, and the clamped index lists that read it.
 
 Net1 sees the whole coarse volume; the bounding box of the heart it finds, mapped to the
 full-resolution grid and grown by a safety margin, is the only region Net2 has to look at. Everything
@@ -11,7 +11,7 @@ first) and are half-open: ``((z0, z1), (y0, y1), (x0, x1))``.
 
 Padding is expressed with *clamped index lists*: to read a window that extends past the volume we
 gather with indices clamped to ``[0, size - 1]``, which is edge replication. One ``index_select`` per
-axis therefore crops and pads at once, and the same index lists drive :func:`upsample_at`, so Net1's
+axis therefore crops and pads at once, and the same index lists drive :func:`heartcascade.inference.upsampling.upsample_at`, so Net1's
 upsampled output never has to exist at full resolution outside the window being processed.
 """
 from __future__ import annotations
@@ -24,7 +24,8 @@ from typing import Any, Mapping, Protocol, Sequence
 import numpy as np
 import torch
 
-from heartcascade.preprocessing.resampling import clamped_indices, linear_source_weights
+from heartcascade.inference.upsampling import take
+from heartcascade.preprocessing.resampling import clamped_indices
 
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
@@ -224,51 +225,7 @@ def gather(volume: torch.Tensor, indices: Sequence[torch.Tensor]) -> torch.Tenso
         dim = out.dim() - 3 + axis
         if idx.numel() == out.shape[dim] and bool((idx == torch.arange(out.shape[dim], device=idx.device)).all()):
             continue
-        out = _take(out, dim, idx.to(out.device))
+        out = take(out, dim, idx.to(out.device))
     return out
 
 
-def _take(x: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
-    """``x.index_select(dim, idx)`` via advanced indexing (index_select along an inner axis is ~50x
-    slower on the CPU in torch 2.x)."""
-    return x[(slice(None),) * dim + (idx,)]
-
-
-def _linear_weights(positions: torch.Tensor, in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Source indices and weights of ``F.interpolate(..., mode='linear', align_corners=False)``: the
-    rule of :func:`heartcascade.preprocessing.resampling.linear_source_weights` (float64), on the device."""
-    i0, i1, w1 = linear_source_weights(positions.cpu().numpy(), in_size, out_size)
-    dev = positions.device
-    return torch.from_numpy(i0).to(dev), torch.from_numpy(i1).to(dev), torch.from_numpy(w1).to(dev)
-
-
-def interpolation_matrix(positions: torch.Tensor, in_size: int, out_size: int,
-                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(len(positions), in_size) matrix of 1D linear interpolation weights (``align_corners=False``)."""
-    i0, i1, w1 = _linear_weights(positions, in_size, out_size)
-    m = torch.zeros((positions.numel(), in_size), dtype=torch.float64, device=positions.device)
-    rows = torch.arange(positions.numel(), device=positions.device)
-    m.index_put_((rows, i0), 1.0 - w1, accumulate=True)
-    m.index_put_((rows, i1), w1, accumulate=True)
-    return m.to(dtype)
-
-
-def upsample_at(coarse: torch.Tensor, full_shape: Sequence[int], indices: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Trilinear upsampling of ``coarse`` (N, C, d, h, w) to ``full_shape``, evaluated only at ``indices``.
-
-    Equals ``F.interpolate(coarse, size=full_shape, mode='trilinear', align_corners=False)`` gathered
-    at the three index lists (up to float rounding), without ever building the full-size tensor.
-    Trilinear interpolation is separable: z is interpolated first on the small coarse tensor (gather
-    and lerp), then each in-plane axis is one matrix product with its interpolation matrix, which is
-    fast on CPU and GPU alike.
-    """
-    device = coarse.device
-    iz, iy, ix = (idx.to(device) for idx in indices)
-    z0, z1, wz = _linear_weights(iz, coarse.shape[2], int(full_shape[0]))
-    wz = wz.to(coarse.dtype).view(1, 1, -1, 1, 1)
-    a = _take(coarse, 2, z0)
-    out = a + (_take(coarse, 2, z1) - a) * wz                               # (N, C, L, h, w)
-    mx = interpolation_matrix(ix, coarse.shape[4], int(full_shape[2]), coarse.dtype)
-    out = torch.matmul(out, mx.t())                                          # (N, C, L, h, Wout)
-    my = interpolation_matrix(iy, coarse.shape[3], int(full_shape[1]), coarse.dtype)
-    return torch.matmul(my, out)                                             # (N, C, L, Hout, Wout)

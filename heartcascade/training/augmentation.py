@@ -46,8 +46,9 @@ class SpatialSample:
 
     matrix: np.ndarray | None = None  # (3, 3) in voxel units, None = identity
     translation: np.ndarray = field(default_factory=lambda: np.zeros(3))
-    elastic: np.ndarray | None = None  # (3, d, h, w) displacement in voxels, None = none
+    elastic: np.ndarray | None = None  # (3, d, h, w) displacement in voxels (d = 1 when in-plane), None = none
     applied: list[str] = field(default_factory=list)
+    inplane: bool = False  # drawn for slice stacks: every output slice reads its own input slice, same 2D map
 
     @property
     def is_identity(self) -> bool:
@@ -70,7 +71,7 @@ def random_spatial(rng: np.random.Generator, params: AugmentationParams, spacing
     ``inplane_only`` (slice stacks of step 4): rotation only about D, shear/scale/translation/elastic
     only within the (H, W) plane, the same for every slice of the stack.
     """
-    sample = SpatialSample()
+    sample = SpatialSample(inplane=inplane_only)
     if not params.enabled:
         return sample
     sp = np.asarray(spacing, dtype=float)
@@ -116,6 +117,7 @@ def _elastic_field(rng: np.random.Generator, params: AugmentationParams, sp: np.
     ctrl = [max(2, int(math.ceil(s * sp[i] / params.elastic_spacing_mm)) + 1) for i, s in enumerate(out_shape)]
     if inplane_only:
         ctrl[0] = 1
+        out_shape = (1,) + out_shape[1:]  # the same displacement for every slice (broadcast over D)
     field_ = np.zeros((3,) + out_shape, dtype=np.float32)
     for axis in range(3):
         if inplane_only and axis == 0:
@@ -127,8 +129,9 @@ def _elastic_field(rng: np.random.Generator, params: AugmentationParams, sp: np.
 
 
 # --------------------------------------------------------------------------------------------------
-# Exact partial trilinear upsampling (numpy), identical to F.interpolate(trilinear, align_corners=False)
-# (used for the elastic field here and for Net1 probabilities by the step-4 loader)
+# Exact partial trilinear upsampling (numpy), identical to F.interpolate(trilinear, align_corners=False):
+# the elastic field's control points, in the worker processes (which stay free of torch threads). Net1's
+# probabilities are read with the same rule in torch: heartcascade.inference.upsampling.
 
 
 def upsample_at(coarse: np.ndarray, full_shape: Sequence[int], indices: Sequence[np.ndarray | None]) -> np.ndarray:
@@ -137,7 +140,7 @@ def upsample_at(coarse: np.ndarray, full_shape: Sequence[int], indices: Sequence
     ``indices[a]`` lists full-resolution positions along axis ``a`` (``None`` = all). Separable, so
     reading K slices costs K slices, not the whole volume. Returns float32 (C, len(i0), len(i1), len(i2)).
     """
-    out = coarse  # converted to float32 after the first take: a float16 case is never copied whole
+    out = coarse  # converted to float32 after the first take: a float16 input is never copied whole
     for axis in range(3):
         idx = indices[axis]
         f = int(full_shape[axis])
@@ -171,15 +174,16 @@ def extract(volumes: Sequence[np.ndarray], centre: Sequence[int], out_shape: Seq
     if sample is None or sample.is_identity:
         return [_crop_padded(v, centre - np.asarray(out_shape) // 2, out_shape, c).astype(t, copy=False)
                 for v, c, t in zip(volumes, cvals, dtypes)]
-    coords = _coordinates(centre, out_shape, sample)
+    if sample.inplane:
+        return _extract_inplane(volumes, centre, out_shape, sample, orders, cvals, dtypes)
+    coords = sample_coordinates(centre, out_shape, sample)
     outs = []
     lo = np.floor(coords.reshape(3, -1).min(1)).astype(np.int64) - 1
     hi = np.ceil(coords.reshape(3, -1).max(1)).astype(np.int64) + 2
     # Work on the bounding box of the coordinates only (keeps map_coordinates' input small); its low
-    # corner, the local coordinates and the plane-wise test are the same for every volume.
+    # corner and the local coordinates are the same for every volume.
     box_lo = np.maximum(lo, 0)
     local = coords - box_lo.reshape(3, 1, 1, 1)
-    planes = _source_planes(local)
     for volume, order, cval, dtype in zip(volumes, orders, cvals, dtypes):
         box_hi = np.minimum(hi, volume.shape)
         if np.any(box_hi <= box_lo):
@@ -193,41 +197,51 @@ def extract(volumes: Sequence[np.ndarray], centre: Sequence[int], out_shape: Seq
             res = np.full(out_shape, cval, dtype=dtype)
             res[inside] = sub[idx[0][inside], idx[1][inside], idx[2][inside]]
         else:
-            if planes is not None:
-                res = _interpolate_planewise(sub, local, planes, order, cval, out_shape)
-            else:
-                res = ndimage.map_coordinates(sub if sub.dtype == np.float32 else sub.astype(np.float32), local,
-                                              order=order, mode="constant", cval=cval, prefilter=False)
+            res = ndimage.map_coordinates(sub if sub.dtype == np.float32 else sub.astype(np.float32), local,
+                                          order=order, mode="constant", cval=cval, prefilter=False)
             res = res.astype(dtype, copy=False)
         outs.append(res)
     return outs
 
 
-def _source_planes(local: np.ndarray) -> np.ndarray | None:
-    """Per output plane, the single input plane it reads, when the transform keeps D (in-plane only).
+def _extract_inplane(volumes: Sequence[np.ndarray], centre: np.ndarray, out_shape: tuple[int, int, int],
+                     sample: SpatialSample, orders: list[int], cvals: list[float], dtypes: list[Any]) -> list[np.ndarray]:
+    """:func:`extract` for an in-plane transform: output slice ``k`` reads input slice
+    ``centre[0] - d // 2 + k`` at the same 2D coordinates, so the coordinates, rounded label indices and
+    bounds are computed once for one plane (2-3x cheaper than 3D for the full-slice stacks of step 4)."""
+    d = out_shape[0]
+    z = int(centre[0]) - d // 2 + np.arange(d)
+    plane = plane_coordinates(centre, out_shape, sample)  # (2, h, w)
+    lo = np.floor(plane.reshape(2, -1).min(1)).astype(np.int64) - 1
+    hi = np.ceil(plane.reshape(2, -1).max(1)).astype(np.int64) + 2
+    box_lo = np.maximum(lo, 0)
+    local = plane - box_lo.reshape(2, 1, 1)
+    outs = []
+    for volume, order, cval, dtype in zip(volumes, orders, cvals, dtypes):
+        res = np.full(out_shape, cval, dtype=dtype)
+        box_hi = np.minimum(hi, volume.shape[1:])
+        valid = np.flatnonzero((z >= 0) & (z < volume.shape[0]))
+        if np.any(box_hi <= box_lo) or not len(valid):
+            outs.append(res)
+            continue
+        sub = volume[:, box_lo[0]:box_hi[0], box_lo[1]:box_hi[1]]
+        if order == 0:
+            idx = np.rint(local).astype(np.int64)
+            inside = (idx[0] >= 0) & (idx[0] < sub.shape[1]) & (idx[1] >= 0) & (idx[1] < sub.shape[2])
+            rows, cols = idx[0][inside], idx[1][inside]
+            for k in valid:
+                res[k][inside] = sub[z[k]][rows, cols]
+        else:
+            for k in valid:
+                src = sub[z[k]] if sub.dtype == np.float32 else sub[z[k]].astype(np.float32)
+                res[k] = ndimage.map_coordinates(src, local, order=order, mode="constant", cval=cval,
+                                                 prefilter=False)
+        outs.append(res)
+    return outs
 
-    Then interpolating in 3D is interpolating each plane in 2D (weight 1 on that plane, 0 on its
-    neighbour), which is 2-3x cheaper for the full-slice stacks of step 4.
-    """
-    z = local[0].reshape(local.shape[1], -1)
-    first = z[:, :1]
-    if not np.array_equal(z, np.broadcast_to(first, z.shape)) or not np.array_equal(first, np.round(first)):
-        return None
-    return first[:, 0].astype(np.int64)
 
-
-def _interpolate_planewise(sub: np.ndarray, local: np.ndarray, planes: np.ndarray, order: int, cval: float,
-                           out_shape: tuple[int, int, int]) -> np.ndarray:
-    res = np.full(out_shape, cval, dtype=np.float32)
-    for k, zk in enumerate(planes):
-        if 0 <= zk < sub.shape[0]:
-            plane = sub[zk] if sub.dtype == np.float32 else sub[zk].astype(np.float32)
-            res[k] = ndimage.map_coordinates(plane, local[1:, k], order=order, mode="constant", cval=cval,
-                                             prefilter=False)
-    return res
-
-
-def _coordinates(centre: np.ndarray, out_shape: tuple[int, int, int], sample: SpatialSample) -> np.ndarray:
+def sample_coordinates(centre: np.ndarray, out_shape: tuple[int, int, int], sample: SpatialSample) -> np.ndarray:
+    """Where each output voxel of an :func:`extract` patch is read: (3, *out_shape) float32 voxel coordinates."""
     grids = np.meshgrid(*[np.arange(s, dtype=np.float32) - (s // 2) for s in out_shape], indexing="ij")
     offsets = np.stack(grids)  # (3, d, h, w)
     if sample.matrix is not None:
@@ -237,6 +251,21 @@ def _coordinates(centre: np.ndarray, out_shape: tuple[int, int, int], sample: Sp
     if sample.elastic is not None:
         coords = coords + sample.elastic
     shift = (centre + sample.translation).astype(np.float32).reshape(3, 1, 1, 1)
+    return coords + shift
+
+
+def plane_coordinates(centre: np.ndarray, out_shape: Sequence[int], sample: SpatialSample) -> np.ndarray:
+    """Where each output voxel of one slice of an in-plane :func:`extract` patch is read in its input
+    slice: (2, h, w) float32 (row, column) -- the same for every slice of the stack."""
+    h, w = int(out_shape[1]), int(out_shape[2])
+    grids = np.meshgrid(np.arange(h, dtype=np.float32) - (h // 2), np.arange(w, dtype=np.float32) - (w // 2),
+                        indexing="ij")
+    offsets = np.stack(grids)
+    coords = offsets if sample.matrix is None else \
+        np.einsum("ij,j...->i...", sample.matrix[1:, 1:].astype(np.float32), offsets)
+    if sample.elastic is not None:
+        coords = coords + sample.elastic[1:, 0]
+    shift = (np.asarray(centre[1:]) + sample.translation[1:]).astype(np.float32).reshape(2, 1, 1)
     return coords + shift
 
 

@@ -9,13 +9,13 @@ loader                      one sample                                     used 
                             class-balanced voxel; edge sizes drawn per
                             batch from the plans' set
 ``SliceStackLoader``        K full slices around a class-balanced slice    step 4 (Net2, Net1 frozen)
-                            + Net1's probabilities upsampled to them
+                            + where to read Net1's probabilities
 =========================  =============================================  ===========================
 
 Batches are dicts ``{"data": (B, C, D, H, W) float32, "seg": (B, 1, D, H, W) int16, "batch_index": i,
-"patch_shape": [d, h, w]}``. For ``SliceStackLoader`` ``data`` holds the image channels followed by the
-``C`` Net1 probability channels (flipping must treat them together) and ``seg`` the K label slices
-(the trainer uses the centre one).
+"patch_shape": [d, h, w]}``. For ``SliceStackLoader`` ``data`` holds the image channels followed by three
+channels of source positions (flipping must treat them together) and ``seg`` the K label slices (the
+trainer uses the centre one).
 
 Determinism: batch number ``i`` of a loader is made from ``numpy.random.default_rng(SeedSequence([seed,
 *stream, i]))`` -- and numpy's global generator is reseeded from it for batchgenerators' own transforms
@@ -36,8 +36,8 @@ import numpy as np
 from batchgenerators.dataloading.data_loader import DataLoader
 
 from heartcascade.preprocessing.resampling import clamped_indices
-from heartcascade.training.augmentation import (AugmentationParams, batch_transforms, extract, random_spatial,
-                                                upsample_at)
+from heartcascade.training.augmentation import (AugmentationParams, batch_transforms, extract, plane_coordinates,
+                                                random_spatial)
 from heartcascade.training.sampling import CaseLocations, ClassBalancedSampler
 
 # --------------------------------------------------------------------------------------------------
@@ -48,8 +48,7 @@ from heartcascade.training.sampling import CaseLocations, ClassBalancedSampler
 class TrainCase:
     """One training case in memory (canonical (D, H, W) order, see documentation/conventions.md).
 
-    ``net1_probs`` (C, d, h, w) float16 is filled at the start of step 4 with frozen Net1's softmax on
-    the case's coarse grid; ``coarse_image`` / ``coarse_seg`` feed step 1.
+    ``coarse_image`` / ``coarse_seg`` feed step 1 (and frozen Net1 at the start of step 4).
     """
 
     case_id: str
@@ -60,7 +59,6 @@ class TrainCase:
     coarse_image: np.ndarray | None = None  # (Cimg, d, h, w)
     coarse_seg: np.ndarray | None = None  # (d, h, w)
     coarse_spacing: tuple[float, float, float] | None = None
-    net1_probs: np.ndarray | None = None  # (C, d, h, w)
     coarse_locations: dict[int, np.ndarray] = field(default_factory=dict)  # step 1's class-balanced sampling
     factors: tuple[float, float, float] = (1.0, 1.0, 1.0)  # full -> coarse scale factors (Net1's input grid)
     properties: dict[str, Any] = field(default_factory=dict)  # preprocessing properties (back to original)
@@ -220,12 +218,16 @@ class SubvolumeLoader(_SeededLoader):
 class SliceStackLoader(_SeededLoader):
     """Step 4: stacks of ``K`` slices (edge-replicated beyond the volume ends, as at inference).
 
-    Channels of ``data``: the image channels, then frozen Net1's class probabilities upsampled
-    (trilinear, exact) to exactly these slices. In-plane: the full slices, padded at the high end to
-    ``divisor`` (Net2's) with image 0, probabilities "background" and labels 0 -- unless the plans'
-    ``tile`` (step-4 ``stack_shape[1:]``, set when full slices do not fit in memory) is smaller, in
-    which case a tile around the sampled voxel is read. Augmentation is in-plane only and identical for
-    all K slices and all channels.
+    Channels of ``data``: the image channels, then three channels of *where to read frozen Net1's
+    probabilities*: the full-resolution (z, y, x) position each output voxel was taken from (NaN where
+    it lies outside the image: padding). The trainer reads Net1's coarse softmax there on its own
+    device (:func:`heartcascade.inference.upsampling.upsample_at_points`, the predictor's trilinear
+    rule), so the workers never upsample C probability channels -- the costly part of a 9x512x512
+    stack -- and a flip of the batch flips image and positions together. ``case_index`` names each
+    sample's case. In-plane: the full slices, padded at the high end to ``divisor`` (Net2's) with image
+    0 and labels 0 -- unless the plans' ``tile`` (step-4 ``stack_shape[1:]``) is smaller, in which case
+    a tile around the sampled voxel is read. Augmentation is in-plane only and identical for all K
+    slices and all channels.
     """
 
     def __init__(self, *args: Any, K: int, divisor: int, tile: Sequence[int] | None = None, **kwargs: Any) -> None:
@@ -236,9 +238,6 @@ class SliceStackLoader(_SeededLoader):
         self.divisor = int(divisor)
         self.tile = None if tile is None else [max(self.divisor, (int(t) // self.divisor) * self.divisor)
                                                for t in tile]
-        for case in self.cases:
-            if case.net1_probs is None:
-                raise ValueError(f"case {case.case_id} has no Net1 probabilities for step 4")
 
     def make_batch(self, rng: np.random.Generator) -> dict[str, Any]:
         draws = [self.sampler.draw(rng) for _ in range(self.batch_size)]
@@ -248,30 +247,47 @@ class SliceStackLoader(_SeededLoader):
             hw = [min(a, t) for a, t in zip(hw, self.tile)]
         out_shape = (self.K, hw[0], hw[1])
         margin = self.K // 2
-        data, seg = [], []
-        for index, _cls, voxel in draws:
+        nch = self.image_channels
+        data = np.empty((self.batch_size, nch + 3, *out_shape), dtype=np.float32)
+        seg = np.empty((self.batch_size, 1, *out_shape), dtype=np.int16)
+        for b, (index, _cls, voxel) in enumerate(draws):
             case = self.cases[index]
-            nch = len(case.image)
-            ncls = len(case.net1_probs)
             D, H, W = case.shape
             z = clamped_indices(int(voxel[0]) - margin, int(voxel[0]) + margin + 1, D)
             start = window_start(np.asarray(voxel), (self.K, H, W), out_shape)
-            rows = np.arange(start[1], min(H, start[1] + out_shape[1]))
-            cols = np.arange(start[2], min(W, start[2] + out_shape[2]))
-            image = case.image[:, z][:, :, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-            probs = upsample_at(case.net1_probs, case.shape, [z, rows, cols])
-            labels = case.seg[z][:, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-            local = (self.K, len(rows), len(cols))
+            rows = slice(int(start[1]), min(H, int(start[1]) + out_shape[1]))
+            cols = slice(int(start[2]), min(W, int(start[2]) + out_shape[2]))
+            image = case.image[:, z, rows, cols]
+            labels = case.seg[z, rows, cols]
+            local = np.asarray(labels.shape)
             grid_centre = np.asarray(out_shape) // 2
             spatial = random_spatial(rng, self.aug, case.spacing, out_shape, inplane_only=True)
             pivot_about(spatial, np.minimum(local, out_shape) // 2, grid_centre)
-            cvals = [0.0] * nch + [1.0] + [0.0] * (ncls - 1) + [0]
-            outs = extract([*image, *probs, labels], grid_centre, out_shape, spatial,
-                           orders=[1] * (nch + ncls) + [0], cvals=cvals,
-                           dtypes=[np.float32] * (nch + ncls) + [np.int16])
-            data.append(np.stack(outs[:-1]))
-            seg.append(outs[-1][None])
-        return {"data": np.stack(data), "seg": np.stack(seg), "patch_shape": list(out_shape)}
+            outs = extract([*image, labels], grid_centre, out_shape, spatial, orders=[1] * nch + [0],
+                           dtypes=[np.float32] * nch + [np.int16])
+            data[b, :nch] = outs[:-1]
+            seg[b, 0] = outs[-1]
+            data[b, nch:] = source_positions(plane_coordinates(grid_centre, out_shape, spatial), local, z,
+                                             rows.start, cols.start)
+        return {"data": data, "seg": seg, "patch_shape": list(out_shape),
+                "case_index": np.asarray([d[0] for d in draws], dtype=np.int64)}
+
+
+def source_positions(plane: np.ndarray, local_shape: Sequence[int], z_index: np.ndarray, row0: int,
+                     col0: int) -> np.ndarray:
+    """Full-resolution (z, y, x) of each voxel of a K-slice stack read from a crop of ``local_shape``
+    (K, h, w) at the in-plane coordinates ``plane`` (2, H, W); the crop's slices are ``z_index`` (the
+    clamped slice indices) and its first row and column ``row0``, ``col0``. NaN where the image
+    channels read padding (outside the crop, as ``extract``'s linear interpolation with
+    ``mode='constant'``)."""
+    K = len(z_index)
+    out = np.empty((3, K) + plane.shape[1:], dtype=np.float32)
+    out[0] = np.asarray(z_index, dtype=np.float32).reshape(K, 1, 1)
+    out[1] = plane[0] + row0
+    out[2] = plane[1] + col0
+    outside = ((plane[0] < 0) | (plane[0] > local_shape[1] - 1) | (plane[1] < 0) | (plane[1] > local_shape[2] - 1))
+    out[:, :, outside] = np.nan
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
