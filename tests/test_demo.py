@@ -8,14 +8,16 @@ import SimpleITK as sitk
 
 from heartcascade.workflows.demo import DemoSettings, run_demo
 
-# The demo preset's recipe on a CI budget (~250 iterations instead of 1400, 3 training cases instead of 8):
+# The demo preset's recipe on a CI budget (~450 iterations instead of 1400, 3 training cases instead of 8):
 # the main job must run, write correct outputs, and learn (the full demo's accuracy is measured by
-# `hc_demo` itself and recorded in documentation/results.md).
+# `hc_demo` itself and recorded in documentation/results.md). Step 4 is cheap (~0.05 s/it) and gets 300
+# iterations: with 100, LA and AA/PA stayed near 0 and whether 5 of 7 structures passed 0.35 depended on
+# float rounding (measured 2026-12-02: the old and the new code each fell on either side of it).
 TINY_SCHEDULE = {"training": {"validation_interval_epochs": 100, "checkpoint_interval_epochs": 100, "steps": {
     "1": {"epochs": 6, "iterations_per_epoch": 20},
     "2": {"epochs": 0},
     "3": {"epochs": 2, "iterations_per_epoch": 20},
-    "4": {"epochs": 5, "iterations_per_epoch": 20},
+    "4": {"epochs": 15, "iterations_per_epoch": 20},
 }}}
 
 
