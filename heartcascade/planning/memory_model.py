@@ -23,6 +23,7 @@ All sizes are bytes; fp32 training (no AMP) is assumed.
 """
 from __future__ import annotations
 
+import json
 import math
 import weakref
 from dataclasses import asdict, dataclass
@@ -31,6 +32,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -246,8 +248,6 @@ def _meta(build: Callable[[], nn.Module], key: str | None = None) -> nn.Module:
 
 
 def _cache_key(*parts: Any) -> str:
-    import json
-
     return json.dumps(parts, sort_keys=True, default=str)
 
 
@@ -347,8 +347,6 @@ def measure_training_peak(build: Callable[[], nn.Module], inputs: Callable[[torc
         step()
         torch.cuda.synchronize(device)
         return int(torch.cuda.max_memory_allocated(device))
-    from torch.profiler import ProfilerActivity, profile
-
     # CPU: create Adam's state as its first step would (so the measured step is a steady-state one) and
     # measure that single step -- a warm-up step only costs time here (oneDNN kernel generation).
     for group in opt.param_groups:

@@ -56,6 +56,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+import torch
+
 from heartcascade.dataset.dataset_json import CT_NAMES, DatasetInfo
 from heartcascade.planning import fingerprint as fpmod
 from heartcascade.planning import memory_model
@@ -86,8 +88,6 @@ NET1_DIVISOR = 16
 def detect_gpu_memory_gb() -> float | None:
     """Total memory of CUDA device 0 in GiB, or None without a usable CUDA GPU."""
     try:
-        import torch
-
         if torch.cuda.is_available():
             return torch.cuda.get_device_properties(0).total_memory / GiB
     except Exception:  # noqa: BLE001 - no driver, broken install: plan for the default
