@@ -276,6 +276,29 @@ def net2_memory(net2_kwargs: dict[str, Any], batch: int, shape: Sequence[int], t
     return simulate(model, [x], loss, backend)
 
 
+def largest_fitting(peak: Callable[[int], int], budget: float, upper: int) -> int:
+    """Largest ``n`` in ``[1, upper]`` with ``peak(n) <= budget`` (``peak`` grows with ``n``; 1 when even
+    that does not fit): the planner's z-chunk (rule 10) and the predictor's per-window chunk."""
+    upper = max(1, int(upper))
+    if peak(upper) <= budget:
+        return upper
+    lo, hi = 1, upper
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if peak(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def net2_inference_peak(net2_kwargs: dict[str, Any], chunk: int, window_hw: Sequence[int],
+                        backend: str = "cuda") -> int:
+    """Peak bytes of one no-grad Net2 pass producing ``chunk`` output slices on an (H, W) window."""
+    shape = (int(chunk) + int(net2_kwargs["K"]) - 1, int(window_hw[0]), int(window_hw[1]))
+    return net2_memory(net2_kwargs, 1, shape, training=False, backend=backend).peak
+
+
 def cascade_memory(net1_kwargs: dict[str, Any], net2_kwargs: dict[str, Any], input_mode: str, batch: int,
                    shape: Sequence[int], scale_factors: Sequence[float], train_net1: bool = True,
                    backend: str = "cuda") -> MemoryEstimate:

@@ -557,17 +557,7 @@ def choose_z_chunk(ctx: _Context, net1: Net1Plan, net2: Net2Plan) -> tuple[int, 
     def infer_peak(z: int) -> int:
         return _net2_estimate(net2.network, 1, (z + net2.K - 1, tile[0], tile[1]), False).peak + net1.parameters
 
-    z_hi = max(1, int(ctx.preset["inference"].get("max_z_chunk", 64)))
-    z = z_hi
-    if infer_peak(z) > ctx.usable:
-        lo, hi = 1, z_hi
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if infer_peak(mid) <= ctx.usable:
-                lo = mid
-            else:
-                hi = mid - 1
-        z = lo
+    z = memory_model.largest_fitting(infer_peak, ctx.usable, int(ctx.preset["inference"].get("max_z_chunk", 64)))
     net2_params = _net2_estimate(net2.network, 1, (net2.K, tile[0], tile[1]), False).parameters
     return z, max(net1.inference_peak + net2_params, infer_peak(z))
 
