@@ -59,20 +59,20 @@ def main(argv: list[str] | None = None) -> int:
     except HCError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    stages = trainer.stages if args.steps is None else [s for s in args.steps.split(",") if s in trainer.stages]
+    step_names = trainer.step_names if args.steps is None else [s for s in args.steps.split(",") if s in trainer.step_names]
     workers = trainer.num_workers
-    for stage in stages:
-        st = trainer.cfg.steps[stage]
-        trainer.prepare_step(stage)
+    for step_name in step_names:
+        st = trainer.cfg.steps[step_name]
+        trainer.prepare_step(step_name)
         # per-batch cost in-process
-        loader = trainer.build_loader(stage)
+        loader = trainer.build_loader(step_name)
         t0 = time.perf_counter()
         n_local = max(3, min(10, args.batches))
         for _ in range(n_local):
             loader.generate_train_batch()
         sample_ms = 1000 * (time.perf_counter() - t0) / n_local
         # throughput through the augmenter
-        stream = BatchStream(trainer.build_loader(stage), trainer.cfg.augmentation, workers)
+        stream = BatchStream(trainer.build_loader(step_name), trainer.cfg.augmentation, workers)
         try:
             for _ in range(args.warmup):
                 batch = next(stream)
@@ -81,30 +81,30 @@ def main(argv: list[str] | None = None) -> int:
                 batch = next(stream)
             rate = args.batches / (time.perf_counter() - t0)
             # training step time on the device
-            trainer.build_optimizer(stage)  # the trainer's Adam (lr, weight decay) and AMP scaler
-            trainer.train_step(stage, batch)  # warm-up
+            trainer.build_optimizer(step_name)  # the trainer's Adam (lr, weight decay) and AMP scaler
+            trainer.train_step(step_name, batch)  # warm-up
             if trainer.device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(args.train_steps):
-                trainer.train_step(stage, next(stream))
+                trainer.train_step(step_name, next(stream))
             if trainer.device.type == "cuda":
                 torch.cuda.synchronize()
             step_s = (time.perf_counter() - t0) / args.train_steps
             cpu_s = None
             if trainer.device.type == "cpu":
                 t0 = time.process_time()
-                trainer.train_step(stage, next(stream))
+                trainer.train_step(step_name, next(stream))
                 cpu_s = time.process_time() - t0
         finally:
             stream.close()
-        print(json.dumps({"step": stage, "kind": st.kind, "batch_size": st.batch_size,
+        print(json.dumps({"step": step_name, "kind": st.kind, "batch_size": st.batch_size,
                           "patch_shape": batch.get("patch_shape"), "workers": workers,
                           "batches_per_s": round(rate, 2), "sample_ms": round(sample_ms, 1),
                           "train_step_s": round(step_s, 4), "train_step_cpu_s": None if cpu_s is None else round(cpu_s, 4),
                           "outpaces": bool(rate * step_s >= 1.0),
                           "device": str(trainer.device)}), flush=True)
-        trainer.release_step(stage)
+        trainer.release_step(step_name)
     return 0
 
 

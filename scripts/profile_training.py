@@ -150,7 +150,7 @@ def _child(args: argparse.Namespace, spec: dict[str, Any]) -> None:
     net1_format = "channels_last_3d" if w.is_contiguous(memory_format=torch.channels_last_3d) and not w.is_contiguous() \
         else "contiguous"
     cfg = session.cfg
-    steps = [s for s in args.steps.split(",") if s in session.stages]
+    steps = [s for s in args.steps.split(",") if s in session.step_names]
     records = []
     tree_cpu = TreeCpu()
     for step in steps:
@@ -274,7 +274,7 @@ def _child_train(args: argparse.Namespace, spec: dict[str, Any]) -> None:
     result = trainer.run()
     wall = time.perf_counter() - w0
     own1, kids1 = tree_cpu.sample()
-    iterations = sum(trainer.cfg.steps[s].iterations for s in trainer.stages)
+    iterations = sum(trainer.cfg.steps[s].iterations for s in trainer.step_names)
     predictor = validation_predictor(trainer.configuration, trainer.plans, trainer.networks, trainer.device)
     dice = validation_dice(predictor, trainer.val_cases, "cascade", trainer.cfg.num_classes)
     rec = {"step": "all", "threads_after": torch.get_num_threads(), "iterations": iterations, "wall_s": wall,

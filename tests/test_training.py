@@ -94,11 +94,11 @@ def test_four_steps_learn_and_validate(tiny):
     result = _trainer(plans_override=LEARN_OVERRIDE).run()
     folder = result.output_folder
     assert folder == tiny["res"] / tiny["pre"].name / "cascade" / "fold_0"
-    assert result.stages == ["1", "2", "3", "4"]
+    assert result.step_names == ["1", "2", "3", "4"]
     # every step's loss falls (mean of the last two epochs clearly below the first epoch)
-    for stage, losses in result.epoch_losses.items():
-        assert len(losses) >= 8, (stage, losses)
-        assert np.mean(losses[-2:]) < 0.9 * losses[0], (stage, losses)
+    for step_name, losses in result.epoch_losses.items():
+        assert len(losses) >= 8, (step_name, losses)
+        assert np.mean(losses[-2:]) < 0.9 * losses[0], (step_name, losses)
     # the real predictor + hc_evaluate scored the validation case: every structure well above chance
     assert result.validation_method == "predictor"
     summary = json.loads((folder / "validation" / "summary.json").read_text())
@@ -274,7 +274,7 @@ def test_cli_steps_subset_and_errors(tiny, capsys):
 def test_baseline_trains(tiny):
     override = {"baseline_unet": {"epochs": 6, "iterations_per_epoch": 4, "lr": 0.003}}
     result = _trainer(configuration="baseline", plans_override=override).run()
-    assert result.stages == ["baseline"]
+    assert result.step_names == ["baseline"]
     losses = result.epoch_losses["baseline"]
     assert len(losses) == 6 and np.mean(losses[-2:]) < 0.9 * losses[0], losses  # it learns, not only runs
     assert all(np.isfinite(losses)), losses

@@ -259,33 +259,33 @@ def section_training(p: dict[str, Any], emit: Emit) -> None:
                           output_folder=Path(p["work"]) / "training" / case.name, seed=int(p.get("seed", 0)),
                           compile=compiled, plans_override=override)
         trainer.setup()
-        stages = [s for s in trainer.stages if not p.get("steps") or s in p["steps"]]
+        step_names = [s for s in trainer.step_names if not p.get("steps") or s in p["steps"]]
     except AttributeError as exc:  # pragma: no cover - the public seams are tested with the trainer
         raise HCError(f"the Trainer API the benchmark uses changed ({exc}); update heartcascade/benchmark/sections.py")
     device = trainer.device
     workers = trainer.num_workers
     budget = mem_available_bytes()
-    for stage in stages:
-        st = trainer.cfg.steps[stage]
-        base = dict(case=case.name, step=stage, kind=st.kind, batch_size=st.batch_size,
+    for step_name in step_names:
+        st = trainer.cfg.steps[step_name]
+        base = dict(case=case.name, step=step_name, kind=st.kind, batch_size=st.batch_size,
                     patch_shapes=[list(s) for s in st.patch_shapes] if st.patch_shapes else None)
-        predicted = _step_predicted_gb(trainer.plans, stage)
+        predicted = _step_predicted_gb(trainer.plans, step_name)
         too_big = (device.type == "cpu" and predicted is not None and budget is not None
                    and predicted * GiB > 0.8 * budget)
         precompute_s = None
         if st.kind == "slices" and not too_big:
             t = time.perf_counter()
-            trainer.prepare_step(stage)
+            trainer.prepare_step(step_name)
             precompute_s = time.perf_counter() - t
         batches: list[dict[str, Any]] = []
         if want_loader:
-            loader = trainer.build_loader(stage)
+            loader = trainer.build_loader(step_name)
             n_local = max(2, min(5, n_batches))
             t = time.perf_counter()
             for _ in range(n_local):
                 loader.generate_train_batch()
             sample_ms = 1000 * (time.perf_counter() - t) / n_local
-            stream = BatchStream(trainer.build_loader(stage), trainer.cfg.augmentation, workers)
+            stream = BatchStream(trainer.build_loader(step_name), trainer.cfg.augmentation, workers)
             try:
                 _collect(stream, loader_warmup)
                 t = time.perf_counter()
@@ -301,20 +301,20 @@ def section_training(p: dict[str, Any], emit: Emit) -> None:
         else:
             rate = None
         if not want_training:
-            _release(trainer, stage)
+            _release(trainer, step_name)
             continue
         if too_big:
             emit(benchmark="training_step", **base, skipped=f"predicted peak {predicted:.1f} GB exceeds 80% of the "
                                                             f"{budget / GiB:.1f} GB available")
-            _release(trainer, stage)
+            _release(trainer, step_name)
             continue
         if not batches:
-            stream = BatchStream(trainer.build_loader(stage), trainer.cfg.augmentation, workers)
+            stream = BatchStream(trainer.build_loader(step_name), trainer.cfg.augmentation, workers)
             try:
                 batches = _collect(stream, warmup + iters)
             finally:
                 stream.close()
-        training = trainer.build_optimizer(stage)  # the trainer's Adam (lr, weight decay) and AMP scaler
+        training = trainer.build_optimizer(step_name)  # the trainer's Adam (lr, weight decay) and AMP scaler
         times, shapes = [], []
         held = sum(int(np.asarray(v).nbytes) for b in batches for v in b.values() if isinstance(v, np.ndarray))
         gc.collect()
@@ -323,7 +323,7 @@ def section_training(p: dict[str, Any], emit: Emit) -> None:
             for batch in batches:
                 _sync(device)
                 t = time.perf_counter()
-                trainer.train_step(stage, batch)
+                trainer.train_step(step_name, batch)
                 _sync(device)
                 times.append(time.perf_counter() - t)
                 shapes.append(list(np.asarray(batch["data"]).shape[2:]))
@@ -338,17 +338,17 @@ def section_training(p: dict[str, Any], emit: Emit) -> None:
              peak_rss_gb=gb(rss.peak), held_batches_gb=gb(held), **gpu, plans_predicted_peak_gb=predicted,
              amp=trainer.cfg.amp if device.type == "cuda" else "off", compile=compiled)
         del training, batches
-        _release(trainer, stage)
+        _release(trainer, step_name)
 
 
-def _release(trainer, stage: str) -> None:
-    trainer.release_step(stage)
+def _release(trainer, step_name: str) -> None:
+    trainer.release_step(step_name)
     gc.collect()
 
 
-def _step_predicted_gb(plans: dict[str, Any], stage: str) -> float | None:
+def _step_predicted_gb(plans: dict[str, Any], step_name: str) -> float | None:
     for s in plans["training"]["steps"]:
-        if str(s["step"]) == str(stage):
+        if str(s["step"]) == str(step_name):
             v = s.get("predicted_peak_gb")
             return None if v is None else float(v)
     return None

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import SimpleITK as sitk
+
 from heartcascade.dataset.image_io import IMAGE_ENDINGS, is_image_file, strip_image_ending
 from heartcascade.utils.errors import HCError
 
@@ -65,8 +67,6 @@ def output_ending_for(path: Path) -> str:
 
 
 def _is_dicom_series_folder(folder: Path) -> bool:
-    import SimpleITK as sitk
-
     try:
         return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
     except RuntimeError:

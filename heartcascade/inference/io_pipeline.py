@@ -6,6 +6,7 @@ device busy. Both helpers capture exceptions per item, so one bad case never sto
 """
 from __future__ import annotations
 
+import ctypes
 import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -139,8 +140,6 @@ def tune_host_allocator() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3
         ok = libc.mallopt(m_mmap_threshold, 256 << 20) == 1

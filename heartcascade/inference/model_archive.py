@@ -23,6 +23,7 @@ import shutil
 import tempfile
 import time
 import zipfile
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -47,8 +48,6 @@ FOLD_FILES = ("plans.json", "dataset.json", "postprocessing.json")
 
 def _version() -> str:
     try:
-        from importlib.metadata import version
-
         return version("heartcascade")
     except Exception:  # not installed (plain checkout on PYTHONPATH)
         return "unknown"

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from heartcascade.dataset.image_io import Geometry, read_image
+from heartcascade.inference.results import load_probabilities
 from heartcascade.utils.atomic import atomic_path, atomic_write_bytes
 from heartcascade.utils.errors import HCError
 
@@ -30,8 +31,6 @@ def nnunet_properties(geometry: Geometry) -> dict[str, Any]:
 def write_nnunet_probabilities(npz_path: str | os.PathLike, image_path: str | os.PathLike) -> tuple[Path, Path]:
     """Replace heartcascade's region-of-interest ``CASE.npz`` by nnU-Net's full-volume one and add
     ``CASE.pkl``; returns both paths."""
-    from heartcascade.inference.predictor import load_probabilities
-
     npz_path = Path(npz_path)
     if not npz_path.is_file():
         raise HCError(f"{npz_path}: probabilities not found")

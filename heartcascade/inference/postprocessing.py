@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import cc3d
 import numpy as np
+from scipy import ndimage
 
 from heartcascade.utils.errors import HCError
 from heartcascade.utils.jsonio import load_json
@@ -28,8 +30,6 @@ CONNECTIVITIES = (6, 18, 26)
 
 def keep_largest_component(mask: np.ndarray, connectivity: int = 26) -> np.ndarray:
     """Boolean mask of the largest connected component of ``mask`` (empty stays empty)."""
-    import cc3d
-
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         return mask
@@ -37,8 +37,6 @@ def keep_largest_component(mask: np.ndarray, connectivity: int = 26) -> np.ndarr
 
 
 def _foreground_box(labels: np.ndarray) -> tuple[slice, ...] | None:
-    from scipy import ndimage
-
     boxes = ndimage.find_objects((labels != 0).astype(np.uint8))
     return boxes[0] if boxes and boxes[0] is not None else None
 

@@ -37,7 +37,7 @@ from heartcascade.inference.batch import predict_files
 from heartcascade.inference.cases import InputCase
 from heartcascade.inference.io_pipeline import tune_host_allocator
 from heartcascade.inference.model_loading import check_compatible_plans, load_folds, model_dir_for
-from heartcascade.inference.net2_runner import auto_z_chunk, net2_chunks
+from heartcascade.inference.net2_runner import net2_chunks
 from heartcascade.inference.postprocessing import Postprocessing, find_postprocessing, load_postprocessing
 from heartcascade.inference.results import (CaseResult, PredictionReport, RoiProbabilities, load_probabilities,
                                             probabilities_path, restore_probabilities)
@@ -46,6 +46,7 @@ from heartcascade.inference.settings import (DEFAULT_CPU_BUDGET, GPU_BUDGET_FRAC
 from heartcascade.inference.sliding_window import sliding_window_softmax
 from heartcascade.inference.upsampling import upsample_at
 from heartcascade.networks.blocks import crop_to_shape, pad_to_multiple
+from heartcascade.planning import memory_model
 from heartcascade.planning.plans import read_plans
 from heartcascade.preprocessing.preprocess import preprocess_images, restore_to_original
 from heartcascade.preprocessing.resampling import (bspline2_apply, bspline2_coefficients, bspline2_resample,
@@ -261,14 +262,17 @@ class Predictor:
     def z_chunk_for(self, net2: torch.nn.Module, window_hw: Sequence[int], num_slices: int) -> int:
         """Output slices per Net2 pass for an in-plane window.
 
-        The largest chunk whose Net2 pass fits the memory budget (:meth:`_memory_budget`; estimate:
-        :func:`~heartcascade.inference.net2_runner.auto_z_chunk`), capped by the plans'
-        ``inference.z_chunk`` (the planner's choice, at most ``max_z_chunk`` of the preset).
+        The largest chunk whose Net2 pass fits the memory budget (:meth:`_memory_budget`), by the
+        planner's own estimate (:func:`heartcascade.planning.memory_model.net2_inference_peak`, the real
+        network traced on the meta device, float32), capped by the plans' ``inference.z_chunk`` (rule 10's
+        choice for the plans' tile) and by the slices there are.
         """
-        own = auto_z_chunk(net2, window_hw, int(net2.config["in_channels"]), self._memory_budget(), num_slices,
-                           bytes_per_value=2 if self.device.type == "cuda" else 4)
-        cap = self.settings.z_chunk or self.settings.max_z_chunk
-        chunk = own if cap is None else min(own, cap)
+        cap = self.settings.z_chunk or self.settings.max_z_chunk or num_slices
+        backend = "cuda" if self.device.type == "cuda" else "cpu"
+        kwargs = dict(net2.config)
+        chunk = memory_model.largest_fitting(
+            lambda z: memory_model.net2_inference_peak(kwargs, z, window_hw, backend), self._memory_budget(),
+            min(int(cap), int(num_slices)))
         return max(1, min(int(chunk), int(num_slices)))
 
     def _predict_cascade(self, image: np.ndarray, properties: dict[str, Any], want_probs: bool, net1_only: bool,

@@ -21,8 +21,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Protocol, Sequence
 
+import cc3d
 import numpy as np
 import torch
+from scipy import ndimage
 
 from heartcascade.inference.upsampling import take
 from heartcascade.preprocessing.resampling import clamped_indices
@@ -167,8 +169,6 @@ class HeartComponentRoi:
 
     def heart_mask(self, mean_probs: torch.Tensor, properties: Mapping[str, Any]) -> np.ndarray:
         """Boolean coarse-grid mask of the kept components (all False when Net1 finds nothing)."""
-        import cc3d
-
         heart = 1.0 - mean_probs[0, 0].float().cpu().numpy()
         labels, n = cc3d.connected_components(heart > self.threshold, connectivity=self.connectivity,
                                               return_N=True)
@@ -178,8 +178,6 @@ class HeartComponentRoi:
         main = int(np.argmax(mass)) + 1
         keep = mass >= self.min_component_fraction * mass[main - 1]
         if self.join_distance_mm > 0:
-            from scipy import ndimage
-
             dist = ndimage.distance_transform_edt(labels != main, sampling=_coarse_spacing(properties, labels.shape))
             nearest = ndimage.minimum(dist, labels, index=np.arange(1, n + 1))
             keep |= np.asarray(nearest) <= self.join_distance_mm

@@ -282,11 +282,7 @@ def _input_bytes(jobs: list) -> int:
 
 def _limit_threads(n: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(n)
-    try:
-        import torch
-        torch.set_num_threads(n)
-    except ImportError:  # pragma: no cover
-        pass
+    torch.set_num_threads(n)
 
 
 def fingerprint_is_current(fingerprint: dict[str, Any], info: DatasetInfo) -> bool:

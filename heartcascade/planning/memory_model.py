@@ -23,6 +23,7 @@ All sizes are bytes; fp32 training (no AMP) is assumed.
 """
 from __future__ import annotations
 
+import json
 import math
 import weakref
 from dataclasses import asdict, dataclass
@@ -31,6 +32,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -246,8 +248,6 @@ def _meta(build: Callable[[], nn.Module], key: str | None = None) -> nn.Module:
 
 
 def _cache_key(*parts: Any) -> str:
-    import json
-
     return json.dumps(parts, sort_keys=True, default=str)
 
 
@@ -274,6 +274,29 @@ def net2_memory(net2_kwargs: dict[str, Any], batch: int, shape: Sequence[int], t
         target = torch.empty((batch, d - net2_kwargs["K"] + 1, h, w), dtype=torch.uint8)
     loss = _Loss([target], lambda out: [out]) if training else None
     return simulate(model, [x], loss, backend)
+
+
+def largest_fitting(peak: Callable[[int], int], budget: float, upper: int) -> int:
+    """Largest ``n`` in ``[1, upper]`` with ``peak(n) <= budget`` (``peak`` grows with ``n``; 1 when even
+    that does not fit): the planner's z-chunk (rule 10) and the predictor's per-window chunk."""
+    upper = max(1, int(upper))
+    if peak(upper) <= budget:
+        return upper
+    lo, hi = 1, upper
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if peak(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def net2_inference_peak(net2_kwargs: dict[str, Any], chunk: int, window_hw: Sequence[int],
+                        backend: str = "cuda") -> int:
+    """Peak bytes of one no-grad Net2 pass producing ``chunk`` output slices on an (H, W) window."""
+    shape = (int(chunk) + int(net2_kwargs["K"]) - 1, int(window_hw[0]), int(window_hw[1]))
+    return net2_memory(net2_kwargs, 1, shape, training=False, backend=backend).peak
 
 
 def cascade_memory(net1_kwargs: dict[str, Any], net2_kwargs: dict[str, Any], input_mode: str, batch: int,
@@ -347,8 +370,6 @@ def measure_training_peak(build: Callable[[], nn.Module], inputs: Callable[[torc
         step()
         torch.cuda.synchronize(device)
         return int(torch.cuda.max_memory_allocated(device))
-    from torch.profiler import ProfilerActivity, profile
-
     # CPU: create Adam's state as its first step would (so the measured step is a steady-state one) and
     # measure that single step -- a warm-up step only costs time here (oneDNN kernel generation).
     for group in opt.param_groups:

@@ -56,6 +56,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+import torch
+
 from heartcascade.dataset.dataset_json import CT_NAMES, DatasetInfo
 from heartcascade.planning import fingerprint as fpmod
 from heartcascade.planning import memory_model
@@ -86,8 +88,6 @@ NET1_DIVISOR = 16
 def detect_gpu_memory_gb() -> float | None:
     """Total memory of CUDA device 0 in GiB, or None without a usable CUDA GPU."""
     try:
-        import torch
-
         if torch.cuda.is_available():
             return torch.cuda.get_device_properties(0).total_memory / GiB
     except Exception:  # noqa: BLE001 - no driver, broken install: plan for the default
@@ -557,17 +557,7 @@ def choose_z_chunk(ctx: _Context, net1: Net1Plan, net2: Net2Plan) -> tuple[int, 
     def infer_peak(z: int) -> int:
         return _net2_estimate(net2.network, 1, (z + net2.K - 1, tile[0], tile[1]), False).peak + net1.parameters
 
-    z_hi = max(1, int(ctx.preset["inference"].get("max_z_chunk", 64)))
-    z = z_hi
-    if infer_peak(z) > ctx.usable:
-        lo, hi = 1, z_hi
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if infer_peak(mid) <= ctx.usable:
-                lo = mid
-            else:
-                hi = mid - 1
-        z = lo
+    z = memory_model.largest_fitting(infer_peak, ctx.usable, int(ctx.preset["inference"].get("max_z_chunk", 64)))
     net2_params = _net2_estimate(net2.network, 1, (net2.K, tile[0], tile[1]), False).parameters
     return z, max(net1.inference_peak + net2_params, infer_peak(z))
 

@@ -33,6 +33,12 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
+from batchgenerators.transforms.abstract_transforms import Compose
+from batchgenerators.transforms.color_transforms import (BrightnessMultiplicativeTransform,
+                                                         ContrastAugmentationTransform, GammaTransform)
+from batchgenerators.transforms.noise_transforms import GaussianBlurTransform, GaussianNoiseTransform
+from batchgenerators.transforms.resample_transforms import SimulateLowResolutionTransform
+from batchgenerators.transforms.spatial_transforms import MirrorTransform
 from scipy import ndimage
 
 # the plans' augmentation section (its type lives with the plans; re-exported here for the transforms)
@@ -301,10 +307,6 @@ def intensity_transforms(params: AugmentationParams) -> list[Any]:
     """
     if not params.enabled:
         return []
-    from batchgenerators.transforms.color_transforms import (BrightnessMultiplicativeTransform,
-                                                             ContrastAugmentationTransform, GammaTransform)
-    from batchgenerators.transforms.noise_transforms import GaussianBlurTransform, GaussianNoiseTransform
-    from batchgenerators.transforms.resample_transforms import SimulateLowResolutionTransform
 
     candidates = [
         (params.p_gaussian_noise, lambda p: GaussianNoiseTransform(tuple(params.noise_std), p_per_sample=p)),
@@ -353,8 +355,6 @@ def batch_transforms(params: AugmentationParams, image_channels: int | None = No
     """
     transforms: list[Any] = []
     if params.enabled and params.p_flip > 0 and params.flip_axes:
-        from batchgenerators.transforms.spatial_transforms import MirrorTransform
-
         transforms.append(MirrorTransform(axes=tuple(int(a) for a in params.flip_axes), data_key="data",
                                           label_key="seg", p_per_sample=float(params.p_flip)))
     intensity = intensity_transforms(params) if image_channels else []
@@ -364,6 +364,4 @@ def batch_transforms(params: AugmentationParams, image_channels: int | None = No
         return None
     if len(transforms) == 1:
         return transforms[0]
-    from batchgenerators.transforms.abstract_transforms import Compose
-
     return Compose(transforms)

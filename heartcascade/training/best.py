@@ -40,7 +40,7 @@ class BestTracker:
         self.step_best = state.get("step_best")
         self.best_by_target = dict(state.get("best_by_target") or {})
 
-    def record(self, target: str, mean: float, stage: str, iteration: int,
+    def record(self, target: str, mean: float, step_name: str, iteration: int,
                networks: Mapping[str, nn.Module]) -> bool:
         """Add a validation score; True when the moving average improved (then it is the new best)."""
         best = self.best
@@ -52,7 +52,7 @@ class BestTracker:
         if self.keep_best_per_step and (self.step_best is None or mean > self.step_best["score"]):
             self.step_best = {"score": mean, "iteration": iteration, "target": target, "networks": _snapshot(networks)}
         if improved:
-            best.update(best_ema=best["ema"], stage=stage, iteration=iteration)
+            best.update(best_ema=best["ema"], stage=step_name, iteration=iteration)
         return improved
 
     def start_step(self, target: str, networks: Mapping[str, nn.Module]) -> None:

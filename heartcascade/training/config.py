@@ -25,10 +25,10 @@ __all__ = ["deep_merge"]  # re-exported: overrides are merged with the same rule
 
 #: The curriculum's steps (paper Table 1: planning/curriculum.py; losses and trained networks are in the plans).
 CASCADE_STEPS = tuple(str(n) for n in STEP_NUMBERS)
-BASELINE_STAGE = "baseline"
+BASELINE_STEP = "baseline"
 #: The network outputs each batch kind produces (the losses of a step must read one of them).
 KIND_OUTPUTS = {"coarse_volume": ("net1",), "subvolume": ("net1", "net2"), "slices": ("net2",),
-                BASELINE_STAGE: ("out",)}
+                BASELINE_STEP: ("out",)}
 
 
 @dataclass
@@ -172,9 +172,9 @@ def training_config(plans: Plans | Mapping[str, Any], configuration: str) -> Tra
             steps[str(entry.step)] = _step(entry, tr.weight_decay)
     elif configuration == "baseline":
         b = p.baseline_unet
-        steps[BASELINE_STAGE] = StepConfig(
-            name=BASELINE_STAGE, kind="subvolume", epochs=b.epochs, iterations_per_epoch=b.iterations_per_epoch,
-            batch_size=b.batch_size, lr=b.lr, losses=_losses(b.losses, BASELINE_STAGE, "baseline_unet"),
+        steps[BASELINE_STEP] = StepConfig(
+            name=BASELINE_STEP, kind="subvolume", epochs=b.epochs, iterations_per_epoch=b.iterations_per_epoch,
+            batch_size=b.batch_size, lr=b.lr, losses=_losses(b.losses, BASELINE_STEP, "baseline_unet"),
             train=["baseline"], patch_shapes=[tuple(b.patch_shape)], loss_weights={},  # type: ignore[list-item]
             weight_decay=tr.weight_decay, time_fraction=None)
     else:

@@ -34,6 +34,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 from batchgenerators.dataloading.data_loader import DataLoader
+from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 
 from heartcascade.preprocessing.resampling import clamped_indices
 from heartcascade.training.augmentation import (AugmentationParams, batch_transforms, extract, plane_coordinates,
@@ -312,9 +314,6 @@ class BatchStream:
     """
 
     def __init__(self, loader: _SeededLoader, augmentation: AugmentationParams, num_workers: int) -> None:
-        from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
-        from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
-
         transform = batch_transforms(augmentation, image_channels=loader.image_channels)
         self.num_workers = int(num_workers)
         if self.num_workers <= 0:

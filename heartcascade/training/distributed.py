@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from heartcascade.utils.errors import HCError
 
@@ -107,8 +108,6 @@ def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """``DistributedDataParallel(module)`` when distributed (only parameters with requires_grad are synced)."""
     if not is_active():
         return module
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     if not any(p.requires_grad for p in module.parameters()):
         return module
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from tqdm import tqdm
+
 from heartcascade.utils.atomic import atomic_path, atomic_write_text
 
 
@@ -40,8 +42,6 @@ class TrainingLogger:
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {message}"
         self.lines.append(line)
         if (self.echo if echo is None else echo) and self.enabled:
-            from tqdm import tqdm
-
             tqdm.write(line)
 
     def record(self, **fields: Any) -> None:
@@ -69,18 +69,18 @@ class TrainingLogger:
                 self.log(f"warning: could not draw progress.png ({type(exc).__name__}: {exc})", echo=False)
 
     def plot(self, path: Path) -> None:
-        import matplotlib
+        import matplotlib  # deferred: matplotlib takes ~1.4 s to import and only the plot needs it
 
         matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # deferred: after matplotlib.use('Agg'), which must come first
 
         train = [r for r in self.records if r.get("type") == "train"]
         val = [r for r in self.records if r.get("type") == "val"]
         fig, axes = plt.subplots(2, 1, figsize=(10, 8), sharex=True)
         ax = axes[0]
-        for stage in _ordered_unique(r["stage"] for r in train):
-            pts = [(r["global_iteration"], r["loss"]) for r in train if r["stage"] == stage]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"step {stage}", marker=".", ms=3)
+        for step_name in _ordered_unique(r["stage"] for r in train):
+            pts = [(r["global_iteration"], r["loss"]) for r in train if r["stage"] == step_name]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"step {step_name}", marker=".", ms=3)
         _stage_boundaries(ax, train + val)
         ax.set_ylabel("training loss")
         ax.set_title("loss per curriculum step")
@@ -94,14 +94,14 @@ class TrainingLogger:
             pts = [(r["global_iteration"], r["dice"][name]) for r in val
                    if r.get("dice", {}).get(name) is not None]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, lw=0.8, alpha=0.6, color=palette(i % 8))
-        stages = _ordered_unique(r["stage"] for r in train + val)
-        for i, stage in enumerate(stages):  # the curve of every step, in the step's colour of the loss plot
+        step_names = _ordered_unique(r["stage"] for r in train + val)
+        for i, step_name in enumerate(step_names):  # the curve of every step, in the step's colour of the loss plot
             pts = [(r["global_iteration"], r["mean_dice"]) for r in val
-                   if r["stage"] == stage and r.get("mean_dice") is not None]
+                   if r["stage"] == step_name and r.get("mean_dice") is not None]
             if pts:
-                target = next(r.get("target") for r in val if r["stage"] == stage)
+                target = next(r.get("target") for r in val if r["stage"] == step_name)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], color=f"C{i % 10}", lw=2, marker=".", ms=4,
-                        label=f"step {stage} mean ({target})")
+                        label=f"step {step_name} mean ({target})")
         kept = [r for r in self.records if r.get("type") == "restore"]
         if kept:
             ax.plot([r["global_iteration"] for r in kept], [r["mean_dice"] for r in kept], "k*", ms=10,
@@ -126,7 +126,7 @@ def _stage_boundaries(ax: Any, records: list[dict[str, Any]]) -> None:
     first: dict[Any, float] = {}
     for r in records:
         first.setdefault(r["stage"], r["global_iteration"])
-    for stage, x in first.items():
+    for step_name, x in first.items():
         ax.axvline(x, color="grey", lw=0.5, ls=":")
 
 

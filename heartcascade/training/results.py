@@ -19,7 +19,7 @@ class TrainingResult:
     output_folder: Path
     configuration: str
     fold: str
-    stages: list[str]
+    step_names: list[str]
     final_checkpoint: Path
     epoch_losses: dict[str, list[float]] = field(default_factory=dict)
     last_validation: dict[str, Any] | None = None

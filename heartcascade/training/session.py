@@ -27,7 +27,7 @@ from heartcascade.preprocessing.storage import data_dir
 from heartcascade.training import distributed as dist_utils
 from heartcascade.training.cases import baseline_grid_case, load_train_case
 from heartcascade.training.checkpoint import checkpoint_path, load_checkpoint
-from heartcascade.training.config import (BASELINE_STAGE, CASCADE_STEPS, TrainingConfig, parse_override,
+from heartcascade.training.config import (BASELINE_STEP, CASCADE_STEPS, TrainingConfig, parse_override,
                                           training_config)
 from heartcascade.training.dataloading import default_num_workers
 from heartcascade.training.logger import TrainingLogger
@@ -40,7 +40,7 @@ from heartcascade.utils.device import autocast, resolve_device
 from heartcascade.utils.errors import HCError
 
 #: Data-stream id of each step (the loaders' seeds are [seed, stream, rank]).
-STREAM_CODES = {"1": 1, "2": 2, "3": 3, "4": 4, BASELINE_STAGE: 9}
+STREAM_CODES = {"1": 1, "2": 2, "3": 3, "4": 4, BASELINE_STEP: 9}
 
 
 def training_threads(plans_threads: int | None, num_workers: int, load: float | None = None) -> int:
@@ -162,20 +162,20 @@ class TrainingSession:
             check_resume(resume, latest, self.configuration, labelled, self.data_dir, self.requested_steps)
             self.plans = read_plans(resume["plans"], str(latest))  # a run started before an upgrade: upgraded
             self.seed = int(resume.get("seed", 0))
-            self.stages = list(resume["steps"])
+            self.step_names = list(resume["steps"])
             self.train_ids = list(resume.get("train_cases", self.train_ids))
             self.val_ids = [c for c in resume.get("val_cases", self.val_ids) if c in labelled]
         else:
             self.plans = run_plans(self.pre_dir, self.plans_override, self.time_budget_s)
             if self.configuration == "cascade":
-                self.stages = self.requested_steps or list(CASCADE_STEPS)
+                self.step_names = self.requested_steps or list(CASCADE_STEPS)
             else:
-                self.stages = [BASELINE_STAGE]
+                self.step_names = [BASELINE_STEP]
         self.cfg: TrainingConfig = training_config(self.plans, self.configuration)
         if resume is None:
             self.seed = self.cfg.seed if self.seed_arg is None else self.seed_arg
-        self.stages = [s for s in self.stages if self.cfg.steps[s].iterations > 0]
-        if not self.stages:
+        self.step_names = [s for s in self.step_names if self.cfg.steps[s].iterations > 0]
+        if not self.step_names:
             raise HCError("nothing to train: every selected step has 0 epochs or is disabled in the plans")
         self.num_workers = self.num_workers_arg if self.num_workers_arg is not None \
             else default_num_workers(self.cfg.num_workers)

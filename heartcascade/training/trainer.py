@@ -54,7 +54,7 @@ class Trainer(TrainingSession):
     # ------------------------------------------------------------------------------------------------
     # checkpoints
 
-    def _state(self, kind: str, stage_index: int, iteration: int, optimizer: torch.optim.Optimizer | None,
+    def _state(self, kind: str, step_index: int, iteration: int, optimizer: torch.optim.Optimizer | None,
                scaler: Any, rng_states: list[Any] | None, finished: bool = False) -> dict[str, Any]:
         return {
             "format_version": FORMAT_VERSION,
@@ -62,9 +62,9 @@ class Trainer(TrainingSession):
             "plans": plain(self.plans),
             "networks": {k: state_dict_cpu(v) for k, v in self.networks.items()},
             "kind": kind,
-            "steps": list(self.stages),
-            "stage_index": int(stage_index),
-            "stage": self.stages[stage_index] if stage_index < len(self.stages) else None,
+            "steps": list(self.step_names),
+            "stage_index": int(step_index),
+            "stage": self.step_names[step_index] if step_index < len(self.step_names) else None,
             "iteration": int(iteration),
             "finished": bool(finished),
             "optimizer": optimizer_state_cpu(optimizer) if optimizer is not None else None,
@@ -84,16 +84,16 @@ class Trainer(TrainingSession):
             "torch_version": str(torch.__version__),
         }
 
-    def _save(self, kind: str, stage_index: int, iteration: int, optimizer: torch.optim.Optimizer | None,
+    def _save(self, kind: str, step_index: int, iteration: int, optimizer: torch.optim.Optimizer | None,
               scaler: Any, finished: bool = False) -> None:
         rng_states = dist_utils.all_gather_object(capture_rng_state()) if kind == "latest" else None
         if self.dist.is_main:
             self.logger.flush(plot=not kind.startswith("step"))
-            state = self._state(kind, stage_index, iteration, optimizer, scaler, rng_states, finished)
+            state = self._state(kind, step_index, iteration, optimizer, scaler, rng_states, finished)
             save_checkpoint(checkpoint_path(self.output_folder, kind), state)
         dist_utils.barrier()
         if self.callback is not None:
-            self.callback("checkpoint", {"kind": kind, "stage_index": stage_index, "iteration": iteration})
+            self.callback("checkpoint", {"kind": kind, "stage_index": step_index, "iteration": iteration})
 
     # ------------------------------------------------------------------------------------------------
     # main entry
@@ -125,7 +125,7 @@ class Trainer(TrainingSession):
         self.validation_seconds = 0.0  # the last in-training validation's duration (final-validation reserve)
         self.schedule: StepSchedule | None = None
         budget_state: dict[str, Any] | None = None
-        stage_index, start_iteration = 0, 0
+        step_index, start_iteration = 0, 0
         resume_optimizer = resume_scaler = None
         rng_to_restore = None
         if resume is not None:
@@ -140,14 +140,14 @@ class Trainer(TrainingSession):
             for key, value in (budget.get("iterations") or {}).items():
                 if key in self.cfg.steps:
                     self.cfg.steps[key].iterations_override = value
-            stage_index, start_iteration = int(resume["stage_index"]), int(resume["iteration"])
+            step_index, start_iteration = int(resume["stage_index"]), int(resume["iteration"])
             resume_optimizer, resume_scaler = resume.get("optimizer"), resume.get("scaler")
             states = resume.get("rng") or []
             if states:
                 rng_to_restore = states[self.dist.rank] if self.dist.rank < len(states) else states[0]
             self.logger.log(f"resuming from {checkpoint_path(self.output_folder, 'latest')}: "
-                            f"step {resume.get('stage')} iteration {start_iteration}"
-                            + (" (all steps done)" if stage_index >= len(self.stages) else ""))
+                            f"step {resume.get('step_name')} iteration {start_iteration}"
+                            + (" (all steps done)" if step_index >= len(self.step_names) else ""))
         else:
             self._log_header()
             if self.continue_training:
@@ -159,15 +159,15 @@ class Trainer(TrainingSession):
             if record.get("type") == "train":
                 self.epoch_losses.setdefault(str(record["stage"]), []).append(record["loss"])
 
-        for index in range(stage_index, len(self.stages)):
-            first = index == stage_index
+        for index in range(step_index, len(self.step_names)):
+            first = index == step_index
             self._run_stage(index, start_iteration if first else 0,
                             resume_optimizer if first else None, resume_scaler if first else None,
                             rng_to_restore if first else None, budget_state if first else None)
-        if resume is None or stage_index < len(self.stages) or not checkpoint_path(self.output_folder, "final").is_file():
-            self._save("final", len(self.stages), 0, None, None, finished=True)
-            self._save("latest", len(self.stages), 0, None, None, finished=True)
-        result = TrainingResult(self.output_folder, self.configuration, str(self.fold), list(self.stages),
+        if resume is None or step_index < len(self.step_names) or not checkpoint_path(self.output_folder, "final").is_file():
+            self._save("final", len(self.step_names), 0, None, None, finished=True)
+            self._save("latest", len(self.step_names), 0, None, None, finished=True)
+        result = TrainingResult(self.output_folder, self.configuration, str(self.fold), list(self.step_names),
                                 checkpoint_path(self.output_folder, "final"), self.epoch_losses,
                                 self.last_validation,
                                 {k: float(np.mean(v)) for k, v in self.seconds.items() if v})
@@ -188,7 +188,7 @@ class Trainer(TrainingSession):
             self.logger.log(f"CPU threads: {torch.get_num_threads()} ({self.num_workers} loader worker(s), "
                             f"1-min load {'?' if load is None else f'{load:.1f}'}; training.num_threads="
                             f"{c.num_threads})")
-        for name in self.stages:
+        for name in self.step_names:
             st = c.steps[name]
             self.logger.log(f"step {name}: {st.kind}, {st.epochs} epochs x {st.iterations_per_epoch} iterations, "
                             f"batch {st.batch_size}, lr {st.lr:g}, losses {'+'.join(st.losses)}, trains "
@@ -199,23 +199,23 @@ class Trainer(TrainingSession):
 
     def _run_stage(self, index: int, start_iteration: int, optimizer_state: Any, scaler_state: Any,
                    rng_state: Any, budget_state: dict[str, Any] | None = None) -> None:
-        stage = self.stages[index]
-        st = self.cfg.steps[stage]
+        step_name = self.step_names[index]
+        st = self.cfg.steps[step_name]
         schedule = self._step_schedule(index, budget_state)
         self.schedule = schedule
-        self.prepare_step(stage)
-        training = self.build_optimizer(stage, optimizer_state, scaler_state)
+        self.prepare_step(step_name)
+        training = self.build_optimizer(step_name, optimizer_state, scaler_state)
         optimizer, scaler = training.optimizer, training.scaler
         if start_iteration == 0:
             self.epoch_acc = {}
-            self.tracker.start_step(self._validation_target(stage), self.networks)
-            self.logger.log(f"=== step {stage} ({st.kind}): " + (
+            self.tracker.start_step(self._validation_target(step_name), self.networks)
+            self.logger.log(f"=== step {step_name} ({st.kind}): " + (
                 f"{schedule.allotted_s:.0f} s of the time budget, iterations set from the measured speed ===" if
                 schedule.budgeted else f"{st.iterations} iterations ==="))
         if rng_state is not None:
             restore_rng_state(rng_state)
-        stream = BatchStream(self.build_loader(stage, start_iteration), self.cfg.augmentation, self.num_workers)
-        bar = progress_bar(total=st.iterations, initial=start_iteration, desc=f"step {stage}", unit="it",
+        stream = BatchStream(self.build_loader(step_name, start_iteration), self.cfg.augmentation, self.num_workers)
+        bar = progress_bar(total=st.iterations, initial=start_iteration, desc=f"step {step_name}", unit="it",
                            enabled=self.progress and self.dist.is_main, leave=False, dynamic_ncols=True)
         per_validation = max(1, self.cfg.validate_every_epochs) * st.iterations_per_epoch
         done = start_iteration
@@ -228,7 +228,7 @@ class Trainer(TrainingSession):
                 lr = step_learning_rate(st.lr, it, st.iterations, self.cfg.warmup_iterations, self.cfg.lr_schedule)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                loss, terms = self.train_step(stage, batch)
+                loss, terms = self.train_step(step_name, batch)
                 t_end = time.perf_counter()
                 self._accumulate(loss, terms, t_end - t_wait, t_start - t_wait, optimizer)
                 done = it + 1
@@ -240,36 +240,36 @@ class Trainer(TrainingSession):
                         st.iterations_override = done
                     if bar.total != st.iterations:
                         bar.total = st.iterations
-                    bar.set_description(f"step {stage} (ETA {self._eta():.0f} s)", refresh=False)
+                    bar.set_description(f"step {step_name} (ETA {self._eta():.0f} s)", refresh=False)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if done % st.iterations_per_epoch == 0 or done >= st.iterations:
-                    self._end_epoch(stage, st, done)
+                    self._end_epoch(step_name, st, done)
                 if self.callback is not None:
-                    self.callback("iteration", {"stage": stage, "iteration": done, "loss": loss})
+                    self.callback("iteration", {"stage": step_name, "iteration": done, "loss": loss})
                 if done < st.iterations and done % checkpoint_interval(self.cfg, st) == 0:
                     self._save("latest", index, done, optimizer, scaler)
-            self._finish_step_best(stage, done)
+            self._finish_step_best(step_name, done)
             if schedule.budgeted:
-                self.logger.log(f"step {stage}: {done} iterations in {schedule.elapsed():.0f} s "
+                self.logger.log(f"step {step_name}: {done} iterations in {schedule.elapsed():.0f} s "
                                 f"(budget share {schedule.allotted_s:.0f} s)")
-            self.logger.log(f"step {stage} finished")
+            self.logger.log(f"step {step_name} finished")
             if self.configuration == "cascade":  # e.g. Net1 alone after its own last step (ablations)
-                self._save(f"step{stage}", index + 1, 0, None, None, finished=True)
+                self._save(f"step{step_name}", index + 1, 0, None, None, finished=True)
             self._save("latest", index + 1, 0, None, None)
         finally:
             bar.close()
             stream.close()
-            self.release_step(stage)
+            self.release_step(step_name)
             self._active = None
 
     def _step_schedule(self, index: int, budget_state: dict[str, Any] | None) -> StepSchedule:
         """The step's iteration count: the plans' without a time budget, else its share of what is left."""
-        last = index == len(self.stages) - 1 and self.predict_validation and self.val_cases
+        last = index == len(self.step_names) - 1 and self.predict_validation and self.val_cases
         reserve = 2 * self.validation_seconds if last else 0.0  # the final validation also fits in the budget
         budget = self.cfg.time_budget_s
         left = None if budget is None else budget - self._elapsed() - reserve
-        return step_schedule(self.cfg, self.stages[index:], left, budget_state)
+        return step_schedule(self.cfg, self.step_names[index:], left, budget_state)
 
     def _eta(self) -> float:
         """Seconds until the whole budgeted curriculum ends (this step's deadline plus the later shares)."""
@@ -280,7 +280,7 @@ class Trainer(TrainingSession):
         """Seconds of this training run so far (across resumes), what the time budget is measured against."""
         return time.monotonic() - self.run_started
 
-    def _finish_step_best(self, stage: str, last_iteration: int) -> None:
+    def _finish_step_best(self, step_name: str, last_iteration: int) -> None:
         """End the step with its best-validated weights (keep_best_per_step)."""
         if not self.cfg.keep_best_per_step or not self.val_cases:
             return
@@ -290,10 +290,10 @@ class Trainer(TrainingSession):
             return
         for key, net in self.networks.items():
             net.load_state_dict(chosen["networks"][key])
-        self.logger.log(f"step {stage}: keeping the weights of iteration {chosen['iteration']} (validation Dice "
+        self.logger.log(f"step {step_name}: keeping the weights of iteration {chosen['iteration']} (validation Dice "
                         f"{chosen['score']:.4f}); the step's last weights validated lower")
-        self.logger.record(type="restore", stage=stage, iteration=last_iteration, restored_iteration=chosen["iteration"],
-                           global_iteration=self._global_iteration(stage, last_iteration), mean_dice=chosen["score"])
+        self.logger.record(type="restore", stage=step_name, iteration=last_iteration, restored_iteration=chosen["iteration"],
+                           global_iteration=self._global_iteration(step_name, last_iteration), mean_dice=chosen["score"])
 
     # ------------------------------------------------------------------------------------------------
     # epochs, validation, best checkpoint
@@ -310,15 +310,15 @@ class Trainer(TrainingSession):
         for k, v in terms.items():
             t[k] = t.get(k, 0.0) + v
 
-    def _global_iteration(self, stage: str, iteration: int) -> int:
+    def _global_iteration(self, step_name: str, iteration: int) -> int:
         total = 0
-        for s in self.stages:
-            if s == stage:
+        for s in self.step_names:
+            if s == step_name:
                 return total + iteration
             total += self.cfg.steps[s].iterations
         return total + iteration
 
-    def _end_epoch(self, stage: str, st: StepConfig, iteration: int) -> None:
+    def _end_epoch(self, step_name: str, st: StepConfig, iteration: int) -> None:
         acc = self.epoch_acc
         n = max(1, acc.get("n", 0))
         means = dist_utils.all_reduce_mean([acc.get("loss", 0.0) / n] +
@@ -327,12 +327,12 @@ class Trainer(TrainingSession):
         sec = acc.get("seconds", 0.0) / n
         wait = acc.get("wait", 0.0) / max(acc.get("seconds", 0.0), 1e-9)
         epoch = math.ceil(iteration / st.iterations_per_epoch)
-        self.epoch_losses.setdefault(stage, []).append(means[0])
-        self.seconds.setdefault(stage, []).append(sec)
-        self.logger.record(type="train", stage=stage, iteration=iteration,
-                           global_iteration=self._global_iteration(stage, iteration), epoch=epoch, loss=means[0],
+        self.epoch_losses.setdefault(step_name, []).append(means[0])
+        self.seconds.setdefault(step_name, []).append(sec)
+        self.logger.record(type="train", stage=step_name, iteration=iteration,
+                           global_iteration=self._global_iteration(step_name, iteration), epoch=epoch, loss=means[0],
                            loss_terms=terms, lr=acc.get("lr"), seconds_per_iteration=sec, data_wait_fraction=wait)
-        self.logger.log(f"step {stage} epoch {epoch}/{math.ceil(st.iterations / st.iterations_per_epoch)} "
+        self.logger.log(f"step {step_name} epoch {epoch}/{math.ceil(st.iterations / st.iterations_per_epoch)} "
                         f"(it {iteration}): loss {means[0]:.4f} "
                         f"({', '.join(f'{k} {v:.4f}' for k, v in terms.items())}), {sec:.3f} s/it, "
                         f"data wait {100 * wait:.0f}%" + (f", run ends in {self._eta():.0f} s"
@@ -340,35 +340,35 @@ class Trainer(TrainingSession):
         self.epoch_acc = {}
         if self.val_cases and (epoch % max(1, self.cfg.validate_every_epochs) == 0 or iteration >= st.iterations):
             t0 = time.perf_counter()
-            self._validate(stage, iteration)
+            self._validate(step_name, iteration)
             self.validation_seconds = time.perf_counter() - t0
             if self.schedule is not None and self.schedule.budgeted:
                 self.schedule.record_validation(self.validation_seconds)
         if self.dist.is_main:
             self.logger.flush(plot=False)
 
-    def _validation_target(self, stage: str) -> str:
+    def _validation_target(self, step_name: str) -> str:
         if self.configuration == "baseline":
             return "baseline"
-        return "cascade" if stage in ("3", "4") else "net1"
+        return "cascade" if step_name in ("3", "4") else "net1"
 
-    def _validate(self, stage: str, iteration: int) -> None:
+    def _validate(self, step_name: str, iteration: int) -> None:
         if not self.dist.is_main:
             dist_utils.barrier()
             return
-        target = self._validation_target(stage)
+        target = self._validation_target(step_name)
         dice = self.validation_dice(target)
         names = self.cfg.class_names
         fg = dice[1:]
         mean = float(np.nanmean(fg)) if np.any(np.isfinite(fg)) else 0.0
-        improved = self.tracker.record(target, mean, stage, iteration, self.networks)
+        improved = self.tracker.record(target, mean, step_name, iteration, self.networks)
         ema = self.tracker.best["ema"]
         per_class = {names[c] if c < len(names) else str(c): (None if not np.isfinite(dice[c]) else float(dice[c]))
                      for c in range(1, len(dice))}
-        self.last_validation = {"stage": stage, "iteration": iteration, "target": target, "dice": per_class,
+        self.last_validation = {"stage": step_name, "iteration": iteration, "target": target, "dice": per_class,
                                 "mean_dice": mean}
-        self.logger.record(type="val", stage=stage, iteration=iteration,
-                           global_iteration=self._global_iteration(stage, iteration), target=target,
+        self.logger.record(type="val", stage=step_name, iteration=iteration,
+                           global_iteration=self._global_iteration(step_name, iteration), target=target,
                            dice=per_class, mean_dice=mean, ema=ema)
         self.logger.log(f"validation ({target}, {len(self.val_cases)} cases): mean Dice {mean:.4f} "
                         f"(moving avg {ema:.4f}); " + ", ".join(
@@ -376,7 +376,7 @@ class Trainer(TrainingSession):
         if improved:
             self.logger.log(f"new best moving-average Dice {ema:.4f} -> checkpoint_best.pth")
             save_checkpoint(checkpoint_path(self.output_folder, "best"),
-                            self._state("best", self.stages.index(stage), iteration, None, None, None))
+                            self._state("best", self.step_names.index(step_name), iteration, None, None, None))
         dist_utils.barrier()
 
     def validation_dice(self, target: str) -> np.ndarray:
