@@ -201,17 +201,8 @@ def _baseline(kw: str, batch: int, shape: tuple) -> memory_model.MemoryEstimate:
 
 def _largest_batch(peak: Callable[[int], int], usable: int, cap: int) -> tuple[int, int]:
     """Largest batch in 1..cap whose peak fits (1 even when it does not); returns (batch, peak)."""
-    cap = max(1, int(cap))
-    top = peak(cap)
-    if top <= usable:  # the common case with ample memory: one check
-        return cap, top
-    best, best_peak = 1, peak(1)
-    for b in range(2, cap):
-        p = peak(b)
-        if p > usable:
-            break
-        best, best_peak = b, p
-    return best, best_peak
+    batch = memory_model.largest_fitting(peak, usable, cap)
+    return batch, peak(batch)
 
 
 # ---------------------------------------------------------------------------------------------------
