@@ -246,33 +246,33 @@ def _extract_inplane(volumes: Sequence[np.ndarray], centre: np.ndarray, out_shap
     return outs
 
 
+def _grid_offsets(shape: Sequence[int]) -> np.ndarray:
+    """(len(shape), *shape) float32 offsets of every output voxel from the patch centre ``shape // 2``."""
+    return np.stack(np.meshgrid(*[np.arange(int(s), dtype=np.float32) - (int(s) // 2) for s in shape],
+                                indexing="ij"))
+
+
+def _source(offsets: np.ndarray, centre: Sequence[int], sample: SpatialSample, axes: list[int],
+            elastic: np.ndarray | None) -> np.ndarray:
+    """``centre + M offsets + t + elastic`` on the given axes: the transform of :class:`SpatialSample`."""
+    coords = offsets if sample.matrix is None else \
+        np.einsum("ij,j...->i...", sample.matrix[np.ix_(axes, axes)].astype(np.float32), offsets)
+    if elastic is not None:
+        coords = coords + elastic
+    shift = (np.asarray(centre)[axes] + sample.translation[axes]).astype(np.float32)
+    return coords + shift.reshape((len(axes),) + (1,) * (offsets.ndim - 1))
+
+
 def sample_coordinates(centre: np.ndarray, out_shape: tuple[int, int, int], sample: SpatialSample) -> np.ndarray:
     """Where each output voxel of an :func:`extract` patch is read: (3, *out_shape) float32 voxel coordinates."""
-    grids = np.meshgrid(*[np.arange(s, dtype=np.float32) - (s // 2) for s in out_shape], indexing="ij")
-    offsets = np.stack(grids)  # (3, d, h, w)
-    if sample.matrix is not None:
-        coords = np.einsum("ij,j...->i...", sample.matrix.astype(np.float32), offsets)
-    else:
-        coords = offsets
-    if sample.elastic is not None:
-        coords = coords + sample.elastic
-    shift = (centre + sample.translation).astype(np.float32).reshape(3, 1, 1, 1)
-    return coords + shift
+    return _source(_grid_offsets(out_shape), centre, sample, [0, 1, 2], sample.elastic)
 
 
 def plane_coordinates(centre: np.ndarray, out_shape: Sequence[int], sample: SpatialSample) -> np.ndarray:
     """Where each output voxel of one slice of an in-plane :func:`extract` patch is read in its input
     slice: (2, h, w) float32 (row, column) -- the same for every slice of the stack."""
-    h, w = int(out_shape[1]), int(out_shape[2])
-    grids = np.meshgrid(np.arange(h, dtype=np.float32) - (h // 2), np.arange(w, dtype=np.float32) - (w // 2),
-                        indexing="ij")
-    offsets = np.stack(grids)
-    coords = offsets if sample.matrix is None else \
-        np.einsum("ij,j...->i...", sample.matrix[1:, 1:].astype(np.float32), offsets)
-    if sample.elastic is not None:
-        coords = coords + sample.elastic[1:, 0]
-    shift = (np.asarray(centre[1:]) + sample.translation[1:]).astype(np.float32).reshape(2, 1, 1)
-    return coords + shift
+    elastic = None if sample.elastic is None else sample.elastic[1:, 0]
+    return _source(_grid_offsets(out_shape[1:]), centre, sample, [1, 2], elastic)
 
 
 def _crop_padded(volume: np.ndarray, start: np.ndarray, shape: Sequence[int], cval: float) -> np.ndarray:
