@@ -58,8 +58,7 @@ def training_threads(plans_threads: int | None, num_workers: int, load: float | 
     cpus = os.cpu_count() or 1
     if plans_threads is not None:
         return max(1, min(int(plans_threads), cpus))
-    load = os.getloadavg()[0] if load is None and hasattr(os, "getloadavg") else load
-    if load is None or load < cpus - 0.5:
+    if load is None or load < cpus - 0.5:  # unknown load: as on an idle machine
         return max(1, current)
     return max(1, min(current, cpus - max(0, int(num_workers))))
 
@@ -181,8 +180,8 @@ class TrainingSession:
             else default_num_workers(self.cfg.num_workers)
         if self.device.type == "cpu":
             self.threads_before = torch.get_num_threads()
-            torch.set_num_threads(training_threads(self.cfg.num_threads, self.num_workers))
             self.threads_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+            torch.set_num_threads(training_threads(self.cfg.num_threads, self.num_workers, self.threads_load))
         self.dataset_json_path = self.pre_dir / "dataset.json"
         self.logger = TrainingLogger(self.output_folder, enabled=self.dist.is_main, echo=self.progress,
                                      class_names=self.cfg.class_names)
