@@ -270,10 +270,9 @@ class Predictor:
         cap = self.settings.z_chunk or self.settings.max_z_chunk or num_slices
         backend = "cuda" if self.device.type == "cuda" else "cpu"
         kwargs = dict(net2.config)
-        chunk = memory_model.largest_fitting(
+        return memory_model.largest_fitting(
             lambda z: memory_model.net2_inference_peak(kwargs, z, window_hw, backend), self._memory_budget(),
             min(int(cap), int(num_slices)))
-        return max(1, min(int(chunk), int(num_slices)))
 
     def _predict_cascade(self, image: np.ndarray, properties: dict[str, Any], want_probs: bool, net1_only: bool,
                          timings: dict[str, float]):
