@@ -186,6 +186,15 @@ class Frame:
 INF = float("inf")
 
 
+def _within_z(m: np.ndarray, z: np.ndarray, zmin: float, zmax: float) -> np.ndarray:
+    """``m`` restricted to the slab ``zmin <= z <= zmax`` (an infinite bound adds no test)."""
+    if zmin > -INF:
+        m = m & (z >= zmin)
+    if zmax < INF:
+        m = m & (z <= zmax)
+    return m
+
+
 class Shape:
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
@@ -209,11 +218,7 @@ class Ellipsoid(Shape):
     def inside(self, q):
         a, b, c = (np.float32(1.0 / r ** 2) for r in self.radii)
         m = q[0] * q[0] * a + q[1] * q[1] * b <= np.float32(1.0) - q[2] * q[2] * c
-        if self.zmin > -INF:
-            m = m & (q[2] >= self.zmin)
-        if self.zmax < INF:
-            m = m & (q[2] <= self.zmax)
-        return m
+        return _within_z(m, q[2], self.zmin, self.zmax)
 
 
 @dataclass(frozen=True)
@@ -235,11 +240,7 @@ class Cylinder(Shape):
         else:
             p = np.float32(self.power)
             m = np.abs(q[0] * np.float32(1 / self.rx)) ** p + np.abs(q[1] * np.float32(1 / self.ry)) ** p <= 1.0
-        if self.zmin > -INF:
-            m = m & (q[2] >= self.zmin)
-        if self.zmax < INF:
-            m = m & (q[2] <= self.zmax)
-        return m
+        return _within_z(m, q[2], self.zmin, self.zmax)
 
 
 @dataclass(frozen=True)
