@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 from heartcascade.cli.common import (QUIET, VERBOSE, HCArgumentParser, add_verbosity_arguments, run_cli, show_progress,
                                      verbosity)
+from heartcascade.dataset.segments import segments_from_labels
 from heartcascade.utils.atomic import ensure_writable_dir
 from heartcascade.utils.errors import HCError
 
@@ -105,10 +106,12 @@ def _predict(args: argparse.Namespace, model_dir: Path | None, checkpoint: str, 
         print(f"hc_predict: {predictor.configuration} model, fold(s) {', '.join(predictor.fold_names)}, "
               f"checkpoint {checkpoint}, device {predictor.device}, tta {'on' if args.tta else 'off'}")
     report = _predict_cohort(args, predictor, level)
+    for note in report.notes:
+        print(f"warning: {note}", file=sys.stderr)
     for case_id, reason in sorted(report.failed.items()):
         print(f"error: {case_id}: {reason}", file=sys.stderr)
     line = f"hc_predict: {report.summary()}"
-    if report.failed:
+    if report.failed and (Path(args.output) / _failures_file(args)).is_file():
         line += f" (list in {Path(args.output) / _failures_file(args)})"
     print(line, file=sys.stderr if report.failed else sys.stdout)
     return 0 if report.ok else 1
@@ -148,12 +151,24 @@ def _predict_cohort(args: argparse.Namespace, predictor: Any, level: int):
                            net1_only=args.net1_only, hooks=hooks, keep_image=args.overlays,
                            failures_file=_failures_file(args), label_descriptions=True,
                            progress=show_progress(args))
+    _write_measures(args, predictor, measures, report, level)
+    return report
+
+
+def _write_measures(args: argparse.Namespace, predictor: Any, measures: Any, report: Any, level: int) -> None:
+    """measures.csv (and cardiac_function.csv) beside the predictions; with sharding measures_part<i>.csv
+    (pair the parts with hc_measure afterwards). A failure here is reported, the predictions stand."""
+    from heartcascade.inference.results import one_line  # deferred: numpy, keeps --help instant
+
     suffix = "" if args.num_parts == 1 else f"_part{args.part_id}"
-    done = set(report.written) | set(report.skipped)
-    files = measures.write(args.output, keep=lambda case_id: case_id in done, suffix=suffix)
+    names = {s.value: s.name for s in segments_from_labels(predictor.plans["labels"], predictor.label_codes)}
+    try:
+        files = measures.write(args.output, report.existing, names, suffix=suffix)
+    except Exception as exc:  # a full disk or an unreadable earlier output must not hide the run's result
+        print(f"warning: measures not written: {one_line(exc)}", file=sys.stderr)
+        return
     if level == VERBOSE and files:
         print(f"hc_predict: measures in {', '.join(str(f) for f in files)}")
-    return report
 
 
 def _overlay_hook(folder: Path):

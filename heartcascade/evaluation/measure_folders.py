@@ -11,10 +11,11 @@ import os
 import re
 import threading
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from heartcascade.dataset.image_io import label_array, read_image
 from heartcascade.dataset.importers import parse_codes
+from heartcascade.dataset.segformats import format_of
 from heartcascade.dataset.segformats.itksnap import ITKSNAP_LABELS_FILE
 from heartcascade.dataset.segments import structure_key
 from heartcascade.evaluation.evaluate import find_cases, labels_from_dataset
@@ -105,7 +106,8 @@ def run_measures(folder: str | os.PathLike, output_dir: str | os.PathLike, names
 
 class RunMeasures:
     """A per-case hook for :func:`heartcascade.inference.batch.predict_cases` that measures each label map
-    while it is in memory; :meth:`write` merges them with the rows of cases an earlier run wrote."""
+    while it is in memory; :meth:`write` adds the cases an earlier run predicted (skipped now) from the
+    earlier ``measures.csv``, or from their files where that has no row for them."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -117,10 +119,17 @@ class RunMeasures:
         with self._lock:
             self.measures[m.case_id] = m
 
-    def write(self, output_dir: str | os.PathLike, keep: Callable[[str], bool], suffix: str = "") -> list[Path]:
-        """Write the tables; rows of the earlier ``measures.csv`` are kept for cases ``keep`` accepts."""
+    def write(self, output_dir: str | os.PathLike, existing: Mapping[str, Path], names: Mapping[int, str],
+              suffix: str = "") -> list[Path]:
+        """Write ``measures{suffix}.csv`` (and ``cardiac_function.csv`` when unsharded) for the cases
+        measured now and the ``existing`` outputs (case -> label map) of this run's skipped cases."""
         path = Path(output_dir) / MEASURES_FILE.replace(".csv", f"{suffix}.csv")
-        merged = {k: v for k, v in read_case_table(path).items() if keep(k)} if path.is_file() else {}
+        earlier = read_case_table(path) if path.is_file() else {}
+        merged = {k: v for k, v in earlier.items() if k in existing}
+        for case_id, label_path in sorted(existing.items()):
+            if case_id not in merged and format_of(label_path) != "dicom-seg":
+                image = read_image(label_path)
+                merged[case_id] = measure_case(case_id, label_array(image, label_path), image.GetSpacing(), names)
         merged.update(self.measures)
         if not merged:
             return []

@@ -226,11 +226,10 @@ def predict_cases(predictor: CasePredictor, cases: Sequence[InputCase], output_d
             log(f"{case.case_id}: FAILED: {case.error}")
         elif all(p.exists() for p in wanted) and not options.overwrite:
             report.skipped.append(case.case_id)
+            report.existing[case.case_id] = out
             log(f"{case.case_id}: skipped, {out} exists (use --overwrite)")
         else:
             todo.append(case)
-    if options.label_descriptions and segments and any(format_of(c.output_path(output_dir)) == "nifti" for c in todo):
-        write_itksnap_labels(output_dir / ITKSNAP_LABELS_FILE, segments)
 
     def load(case: InputCase):
         images = [image_io.read_image(f) for f in case.files]
@@ -275,16 +274,33 @@ def predict_cases(predictor: CasePredictor, cases: Sequence[InputCase], output_d
     for case_id, exc in writer.close().items():
         report.failed[case_id] = one_line(exc)
         report.outputs.pop(case_id, None)
+        report.seconds.pop(case_id, None)
         log(f"{case_id}: FAILED while writing: {report.failed[case_id]}")
     progress.close()
     report.written = sorted(report.outputs)
+    _write_run_files(output_dir, options, segments, report, log)
+    return report
+
+
+def _write_run_files(output_dir: Path, options: BatchOptions, segments: list[Segment], report: PredictionReport,
+                     log: Callable[[str], None]) -> None:
+    """``itksnap_labels.txt`` once a NIfTI label map exists, ``failures.csv`` when a case failed. A failure
+    here (a full disk) is reported, never raised: the cases themselves are done and reported."""
+    jobs = []
+    if options.label_descriptions and segments and any(format_of(p) == "nifti" for p in report.outputs.values()):
+        jobs.append((output_dir / ITKSNAP_LABELS_FILE, lambda p: write_itksnap_labels(p, segments)))
     if options.failures_file:
         path = output_dir / options.failures_file
         if report.failed:
-            atomic_write_text(path, failures_csv_text(report.failed))
+            jobs.append((path, lambda p: atomic_write_text(p, failures_csv_text(report.failed))))
         elif path.is_file():
-            path.unlink()  # an earlier run's failures, now all done
-    return report
+            jobs.append((path, lambda p: p.unlink()))  # an earlier run's failures, now all done
+    for path, job in jobs:
+        try:
+            job(path)
+        except (OSError, HCError) as exc:
+            report.notes.append(f"{path}: not written ({one_line(exc)})")
+            log(report.notes[-1])
 
 
 def _write_and_finish(written: WrittenCase, probabilities: RoiProbabilities | None, probability_format: str | None,

@@ -52,6 +52,8 @@ class PredictionReport:
     failed: dict[str, str] = field(default_factory=dict)
     outputs: dict[str, Path] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # prediction time per predicted case
+    existing: dict[str, Path] = field(default_factory=dict)  # output of each skipped case (an earlier run's)
+    notes: list[str] = field(default_factory=list)  # side files (failures.csv, ...) that could not be written
 
     @property
     def ok(self) -> bool:

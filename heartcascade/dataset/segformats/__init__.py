@@ -59,7 +59,7 @@ def write_segmentation(labels: np.ndarray, geometry: Geometry, path: str | os.Pa
             raise HCError(f"{path}: DICOM-SEG output needs a DICOM series as input (got {reference})")
         from heartcascade.dataset.segformats.dicom_seg import write_dicom_seg  # deferred: highdicom, only for DICOM-SEG
 
-        write_dicom_seg(labels, Path(reference), path, segments)
+        write_dicom_seg(labels, Path(reference), path, segments, geometry.spacing)
     else:
         image_io.write_array(labels, geometry, path,
                              reference=reference if reference is not None and Path(reference).is_file() else None)

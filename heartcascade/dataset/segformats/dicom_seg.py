@@ -60,9 +60,10 @@ def segment_descriptions(segments: Sequence[Segment]) -> list[hd.seg.SegmentDesc
 
 
 def write_dicom_seg(labels: np.ndarray, series_folder: Path, path: str | os.PathLike,
-                    segments: Sequence[Segment]) -> None:
-    """Write ``labels`` (z, y, x, file values; the grid SimpleITK read from ``series_folder``) as a
-    binary DICOM-SEG with one segment per structure, referencing the series' instances."""
+                    segments: Sequence[Segment], spacing: Sequence[float]) -> None:
+    """Write ``labels`` (z, y, x, file values; the grid SimpleITK read from ``series_folder``, whose
+    spacing (x, y, z) is ``spacing``) as a binary DICOM-SEG with one segment per structure, referencing
+    the series' instances. Pixel measures are given explicitly (a series without SliceThickness works)."""
     files = series_files(series_folder)
     if len(files) != labels.shape[0]:
         raise HCError(f"{series_folder}: {len(files)} DICOM files but the label map has {labels.shape[0]} slices")
@@ -71,11 +72,18 @@ def write_dicom_seg(labels: np.ndarray, series_folder: Path, path: str | os.Path
     for number, s in enumerate(segments, start=1):
         numbered[labels == s.value] = number
     first = sources[0]
+    thickness = float(getattr(first, "SliceThickness", None) or spacing[2])
+    for ds in sources:  # highdicom reads it from every source; an in-memory copy, the files stay untouched
+        if not getattr(ds, "SliceThickness", None):
+            ds.SliceThickness = thickness
+    measures = hd.PixelMeasuresSequence(pixel_spacing=(float(spacing[1]), float(spacing[0])),
+                                        slice_thickness=thickness, spacing_between_slices=float(spacing[2]))
     seg = hd.seg.Segmentation(
         source_images=sources, pixel_array=numbered, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segment_descriptions(segments), series_instance_uid=hd.UID(),
         series_number=int(getattr(first, "SeriesNumber", 0) or 0) + 1000, sop_instance_uid=hd.UID(),
         instance_number=1, manufacturer="heartcascade", manufacturer_model_name="heartcascade",
-        software_versions=_version(), device_serial_number="none", series_description="heartcascade segmentation")
+        software_versions=_version(), device_serial_number="none", series_description="heartcascade segmentation",
+        pixel_measures=measures)
     with atomic_path(path, suffix=".dcm") as tmp:
         seg.save_as(tmp)
