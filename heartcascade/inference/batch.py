@@ -112,12 +112,14 @@ class BatchOptions:
 
 
 def collect_cases(inputs: str | Path | Sequence[Sequence[str | Path]] | Sequence[InputCase], num_channels: int,
-                  output_dir: str | Path, case_ids: Sequence[str] | None = None) -> list[InputCase]:
+                  output_dir: str | Path, case_ids: Sequence[str] | None = None,
+                  output_format: str | None = None) -> list[InputCase]:
     """The cases of ``inputs``: a folder / file / DICOM folder / case list (see
     :mod:`heartcascade.inference.cases`), a list of per-case file lists (``case_ids`` names them), or a
     list of :class:`InputCase`."""
     if isinstance(inputs, (str, Path)):
-        return discover_cases(inputs, num_channels, output_dir=output_dir)
+        ending = FORMAT_ENDINGS[output_format] if output_format else None
+        return discover_cases(inputs, num_channels, output_dir=output_dir, output_ending=ending)
     if inputs and all(isinstance(c, InputCase) for c in inputs):
         return list(inputs)  # type: ignore[arg-type]
     return cases_from_file_lists(inputs, case_ids)  # type: ignore[arg-type]
@@ -131,8 +133,9 @@ def predict_files(predictor: CasePredictor, inputs: str | Path | Sequence[Sequen
 
     ``options`` are :class:`BatchOptions` fields, e.g. ``overwrite=True, probabilities="roi"``.
     """
-    cases = shard(collect_cases(inputs, predictor.num_channels, output_dir, case_ids), part_id, num_parts)
-    return predict_cases(predictor, cases, output_dir, BatchOptions(**options), log)
+    batch_options = BatchOptions(**options)
+    cases = collect_cases(inputs, predictor.num_channels, output_dir, case_ids, batch_options.output_format)
+    return predict_cases(predictor, shard(cases, part_id, num_parts), output_dir, batch_options, log)
 
 
 def _with_format(case: InputCase, output_format: str | None) -> InputCase:

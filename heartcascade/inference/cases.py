@@ -81,22 +81,29 @@ def _is_dicom_series_folder(folder: Path) -> bool:
 
 
 def discover_cases(input_path: str | Path, num_channels: int = 1,
-                   output_dir: str | Path | None = None) -> list[InputCase]:
+                   output_dir: str | Path | None = None, output_ending: str | None = None) -> list[InputCase]:
     """The cases under ``input_path``, sorted by case id (the order sharding relies on).
 
     With ``output_dir`` given, label maps this command wrote there earlier are not taken for inputs
     (``-i`` may equal ``-o``), and a case whose output would replace one of its inputs is failed.
+    ``output_ending`` (``--output-format``) replaces every case's own output ending first.
     """
-    path = Path(input_path)
+    cases = _discover(Path(input_path), num_channels)
+    if output_ending is not None:
+        for case in cases:
+            case.output_ending = output_ending
+    return _mark_duplicates(_guard_inputs(sorted(cases, key=lambda c: c.case_id), output_dir))
+
+
+def _discover(path: Path, num_channels: int) -> list[InputCase]:
     if not path.exists():
         if path.is_symlink():
             raise HCError(f"{path}: broken symbolic link (its target does not exist or links back to itself)")
         raise HCError(f"{path}: input not found")
     if path.is_file() and path.suffix.lower() in CASE_LIST_ENDINGS:
-        return _mark_duplicates(_guard_inputs(sorted(read_case_list(path, num_channels), key=lambda c: c.case_id),
-                                              output_dir))
+        return read_case_list(path, num_channels)
     if path.is_file():
-        return _guard_inputs([_single_file_case(path, num_channels)], output_dir)
+        return [_single_file_case(path, num_channels)]
     entries = sorted((p for p in path.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
     files = [p for p in entries if is_image_file(p) and image_ending(p.name) != ".dcm"]
     odd = [_odd_entry_case(p) for p in entries
@@ -111,7 +118,7 @@ def discover_cases(input_path: str | Path, num_channels: int = 1,
     if not cases:
         raise HCError(f"{path}: no images found (expected files ending in {', '.join(IMAGE_ENDINGS)} "
                       f"or DICOM series)")
-    return _mark_duplicates(_guard_inputs(sorted(cases, key=lambda c: c.case_id), output_dir))
+    return cases
 
 
 #: Endings of a case list file (``hc_predict -i cases.csv``).
