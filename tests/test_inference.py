@@ -816,6 +816,7 @@ def test_dicom_series_to_dicom_seg_and_seg_nrrd(shared_data, tmp_path):
         report = predict_files(predictor, series, tmp_path / fmt, output_format=fmt, background_io=False)
         assert report.ok and report.written == ["patient1"], report.failed
     nifti = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "nifti" / "patient1.nii.gz")))
+    assert set(np.unique(nifti)) == {0, *CODES.values()}  # the seeded untrained model paints all three
     assert set(np.unique(nifti)) - {0} <= set(CODES.values()) and nifti.any()
     seg = hd.seg.segread(tmp_path / "dicom-seg" / "patient1.dcm")
     described = {n: seg.get_segment_description(n) for n in seg.segment_numbers}
@@ -823,6 +824,8 @@ def test_dicom_series_to_dicom_seg_and_seg_nrrd(shared_data, tmp_path):
     assert described[2].segmented_property_type.value == "87878005"  # SNOMED-CT left ventricle
     assert described[2].segmented_property_category.value == "91723000"  # anatomical structure
     uids = [pydicom_uid(f) for f in series_files(series)]
+    assert seg.StudyInstanceUID == "1.2.826.0.1.3680043.2.1125.7.1"  # the input's study, referencing its slices
+    assert len(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == len(uids)
     numbers = seg.get_pixels_by_source_instance(uids, combine_segments=True, skip_overlap_checks=True)
     by_number = np.array([0, CODES[1], CODES[2], CODES[3]])  # segment n is training label n here
     assert np.array_equal(by_number[numbers], nifti)
