@@ -137,6 +137,13 @@ def test_segments_names_colours_codes():
     assert '  500   230   26   26  1.00   1   1  "LV"' in text
 
 
+def test_cli_format_choices_are_the_writers():
+    from heartcascade.cli import predict as predict_cli
+    from heartcascade.dataset.segformats import FORMAT_ENDINGS
+
+    assert predict_cli.OUTPUT_FORMATS == tuple(FORMAT_ENDINGS)  # the CLI cannot import the writers (--help speed)
+
+
 def test_seg_nrrd_and_nifti_writers_read_back(tmp_path):
     labels = heart(1000, 500, 800).astype(np.uint16)
     geometry = Geometry(tuple(reversed(labels.shape)), SPACING, (1.0, 2.0, 3.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
