@@ -56,11 +56,12 @@ def label_names(folder: str | os.PathLike | None = None, codes: str | None = Non
 def measure_folder(folder: str | os.PathLike, names: Mapping[int, str], pattern: str | None = None,
                    progress: bool = False) -> dict[str, CaseMeasures]:
     """Measures of every label map in ``folder`` (only files matching the glob ``pattern`` when given)."""
-    cases = find_cases(folder)
+    cases = {k: p for k, p in find_cases(folder).items() if format_of(p) != "dicom-seg"}  # see measures.md
     if pattern:
         cases = {k: p for k, p in cases.items() if p.match(pattern)}
     if not cases:
-        raise HCError(f"{folder}: no label maps found{f' matching {pattern}' if pattern else ''}")
+        raise HCError(f"{folder}: no label maps found{f' matching {pattern}' if pattern else ''} (DICOM-SEG files are "
+                      f"not read: hc_predict's measures.csv beside them holds their measures)")
     out = {}
     for case_id, path in progress_bar(sorted(cases.items()), enabled=progress, desc="measuring", unit="case"):
         image = read_image(path)
