@@ -38,6 +38,7 @@ setup(
         "scipy>=1.10",
         "tqdm>=4.60",
         "matplotlib>=3.7",
+        "highdicom>=0.28.2",
     ],
     extras_require={"test": ["pytest>=7"], "nnunet": ["nnunetv2"]},
     entry_points={"console_scripts": [f"{cmd}=heartcascade.cli.{mod}:main" for cmd, mod in COMMANDS.items()]},

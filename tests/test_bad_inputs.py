@@ -239,7 +239,9 @@ def test_predict_batch_of_bad_inputs_beside_good_ones(world):
     proc = predict(world, inp, out)
     one_line_error(proc, *{p.name for p in bad.values()})
     assert snapshot(inp) == before
-    assert sorted(p.name for p in out.iterdir()) == ["good1.nii.gz", "good2.nii.gz"]
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["good1.nii.gz", "good2.nii.gz"]
+    failures = (out / "failures.csv").read_text().splitlines()
+    assert failures[0] == "case,error" and len(failures) == len(bad) + 1
     assert sitk.ReadImage(str(out / "good2.nii.gz")).GetSize() == tuple(reversed(world["image"].shape))
     assert "2 predicted" in proc.stderr and f"{len(bad)} failed" in proc.stderr
 
@@ -255,7 +257,7 @@ def test_predict_single_bad_file(world, what):
     out = folder / "out"
     proc = predict(world, path, out)
     one_line_error(proc, str(path))
-    assert list(out.iterdir()) == []
+    assert [p.name for p in out.iterdir()] == ["failures.csv"]
 
 
 def test_predict_output_path_problems_fail_before_any_work(world, tmp_path):
@@ -288,7 +290,8 @@ def test_predict_input_folder_as_output_folder(world, tmp_path):
     forced = predict(world, inp, inp, "--overwrite")
     assert forced.returncode == 0 and "1 predicted" in forced.stdout, forced.stderr
     assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(inp / "a.nii.gz"))), label)
-    assert {k: v for k, v in snapshot(inp).items() if k != "a.nii.gz"} == before
+    outputs = {"a.nii.gz", "measures.csv", "itksnap_labels.txt"}  # what hc_predict writes beside the label map
+    assert {k: v for k, v in snapshot(inp).items() if k not in outputs} == before
     # a plain file whose output would replace it: failed, the input untouched
     plain = tmp_path / "plain"
     plain.mkdir()
@@ -296,7 +299,7 @@ def test_predict_input_folder_as_output_folder(world, tmp_path):
     before = snapshot(plain)
     proc = predict(world, plain, plain)
     one_line_error(proc, "scan.nii.gz")
-    assert snapshot(plain) == before
+    assert {k: v for k, v in snapshot(plain).items() if k != "failures.csv"} == before
 
 
 def test_predict_probabilities_completed_on_rerun(world, tmp_path):
@@ -369,7 +372,8 @@ def test_full_or_read_only_disk(world, tmp_path):
         proc = predict(world, inp, mounts[1], "--save-probabilities")
         assert proc.returncode == 1 and "Traceback" not in proc.stderr
         assert "no space left on device" in proc.stderr, proc.stderr
-        assert [p.name for p in mounts[1].iterdir()] == []  # nothing half-written under a final name
+        # nothing half-written under a final name (failures.csv is complete where it fitted)
+        assert [p.name for p in mounts[1].iterdir() if p.name != "failures.csv"] == []
         # preprocessing: plans fit, the arrays do not -> each case fails naming the file, none looks complete
         proc = run("hc_plan_and_preprocess", "-d", DATASET_ID, "--no-progress", "-np", 1,
                    roots=dict(world["roots"], pre=mounts[2]))

@@ -109,11 +109,12 @@ def _run(configuration: str, override: dict, root: Path):
 
 
 def _predict_files(model: Path, raw: Path, out: Path) -> str:
+    from heartcascade.inference.batch import predict_files
     from heartcascade.inference.predictor import Predictor
 
     predictor = Predictor.from_model_dir(model, device="cpu")
     images = sorted((raw / "imagesTr").glob("*_0000.nii.gz"))[:2]
-    report = predictor.predict_files([[p] for p in images], out)
+    report = predict_files(predictor, [[p] for p in images], out)
     assert report.ok, report.summary()
     return _folder_digest(out)
 

@@ -16,4 +16,5 @@ COMMANDS = {
     "hc_export_model": "export_model",
     "hc_install_model": "install_model",
     "hc_overlay": "overlay",
+    "hc_measure": "measure",
 }

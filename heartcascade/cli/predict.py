@@ -6,7 +6,9 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from heartcascade.cli.common import QUIET, VERBOSE, HCArgumentParser, add_verbosity_arguments, run_cli, verbosity
+from heartcascade.cli.common import (QUIET, VERBOSE, HCArgumentParser, add_verbosity_arguments, run_cli, show_progress,
+                                     verbosity)
+from heartcascade.dataset.segments import segments_from_labels
 from heartcascade.utils.atomic import ensure_writable_dir
 from heartcascade.utils.errors import HCError
 
@@ -19,7 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-i", dest="input", required=True,
                         help="input: a folder of CASE_0000.nii.gz-style files or plain image files, a single "
-                             "image file, or a DICOM series folder")
+                             "image file, a DICOM series folder, or a case list (list.txt: one image path per "
+                             "line; cases.csv: header with 'image' or 'image_0000',... columns and optional "
+                             "'case')")
     parser.add_argument("-o", dest="output", required=True, help="output folder (created if needed)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("-d", dest="dataset", default=None,
@@ -62,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="do not apply the model's postprocessing.json (connected components)")
     parser.add_argument("--overlays", action="store_true",
                         help="also write overlays/CASE.png (axial, coronal and sagittal views through the heart)")
+    _add_output_format_argument(parser)
     add_verbosity_arguments(parser)
     return parser
 
@@ -100,44 +105,85 @@ def _predict(args: argparse.Namespace, model_dir: Path | None, checkpoint: str, 
     if level == VERBOSE:
         print(f"hc_predict: {predictor.configuration} model, fold(s) {', '.join(predictor.fold_names)}, "
               f"checkpoint {checkpoint}, device {predictor.device}, tta {'on' if args.tta else 'off'}")
-    save_probabilities = args.save_probabilities or args.nnunet_probabilities
-    report = predictor.predict_files(args.input, args.output, overwrite=args.overwrite,
-                                     save_probabilities=save_probabilities, net1_only=args.net1_only,
-                                     part_id=args.part_id, num_parts=args.num_parts)
-    if args.nnunet_probabilities or args.overlays:
-        _after_prediction(args, predictor, report)
+    report = _predict_cohort(args, predictor, level)
+    for note in report.notes:
+        print(f"warning: {note}", file=sys.stderr)
     for case_id, reason in sorted(report.failed.items()):
         print(f"error: {case_id}: {reason}", file=sys.stderr)
     line = f"hc_predict: {report.summary()}"
+    if report.failed and (Path(args.output) / _failures_file(args)).is_file():
+        line += f" (list in {Path(args.output) / _failures_file(args)})"
     print(line, file=sys.stderr if report.failed else sys.stdout)
     return 0 if report.ok else 1
 
 
-def _after_prediction(args: argparse.Namespace, predictor, report) -> None:
-    """nnU-Net probability files and overlay pictures of the cases just written (a case failing here is
-    reported like a failed prediction)."""
-    from heartcascade.inference.cases import discover_cases  # deferred: SimpleITK, keeps --help instant
-    from heartcascade.inference.predictor import probabilities_path  # deferred: torch, keeps --help instant
+# --- output formats, cohort runs and per-case extras (issue #22 items 3-5) -------------------------------
 
-    inputs = {c.case_id: c for c in discover_cases(args.input, predictor.num_channels)}
-    codes = predictor.label_codes or {}
-    names = {int(codes.get(int(v), v)): k for k, v in predictor.plans["labels"].items() if int(v) != 0}
-    for case_id in list(report.written):
-        out = report.outputs[case_id]
-        try:
-            if args.nnunet_probabilities:
-                from heartcascade.inference.nnunet_interop import (  # deferred: torch, keeps --help instant
-                    write_nnunet_probabilities)
+OUTPUT_FORMATS = ("nifti", "nrrd", "seg.nrrd", "dicom-seg")  # heartcascade.dataset.segformats.FORMAT_ENDINGS
 
-                write_nnunet_probabilities(probabilities_path(out), inputs[case_id].files[0])
-            if args.overlays:
-                from heartcascade.evaluation.overlay import write_case_overlay  # deferred: SimpleITK, keeps --help instant
 
-                write_case_overlay(inputs[case_id].files[0], out, Path(args.output) / "overlays" / f"{case_id}.png",
-                                   label_names=names, title=case_id)
-        except Exception as exc:  # one case failing here must not stop the others
-            report.failed[case_id] = str(exc) if isinstance(exc, HCError) else \
-                f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+def _add_output_format_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output-format", "--output_format", dest="output_format", default=None,
+                        choices=OUTPUT_FORMATS,
+                        help="label map format: nifti (with itksnap_labels.txt), nrrd, seg.nrrd (3D Slicer, named "
+                             "coloured segments) or dicom-seg (DICOM series input only); default: the input's "
+                             "format (NIfTI for DICOM series)")
+
+
+def _failures_file(args: argparse.Namespace) -> str:
+    return "failures.csv" if args.num_parts == 1 else f"failures_part{args.part_id}.csv"
+
+
+def _predict_cohort(args: argparse.Namespace, predictor: Any, level: int):
+    """Every case of ``-i`` (this part of them) through the batch loop, which writes each output once:
+    label map in the chosen format, probabilities in the chosen format, overlays and measures from memory;
+    then ``measures.csv`` / ``cardiac_function.csv`` beside the predictions."""
+    from heartcascade.evaluation.measure_folders import RunMeasures  # deferred: numpy/SimpleITK, keeps --help instant
+    from heartcascade.inference.batch import predict_files  # deferred: SimpleITK, keeps --help instant
+
+    probabilities = "nnunet" if args.nnunet_probabilities else "roi" if args.save_probabilities else None
+    measures = RunMeasures()
+    hooks: list[Any] = [measures]
+    if args.overlays:
+        hooks.append(_overlay_hook(Path(args.output) / "overlays"))
+    report = predict_files(predictor, args.input, args.output, part_id=args.part_id, num_parts=args.num_parts,
+                           overwrite=args.overwrite, probabilities=probabilities, output_format=args.output_format,
+                           net1_only=args.net1_only, hooks=hooks, keep_image=args.overlays,
+                           failures_file=_failures_file(args), label_descriptions=True,
+                           progress=show_progress(args))
+    _write_measures(args, predictor, measures, report, level)
+    return report
+
+
+def _write_measures(args: argparse.Namespace, predictor: Any, measures: Any, report: Any, level: int) -> None:
+    """measures.csv (and cardiac_function.csv) beside the predictions; with sharding measures_part<i>.csv
+    (pair the parts with hc_measure afterwards). A failure here is reported, the predictions stand."""
+    from heartcascade.inference.results import one_line  # deferred: numpy, keeps --help instant
+
+    suffix = "" if args.num_parts == 1 else f"_part{args.part_id}"
+    names = {s.value: s.name for s in segments_from_labels(predictor.plans["labels"], predictor.label_codes)}
+    try:
+        files = measures.write(args.output, report.existing, names, suffix=suffix)
+    except Exception as exc:  # a full disk or an unreadable earlier output must not hide the run's result
+        print(f"warning: measures not written: {one_line(exc)}", file=sys.stderr)
+        return
+    if level == VERBOSE and files:
+        print(f"hc_predict: measures in {', '.join(str(f) for f in files)}")
+
+
+def _overlay_hook(folder: Path):
+    """Per-case hook: overlays/CASE.png of the input image and the label map just written (both in memory)."""
+    def draw(written: Any) -> None:
+        import SimpleITK as sitk  # deferred: only with --overlays
+
+        from heartcascade.evaluation.overlay import write_overlay_png  # deferred: matplotlib, only with --overlays
+
+        labels = sitk.GetImageFromArray(written.labels)
+        labels.CopyInformation(written.image)
+        names = {s.value: s.name for s in written.segments}
+        write_overlay_png(written.image, [("prediction", labels)], folder / f"{written.case.case_id}.png",
+                          label_names=names, title=written.case.case_id, image_name=str(written.case.files[0]))
+    return draw
 
 
 def main(argv: Sequence[str] | None = None, roi_rule: Any = None) -> int:
