@@ -21,12 +21,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="input: a folder of CASE_0000.nii.gz-style files or plain image files, a single "
                              "image file, or a DICOM series folder")
     parser.add_argument("-o", dest="output", required=True, help="output folder (created if needed)")
-    source = parser.add_mutually_exclusive_group(required=True)
+    # --- model source (issue #22 item 1): neither -d nor -m = the shipped pretrained cine-MR model ---
+    source = parser.add_mutually_exclusive_group(required=False)
     source.add_argument("-d", dest="dataset", default=None,
                         help="dataset id (e.g. 1 or Dataset001_MMWHS): use HC_RESULTS/<dataset>/<configuration>")
     source.add_argument("-m", dest="model_dir", default=None,
                         help="model: a configuration folder holding fold_<f>/, a single fold folder, or a "
-                             "model .zip from hc_export_model")
+                             "model .zip from hc_export_model. Without -d and -m: the pretrained cine-MR "
+                             "model shipped with heartcascade (LV, Myo, RV; see documentation/prediction.md)")
+    # --- end model source ---
     parser.add_argument("-c", dest="configuration", default=None, choices=("cascade", "baseline"),
                         help="configuration (default cascade with -d; with -m it is read from the checkpoint)")
     parser.add_argument("-f", dest="folds", nargs="+", default=None,
@@ -68,12 +71,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, roi_rule: Any = None) -> int:
     """``roi_rule``: an ROI rule instead of the plans' (the benchmark's reference box)."""
+    # --- model resolution (issue #22 item 1): the default model, after checking the input fits it ---
+    if args.dataset is None and args.model_dir is None:
+        args.model_dir = str(_default_model(args))
+    # --- end model resolution ---
     if args.model_dir is not None and str(args.model_dir).endswith(".zip") and Path(args.model_dir).is_file():
         from heartcascade.inference.model_archive import extracted_model  # deferred: torch, keeps --help instant
 
         with extracted_model(args.model_dir) as (folder, manifest):
             return _predict(args, folder, args.checkpoint or manifest["checkpoint"], roi_rule)
     return _predict(args, None, args.checkpoint or "final", roi_rule)
+
+
+def _default_model(args: argparse.Namespace) -> Path:
+    """The shipped (or ``$HC_DEFAULT_MODEL``) model zip, announced on stderr; every input must be what the
+    model was made for (modality, channels, enough slices), else one line says what it is for."""
+    from heartcascade.inference.cases import discover_cases  # deferred: SimpleITK, keeps --help instant
+    from heartcascade.inference.input_check import check_inputs  # deferred: numpy, keeps --help instant
+    from heartcascade.inference.pretrained import default_model, describe  # deferred: torch, keeps --help instant
+
+    path, card = default_model()
+    if args.configuration not in (None, card.get("configuration", "cascade")):
+        raise HCError(f"-c {args.configuration}: the default model is a {card.get('configuration', 'cascade')} "
+                      "model; pass -d or -m for another")
+    print(f"hc_predict: no -d/-m given, using the default model {path.name} ({describe(card)})", file=sys.stderr)
+    channels = int((card.get("input") or {}).get("channels") or 1)
+    check_inputs(discover_cases(args.input, channels, args.output), card, "the default model")
+    return path
 
 
 def _predict(args: argparse.Namespace, model_dir: Path | None, checkpoint: str, roi_rule: Any = None) -> int:

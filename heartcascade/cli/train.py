@@ -8,6 +8,7 @@ Examples::
     hc_train 1 0 --continue                   # resume from checkpoint_latest.pth
     hc_train 1 0 --time-budget 60m            # fit the curriculum into one hour
     hc_train 1 0 --config baseline
+    hc_train 2 all --pretrained model.zip --time-budget 10m   # fine-tune a trained model on dataset 2
     torchrun --nproc_per_node 4 $(which hc_train) 1 0    # DistributedDataParallel
 
 See documentation/training.md.
@@ -50,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "training.time_budget_s): the steps share it by their time_fraction and each one's "
                         "iteration count is set from its measured speed; default: the plans' time_budget_s, "
                         "else their iteration counts")
+    p.add_argument("--pretrained", "-pretrained_weights", dest="pretrained", default=None, metavar="MODEL",
+                   help="fine-tune: start the networks from a trained model (a model .zip, an installed model or "
+                        "fold folder, or a .pth checkpoint) instead of random weights; its modality, channels, "
+                        "classes and network architecture must match this dataset's plans")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: the plans' training.seed)")
     p.add_argument("--no-validation", dest="predict_validation", action="store_false",
                    help="do not predict and evaluate the validation cases at the end")
@@ -71,7 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           continue_training=args.continue_training, device=args.device, compile=args.compile,
                           num_workers=args.num_workers, plans_override=args.plans_override,
                           splits_file=args.splits, seed=args.seed, time_budget=args.time_budget,
-                          predict_validation=args.predict_validation, progress=verbosity(args) > QUIET)
+                          predict_validation=args.predict_validation, progress=verbosity(args) > QUIET,
+                          pretrained=args.pretrained)
         result = trainer.run()
     except HCError as exc:
         print(f"error: {exc}", file=sys.stderr)
