@@ -229,3 +229,20 @@ def test_shipped_model_card_and_file(shared_data, tmp_path, monkeypatch):
         a, b = pred == code_value, np.rint(ref) == code_value
         dice = 2 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum())
         assert dice > 0.5, (code_value, dice)
+
+
+def test_train_pretrained_script_dry_run(tmp_path):
+    """scripts/train_pretrained.py lists the product's commands in order (training it is too slow for CI)."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train_pretrained.py"
+    result = subprocess.run([sys.executable, str(script), "--work", str(tmp_path / "w"), "--dry-run",
+                             "--measure-heldout", "--budget", "5m", "--cross-centre", str(tmp_path / "none")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    commands = [line.split()[1].rsplit("/", 1)[-1] for line in result.stdout.splitlines() if line.startswith("$ ")]
+    assert commands == ["hc_import", "hc_plan_and_preprocess", "hc_train", "hc_export_model", "hc_train",
+                        "hc_predict", "hc_evaluate"]
+    assert "hc_train 30 all --no-validation --time-budget 5m" in result.stdout
+    assert "--preset default" in result.stdout and "-f all" in result.stdout
+    assert not (tmp_path / "w" / "cine_mr_lv_myo_rv.zip").exists()
