@@ -6,9 +6,25 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from heartcascade.cli.common import QUIET, VERBOSE, HCArgumentParser, add_verbosity_arguments, run_cli, verbosity
+from heartcascade.cli.common import (QUIET, VERBOSE, HCArgumentParser, add_nnunet_flags, add_verbosity_arguments,
+                                     run_cli, verbosity)
 from heartcascade.utils.atomic import ensure_writable_dir
 from heartcascade.utils.errors import HCError
+
+#: nnUNetv2_predict flags with nothing to do here (one value each), and why.
+NNUNET_IGNORED = {
+    "-npp": "one background reader preprocesses the next case while the current one is predicted",
+    "-nps": "one background writer exports the label maps",
+}
+#: nnUNetv2_predict flags with no counterpart here, and what to do instead.
+NNUNET_REFUSED = {
+    "-tr": "heartcascade has no trainer classes; pick the model with -d/-c or -m",
+    "-p": "there is one plans file per model; pick the model with -d/-c or -m",
+    "-prev_stage_predictions": "the cascade runs both of its stages itself",
+    "-num_gpus": "one process uses one device; shard with -num_parts/-part_id, one process per GPU",
+    "-step_size": "Net2 segments whole slices of the region of interest, there is no sliding-window step",
+    "--disable_progress_bar": "use --quiet",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,12 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="test-time mirroring (Net1/baseline: all axes, Net2: in-plane); slower, off by default")
     tta.add_argument("--disable_tta", "--disable-tta", dest="tta", action="store_false",
                      help="no test-time mirroring (the default here; nnU-Net's spelling)")
-    parser.add_argument("--save-probabilities", "--save_probabilities", dest="save_probabilities",
+    # --- probabilities (issue #22 item 6): nnU-Net's spelling --save_probabilities writes nnU-Net's files ---
+    parser.add_argument("--save-probabilities", dest="save_probabilities", action="store_true",
+                        help="also write CASE.npz with the class probabilities inside the region of interest "
+                             "(heartcascade's compact format)")
+    parser.add_argument("--nnunet-probabilities", "--save_probabilities", dest="nnunet_probabilities",
                         action="store_true",
-                        help="also write CASE.npz with the class probabilities inside the region of interest")
-    parser.add_argument("--nnunet-probabilities", action="store_true",
                         help="write the probabilities as nnU-Net v2 does instead (full-volume CASE.npz + CASE.pkl), "
-                             "so nnUNetv2_ensemble can combine them with nnU-Net's; implies --save-probabilities")
+                             "so nnUNetv2_ensemble and hc_ensemble can combine them with nnU-Net's; implies "
+                             "--save-probabilities (nnU-Net's spelling --save_probabilities means this)")
+    # --- end probabilities ---
     parser.add_argument("--overwrite", action="store_true", help="predict cases whose output already exists")
     parser.add_argument("--continue_prediction", "--continue-prediction", action="store_true",
                         help="accepted for nnU-Net compatibility: existing outputs are always skipped unless "
@@ -66,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overlays", action="store_true",
                         help="also write overlays/CASE.png (axial, coronal and sagittal views through the heart)")
     add_verbosity_arguments(parser)
+    # --- nnU-Net flags without a counterpart (issue #22 item 6) ---
+    add_nnunet_flags(parser, refused=NNUNET_REFUSED, ignored=NNUNET_IGNORED)
+    # --- end nnU-Net flags ---
     return parser
 
 
