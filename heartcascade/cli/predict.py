@@ -6,11 +6,26 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from heartcascade.cli.common import (QUIET, VERBOSE, HCArgumentParser, add_verbosity_arguments, run_cli, show_progress,
-                                     verbosity)
+from heartcascade.cli.common import (QUIET, VERBOSE, HCArgumentParser, add_nnunet_flags, add_verbosity_arguments,
+                                     run_cli, show_progress, verbosity)
 from heartcascade.dataset.segments import segments_from_labels
 from heartcascade.utils.atomic import ensure_writable_dir
 from heartcascade.utils.errors import HCError
+
+#: nnUNetv2_predict flags with nothing to do here (one value each), and why.
+NNUNET_IGNORED = {
+    "-npp": "one background reader preprocesses the next case while the current one is predicted",
+    "-nps": "one background writer exports the label maps",
+}
+#: nnUNetv2_predict flags with no counterpart here, and what to do instead.
+NNUNET_REFUSED = {
+    "-tr": "heartcascade has no trainer classes; pick the model with -d/-c or -m",
+    "-p": "there is one plans file per model; pick the model with -d/-c or -m",
+    "-prev_stage_predictions": "the cascade runs both of its stages itself",
+    "-num_gpus": "one process uses one device; shard with -num_parts/-part_id, one process per GPU",
+    "-step_size": "Net2 segments whole slices of the region of interest, there is no sliding-window step",
+    "--disable_progress_bar": "use --quiet",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,12 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "line; cases.csv: header with 'image' or 'image_0000',... columns and optional "
                              "'case')")
     parser.add_argument("-o", dest="output", required=True, help="output folder (created if needed)")
-    source = parser.add_mutually_exclusive_group(required=True)
+    # --- model source (issue #22 item 1): neither -d nor -m = the shipped pretrained cine-MR model ---
+    source = parser.add_mutually_exclusive_group(required=False)
     source.add_argument("-d", dest="dataset", default=None,
                         help="dataset id (e.g. 1 or Dataset001_MMWHS): use HC_RESULTS/<dataset>/<configuration>")
     source.add_argument("-m", dest="model_dir", default=None,
                         help="model: a configuration folder holding fold_<f>/, a single fold folder, or a "
-                             "model .zip from hc_export_model")
+                             "model .zip from hc_export_model. Without -d and -m: the pretrained cine-MR "
+                             "model shipped with heartcascade (LV, Myo, RV; see documentation/prediction.md)")
+    # --- end model source ---
     parser.add_argument("-c", dest="configuration", default=None, choices=("cascade", "baseline"),
                         help="configuration (default cascade with -d; with -m it is read from the checkpoint)")
     parser.add_argument("-f", dest="folds", nargs="+", default=None,
@@ -46,12 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="test-time mirroring (Net1/baseline: all axes, Net2: in-plane); slower, off by default")
     tta.add_argument("--disable_tta", "--disable-tta", dest="tta", action="store_false",
                      help="no test-time mirroring (the default here; nnU-Net's spelling)")
-    parser.add_argument("--save-probabilities", "--save_probabilities", dest="save_probabilities",
+    # --- probabilities (issue #22 item 6): nnU-Net's spelling --save_probabilities writes nnU-Net's files ---
+    parser.add_argument("--save-probabilities", dest="save_probabilities", action="store_true",
+                        help="also write CASE.npz with the class probabilities inside the region of interest "
+                             "(heartcascade's compact format)")
+    parser.add_argument("--nnunet-probabilities", "--save_probabilities", dest="nnunet_probabilities",
                         action="store_true",
-                        help="also write CASE.npz with the class probabilities inside the region of interest")
-    parser.add_argument("--nnunet-probabilities", action="store_true",
                         help="write the probabilities as nnU-Net v2 does instead (full-volume CASE.npz + CASE.pkl), "
-                             "so nnUNetv2_ensemble can combine them with nnU-Net's; implies --save-probabilities")
+                             "so nnUNetv2_ensemble and hc_ensemble can combine them with nnU-Net's; implies "
+                             "--save-probabilities (nnU-Net's spelling --save_probabilities means this)")
+    # --- end probabilities ---
     parser.add_argument("--overwrite", action="store_true", help="predict cases whose output already exists")
     parser.add_argument("--continue_prediction", "--continue-prediction", action="store_true",
                         help="accepted for nnU-Net compatibility: existing outputs are always skipped unless "
@@ -68,17 +90,41 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write overlays/CASE.png (axial, coronal and sagittal views through the heart)")
     _add_output_format_argument(parser)
     add_verbosity_arguments(parser)
+    # --- nnU-Net flags without a counterpart (issue #22 item 6) ---
+    add_nnunet_flags(parser, refused=NNUNET_REFUSED, ignored=NNUNET_IGNORED)
+    # --- end nnU-Net flags ---
     return parser
 
 
 def run(args: argparse.Namespace, roi_rule: Any = None) -> int:
     """``roi_rule``: an ROI rule instead of the plans' (the benchmark's reference box)."""
+    # --- model resolution (issue #22 item 1): the default model, after checking the input fits it ---
+    if args.dataset is None and args.model_dir is None:
+        args.model_dir = str(_default_model(args))
+    # --- end model resolution ---
     if args.model_dir is not None and str(args.model_dir).endswith(".zip") and Path(args.model_dir).is_file():
         from heartcascade.inference.model_archive import extracted_model  # deferred: torch, keeps --help instant
 
         with extracted_model(args.model_dir) as (folder, manifest):
             return _predict(args, folder, args.checkpoint or manifest["checkpoint"], roi_rule)
     return _predict(args, None, args.checkpoint or "final", roi_rule)
+
+
+def _default_model(args: argparse.Namespace) -> Path:
+    """The shipped (or ``$HC_DEFAULT_MODEL``) model zip, announced on stderr; every input must be what the
+    model was made for (modality, channels, enough slices), else one line says what it is for."""
+    from heartcascade.inference.cases import discover_cases  # deferred: SimpleITK, keeps --help instant
+    from heartcascade.inference.input_check import check_inputs  # deferred: numpy, keeps --help instant
+    from heartcascade.inference.pretrained import default_model, describe  # deferred: torch, keeps --help instant
+
+    path, card = default_model()
+    if args.configuration not in (None, card.get("configuration", "cascade")):
+        raise HCError(f"-c {args.configuration}: the default model is a {card.get('configuration', 'cascade')} "
+                      "model; pass -d or -m for another")
+    print(f"hc_predict: no -d/-m given, using the default model {path.name} ({describe(card)})", file=sys.stderr)
+    channels = int((card.get("input") or {}).get("channels") or 1)
+    check_inputs(discover_cases(args.input, channels, args.output), card, "the default model")
+    return path
 
 
 def _predict(args: argparse.Namespace, model_dir: Path | None, checkpoint: str, roi_rule: Any = None) -> int:

@@ -82,6 +82,7 @@ class Trainer(TrainingSession):
             "train_cases": list(self.train_ids),
             "val_cases": list(self.val_ids),
             "torch_version": str(torch.__version__),
+            **({"pretrained": str(self.pretrained)} if self.pretrained is not None else {}),
         }
 
     def _save(self, kind: str, step_index: int, iteration: int, optimizer: torch.optim.Optimizer | None,
