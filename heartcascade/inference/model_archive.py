@@ -335,10 +335,7 @@ def verify_model(folder: Path, manifest: dict[str, Any], archive: Path) -> None:
             version = state["plans"].get("plans_version") if isinstance(state["plans"], dict) else None
             raise HCError(f"{label}: checkpoint has plans_version {version!r}, the manifest says "
                           f"{manifest['plans_version']}")
-        try:
-            loaded = load_fold(fold_dir, path.name, configuration=manifest["configuration"])
-        except HCError as exc:
-            raise HCError(f"{archive}: {exc}") from None
+        loaded = load_fold(fold_dir, path.name, configuration=manifest["configuration"])
         plans = as_plans(loaded.plans, label)
         channels = plans.num_input_channels if channels is None else channels
         classes = plans.num_classes if classes is None else classes
@@ -372,7 +369,11 @@ def verify_model(folder: Path, manifest: dict[str, Any], archive: Path) -> None:
 
 def _unpack_verified(archive: Path, manifest: dict[str, Any], dest: Path) -> Path:
     folder = _extract(archive, manifest, dest)
-    verify_model(folder, manifest, archive)
+    try:
+        verify_model(folder, manifest, archive)
+    except HCError as exc:  # name the archive and its member, not the staging folder
+        text = str(exc).replace(f"{dest}{os.sep}", "")
+        raise HCError(text if str(archive) in text else f"{archive}: {text}") from None
     return folder
 
 
@@ -466,6 +467,9 @@ def install_model(archive: str | os.PathLike, overwrite: bool = False) -> Path:
     if not target.resolve().is_relative_to(resolved_root):
         raise HCError(f"{target}: lies outside HC_RESULTS ({resolved_root}) once links are followed; refusing "
                       "to install there")
+    if target.is_dir():  # what killed installs left: staging folders, a fold moved aside mid-swap
+        sweep(target, ".hc_install_")
+        restore_replaced_folders(target)
     clashes = [f"fold_{f}" for f in manifest["folds"] if (target / f"fold_{f}").exists()]
     if clashes and not overwrite:
         raise HCError(f"{target}: {', '.join(clashes)} already exist(s); pass --overwrite to replace")
@@ -473,8 +477,6 @@ def install_model(archive: str | os.PathLike, overwrite: bool = False) -> Path:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise HCError(f"{target}: cannot create ({exc.strerror or exc})") from None
-    sweep(target, ".hc_install_")  # staging folders of killed installs
-    restore_replaced_folders(target)
     with contextlib.ExitStack() as locks:
         for fold in manifest["folds"]:
             locks.enter_context(run_lock(target / f"fold_{fold}", "a training or install of this fold"))

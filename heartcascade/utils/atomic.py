@@ -177,11 +177,12 @@ def restore_replaced_folders(folder: str | os.PathLike) -> list[Path]:
 def ensure_writable_file(path: str | os.PathLike, what: str = "output file", example: str = "out.json") -> Path:
     """An output file path that can be written: not a folder, its folder creatable and writable
     (one-line HCError otherwise); checked before any computation, like :func:`ensure_writable_dir`."""
+    raw = os.fspath(path)
     path = Path(path)
     if path.is_dir():
         raise HCError(f"{path}: {what} is a folder; give a file name such as {example}")
-    if str(path).endswith(os.sep) or str(path).endswith("/"):
-        raise HCError(f"{path}: {what} must be a file name such as {example}, not a folder")
+    if raw.endswith(("/", os.sep)):
+        raise HCError(f"{raw}: {what} must be a file name such as {example}, not a folder")
     ensure_writable_dir(path.parent, f"folder of the {what}")
     return path
 
