@@ -806,30 +806,45 @@ def fake_lock(guarded: Path, pid: int, command_line: str) -> Path:
 
 
 def test_one_run_per_fold_and_dataset_and_plans_identity(world, tmp_path):
-    """Defects 3 and 5: a second hc_train of a fold, hc_plan_and_preprocess under a training and
-    hc_train under a re-planning fail fast naming the holder; a stale lock is taken over; --continue
-    refuses data preprocessed with other plans."""
+    """Defects 3 and 5: while a real hc_train runs, a second hc_train of the fold and hc_plan_and_preprocess
+    of its dataset fail fast naming it; after its kill -9 its lock is stale and the next run takes it;
+    hc_train under a re-planning is refused; --continue refuses data preprocessed with other plans."""
+    from heartcascade.utils.run_lock import lock_path
+
     roots = dict(world["roots"], res=tmp_path / "res")
     fold = roots["res"] / world["pre"].name / "cascade" / "fold_all"
-    args = [DATASET_ID, "all", "--device", "cpu", "--num-workers", "0", "--no-validation", "--quiet",
-            "--plans-override", json.dumps(SHORT_TRAINING)]
+    lock = lock_path(fold)
+    base = [DATASET_ID, "all", "--device", "cpu", "--num-workers", "0", "--no-validation", "--quiet"]
+    args = base + ["--plans-override", json.dumps(SHORT_TRAINING)]
+    long_run = json.loads(json.dumps(SHORT_TRAINING))
+    long_run["training"]["steps"][0]["iterations_per_epoch"] = 100000
+    first = subprocess.Popen(command("hc_train") + [str(a) for a in base] + ["--plans-override", json.dumps(long_run)],
+                             env=environment(roots), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and first.poll() is None:
+            if lock.is_file() and json.loads(lock.read_text() or "{}").get("pid") == first.pid:
+                break
+            time.sleep(0.1)
+        assert first.poll() is None, first.stderr.read()[-3000:]
+        proc = run("hc_train", *args, "--seed", 7, roots=roots)
+        one_line_error(proc, f"pid {first.pid}")
+        proc = run("hc_plan_and_preprocess", "-d", DATASET_ID, "--no-progress", "-np", 1, "--overwrite",
+                   "--preset", "paper", roots=roots)
+        one_line_error(proc, f"pid {first.pid}")
+        assert first.poll() is None, "the first training must outlive the checks"
+    finally:
+        first.kill()
+        first.wait()
+    assert lock.is_file()  # left by the kill -9: stale now
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
-        lock = fake_lock(fold, holder.pid, "hc_train 961 all --seed 0")
-        proc = run("hc_train", *args, "--seed", 7, roots=roots)
-        one_line_error(proc, f"pid {holder.pid}")
-        assert "hc_train 961 all --seed 0" in proc.stderr and not (fold / "training_log.txt").exists()
-        proc = run("hc_plan_and_preprocess", "-d", DATASET_ID, "--no-progress", "-np", 1, "--overwrite",
-                   roots=roots)
-        one_line_error(proc, f"pid {holder.pid}")
-        lock.unlink()
         pre_lock = fake_lock(world["pre"], holder.pid, "hc_plan_and_preprocess -d 961 --overwrite")
         one_line_error(run("hc_train", *args, roots=roots), f"pid {holder.pid}")
         pre_lock.unlink()
     finally:
         holder.kill()
         holder.wait()
-    fake_lock(fold, holder.pid, "hc_train 961 all (killed)")  # now stale: its holder is dead
     proc = run("hc_train", *args, roots=roots)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not lock.exists()
@@ -843,7 +858,7 @@ def test_one_run_per_fold_and_dataset_and_plans_identity(world, tmp_path):
     plans = json.loads(plans_file.read_text())
     plans["sampling"]["max_locations_per_class"] += 1
     plans_file.write_text(json.dumps(plans))
-    proc = run("hc_train", *args[:-2], "--continue", roots=dict(roots, pre=pre))
+    proc = run("hc_train", *base, "--continue", roots=dict(roots, pre=pre))
     one_line_error(proc, recorded)
     assert "other plans" in proc.stderr
 
