@@ -388,7 +388,8 @@ def model_cache_root() -> Path:
     except OSError as exc:
         raise HCError(f"{root}: cannot create the model cache ({exc.strerror or exc}); set HC_CACHE to a "
                       "writable folder") from None
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+    if not base and (stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid()):
+        # in a shared temporary folder, another user could have prepared it
         raise HCError(f"{root}: model cache folder is not a folder of this user; set HC_CACHE to another one")
     cache = root / "models"
     cache.mkdir(exist_ok=True)
