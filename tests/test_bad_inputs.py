@@ -914,3 +914,31 @@ def test_pickle_payloads_are_refused_everywhere(world, tmp_path):
     one_line_error(run("hc_train", DATASET_ID, "all", "--device", "cpu", "--num-workers", "0", "--no-validation",
                        "--quiet", "--continue", roots=roots), "checkpoint_latest.pth")
     assert not marker.exists() and not (tmp_path / "m.zip").exists()
+
+
+def test_concurrent_predictions_and_reinstalls(world, archive, tmp_path):
+    """Already right, kept so: two hc_predict into one folder give identical valid outputs, also while the
+    model is re-installed under them (each fold folder is swapped in whole)."""
+    roots = dict(world["roots"], res=tmp_path / "res")
+    assert run("hc_install_model", archive, roots=roots).returncode == 0
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for i in range(2):
+        write(world["image"], inp / f"c{i}_0000.nii.gz", spacing=SPACING_XYZ)
+    args = ["-i", inp, "-d", DATASET_ID, "--device", "cpu", "--quiet"]
+    assert run("hc_predict", *args, "-o", tmp_path / "ref", roots=roots).returncode == 0
+    env = environment(roots)
+    preds = [subprocess.Popen(command("hc_predict") + [str(a) for a in args] + ["-o", str(tmp_path / "both")],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for _ in range(2):
+        proc = run("hc_install_model", archive, "--overwrite", roots=roots)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    for p in preds:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0 and "Traceback" not in err, err[-2000:]
+    for i in range(2):
+        a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "ref" / f"c{i}.nii.gz")))
+        b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "both" / f"c{i}.nii.gz")))
+        assert np.array_equal(a, b)
+    assert temp_files(tmp_path / "both") == [] and sorted(p.name for p in (roots["res"] / world["pre"].name /
+                                                                          "cascade").iterdir()) == ["fold_all"]
