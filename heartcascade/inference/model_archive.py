@@ -75,7 +75,7 @@ MAX_UNPACKED_BYTES = 16 * 2**30
 MAX_COMPRESSION_RATIO = 50
 _RATIO_FREE_BYTES = 2**20
 _DATASET_NAME = re.compile(r"Dataset\d{3}_[A-Za-z0-9][A-Za-z0-9_-]*")
-_FOLD_NAME = re.compile(r"\d{1,3}|all")
+_FOLD_NAME = re.compile(r"0|[1-9]\d{0,2}|all")
 _CHECKPOINT_NAME = re.compile(r"checkpoint_[A-Za-z0-9_-]{1,64}\.pth")
 
 
