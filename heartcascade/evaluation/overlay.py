@@ -17,7 +17,7 @@ import SimpleITK as sitk
 
 from heartcascade.dataset import segments
 from heartcascade.dataset.image_io import read_image
-from heartcascade.utils.atomic import atomic_write_bytes
+from heartcascade.utils.atomic import atomic_write_bytes, ensure_writable_file
 from heartcascade.utils.errors import HCError
 
 # One colour per MM-WHS structure (label 1..7); further labels cycle (the colours every output format uses).
@@ -125,6 +125,7 @@ def write_case_overlay(image_path: str | os.PathLike, segmentation_path: str | o
                        label_names: dict[int, str] | None = None, title: str = "", dpi: int = 90) -> Path:
     """Axial, coronal and sagittal views through the heart of ``segmentation`` (and ``reference``, a
     second row) over the image, with a colour legend; written atomically as a PNG."""
+    ensure_writable_file(output_png, "overlay output", "case.png")  # before any reading
     image_sitk = read_image(image_path)
     rows = []
     for name, path in (("reference", reference_path), ("prediction", segmentation_path)):

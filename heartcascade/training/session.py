@@ -34,7 +34,9 @@ from heartcascade.training.dataloading import default_num_workers
 from heartcascade.training.finetune import initialise_from
 from heartcascade.training.logger import TrainingLogger
 from heartcascade.training.results import Callback
-from heartcascade.training.run_inputs import check_resume, find_preprocessed, labelled_cases, run_plans
+from heartcascade.training.memory_check import check_training_memory
+from heartcascade.training.run_inputs import (check_resume, data_plans_hash, find_preprocessed, labelled_cases,
+                                              run_plans)
 from heartcascade.training.splits import fold_cases, fold_folder_name, load_or_create_splits, parse_fold
 from heartcascade.training.steps import StepRunner, StepTraining, step_runner
 from heartcascade.training.time_budget import parse_duration
@@ -163,9 +165,11 @@ class TrainingSession:
 
         resume = None
         latest = checkpoint_path(self.output_folder, "latest")
+        self.data_plans_hash = data_plans_hash(self.pre_dir)
         if self.continue_training and latest.is_file():
             resume = load_checkpoint(latest)
-            check_resume(resume, latest, self.configuration, labelled, self.data_dir, self.requested_steps)
+            check_resume(resume, latest, self.configuration, labelled, self.data_dir, self.requested_steps,
+                         self.data_plans_hash)
             self.plans = read_plans(resume["plans"], str(latest))  # a run started before an upgrade: upgraded
             self.seed = int(resume.get("seed", 0))
             self.step_names = list(resume["steps"])
@@ -183,6 +187,7 @@ class TrainingSession:
         self.step_names = [s for s in self.step_names if self.cfg.steps[s].iterations > 0]
         if not self.step_names:
             raise HCError("nothing to train: every selected step has 0 epochs or is disabled in the plans")
+        check_training_memory(self.plans, self.cfg, self.step_names, self.device)
         self.num_workers = self.num_workers_arg if self.num_workers_arg is not None \
             else default_num_workers(self.cfg.num_workers)
         if self.device.type == "cpu":
