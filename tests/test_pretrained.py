@@ -74,12 +74,14 @@ def _weights(networks) -> dict[str, torch.Tensor]:
 # fine-tuning (item 2)
 
 
-@pytest.mark.parametrize("form", ["zip", "folder", "pth"])
-def test_finetuning_starts_from_the_given_weights(model, tmp_path, form):
-    from heartcascade.inference.pretrained import load_model_weights
+@pytest.mark.parametrize("form", ["zip", "folder", "pth", "default"])
+def test_finetuning_starts_from_the_given_weights(model, tmp_path, form, monkeypatch):
+    from heartcascade.inference.pretrained import DEFAULT_MODEL_ENV, load_model_weights
 
     fold = model["root"] / "res" / f"Dataset{DATASET_ID:03d}_TinyTrain" / "cascade" / "fold_0"
-    source = {"zip": model["zip"], "folder": fold.parent, "pth": fold / "checkpoint_final.pth"}[form]
+    monkeypatch.setenv(DEFAULT_MODEL_ENV, str(model["zip"]))  # 'default': the model hc_predict uses
+    source = {"zip": model["zip"], "folder": fold.parent, "pth": fold / "checkpoint_final.pth",
+              "default": "default"}[form]
     reference = _weights(load_model_weights(model["zip"]).networks)
     trainer = _trainer(pretrained=source, output_folder=tmp_path / "ft")
     trainer.setup()

@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "else their iteration counts")
     p.add_argument("--pretrained", "-pretrained_weights", dest="pretrained", default=None, metavar="MODEL",
                    help="fine-tune: start the networks from a trained model (a model .zip, an installed model or "
-                        "fold folder, or a .pth checkpoint) instead of random weights; its modality, channels, "
+                        "fold folder, a .pth checkpoint, or 'default' for the model hc_predict ships with) instead of random weights; its modality, channels, "
                         "classes and network architecture must match this dataset's plans")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: the plans' training.seed)")
     p.add_argument("--no-validation", dest="predict_validation", action="store_false",

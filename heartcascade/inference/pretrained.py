@@ -79,7 +79,10 @@ def _load_from_folder(folder: Path, checkpoint: str, source: Path) -> LoadedFold
 
 def load_model_weights(source: str | os.PathLike, checkpoint: str = "final") -> LoadedFold:
     """The networks and plans of a trained model: a model zip, a configuration folder (``fold_all``,
-    else its first fold), a fold folder or a ``.pth`` checkpoint file."""
+    else its first fold), a fold folder, a ``.pth`` checkpoint file, or ``default`` (the model
+    ``hc_predict`` uses without ``-d``/``-m``: fine-tuning it on one's own centre's scans)."""
+    if str(source) == "default":
+        source, _ = default_model()
     source = Path(source)
     if not source.exists():
         raise HCError(f"{source}: pretrained model not found (a model .zip, a model folder or a .pth file)")
