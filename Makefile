@@ -1,4 +1,5 @@
-# Two entry points for a fresh machine:  `make demo` (the main job) and `make test` (the test suite).
+# Two entry points for a fresh machine:  `make demo` (the main job) and `make test` (the test suite;
+# `make test-fast` leaves out the tests marked slow).
 # Both create or reuse the virtual environment in .venv; torch is installed first and pinned, so pip
 # never pulls a multi-GB CUDA build.
 PYTHON ?= python3
@@ -7,7 +8,7 @@ TORCH  ?= torch==2.13.0
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-stamp
 
-.PHONY: install demo test clean-venv
+.PHONY: install demo test test-fast clean-venv
 
 install: $(STAMP)
 
@@ -23,6 +24,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q -rs tests
+
+# The quick run while working (under 2 minutes): every test not marked slow (tests/conftest.py SLOW).
+test-fast: install
+	$(BIN)/python -m pytest -q -rs -m "not slow" tests
 
 clean-venv:
 	rm -rf $(VENV)

@@ -26,3 +26,21 @@ def hc_roots(tmp_path, monkeypatch) -> dict[str, Path]:
         roots[key].mkdir()
         monkeypatch.setenv(var, str(roots[key]))
     return roots
+
+
+#: The heavy tests (`make test-fast` runs everything else): whole modules, or single tests as "module::name".
+SLOW = {
+    "test_demo.py", "test_wheel_install.py", "test_training_ddp.py", "test_cli_end_to_end.py", "test_behaviour_pin.py",
+}
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "slow: a heavy test (training, a fresh venv, end to end); "
+                                       "`make test-fast` runs -m 'not slow'")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        module = Path(str(item.fspath)).name
+        if module in SLOW or f"{module}::{item.originalname}" in SLOW:
+            item.add_marker(pytest.mark.slow)
