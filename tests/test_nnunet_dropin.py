@@ -190,7 +190,7 @@ def test_unknown_plans_version_is_refused(tmp_path):
     state = torch.load(folder / "fold_0" / "checkpoint_final.pth", weights_only=True)
     state["plans"]["plans_version"] = 99  # a model from a newer release
     torch.save(state, folder / "fold_0" / "checkpoint_final.pth")
-    with pytest.raises(HCError, match=r"plans_version 99, this heartcascade reads only 1") as info:
+    with pytest.raises(HCError, match=r"plans_version 99 is not 2; re-plan") as info:
         load_fold(folder / "fold_0")
     assert "\n" not in str(info.value)
 
@@ -200,7 +200,7 @@ def test_archive_with_foreign_members_is_refused(tmp_path):
 
     archive = tmp_path / "evil.zip"
     manifest = {"format": "heartcascade-model", "format_version": 1, "dataset": "Dataset007_Tiny",
-                "configuration": "cascade", "folds": ["0"], "checkpoint": "final", "plans_version": 1}
+                "configuration": "cascade", "folds": ["0"], "checkpoint": "final", "plans_version": 2}
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr(MANIFEST, json.dumps(manifest))
         zf.writestr("Dataset007_Tiny/cascade/../../../etc/x", "no")

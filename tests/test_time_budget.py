@@ -112,7 +112,7 @@ def test_time_budget_run_ends_on_time_and_is_recorded(tiny):
 
 def test_keep_best_per_step_hands_on_the_better_weights(tiny):
     """A step that only destroys accuracy (lr 1.0) ends with the weights it started from."""
-    from heartcascade.training.checkpoint import load_checkpoint
+    from heartcascade.model.checkpoint import load_checkpoint
 
     override = {"training": {"keep_best_per_step": True, "validation_interval_epochs": 1,
                              "steps": [{"step": 1, "epochs": 4, "iterations_per_epoch": 4, "lr": 5e-3},
@@ -122,9 +122,9 @@ def test_keep_best_per_step_hands_on_the_better_weights(tiny):
     after1 = load_checkpoint(folder / "checkpoint_after_step1.pth")["networks"]["net1"]
     final = load_checkpoint(folder / "checkpoint_final.pth")
     records = final["logger"]["records"]
-    val2 = [r["mean_dice"] for r in records if r["type"] == "val" and r["stage"] == "2"]
+    val2 = [r["mean_dice"] for r in records if r["type"] == "val" and r["step"] == "2"]
     restores = [r for r in records if r["type"] == "restore"]
-    assert restores and restores[0]["stage"] == "2" and restores[0]["restored_iteration"] == 0, (val2, restores)
+    assert restores and restores[0]["step"] == "2" and restores[0]["restored_iteration"] == 0, (val2, restores)
     for key, value in after1.items():
         assert torch.equal(value, final["networks"]["net1"][key]), key
     assert max(val2) < restores[0]["mean_dice"]

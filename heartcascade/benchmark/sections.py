@@ -30,7 +30,7 @@ from heartcascade.planning import fingerprint as fpmod
 from heartcascade.planning import memory_model as mm
 from heartcascade.planning.plans import cascade_kwargs, load_plans, net1_kwargs, net2_kwargs, training_step
 from heartcascade.preprocessing import storage
-from heartcascade.training.checkpoint import FORMAT_VERSION, plain, save_checkpoint
+from heartcascade.model.checkpoint import FORMAT_VERSION, plain, save_checkpoint
 from heartcascade.training.dataloading import BatchStream
 from heartcascade.training.trainer import Trainer
 from heartcascade.utils.atomic import atomic_write_json

@@ -29,10 +29,9 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from heartcascade.inference.model_loading import (check_plans_version, checkpoint_file, model_dir_for,
-                                                  read_checkpoint, resolve_fold_dirs)
+from heartcascade.inference.model_loading import checkpoint_file, model_dir_for, read_checkpoint, resolve_fold_dirs
 from heartcascade.paths import parse_dataset_id, results_root
-from heartcascade.planning.plans import SUPPORTED_PLANS_VERSIONS
+from heartcascade.planning.plans import check_plans_version
 from heartcascade.utils.atomic import atomic_path
 from heartcascade.utils.errors import HCError
 
@@ -155,10 +154,7 @@ def read_manifest(archive: str | os.PathLike) -> dict[str, Any]:
     if manifest.get("format_version") != ARCHIVE_VERSION:
         raise HCError(f"{archive}: model archive format_version {manifest.get('format_version')!r} is not "
                       f"{ARCHIVE_VERSION}; install the heartcascade release that wrote it")
-    if manifest.get("plans_version") not in SUPPORTED_PLANS_VERSIONS:
-        raise HCError(f"{archive}: model has plans_version {manifest.get('plans_version')!r}, this heartcascade "
-                      f"reads only {', '.join(map(str, SUPPORTED_PLANS_VERSIONS))}; install the heartcascade "
-                      "release the model was trained with")
+    check_plans_version(manifest, archive)
     prefix = f"{manifest['dataset']}/{manifest['configuration']}/"
     for name in names:
         parts = Path(name).parts

@@ -47,7 +47,7 @@ from heartcascade.inference.sliding_window import sliding_window_softmax
 from heartcascade.inference.upsampling import upsample_at
 from heartcascade.networks.blocks import crop_to_shape, pad_to_multiple
 from heartcascade.planning import memory_model
-from heartcascade.planning.plans import read_plans
+from heartcascade.planning.plans import validate_plans
 from heartcascade.preprocessing.preprocess import preprocess_images, restore_to_original
 from heartcascade.preprocessing.resampling import (bspline2_apply, bspline2_coefficients, bspline2_resample,
                                                    resample_torch, shape_for_spacing)
@@ -90,7 +90,7 @@ class Predictor:
                  label_codes: Mapping[int, int] | None = None, dataset_json: Mapping[str, Any] | None = None,
                  verbose: bool = False, postprocessing: Postprocessing | None = None,
                  roi_rule: roi_mod.RoiRule | None = None) -> None:
-        self.plans = read_plans(dict(plans), "plans")  # any supported version, upgraded and validated
+        self.plans = validate_plans(dict(plans), "plans")
         self.device = resolve_device(device)
         self.tta = bool(tta)
         self.verbose = verbose

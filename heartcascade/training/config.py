@@ -1,8 +1,7 @@
 """The trainer's view of the plans: :class:`TrainingConfig` / :class:`StepConfig`, built from the typed
 plans (:func:`heartcascade.planning.plans.parse_plans`) and nothing else.
 
-Every value comes from the plans' sections; there are no defaults here (the planner writes every field,
-:func:`~heartcascade.planning.plans.upgrade_plans` fills older plans). What this module adds is what the
+Every value comes from the plans' sections; there are no defaults here (the planner writes every field). What this module adds is what the
 planning stage cannot check: loss names against the loss table and the outputs of each step's batches.
 See documentation/plans.md for the fields and documentation/training.md for how they are used.
 """
@@ -19,9 +18,6 @@ from heartcascade.planning.augmentation_plan import AugmentationParams
 from heartcascade.planning.curriculum import STEP_INPUT_KINDS, STEP_NUMBERS
 from heartcascade.planning.plans import Plans, StepPlan, as_plans, check_override_keys
 from heartcascade.utils.errors import HCError
-from heartcascade.utils.merge import deep_merge
-
-__all__ = ["deep_merge"]  # re-exported: overrides are merged with the same rule as presets
 
 #: The curriculum's steps (paper Table 1: planning/curriculum.py; losses and trained networks are in the plans).
 CASCADE_STEPS = tuple(str(n) for n in STEP_NUMBERS)
@@ -163,7 +159,7 @@ def _step(entry: StepPlan, weight_decay: float) -> StepConfig:
 
 
 def training_config(plans: Plans | Mapping[str, Any], configuration: str) -> TrainingConfig:
-    """Everything training needs, from the typed plans (a dict is upgraded and parsed first)."""
+    """Everything training needs, from the typed plans (a dict is parsed first)."""
     p = as_plans(plans)
     tr = p.training
     steps: dict[str, StepConfig] = {}

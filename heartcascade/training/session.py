@@ -22,11 +22,11 @@ from heartcascade.losses.terms import total_loss
 from heartcascade.model import from_plans
 from heartcascade.networks.blocks import init_classifier_bias
 from heartcascade.paths import results_root
-from heartcascade.planning.plans import read_plans
+from heartcascade.planning.plans import validate_plans
 from heartcascade.preprocessing.storage import data_dir
 from heartcascade.training import distributed as dist_utils
 from heartcascade.training.cases import baseline_grid_case, load_train_case
-from heartcascade.training.checkpoint import checkpoint_path, load_checkpoint
+from heartcascade.model.checkpoint import checkpoint_path, load_checkpoint
 from heartcascade.training.config import (BASELINE_STEP, CASCADE_STEPS, TrainingConfig, parse_override,
                                           training_config)
 from heartcascade.training.dataloading import default_num_workers
@@ -159,7 +159,7 @@ class TrainingSession:
         if self.continue_training and latest.is_file():
             resume = load_checkpoint(latest)
             check_resume(resume, latest, self.configuration, labelled, self.data_dir, self.requested_steps)
-            self.plans = read_plans(resume["plans"], str(latest))  # a run started before an upgrade: upgraded
+            self.plans = validate_plans(resume["plans"], str(latest))
             self.seed = int(resume.get("seed", 0))
             self.step_names = list(resume["steps"])
             self.train_ids = list(resume.get("train_cases", self.train_ids))

@@ -30,8 +30,8 @@ from heartcascade.inference.predictor import Predictor
 from heartcascade.paths import raw_root
 from heartcascade.training import distributed as dist_utils
 from heartcascade.training.best import BestTracker
-from heartcascade.training.checkpoint import (FORMAT_VERSION, capture_rng_state, checkpoint_path, optimizer_state_cpu,
-                                              plain, restore_rng_state, save_checkpoint, state_dict_cpu)
+from heartcascade.model.checkpoint import FORMAT_VERSION, checkpoint_path, plain, save_checkpoint, state_dict_cpu
+from heartcascade.training.checkpoint import capture_rng_state, optimizer_state_cpu, restore_rng_state
 from heartcascade.training.config import StepConfig, checkpoint_interval
 from heartcascade.training.dataloading import BatchStream
 from heartcascade.training.final_validation import raw_dataset_dir, run_final_validation
@@ -63,8 +63,8 @@ class Trainer(TrainingSession):
             "networks": {k: state_dict_cpu(v) for k, v in self.networks.items()},
             "kind": kind,
             "steps": list(self.step_names),
-            "stage_index": int(step_index),
-            "stage": self.step_names[step_index] if step_index < len(self.step_names) else None,
+            "step_index": int(step_index),
+            "step": self.step_names[step_index] if step_index < len(self.step_names) else None,
             "iteration": int(iteration),
             "finished": bool(finished),
             "optimizer": optimizer_state_cpu(optimizer) if optimizer is not None else None,
@@ -93,7 +93,7 @@ class Trainer(TrainingSession):
             save_checkpoint(checkpoint_path(self.output_folder, kind), state)
         dist_utils.barrier()
         if self.callback is not None:
-            self.callback("checkpoint", {"kind": kind, "stage_index": step_index, "iteration": iteration})
+            self.callback("checkpoint", {"kind": kind, "step_index": step_index, "iteration": iteration})
 
     # ------------------------------------------------------------------------------------------------
     # main entry
@@ -140,14 +140,14 @@ class Trainer(TrainingSession):
             for key, value in (budget.get("iterations") or {}).items():
                 if key in self.cfg.steps:
                     self.cfg.steps[key].iterations_override = value
-            step_index, start_iteration = int(resume["stage_index"]), int(resume["iteration"])
+            step_index, start_iteration = int(resume["step_index"]), int(resume["iteration"])
             resume_optimizer, resume_scaler = resume.get("optimizer"), resume.get("scaler")
             states = resume.get("rng") or []
             if states:
                 rng_to_restore = states[self.dist.rank] if self.dist.rank < len(states) else states[0]
-            self.logger.log(f"resuming from {checkpoint_path(self.output_folder, 'latest')}: "
-                            f"step {resume.get('step_name')} iteration {start_iteration}"
-                            + (" (all steps done)" if step_index >= len(self.step_names) else ""))
+            where = ("all steps done" if step_index >= len(self.step_names)
+                     else f"step {resume['step']} iteration {start_iteration}")
+            self.logger.log(f"resuming from {checkpoint_path(self.output_folder, 'latest')}: {where}")
         else:
             self._log_header()
             if self.continue_training:
@@ -157,13 +157,13 @@ class Trainer(TrainingSession):
                 self.logger.log(f"note: replacing the earlier run in {self.output_folder} (use --continue to resume it)")
         for record in self.logger.records:
             if record.get("type") == "train":
-                self.epoch_losses.setdefault(str(record["stage"]), []).append(record["loss"])
+                self.epoch_losses.setdefault(str(record["step"]), []).append(record["loss"])
 
         for index in range(step_index, len(self.step_names)):
             first = index == step_index
-            self._run_stage(index, start_iteration if first else 0,
-                            resume_optimizer if first else None, resume_scaler if first else None,
-                            rng_to_restore if first else None, budget_state if first else None)
+            self._run_step(index, start_iteration if first else 0,
+                           resume_optimizer if first else None, resume_scaler if first else None,
+                           rng_to_restore if first else None, budget_state if first else None)
         if resume is None or step_index < len(self.step_names) or not checkpoint_path(self.output_folder, "final").is_file():
             self._save("final", len(self.step_names), 0, None, None, finished=True)
             self._save("latest", len(self.step_names), 0, None, None, finished=True)
@@ -197,8 +197,8 @@ class Trainer(TrainingSession):
         self.logger.log(f"data augmentation workers: {self.num_workers}; AMP: "
                         f"{c.amp if self.device.type == 'cuda' else 'off (CPU)'}; compile: {self.compile}")
 
-    def _run_stage(self, index: int, start_iteration: int, optimizer_state: Any, scaler_state: Any,
-                   rng_state: Any, budget_state: dict[str, Any] | None = None) -> None:
+    def _run_step(self, index: int, start_iteration: int, optimizer_state: Any, scaler_state: Any,
+                  rng_state: Any, budget_state: dict[str, Any] | None = None) -> None:
         step_name = self.step_names[index]
         st = self.cfg.steps[step_name]
         schedule = self._step_schedule(index, budget_state)
@@ -246,7 +246,7 @@ class Trainer(TrainingSession):
                 if done % st.iterations_per_epoch == 0 or done >= st.iterations:
                     self._end_epoch(step_name, st, done)
                 if self.callback is not None:
-                    self.callback("iteration", {"stage": step_name, "iteration": done, "loss": loss})
+                    self.callback("iteration", {"step": step_name, "iteration": done, "loss": loss})
                 if done < st.iterations and done % checkpoint_interval(self.cfg, st) == 0:
                     self._save("latest", index, done, optimizer, scaler)
             self._finish_step_best(step_name, done)
@@ -292,7 +292,7 @@ class Trainer(TrainingSession):
             net.load_state_dict(chosen["networks"][key])
         self.logger.log(f"step {step_name}: keeping the weights of iteration {chosen['iteration']} (validation Dice "
                         f"{chosen['score']:.4f}); the step's last weights validated lower")
-        self.logger.record(type="restore", stage=step_name, iteration=last_iteration, restored_iteration=chosen["iteration"],
+        self.logger.record(type="restore", step=step_name, iteration=last_iteration, restored_iteration=chosen["iteration"],
                            global_iteration=self._global_iteration(step_name, last_iteration), mean_dice=chosen["score"])
 
     # ------------------------------------------------------------------------------------------------
@@ -329,7 +329,7 @@ class Trainer(TrainingSession):
         epoch = math.ceil(iteration / st.iterations_per_epoch)
         self.epoch_losses.setdefault(step_name, []).append(means[0])
         self.seconds.setdefault(step_name, []).append(sec)
-        self.logger.record(type="train", stage=step_name, iteration=iteration,
+        self.logger.record(type="train", step=step_name, iteration=iteration,
                            global_iteration=self._global_iteration(step_name, iteration), epoch=epoch, loss=means[0],
                            loss_terms=terms, lr=acc.get("lr"), seconds_per_iteration=sec, data_wait_fraction=wait)
         self.logger.log(f"step {step_name} epoch {epoch}/{math.ceil(st.iterations / st.iterations_per_epoch)} "
@@ -365,9 +365,9 @@ class Trainer(TrainingSession):
         ema = self.tracker.best["ema"]
         per_class = {names[c] if c < len(names) else str(c): (None if not np.isfinite(dice[c]) else float(dice[c]))
                      for c in range(1, len(dice))}
-        self.last_validation = {"stage": step_name, "iteration": iteration, "target": target, "dice": per_class,
+        self.last_validation = {"step": step_name, "iteration": iteration, "target": target, "dice": per_class,
                                 "mean_dice": mean}
-        self.logger.record(type="val", stage=step_name, iteration=iteration,
+        self.logger.record(type="val", step=step_name, iteration=iteration,
                            global_iteration=self._global_iteration(step_name, iteration), target=target,
                            dice=per_class, mean_dice=mean, ema=ema)
         self.logger.log(f"validation ({target}, {len(self.val_cases)} cases): mean Dice {mean:.4f} "
