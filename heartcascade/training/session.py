@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -20,13 +20,13 @@ from torch import nn
 
 from heartcascade.losses.terms import total_loss
 from heartcascade.model import from_plans
+from heartcascade.model.checkpoint import checkpoint_path, load_checkpoint
 from heartcascade.networks.blocks import init_classifier_bias
 from heartcascade.paths import results_root
 from heartcascade.planning.plans import validate_plans
 from heartcascade.preprocessing.storage import data_dir
 from heartcascade.training import distributed as dist_utils
 from heartcascade.training.cases import baseline_grid_case, load_train_case
-from heartcascade.model.checkpoint import checkpoint_path, load_checkpoint
 from heartcascade.training.config import (BASELINE_STEP, CASCADE_STEPS, TrainingConfig, parse_override,
                                           training_config)
 from heartcascade.training.dataloading import default_num_workers
@@ -274,11 +274,15 @@ class TrainingSession:
         self._active = StepTraining(step, runner, wrapped, params, optimizer, scaler)
         return self._active
 
-    def train_step(self, step: str, batch: dict[str, Any]) -> tuple[float, dict[str, float]]:
+    def train_step(self, step: str, batch: dict[str, Any],
+                   mark: Callable[[str], None] | None = None) -> tuple[float, dict[str, float]]:
         """One iteration of ``step`` on ``batch``: forward, loss terms, backward, clipping, optimizer step.
 
-        Runs with the optimizer of the last :meth:`build_optimizer` call for this step.
+        Runs with the optimizer of the last :meth:`build_optimizer` call for this step. ``mark`` (profiling,
+        scripts/profile_training.py) is called with each phase's name as the phase ends: copy, forward, loss,
+        backward, clip, optimizer.
         """
+        mark = mark or (lambda phase: None)
         active = self._active
         if active is None or active.step != step:
             raise HCError(f"train_step({step!r}) needs build_optimizer({step!r}) first")
@@ -288,19 +292,26 @@ class TrainingSession:
         seg = torch.from_numpy(np.ascontiguousarray(batch["seg"])).to(dev, non_blocking=True).long()
         optimizer, scaler = active.optimizer, active.scaler
         optimizer.zero_grad(set_to_none=True)
+        mark("copy")
         with autocast(dev, self.cfg.amp):
             outputs = active.runner.forward(active.module, data, seg, batch)
+        mark("forward")
         loss, terms = total_loss(st.losses, st.loss_weights, outputs, self.cfg.dice_weighting)
+        mark("loss")
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
         else:
             loss.backward()
+        mark("backward")
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(active.params, float(self.cfg.grad_clip))
+        mark("clip")
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
         else:
             optimizer.step()
-        return float(loss.detach()), {n: float(t.detach()) for n, t in terms.items()}
+        result = float(loss.detach()), {n: float(t.detach()) for n, t in terms.items()}
+        mark("optimizer")
+        return result
