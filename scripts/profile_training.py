@@ -246,7 +246,7 @@ def _child_train(args: argparse.Namespace, spec: dict[str, Any]) -> None:
     result = trainer.run()
     wall = time.perf_counter() - w0
     own1, kids1 = tree_cpu.sample()
-    iterations = sum(trainer.cfg.steps[s].iterations for s in trainer.step_names)
+    iterations = sum(trainer.iterations[s] for s in trainer.step_names)
     predictor = validation_predictor(trainer.configuration, trainer.plans, trainer.networks, trainer.device)
     dice = validation_dice(predictor, trainer.val_cases, "cascade", trainer.cfg.num_classes)
     rec = {"step": "all", "threads_after": torch.get_num_threads(), "iterations": iterations, "wall_s": wall,

@@ -42,16 +42,12 @@ class StepConfig:
     patch_shapes: list[tuple[int, int, int]]
     loss_weights: dict[str, float]
     weight_decay: float
-    time_fraction: float | None  # share of training.time_budget_s (None: by planned iterations)
-    iterations_override: int | None = None  # set by the time budget once the step's speed is measured
+    time_fraction: float | None  # share of the run's time budget (None: by planned iterations)
 
     @property
     def planned_iterations(self) -> int:
+        """The plans' count; under a time budget the trainer's schedule decides the step's count."""
         return self.epochs * self.iterations_per_epoch
-
-    @property
-    def iterations(self) -> int:
-        return self.planned_iterations if self.iterations_override is None else self.iterations_override
 
 
 @dataclass
@@ -84,7 +80,7 @@ class TrainingConfig:
     class_fractions: list[float] | None
     lr_schedule: str  # per step: constant | poly (warm-up first, then (1 - t)^0.9 to zero)
     keep_best_per_step: bool  # end each step with its best-validated weights
-    time_budget_s: float | None  # wall-clock budget of the whole curriculum (None: plans' counts)
+    time_budget_s: float | None  # the plans' default budget of the curriculum (a run may set its own)
     budget_probe_iterations: int
 
     def time_fractions(self, names: list[str]) -> dict[str, float]:

@@ -40,9 +40,9 @@ def labelled_cases(pre_dir: Path, data_dir: Path) -> list[str]:
     return labelled
 
 
-def run_plans(pre_dir: Path, override: Mapping[str, Any] | None, time_budget_s: float | None) -> dict[str, Any]:
-    """The dataset's plans with ``--plans-override`` merged (never a field the preprocessed data depend on)
-    and the time budget recorded (both end up in the fold folder's plans.json and the checkpoints)."""
+def run_plans(pre_dir: Path, override: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The dataset's plans with ``--plans-override`` merged (never a field the preprocessed data depend on;
+    the result is the fold folder's plans.json and the checkpoints' plans)."""
     plans = load_plans(pre_dir / "plans.json")
     if override:
         merged = validate_plans(deep_merge(plans, dict(override)), "plans with --plans-override")
@@ -52,8 +52,6 @@ def run_plans(pre_dir: Path, override: Mapping[str, Any] | None, time_budget_s: 
             raise HCError(f"--plans-override changes field(s) the preprocessed data depend on "
                           f"({', '.join(changed)}); put them in a preset and re-run hc_plan_and_preprocess")
         plans = merged
-    if time_budget_s is not None:
-        plans = deep_merge(plans, {"training": {"time_budget_s": time_budget_s}})
     return plans
 
 

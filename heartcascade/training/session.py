@@ -85,9 +85,10 @@ class TrainingSession:
         callback: ``callback(event, info)`` called after every iteration (``event == "iteration"``) and at
             checkpoints; raising :class:`StopTraining` stops the run like a kill (tests).
         output_folder: override of ``HC_RESULTS/DatasetXXX_Name/<configuration>/fold_<f>``.
-        time_budget: wall-clock budget of the curriculum (``"60m"``, ``"1.5h"``, seconds); overrides the
+        time_budget: wall-clock budget of the curriculum (``"60m"``, ``"1.5h"``, seconds); default the
             plans' ``training.time_budget_s``. The steps share it by their ``time_fraction``; each step's
             iteration count is set from its measured speed (see :mod:`heartcascade.training.time_budget`).
+            It belongs to the run: saved in the checkpoints (``budget``), not written into the plans.
     """
 
     def __init__(self, dataset: int | str, fold: int | str, configuration: str = "cascade",
@@ -121,7 +122,7 @@ class TrainingSession:
         self.progress = progress
         self.callback = callback
         self.output_folder_arg = Path(output_folder) if output_folder is not None else None
-        self.time_budget_s = None if time_budget is None else parse_duration(time_budget)
+        self.time_budget_arg = None if time_budget is None else parse_duration(time_budget)
         self.dist = dist_utils.DistInfo()
 
     # ------------------------------------------------------------------------------------------------
@@ -165,7 +166,7 @@ class TrainingSession:
             self.train_ids = list(resume.get("train_cases", self.train_ids))
             self.val_ids = [c for c in resume.get("val_cases", self.val_ids) if c in labelled]
         else:
-            self.plans = run_plans(self.pre_dir, self.plans_override, self.time_budget_s)
+            self.plans = run_plans(self.pre_dir, self.plans_override)
             if self.configuration == "cascade":
                 self.step_names = self.requested_steps or list(CASCADE_STEPS)
             else:
@@ -173,7 +174,10 @@ class TrainingSession:
         self.cfg: TrainingConfig = training_config(self.plans, self.configuration)
         if resume is None:
             self.seed = self.cfg.seed if self.seed_arg is None else self.seed_arg
-        self.step_names = [s for s in self.step_names if self.cfg.steps[s].iterations > 0]
+            self.time_budget_s = self.cfg.time_budget_s if self.time_budget_arg is None else self.time_budget_arg
+        else:
+            self.time_budget_s = (resume.get("budget") or {}).get("time_budget_s")
+        self.step_names = [s for s in self.step_names if self.cfg.steps[s].planned_iterations > 0]
         if not self.step_names:
             raise HCError("nothing to train: every selected step has 0 epochs or is disabled in the plans")
         self.num_workers = self.num_workers_arg if self.num_workers_arg is not None \

@@ -72,9 +72,9 @@ class Trainer(TrainingSession):
             "rng": rng_states,
             "logger": self.logger.state(),
             **self.tracker.state(kind),
-            "budget": {"elapsed_s": self._elapsed(),
+            "budget": {"time_budget_s": self.time_budget_s, "elapsed_s": self._elapsed(),
                        "step": self.schedule.state() if self.schedule is not None and not finished else None,
-                       "iterations": {k: v.iterations_override for k, v in self.cfg.steps.items()}},
+                       "iterations": dict(self.iterations)},
             "epoch_acc": plain(self.epoch_acc),
             "fold": str(self.fold),
             "seed": self.seed,
@@ -124,6 +124,8 @@ class Trainer(TrainingSession):
         self.run_started = started  # the time budget counts from here (resume: minus the time spent)
         self.validation_seconds = 0.0  # the last in-training validation's duration (final-validation reserve)
         self.schedule: StepSchedule | None = None
+        #: each step's iteration count: the plans' without a time budget, else the schedule's (trainer state)
+        self.iterations = {name: st.planned_iterations for name, st in self.cfg.steps.items()}
         budget_state: dict[str, Any] | None = None
         step_index, start_iteration = 0, 0
         resume_optimizer = resume_scaler = None
@@ -137,9 +139,7 @@ class Trainer(TrainingSession):
             budget = resume.get("budget") or {}
             self.run_started -= float(budget.get("elapsed_s") or 0.0)
             budget_state = budget.get("step")
-            for key, value in (budget.get("iterations") or {}).items():
-                if key in self.cfg.steps:
-                    self.cfg.steps[key].iterations_override = value
+            self.iterations.update({k: int(v) for k, v in (budget.get("iterations") or {}).items() if k in self.iterations})
             step_index, start_iteration = int(resume["step_index"]), int(resume["iteration"])
             resume_optimizer, resume_scaler = resume.get("optimizer"), resume.get("scaler")
             states = resume.get("rng") or []
@@ -203,6 +203,7 @@ class Trainer(TrainingSession):
         st = self.cfg.steps[step_name]
         schedule = self._step_schedule(index, budget_state)
         self.schedule = schedule
+        self.iterations[step_name] = schedule.iterations
         self.prepare_step(step_name)
         training = self.build_optimizer(step_name, optimizer_state, scaler_state)
         optimizer, scaler = training.optimizer, training.scaler
@@ -211,21 +212,22 @@ class Trainer(TrainingSession):
             self.tracker.start_step(self._validation_target(step_name), self.networks)
             self.logger.log(f"=== step {step_name} ({st.kind}): " + (
                 f"{schedule.allotted_s:.0f} s of the time budget, iterations set from the measured speed ===" if
-                schedule.budgeted else f"{st.iterations} iterations ==="))
+                schedule.budgeted else f"{self.iterations[step_name]} iterations ==="))
         if rng_state is not None:
             restore_rng_state(rng_state)
         stream = BatchStream(self.build_loader(step_name, start_iteration), self.cfg.augmentation, self.num_workers)
-        bar = progress_bar(total=st.iterations, initial=start_iteration, desc=f"step {step_name}", unit="it",
+        bar = progress_bar(total=self.iterations[step_name], initial=start_iteration, desc=f"step {step_name}", unit="it",
                            enabled=self.progress and self.dist.is_main, leave=False, dynamic_ncols=True)
         per_validation = max(1, self.cfg.validate_every_epochs) * st.iterations_per_epoch
         done = start_iteration
         try:
-            while done < st.iterations:
+            while done < self.iterations[step_name]:
                 it = done
                 t_wait = time.perf_counter()
                 batch = next(stream)
                 t_start = time.perf_counter()
-                lr = step_learning_rate(st.lr, it, st.iterations, self.cfg.warmup_iterations, self.cfg.lr_schedule)
+                lr = step_learning_rate(st.lr, it, self.iterations[step_name], self.cfg.warmup_iterations,
+                                        self.cfg.lr_schedule)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 loss, terms = self.train_step(step_name, batch)
@@ -235,19 +237,19 @@ class Trainer(TrainingSession):
                 if schedule.budgeted:
                     schedule.record_iterations(1, t_end - t_wait)
                     if done == schedule.probe or done % st.iterations_per_epoch == 0:
-                        st.iterations_override = schedule.update(done, per_validation)
+                        self.iterations[step_name] = schedule.update(done, per_validation)
                     if schedule.out_of_time():
-                        st.iterations_override = done
-                    if bar.total != st.iterations:
-                        bar.total = st.iterations
+                        self.iterations[step_name] = done
+                    if bar.total != self.iterations[step_name]:
+                        bar.total = self.iterations[step_name]
                     bar.set_description(f"step {step_name} (ETA {self._eta():.0f} s)", refresh=False)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
-                if done % st.iterations_per_epoch == 0 or done >= st.iterations:
+                if done % st.iterations_per_epoch == 0 or done >= self.iterations[step_name]:
                     self._end_epoch(step_name, st, done)
                 if self.callback is not None:
                     self.callback("iteration", {"step": step_name, "iteration": done, "loss": loss})
-                if done < st.iterations and done % checkpoint_interval(self.cfg, st) == 0:
+                if done < self.iterations[step_name] and done % checkpoint_interval(self.cfg, st) == 0:
                     self._save("latest", index, done, optimizer, scaler)
             self._finish_step_best(step_name, done)
             if schedule.budgeted:
@@ -267,13 +269,13 @@ class Trainer(TrainingSession):
         """The step's iteration count: the plans' without a time budget, else its share of what is left."""
         last = index == len(self.step_names) - 1 and self.predict_validation and self.val_cases
         reserve = 2 * self.validation_seconds if last else 0.0  # the final validation also fits in the budget
-        budget = self.cfg.time_budget_s
+        budget = self.time_budget_s
         left = None if budget is None else budget - self._elapsed() - reserve
         return step_schedule(self.cfg, self.step_names[index:], left, budget_state)
 
     def _eta(self) -> float:
         """Seconds until the whole budgeted curriculum ends (this step's deadline plus the later shares)."""
-        budget = self.cfg.time_budget_s or 0.0
+        budget = self.time_budget_s or 0.0
         return max(0.0, budget - self._elapsed())
 
     def _elapsed(self) -> float:
@@ -315,7 +317,7 @@ class Trainer(TrainingSession):
         for s in self.step_names:
             if s == step_name:
                 return total + iteration
-            total += self.cfg.steps[s].iterations
+            total += self.iterations[s]
         return total + iteration
 
     def _end_epoch(self, step_name: str, st: StepConfig, iteration: int) -> None:
@@ -332,13 +334,16 @@ class Trainer(TrainingSession):
         self.logger.record(type="train", step=step_name, iteration=iteration,
                            global_iteration=self._global_iteration(step_name, iteration), epoch=epoch, loss=means[0],
                            loss_terms=terms, lr=acc.get("lr"), seconds_per_iteration=sec, data_wait_fraction=wait)
-        self.logger.log(f"step {step_name} epoch {epoch}/{math.ceil(st.iterations / st.iterations_per_epoch)} "
-                        f"(it {iteration}): loss {means[0]:.4f} "
+        total = self.iterations[step_name]
+        budgeted = self.schedule is not None and self.schedule.budgeted
+        where = (f"iteration {iteration}/{total} (as many as fit: {self.schedule.remaining():.0f} s left in the step, "
+                 f"{self._eta():.0f} s in the run)" if budgeted and self.schedule is not None
+                 else f"epoch {epoch}/{math.ceil(total / st.iterations_per_epoch)} (it {iteration})")
+        self.logger.log(f"step {step_name} {where}: loss {means[0]:.4f} "
                         f"({', '.join(f'{k} {v:.4f}' for k, v in terms.items())}), {sec:.3f} s/it, "
-                        f"data wait {100 * wait:.0f}%" + (f", run ends in {self._eta():.0f} s"
-                                                          if self.schedule is not None and self.schedule.budgeted else ""))
+                        f"data wait {100 * wait:.0f}%")
         self.epoch_acc = {}
-        if self.val_cases and (epoch % max(1, self.cfg.validate_every_epochs) == 0 or iteration >= st.iterations):
+        if self.val_cases and (epoch % max(1, self.cfg.validate_every_epochs) == 0 or iteration >= total):
             t0 = time.perf_counter()
             self._validate(step_name, iteration)
             self.validation_seconds = time.perf_counter() - t0
@@ -371,10 +376,11 @@ class Trainer(TrainingSession):
                            global_iteration=self._global_iteration(step_name, iteration), target=target,
                            dice=per_class, mean_dice=mean, ema=ema)
         self.logger.log(f"validation ({target}, {len(self.val_cases)} cases): mean Dice {mean:.4f} "
-                        f"(moving avg {ema:.4f}); " + ", ".join(
+                        f"(moving average over validations {ema:.4f}); " + ", ".join(
                             f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in per_class.items()))
         if improved:
-            self.logger.log(f"new best moving-average Dice {ema:.4f} -> checkpoint_best.pth")
+            self.logger.log(f"checkpoint_best.pth: best moving average of the validation mean Dice so far, {ema:.4f} "
+                            f"(this validation {mean:.4f})")
             save_checkpoint(checkpoint_path(self.output_folder, "best"),
                             self._state("best", self.step_names.index(step_name), iteration, None, None, None))
         dist_utils.barrier()
