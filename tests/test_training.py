@@ -284,6 +284,30 @@ def test_baseline_trains(tiny):
     assert (result.output_folder / "validation" / "summary.json").is_file()
 
 
+def test_each_configuration_is_a_model_object(tiny):
+    """The session asks the configuration's model object, never its name: networks, steps, targets."""
+    from heartcascade.planning.plans import load_plans, parse_plans
+    from heartcascade.training.config import training_config
+    from heartcascade.training.models import BaselineModel, CascadeModel, model_class
+
+    with pytest.raises(HCError, match="unknown configuration 'unet'; expected cascade or baseline"):
+        model_class("unet")
+    with pytest.raises(HCError, match="--steps applies to the cascade; the baseline has a single step"):
+        _trainer(configuration="baseline", steps=[1])
+    plans = parse_plans(load_plans(tiny["pre"] / "plans.json"))
+    cascade, baseline = CascadeModel(plans, torch.device("cpu")), BaselineModel(plans, torch.device("cpu"))
+    assert set(cascade.networks) == {"net1", "net2"} and set(baseline.networks) == {"baseline"}
+    assert [cascade.validation_target(s) for s in "1234"] == ["net1", "net1", "cascade", "cascade"]
+    cfg = training_config(plans, "cascade")
+    cascade.select(cfg.steps["4"])  # step 4 trains Net2 on frozen Net1
+    assert not any(p.requires_grad for p in cascade.networks["net1"].parameters())
+    assert all(p.requires_grad for p in cascade.networks["net2"].parameters())
+    assert type(cascade.runner(cfg, cfg.steps["4"])).__name__ == "SliceStep"
+    base_cfg = training_config(plans, "baseline")
+    assert list(base_cfg.steps) == list(BaselineModel.default_steps) == ["baseline"]
+    assert type(baseline.runner(base_cfg, base_cfg.steps["baseline"])).__name__ == "BaselineStep"
+
+
 # --------------------------------------------------------------------------------------------------
 # splits
 

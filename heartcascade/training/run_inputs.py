@@ -65,6 +65,6 @@ def check_resume(resume: Mapping[str, Any], latest: Path, configuration: str, la
         raise HCError(f"{latest}: training case(s) {', '.join(missing[:5])} of the interrupted run are no "
                       f"longer in {data_dir}")
     steps = list(resume["steps"])
-    if requested_steps is not None and configuration == "cascade" and list(requested_steps) != steps:
+    if requested_steps is not None and list(requested_steps) != steps:
         raise HCError(f"{latest}: the interrupted run trains steps {','.join(steps)}; "
                       f"continue it with the same --steps (or without --continue to start over)")

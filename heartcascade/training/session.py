@@ -19,22 +19,21 @@ import torch
 from torch import nn
 
 from heartcascade.losses.terms import total_loss
-from heartcascade.model import from_plans
 from heartcascade.model.checkpoint import checkpoint_path, load_checkpoint
 from heartcascade.networks.blocks import init_classifier_bias
 from heartcascade.paths import results_root
-from heartcascade.planning.plans import validate_plans
+from heartcascade.planning.plans import as_plans, validate_plans
 from heartcascade.preprocessing.storage import data_dir
 from heartcascade.training import distributed as dist_utils
-from heartcascade.training.cases import baseline_grid_case, load_train_case
-from heartcascade.training.config import (BASELINE_STEP, CASCADE_STEPS, TrainingConfig, parse_override,
-                                          training_config)
+from heartcascade.training.cases import load_train_case
+from heartcascade.training.config import BASELINE_STEP, TrainingConfig, parse_override, training_config
 from heartcascade.training.dataloading import default_num_workers
 from heartcascade.training.logger import TrainingLogger
+from heartcascade.training.models import model_class
 from heartcascade.training.results import Callback
 from heartcascade.training.run_inputs import check_resume, find_preprocessed, labelled_cases, run_plans
 from heartcascade.training.splits import fold_cases, fold_folder_name, load_or_create_splits, parse_fold
-from heartcascade.training.steps import StepRunner, StepTraining, step_runner
+from heartcascade.training.steps import StepRunner, StepTraining
 from heartcascade.training.time_budget import parse_duration
 from heartcascade.utils.device import autocast, resolve_device
 from heartcascade.utils.errors import HCError
@@ -98,16 +97,15 @@ class TrainingSession:
                  seed: int | None = None, predict_validation: bool = True, progress: bool = True,
                  callback: Callback | None = None, output_folder: str | Path | None = None,
                  time_budget: str | float | None = None) -> None:
-        if configuration not in ("cascade", "baseline"):
-            raise HCError(f"unknown configuration {configuration!r}; expected cascade or baseline")
+        self.model_class = model_class(configuration)
         self.dataset = dataset
         self.fold_arg = fold
         self.configuration = configuration
         self.requested_steps = None if steps is None else [str(s).strip() for s in steps]
         if self.requested_steps is not None:
-            if configuration == "baseline":
-                raise HCError("--steps applies to the cascade; the baseline has a single stage")
-            bad = [s for s in self.requested_steps if s not in CASCADE_STEPS]
+            if not self.model_class.selectable_steps:
+                raise HCError(f"--steps applies to the cascade; the {configuration} has a single step")
+            bad = [s for s in self.requested_steps if s not in self.model_class.default_steps]
             if bad or not self.requested_steps:
                 raise HCError(f"--steps must list curriculum steps among 1,2,3,4 (e.g. 2,3,4), got {','.join(bad) or 'nothing'}")
             self.requested_steps = sorted(set(self.requested_steps), key=int)
@@ -167,10 +165,7 @@ class TrainingSession:
             self.val_ids = [c for c in resume.get("val_cases", self.val_ids) if c in labelled]
         else:
             self.plans = run_plans(self.pre_dir, self.plans_override)
-            if self.configuration == "cascade":
-                self.step_names = self.requested_steps or list(CASCADE_STEPS)
-            else:
-                self.step_names = [BASELINE_STEP]
+            self.step_names = self.requested_steps or list(self.model_class.default_steps)
         self.cfg: TrainingConfig = training_config(self.plans, self.configuration)
         if resume is None:
             self.seed = self.cfg.seed if self.seed_arg is None else self.seed_arg
@@ -197,21 +192,12 @@ class TrainingSession:
         if self.cfg.val_max_cases is not None:
             val_ids = val_ids[: int(self.cfg.val_max_cases)]
         self.val_cases = [load_train_case(self.data_dir, c) for c in val_ids]  # preprocessed grid (memory-mapped)
-        if self.configuration == "baseline":
-            spacing = self.cfg.baseline_spacing
-            assert spacing is not None  # training_config checks it for the baseline
-            self.train_cases = [baseline_grid_case(c, spacing, self.cfg.num_classes) for c in self.train_cases]
+        self.train_cases = self.model_class.training_cases(self.train_cases, self.cfg)
 
     def _build_networks(self) -> None:
         torch.manual_seed(self.seed)
-        if self.configuration == "cascade":
-            self.cascade = from_plans.build_cascade(self.plans).to(self.device)
-            self.networks = {"net1": self.cascade.net1, "net2": self.cascade.net2}
-            self._runner_networks: dict[str, nn.Module] = {"cascade": self.cascade}
-        else:
-            self.baseline = from_plans.build_baseline(self.plans).to(self.device)
-            self.networks = {"baseline": self.baseline}
-            self._runner_networks = {"baseline": self.baseline}
+        self.model = self.model_class(as_plans(self.plans), self.device)
+        self.networks: dict[str, nn.Module] = self.model.networks
         if self.cfg.classifier_bias_init == "class_prior" and self.cfg.class_fractions:
             for net in self.networks.values():
                 init_classifier_bias(net.classifier, self.cfg.class_fractions)
@@ -233,7 +219,7 @@ class TrainingSession:
     def step_runner(self, step: str) -> StepRunner:
         """The runner of ``step`` (its batch kind's loader, module and forward), made once per run."""
         if step not in self._runners:
-            self._runners[step] = step_runner(self.cfg, self.cfg.steps[step], self._runner_networks)
+            self._runners[step] = self.model.runner(self.cfg, self.cfg.steps[step])
         return self._runners[step]
 
     def prepare_step(self, step: str) -> None:
@@ -259,8 +245,7 @@ class TrainingSession:
         The result is the step :meth:`train_step` runs; ``*_state`` restore a resumed step.
         """
         st = self.cfg.steps[step]
-        if self.configuration == "cascade":
-            self.cascade.set_trainable("net1" in st.train, "net2" in st.train)
+        self.model.select(st)
         runner = self.step_runner(step)
         module = runner.module
         params = [p for p in module.parameters() if p.requires_grad]
@@ -273,8 +258,7 @@ class TrainingSession:
             scaler.load_state_dict(scaler_state)
         wrapped = dist_utils.wrap_ddp(module, self.device)
         module.train()
-        if self.configuration == "cascade":
-            self.cascade.train()
+        self.model.train()
         self._active = StepTraining(step, runner, wrapped, params, optimizer, scaler)
         return self._active
 

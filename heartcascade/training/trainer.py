@@ -209,7 +209,7 @@ class Trainer(TrainingSession):
         optimizer, scaler = training.optimizer, training.scaler
         if start_iteration == 0:
             self.epoch_acc = {}
-            self.tracker.start_step(self._validation_target(step_name), self.networks)
+            self.tracker.start_step(self.model.validation_target(step_name), self.networks)
             self.logger.log(f"=== step {step_name} ({st.kind}): " + (
                 f"{schedule.allotted_s:.0f} s of the time budget, iterations set from the measured speed ===" if
                 schedule.budgeted else f"{self.iterations[step_name]} iterations ==="))
@@ -256,7 +256,7 @@ class Trainer(TrainingSession):
                 self.logger.log(f"step {step_name}: {done} iterations in {schedule.elapsed():.0f} s "
                                 f"(budget share {schedule.allotted_s:.0f} s)")
             self.logger.log(f"step {step_name} finished")
-            if self.configuration == "cascade":  # e.g. Net1 alone after its own last step (ablations)
+            if self.model.step_checkpoints:  # e.g. Net1 alone after its own last step (ablations)
                 self._save(f"step{step_name}", index + 1, 0, None, None, finished=True)
             self._save("latest", index + 1, 0, None, None)
         finally:
@@ -352,16 +352,11 @@ class Trainer(TrainingSession):
         if self.dist.is_main:
             self.logger.flush(plot=False)
 
-    def _validation_target(self, step_name: str) -> str:
-        if self.configuration == "baseline":
-            return "baseline"
-        return "cascade" if step_name in ("3", "4") else "net1"
-
     def _validate(self, step_name: str, iteration: int) -> None:
         if not self.dist.is_main:
             dist_utils.barrier()
             return
-        target = self._validation_target(step_name)
+        target = self.model.validation_target(step_name)
         dice = self.validation_dice(target)
         names = self.cfg.class_names
         fg = dice[1:]
@@ -392,10 +387,7 @@ class Trainer(TrainingSession):
         try:
             return validation_dice(predictor, self.val_cases, target, self.cfg.num_classes)
         finally:
-            for net in self.networks.values():
-                net.train()
-            if self.configuration == "cascade":
-                self.cascade.train()
+            self.model.train()
 
     def _final_validation(self) -> tuple[dict[str, Any] | None, str | None]:
         """Predict the fold's validation cases from the model folder's final checkpoint and evaluate them."""
