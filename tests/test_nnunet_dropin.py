@@ -341,6 +341,7 @@ def test_same_scan_in_nrrd_and_nifti_gives_identical_predictions(tmp_path):
     """1.25 mm in NIfTI, 1.2499999999999998 mm in NRRD: the crop margin (10 mm = 8 voxels) used to differ."""
     from _training_fixture import make_case
 
+    from heartcascade.planning.plans import preprocess_settings
     from heartcascade.preprocessing.preprocess import preprocess_images
 
     image, _ = make_case(1)
@@ -356,7 +357,8 @@ def test_same_scan_in_nrrd_and_nifti_gives_identical_predictions(tmp_path):
     read = {e: sitk.ReadImage(str(p)) for e, p in files.items()}
     assert read[".nrrd"].GetSpacing()[0] != read[".nii.gz"].GetSpacing()[0]  # the noise survives the file
     plans = tiny_plans()
-    (a, pa), (b, pb) = (preprocess_images([read[e]], plans, "scan") for e in (".nii.gz", ".nrrd"))
+    settings = preprocess_settings(plans)
+    (a, pa), (b, pb) = (preprocess_images([read[e]], settings, "scan") for e in (".nii.gz", ".nrrd"))
     assert pa["crop_bbox_zyx"] == pb["crop_bbox_zyx"] and pa["spacing"] == pb["spacing"]
     assert pa["crop_bbox_zyx"][1][0] > 0  # the body crop is inside the image, so the margin matters
     assert np.array_equal(a, b)

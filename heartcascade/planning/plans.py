@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from heartcascade.networks.net2 import NET2_INPUT_MODES  # one vocabulary: plans, networks, inference
 from heartcascade.planning.augmentation_plan import AugmentationParams
-from heartcascade.preprocessing.preprocess import PREPROCESSING_VERSION
+from heartcascade.preprocessing.preprocess import PREPROCESSING_VERSION, PreprocessSettings
 from heartcascade.utils.atomic import atomic_write_json
 from heartcascade.utils.errors import HCError
 from heartcascade.utils.jsonio import load_json
@@ -603,6 +603,16 @@ def baseline_kwargs(plans: Plans | Mapping[str, Any]) -> dict[str, Any]:
     """Keyword arguments for ``heartcascade.networks.BaselineUNet3D``."""
     p = as_plans(plans)
     return baseline_network_kwargs(p.baseline_unet, p.num_input_channels, p.num_classes)
+
+
+def preprocess_settings(plans: Plans | Mapping[str, Any]) -> PreprocessSettings:
+    """What preprocessing follows, from the typed plans (a dict is parsed first)."""
+    p = as_plans(plans)
+    return PreprocessSettings(
+        modality=p.modality, num_input_channels=p.num_input_channels, num_classes=p.num_classes,
+        normalization=tuple(copy.deepcopy(dict(n)) for n in p.raw["normalization"]), margin_mm=p.cropping.margin_mm,
+        inplane_spacing=p.full_resolution.inplane_spacing, coarse_spacing=p.net1.coarse_spacing,
+        max_locations_per_class=p.sampling.max_locations_per_class)
 
 
 def preprocessing_fields(plans: dict[str, Any]) -> dict[str, Any]:
