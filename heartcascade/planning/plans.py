@@ -605,6 +605,14 @@ def baseline_kwargs(plans: Plans | Mapping[str, Any]) -> dict[str, Any]:
     return baseline_network_kwargs(p.baseline_unet, p.num_input_channels, p.num_classes)
 
 
+def plans_summary(plans: Plans | Mapping[str, Any]) -> str:
+    """One line on what the planner chose: preset, machine, memory target, K, Net1's coarse spacing."""
+    p = as_plans(plans)
+    return (f"preset {p.preset} for {p.machine.kind if p.machine else 'an unrecorded machine'}, memory target "
+            f"{p.memory.target_gb:g} GB from {p.memory.target_source}; K={p.net2.K}, Net1 coarse spacing "
+            f"{', '.join(f'{v:g}' for v in p.net1.coarse_spacing)} mm")
+
+
 def preprocess_settings(plans: Plans | Mapping[str, Any]) -> PreprocessSettings:
     """What preprocessing follows, from the typed plans (a dict is parsed first)."""
     p = as_plans(plans)

@@ -31,7 +31,8 @@ from heartcascade.dataset import image_io
 from heartcascade.dataset.dataset_json import Case, DatasetInfo, load_dataset
 from heartcascade.planning import fingerprint as fpmod
 from heartcascade.planning import planner, presets
-from heartcascade.planning.plans import load_plans, plans_path, preprocess_settings, preprocessing_hash, save_plans
+from heartcascade.planning.plans import (load_plans, parse_plans, plans_path, preprocess_settings, preprocessing_hash,
+                                         save_plans)
 from heartcascade.preprocessing import storage
 from heartcascade.preprocessing.preprocess import preprocess_case, read_images
 from heartcascade.utils.atomic import atomic_path, ensure_writable_dir
@@ -203,7 +204,7 @@ def plan_and_preprocess(dataset_id: int | str, gpu_memory_gb: float | None = Non
     cases = info.training_cases()
     fingerprint = fpmod.load_fingerprint(out_dir / fpmod.FINGERPRINT_FILE)
     excluded = {cid: f"{entry['error']}" for cid, entry in (fingerprint.get("failed_cases") or {}).items()}
-    small = fpmod.excluded_cases(fingerprint, int(plans["net2"]["K"]))
+    small = fpmod.excluded_cases(fingerprint, parse_plans(plans).net2.K)
     for case in cases:  # refused, named once, and kept out of the data folder (training never sees them)
         if case.case_id in small:
             excluded[case.case_id] = f"{case.images[0]}: {small[case.case_id]}; remove the case from the dataset"
