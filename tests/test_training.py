@@ -284,6 +284,15 @@ def test_baseline_trains(tiny):
     assert (result.output_folder / "validation" / "summary.json").is_file()
 
 
+def test_resume_refuses_a_checkpoint_of_the_older_layout(tmp_path):
+    from heartcascade.training.run_inputs import check_resume
+
+    old = {"format_version": 1, "configuration": "cascade", "steps": ["1", "2"], "stage_index": 1, "stage": "2"}
+    with pytest.raises(HCError, match="checkpoint_latest.pth: checkpoint of an older heartcascade; start over"):
+        check_resume(old, tmp_path / "checkpoint_latest.pth", "cascade", [], tmp_path, None)
+    check_resume({**old, "step_index": 1}, tmp_path / "checkpoint_latest.pth", "cascade", [], tmp_path, None)
+
+
 def test_each_configuration_is_a_model_object(tiny):
     """The session asks the configuration's model object, never its name: networks, steps, targets."""
     from heartcascade.planning.plans import load_plans, parse_plans

@@ -58,6 +58,8 @@ def run_plans(pre_dir: Path, override: Mapping[str, Any] | None) -> dict[str, An
 def check_resume(resume: Mapping[str, Any], latest: Path, configuration: str, labelled: Sequence[str],
                  data_dir: Path, requested_steps: Sequence[str] | None) -> None:
     """A ``--continue`` checkpoint must be of this configuration, its cases still there, its steps the same."""
+    if "step_index" not in resume:  # written before the checkpoints said "step" (they said "stage")
+        raise HCError(f"{latest}: checkpoint of an older heartcascade; start over without --continue")
     if resume.get("configuration") != configuration:
         raise HCError(f"{latest}: is a '{resume.get('configuration')}' checkpoint, not '{configuration}'")
     missing = sorted(set(resume.get("train_cases", [])) - set(labelled))
