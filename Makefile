@@ -1,4 +1,5 @@
-# Two entry points for a fresh machine:  `make demo` (the main job) and `make test` (the test suite).
+# Two entry points for a fresh machine:  `make demo` (the main job) and `make test` (the test suite;
+# `make test-fast` leaves out the tests marked slow).
 # Both create or reuse the virtual environment in .venv; torch is installed first and pinned, so pip
 # never pulls a multi-GB CUDA build; every other package gets the tested version of constraints.txt
 # (`make CONSTRAINTS=/dev/null install` for the newest versions setup.py allows).
@@ -9,7 +10,7 @@ CONSTRAINTS ?= constraints.txt
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-stamp
 
-.PHONY: install demo test clean-venv
+.PHONY: install demo test test-fast clean-venv
 
 install: $(STAMP)
 
@@ -26,6 +27,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q -rs tests
+
+# The quick run while working (under 2 minutes): every test not marked slow (tests/conftest.py SLOW).
+test-fast: install
+	$(BIN)/python -m pytest -q -rs -m "not slow" tests
 
 clean-venv:
 	rm -rf $(VENV)

@@ -147,7 +147,7 @@ def bench_single_case(raw: Path, pre: Path, did: int) -> None:
     import torch
 
     from heartcascade.dataset.dataset_json import load_dataset
-    from heartcascade.planning.plans import load_plans
+    from heartcascade.planning.plans import load_plans, preprocess_settings
     from heartcascade.preprocessing import storage
     from heartcascade.preprocessing.preprocess import preprocess_case, read_images
 
@@ -159,7 +159,7 @@ def bench_single_case(raw: Path, pre: Path, did: int) -> None:
     images = read_images(case.images)
     label = read_image(case.label)
     t1 = time.perf_counter()
-    result = preprocess_case(images, plans, label, case.case_id)
+    result = preprocess_case(images, preprocess_settings(plans), label, case.case_id)
     t2 = time.perf_counter()
     storage.save_case(pre / "single", case.case_id, result)
     t3 = time.perf_counter()

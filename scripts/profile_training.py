@@ -9,11 +9,10 @@ ratios within one run mean something.
 Modes (``--mode``):
 
 * ``phases``: per curriculum step, batches are drawn in-process first (untimed, identical in every
-  variant: the loaders are seeded), then ``--iterations`` iterations of the step are timed phase by
-  phase -- host->tensor copy, forward, losses, backward, gradient clipping, optimizer -- with the
-  public pieces of ``training/session.py`` (``build_optimizer``'s module/runner/optimizer and
-  ``losses.terms.total_loss``), exactly what ``train_step`` does. A variant may add a lever the product
-  does not use (``channels_last``, ``bf16``, ``compile``) to see whether it pays.
+  variant: the loaders are seeded), then ``--iterations`` iterations of the product's own step
+  (``TrainingSession.train_step``) are timed phase by phase -- host->tensor copy, forward, losses,
+  backward, gradient clipping, optimizer -- through its ``mark`` hook. A variant may add a lever the
+  product does not use on its networks (``channels_last``, ``compile``) to see whether it pays.
 * ``step``: the product's own iteration (``TrainingSession.train_step``) on the same pre-drawn batches:
   the old-vs-new ratio of the compute alone (``--old-tree`` is today's code, e.g. ``git archive main``).
 * ``pipeline``: the product's loop as ``hc_train`` runs it -- batches through ``BatchStream`` with the
@@ -56,11 +55,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "t1": {"tree": "new", "threads": 1},
     "t2_passive": {"tree": "new", "threads": 2, "env": {"OMP_WAIT_POLICY": "PASSIVE"}},
     "t1_cl": {"tree": "new", "threads": 1, "channels_last": True},
-    "t1_bf16": {"tree": "new", "threads": 1, "bf16": True},
     "t2_cl": {"tree": "new", "threads": 2, "channels_last": True},
-    "t2_bf16": {"tree": "new", "threads": 2, "bf16": True},
     "t1_compile": {"tree": "new", "threads": 1, "compile": True},
-    "t1_noclip": {"tree": "new", "threads": 1, "no_clip": True},
     "t2_contig": {"tree": "new", "threads": 2, "contiguous": True},
     "t1_contig": {"tree": "new", "threads": 1, "contiguous": True},
     "t2_net1cl": {"tree": "new", "threads": 2},  # the product's default on the CPU: Net1 channels-last
@@ -124,7 +120,6 @@ def _child(args: argparse.Namespace, spec: dict[str, Any]) -> None:
     import numpy as np
     import torch
 
-    from heartcascade.losses.terms import total_loss
     from heartcascade.training.dataloading import BatchStream
     from heartcascade.training.session import TrainingSession
 
@@ -163,41 +158,18 @@ def _child(args: argparse.Namespace, spec: dict[str, Any]) -> None:
             stream = BatchStream(session.build_loader(step), cfg.augmentation, 0)
             batches = [next(stream) for _ in range(n_total)]
             stream.close()
-            training = session.build_optimizer(step)
-            module, runner, optimizer = training.module, training.runner, training.optimizer
-            phases = {k: [] for k in ("copy", "forward", "loss", "backward", "clip", "optimizer", "iteration")}
+            session.build_optimizer(step)
+            phases: dict[str, list[float]] = {"iteration": []}
             wall_t = cpu_t = warm_t = 0.0
             for i, batch in enumerate(batches):
                 timed = i >= args.warmup
                 c0, w0 = time.process_time(), time.perf_counter()
-                if args.mode == "step":
-                    session.train_step(step, batch)
-                else:
-                    t = [time.perf_counter()]
-                    data = torch.from_numpy(np.ascontiguousarray(batch["data"]))
-                    seg = torch.from_numpy(np.ascontiguousarray(batch["seg"])).long()
-                    if spec.get("channels_last"):
-                        data = data.contiguous(memory_format=torch.channels_last_3d)
-                    optimizer.zero_grad(set_to_none=True)
-                    t.append(time.perf_counter())
-                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(spec.get("bf16"))):
-                        outputs = runner.forward(module, data, seg, batch)
-                    outputs = {k: (v[0].float(), v[1]) for k, v in outputs.items()}
-                    t.append(time.perf_counter())
-                    loss, _terms = total_loss(st.losses, st.loss_weights, outputs, cfg.dice_weighting)
-                    t.append(time.perf_counter())
-                    loss.backward()
-                    t.append(time.perf_counter())
-                    if cfg.grad_clip and not spec.get("no_clip"):
-                        torch.nn.utils.clip_grad_norm_(training.params, float(cfg.grad_clip))
-                    t.append(time.perf_counter())
-                    optimizer.step()
-                    float(loss.detach())
-                    t.append(time.perf_counter())
-                    if timed:
-                        for k, a, b in zip(("copy", "forward", "loss", "backward", "clip", "optimizer"), t, t[1:]):
-                            phases[k].append(b - a)
+                ends = [("start", w0)]
+                mark = (lambda phase: ends.append((phase, time.perf_counter()))) if args.mode == "phases" else None
+                session.train_step(step, batch, mark=mark)
                 if timed:
+                    for (_, a), (phase, b) in zip(ends, ends[1:]):
+                        phases.setdefault(phase, []).append(b - a)
                     wall_t += time.perf_counter() - w0
                     cpu_t += time.process_time() - c0
                     phases["iteration"].append(time.perf_counter() - w0)
@@ -274,7 +246,7 @@ def _child_train(args: argparse.Namespace, spec: dict[str, Any]) -> None:
     result = trainer.run()
     wall = time.perf_counter() - w0
     own1, kids1 = tree_cpu.sample()
-    iterations = sum(trainer.cfg.steps[s].iterations for s in trainer.step_names)
+    iterations = sum(trainer.iterations[s] for s in trainer.step_names)
     predictor = validation_predictor(trainer.configuration, trainer.plans, trainer.networks, trainer.device)
     dice = validation_dice(predictor, trainer.val_cases, "cascade", trainer.cfg.num_classes)
     rec = {"step": "all", "threads_after": torch.get_num_threads(), "iterations": iterations, "wall_s": wall,

@@ -554,7 +554,7 @@ def test_train_sigkill_mid_step_then_continue(world, tmp_path):
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         latest = fold / "checkpoint_latest.pth"
-        if latest.exists() and torch.load(latest, weights_only=False).get("stage") == "3":
+        if latest.exists() and torch.load(latest, weights_only=False).get("step") == "3":
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)

@@ -99,7 +99,7 @@ def _folder_digest(folder: Path) -> str:
 
 
 def _curve_digest(records: list[dict]) -> str:
-    values = [(r["stage"], r["iteration"], round(r.get("loss", r.get("mean_dice", 0.0)), 12)) for r in records]
+    values = [(r["step"], r["iteration"], round(r.get("loss", r.get("mean_dice", 0.0)), 12)) for r in records]
     return hashlib.sha256(repr(values).encode()).hexdigest()[:16]
 
 
@@ -119,7 +119,7 @@ def pinned_run(tmp_path_factory):
 
 
 def _run(configuration: str, override: dict, root: Path):
-    from heartcascade.training.checkpoint import load_checkpoint
+    from heartcascade.model.checkpoint import load_checkpoint
     from heartcascade.training.trainer import Trainer
 
     out = root / configuration / "fold_0"

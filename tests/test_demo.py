@@ -47,9 +47,9 @@ def test_demo_end_to_end_tiny(tmp_path, monkeypatch):
     assert (fold / "progress.png").is_file() and (fold / "checkpoint_final.pth").is_file()
     records = [json.loads(line) for line in (fold / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r.get("type") == "train"]
-    assert {r.get("stage") for r in train} == {"1", "3", "4"}  # step 2 has 0 epochs in this schedule
+    assert {r.get("step") for r in train} == {"1", "3", "4"}  # step 2 has 0 epochs in this schedule
     for step_name in ("1", "4"):  # the loss falls within each step that has several epochs
-        losses = [r["loss"] for r in train if r["stage"] == step_name]
+        losses = [r["loss"] for r in train if r["step"] == step_name]
         assert losses[-1] < 0.8 * losses[0], (step_name, losses)
     # and it learned: the heart is found and most structures are largely right. Measured on this CI
     # schedule (2 CPU cores): LV 0.75, Myo 0.67, RV 0.79, RA 0.55, PA 0.52, AA 0.17, LA 0.00 -- ~250

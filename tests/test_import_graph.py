@@ -142,3 +142,83 @@ def test_console_commands_load_no_heavy_library():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT.parent)})
     assert result.stdout.strip() == "", f"console command modules load {result.stdout.strip()} on import"
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Module -> the heartcascade modules it imports (top-level, function-local and type-only alike)."""
+    modules = {".".join(p.relative_to(ROOT.parent).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in sorted(ROOT.rglob("*.py"))}
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            targets: list[str] = []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                           for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            graph[name] |= {t for t in targets if t in modules and t != name}
+    return graph
+
+
+#: The one circle left: the batch loop calls the predictor back (removed on branch issue22a; drop it here then).
+KNOWN_CIRCLES = [["heartcascade.inference.batch", "heartcascade.inference.predictor"]]
+
+
+def test_no_import_circle_not_even_type_only():
+    graph = _module_graph()
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles: list[list[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    assert sorted(circles) == KNOWN_CIRCLES, sorted(circles)
+
+
+#: Reads of a plans dict (``plans[...]``, ``plans.get(...)``, ``x.plans[...]``) left outside planning/, per
+#: file. Issue #24 moves them to typed accessors; the count may only go down (lower it when you remove one).
+PLANS_DICT_READS = {"cli/predict.py": 1, "inference/predictor.py": 3, "training/final_validation.py": 1}
+
+
+def _is_plans(node: ast.AST) -> bool:
+    return (isinstance(node, ast.Name) and node.id == "plans") or \
+        (isinstance(node, ast.Attribute) and node.attr == "plans")
+
+
+def test_plans_dict_is_read_only_in_planning():
+    found: dict[str, int] = {}
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith("planning/"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            read = (isinstance(node, ast.Subscript) and _is_plans(node.value)) or (
+                isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
+                and _is_plans(node.func.value))
+            if read:
+                found[rel] = found.get(rel, 0) + 1
+    over = {f: n for f, n in found.items() if n > PLANS_DICT_READS.get(f, 0)}
+    assert not over, f"new plans-dict reads outside planning/ (read a typed section instead): {over}"
+    assert not {"preprocessing/preprocess.py", "benchmark/sections.py"} & set(found)  # typed sections only

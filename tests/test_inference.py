@@ -391,11 +391,10 @@ def test_heart_component_roi_keeps_split_heart():
 def test_roi_rule_from_plans():
     plans = tiny_plans()
     assert isinstance(Predictor(plans, [build(plans)], device="cpu").roi_rule, roi_mod.HeartComponentRoi)
-    old = dict(copy.deepcopy(plans), plans_version=1)
-    for key in ("roi_rule", "roi_min_component_fraction", "roi_join_distance_mm"):
-        old["inference"].pop(key)  # version-1 plans written before the fields existed: the heart-component rule
-    rule = Predictor(old, [build(plans)], device="cpu").roi_rule  # upgraded on the way in
+    rule = Predictor(plans, [build(plans)], device="cpu").roi_rule
     assert rule == roi_mod.HeartComponentRoi(plans["inference"]["roi_margin_mm"], 0.1, 0.0)
+    with pytest.raises(HCError, match="plans_version 1 is not 2; re-plan"):
+        Predictor(dict(copy.deepcopy(plans), plans_version=1), [build(plans)], device="cpu")
     legacy = tiny_plans(roi_rule="all_foreground")
     assert isinstance(Predictor(legacy, [build(plans)], device="cpu").roi_rule, roi_mod.AllForegroundRoi)
     with pytest.raises(HCError, match="inference.roi_rule must be one of"):

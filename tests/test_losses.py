@@ -7,22 +7,25 @@ import pytest
 import torch
 
 from heartcascade.losses import (
-    DiceLoss,
     dice_scores_hard,
     foreground_dice_loss,
-    foreground_dice_loss_from_logits,
     inverse_count_weights,
     multiclass_dice_loss,
-    multiclass_dice_loss_from_logits,
     soft_dice_per_class,
     to_onehot,
 )
+from heartcascade.losses.terms import total_loss
 from heartcascade.utils.errors import HCError
 
 
 def as_volume(values: list[list[float]]) -> torch.Tensor:
     """(C, V) nested list -> probabilities (1, C, 1, 1, V)."""
     return torch.tensor(values, dtype=torch.float64)[None, :, None, None, :]
+
+
+def table_loss(names: list[str], logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The loss table's sum of ``names`` (Net2's output, every weight 1) on logits."""
+    return total_loss(names, {}, {"net2": (logits, target)}, "inverse_count")[0]
 
 
 def labels_volume(values: list[int]) -> torch.Tensor:
@@ -67,7 +70,7 @@ def test_perfect_prediction_gives_zero() -> None:
     probs = to_onehot(labels, 4)
     assert float(multiclass_dice_loss(probs, labels)) == pytest.approx(0.0, abs=1e-6)
     assert float(foreground_dice_loss(probs, labels)) == pytest.approx(0.0, abs=1e-6)
-    assert float(DiceLoss()(probs * 50.0, labels)) == pytest.approx(0.0, abs=1e-6)  # logits
+    assert float(table_loss(["L2", "L2_ROI"], probs * 50.0, labels)) == pytest.approx(0.0, abs=1e-6)  # logits
 
 
 def test_disjoint_prediction_gives_about_one() -> None:
@@ -82,14 +85,15 @@ def test_labels_and_onehot_targets_agree() -> None:
     torch.manual_seed(0)
     logits = torch.randn(2, 3, 4, 5, 6)
     labels = torch.randint(0, 3, (2, 4, 5, 6))
-    a = multiclass_dice_loss_from_logits(logits, labels)
-    b = multiclass_dice_loss_from_logits(logits, labels[:, None])
-    c = multiclass_dice_loss_from_logits(logits, to_onehot(labels, 3))
+    probs = torch.softmax(logits, dim=1)
+    a = multiclass_dice_loss(probs, labels)
+    b = multiclass_dice_loss(probs, labels[:, None])
+    c = multiclass_dice_loss(probs, to_onehot(labels, 3))
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(a, c)
-    torch.testing.assert_close(a, multiclass_dice_loss_from_logits(logits, labels.float()[:, None]))
+    torch.testing.assert_close(a, multiclass_dice_loss(probs, labels.float()[:, None]))
     with pytest.raises(HCError):
-        multiclass_dice_loss_from_logits(logits, labels[:, :2])
+        multiclass_dice_loss(probs, labels[:, :2])
 
 
 def test_foreground_loss_is_binary_dice_of_reversed_background() -> None:
@@ -122,7 +126,7 @@ def test_gradient_signs_on_logits() -> None:
     torch.manual_seed(0)
     logits = torch.randn(1, 3, 2, 4, 4, requires_grad=True)
     labels = torch.randint(0, 3, (1, 2, 4, 4))
-    (multiclass_dice_loss_from_logits(logits, labels) + foreground_dice_loss_from_logits(logits, labels)).backward()
+    table_loss(["L2", "L2_ROI"], logits, labels).backward()
     true_logit_grad = logits.grad.gather(1, labels[:, None]).squeeze(1)
     assert (true_logit_grad < 0).all()  # raising the true class's logit always helps
 
@@ -149,19 +153,22 @@ def test_batch_dice_false_is_mean_of_samples() -> None:
     torch.manual_seed(1)
     logits = torch.randn(2, 2, 2, 3, 3)
     labels = torch.randint(0, 2, (2, 2, 3, 3))
-    per = multiclass_dice_loss_from_logits(logits, labels, batch_dice=False)
-    singles = [multiclass_dice_loss_from_logits(logits[i:i + 1], labels[i:i + 1]) for i in range(2)]
+    probs = torch.softmax(logits, dim=1)
+    per = multiclass_dice_loss(probs, labels, batch_dice=False)
+    singles = [multiclass_dice_loss(probs[i:i + 1], labels[i:i + 1]) for i in range(2)]
     torch.testing.assert_close(per, (singles[0] + singles[1]) / 2)
 
 
-def test_dice_loss_module_combines_terms_and_handles_bf16() -> None:
+def test_loss_table_weights_terms_and_handles_bf16() -> None:
     torch.manual_seed(2)
     logits = torch.randn(1, 3, 3, 4, 4)
     labels = torch.randint(0, 3, (1, 3, 4, 4))
-    combined = DiceLoss(roi_weight=0.5)(logits, labels)
-    expected = multiclass_dice_loss_from_logits(logits, labels) + 0.5 * foreground_dice_loss_from_logits(logits, labels)
+    combined, terms = total_loss(["L2", "L2_ROI"], {"L2_ROI": 0.5}, {"net2": (logits, labels)}, "inverse_count")
+    probs = torch.softmax(logits, dim=1)
+    expected = multiclass_dice_loss(probs, labels) + 0.5 * foreground_dice_loss(probs, labels)
     torch.testing.assert_close(combined, expected)
-    bf = DiceLoss()(logits.bfloat16(), labels)
+    torch.testing.assert_close(terms["L2"], multiclass_dice_loss(probs, labels))
+    bf = table_loss(["L2", "L2_ROI"], logits.bfloat16(), labels)
     assert bf.dtype == torch.float32 and torch.isfinite(bf)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from heartcascade.losses import DiceLoss
+from heartcascade.losses.terms import total_loss
 from heartcascade.networks import (
     DEFAULT_DILATIONS,
     BaselineUNet3D,
@@ -41,6 +41,11 @@ def tiny_cascade(K: int = 3, mode: str = "probabilities") -> Cascade:
         tiny_net1(), tiny_net2(net2_input_channels(mode, C, 1), K), input_mode=mode,
         scale_factors=(0.5, 0.25, 0.25),
     )
+
+
+def net2_loss(logits: torch.Tensor, target: torch.Tensor, roi: bool = True) -> torch.Tensor:
+    """The curriculum's Net2 loss from the loss table: L2 (+ L2_ROI)."""
+    return total_loss(["L2", "L2_ROI"] if roi else ["L2"], {}, {"net2": (logits, target)}, "inverse_count")[0]
 
 
 # --------------------------------------------------------------------------------------------- Net1
@@ -176,7 +181,7 @@ def test_cascade_freezing(net1_on: bool, net2_on: bool) -> None:
     target = torch.randint(0, C, (1, 3, 16, 16))
     out = casc(x)
     assert out.net1_logits.requires_grad == net1_on
-    DiceLoss()(out.net2_logits, target).backward()
+    net2_loss(out.net2_logits, target).backward()
     for flag, net in ((net1_on, casc.net1), (net2_on, casc.net2)):
         grads = _grads(net)
         if flag:
@@ -193,7 +198,7 @@ def test_cascade_bf16_autocast_cpu() -> None:
     target = torch.randint(0, C, (1, 5, 32, 32))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = casc(x)
-        loss = DiceLoss()(out.net2_logits, target)
+        loss = net2_loss(out.net2_logits, target)
     assert out.net2_logits.shape == (1, C, 5, 32, 32)
     assert torch.isfinite(out.net2_logits.float()).all() and torch.isfinite(out.net1_logits.float()).all()
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
@@ -219,7 +224,7 @@ def test_net2_overfits_trivial_two_class_pattern() -> None:
     x[:, :, :, 4:12, 3:10] = 1.0  # a bright box is the foreground
     x = x + 0.1 * torch.randn_like(x)
     target = (x[:, 0, 1:-1] > 0.5).long()  # labels of the D - K + 1 = 3 centre slices
-    loss_fn = DiceLoss(roi_weight=0.0)
+    loss_fn = lambda logits, target: net2_loss(logits, target, roi=False)  # noqa: E731
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     losses = []
     for _ in range(30):

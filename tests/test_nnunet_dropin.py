@@ -247,7 +247,7 @@ def test_unknown_plans_version_is_refused(tmp_path):
     state = torch.load(folder / "fold_0" / "checkpoint_final.pth", weights_only=True)
     state["plans"]["plans_version"] = 99  # a model from a newer release
     torch.save(state, folder / "fold_0" / "checkpoint_final.pth")
-    with pytest.raises(HCError, match=r"plans_version 99, this heartcascade reads only 1") as info:
+    with pytest.raises(HCError, match=r"plans_version 99 is not 2; re-plan") as info:
         load_fold(folder / "fold_0")
     assert "\n" not in str(info.value)
 
@@ -257,7 +257,7 @@ def test_archive_with_foreign_members_is_refused(tmp_path):
 
     archive = tmp_path / "evil.zip"
     manifest = {"format": "heartcascade-model", "format_version": 1, "dataset": "Dataset007_Tiny",
-                "configuration": "cascade", "folds": ["0"], "checkpoint": "final", "plans_version": 1}
+                "configuration": "cascade", "folds": ["0"], "checkpoint": "final", "plans_version": 2}
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr(MANIFEST, json.dumps(manifest))
         zf.writestr("Dataset007_Tiny/cascade/../../../etc/x", "no")
@@ -477,6 +477,7 @@ def test_same_scan_in_nrrd_and_nifti_gives_identical_predictions(tmp_path):
     """1.25 mm in NIfTI, 1.2499999999999998 mm in NRRD: the crop margin (10 mm = 8 voxels) used to differ."""
     from _training_fixture import make_case
 
+    from heartcascade.planning.plans import preprocess_settings
     from heartcascade.preprocessing.preprocess import preprocess_images
 
     image, _ = make_case(1)
@@ -492,7 +493,8 @@ def test_same_scan_in_nrrd_and_nifti_gives_identical_predictions(tmp_path):
     read = {e: sitk.ReadImage(str(p)) for e, p in files.items()}
     assert read[".nrrd"].GetSpacing()[0] != read[".nii.gz"].GetSpacing()[0]  # the noise survives the file
     plans = tiny_plans()
-    (a, pa), (b, pb) = (preprocess_images([read[e]], plans, "scan") for e in (".nii.gz", ".nrrd"))
+    settings = preprocess_settings(plans)
+    (a, pa), (b, pb) = (preprocess_images([read[e]], settings, "scan") for e in (".nii.gz", ".nrrd"))
     assert pa["crop_bbox_zyx"] == pb["crop_bbox_zyx"] and pa["spacing"] == pb["spacing"]
     assert pa["crop_bbox_zyx"][1][0] > 0  # the body crop is inside the image, so the margin matters
     assert np.array_equal(a, b)

@@ -480,36 +480,14 @@ def test_wrong_values_are_one_line_errors_naming_the_field():
             parse_plans(plans, "plans.json")
 
 
-def test_version_1_plans_are_upgraded_to_what_the_planner_writes_now(tmp_path):
-    from heartcascade.planning.plans import parse_plans, upgrade_plans
-    from heartcascade.training.config import training_config
-
+def test_version_1_plans_are_refused_with_a_one_line_hint_to_replan(tmp_path):
     v1 = json.loads(V1_PLANS.read_text())
-    assert v1["plans_version"] == 1 and v1["training"]["precision"] == "fp32" and "amp" not in v1
-    up = upgrade_plans(v1, str(V1_PLANS))
-    assert up["plans_version"] == PLANS_VERSION and v1["plans_version"] == 1  # the input is not modified
-    fresh = _fresh_demo()
-    for key in set(fresh) | set(up):  # same dataset, preset and machine: the same plans (bar the CPU count)
-        if key != "machine":
-            assert up[key] == fresh[key], key
-    parse_plans(up, "upgraded")
-    assert upgrade_plans(up) is up  # current plans are left alone
-    # hidden v1 defaults become explicit values, the same ones the v1 readers used
-    legacy = json.loads(V1_PLANS.read_text())
-    legacy["training"].update(amp="fp16", validation_interval_epochs=None)
-    legacy["inference"].pop("roi_rule")
-    up = upgrade_plans(legacy)
-    assert up["amp"] == "fp16" and up["training"]["validation_interval_epochs"] == 1
-    assert up["inference"]["roi_rule"] == "heart_components" and up["training"]["grad_clip"] == 12.0
-    assert training_config(up, "cascade").amp == "fp16"
-    # a file and a checkpoint-like dict read the same way; an unknown key is still refused after the upgrade
+    assert v1["plans_version"] == 1
     (tmp_path / "plans.json").write_text(V1_PLANS.read_text())
-    assert load_plans(tmp_path)["plans_version"] == PLANS_VERSION
-    bad = json.loads(V1_PLANS.read_text())
-    bad["inference"]["foo"] = 1
-    (tmp_path / "plans.json").write_text(json.dumps(bad))
-    with pytest.raises(HCError, match=r"plans.json: inference has unknown key 'foo'"):
+    with pytest.raises(HCError, match=r"plans.json: plans_version 1 is not 2; re-plan with "
+                                      r"hc_plan_and_preprocess --overwrite") as info:
         load_plans(tmp_path)
+    assert "\n" not in str(info.value)
 
 
 def test_plans_override_keys_are_checked():

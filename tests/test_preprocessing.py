@@ -14,6 +14,7 @@ from heartcascade.dataset.dataset_json import DatasetInfo, write_dataset_json
 from heartcascade.dataset.image_io import Geometry, choose_slice_axis, write_array
 from heartcascade.preprocessing import cropping, normalization, resampling, storage
 from heartcascade.preprocessing.preprocess import (
+    PreprocessSettings,
     coarse_shape,
     preprocess_case,
     preprocess_images,
@@ -93,13 +94,13 @@ def make_raw_dataset(raw_root: Path, dataset_id: int = 1, name: str = "Tiny", n_
     return info
 
 
-def simple_plans(modality="ct", coarse_spacing=(4.0, 4.0, 4.0), inplane=None, num_classes=4) -> dict:
+def simple_settings(modality="ct", coarse_spacing=(4.0, 4.0, 4.0), inplane=None, num_classes=4) -> PreprocessSettings:
     """The plans fields preprocessing reads (the planner is tested in test_planning.py)."""
     norm = ({"scheme": "ct_clip", "clip_low": -100.0, "clip_high": 400.0} if modality == "ct"
             else {"scheme": "percentile_clip", "percentile_low": 0.5, "percentile_high": 99.5})
-    return {"modality": modality, "num_input_channels": 1, "num_classes": num_classes, "normalization": [norm],
-            "cropping": {"margin_mm": 4.0}, "full_resolution": {"inplane_spacing": inplane},
-            "net1": {"coarse_spacing": list(coarse_spacing)}, "sampling": {"max_locations_per_class": 500}}
+    return PreprocessSettings(modality=modality, num_input_channels=1, num_classes=num_classes, normalization=(norm,),
+                              margin_mm=4.0, inplane_spacing=None if inplane is None else tuple(inplane),
+                              coarse_spacing=tuple(coarse_spacing), max_locations_per_class=500)
 
 
 def _images(image, label, spacing, direction=IDENTITY):
@@ -120,7 +121,7 @@ def _images(image, label, spacing, direction=IDENTITY):
 def test_restore_to_original_roundtrip(spacing, direction, expected_axis):
     image, label = make_volume((40, 36, 20), spacing)
     img, lab, geom = _images(image, label, spacing, direction)
-    case = preprocess_case([img], simple_plans(), lab, "rt")
+    case = preprocess_case([img], simple_settings(), lab, "rt")
     props = case.properties
     assert props["slice_axis"] == expected_axis == choose_slice_axis(spacing, direction)
     assert case.image.dtype == np.float32 and case.image.ndim == 4
@@ -139,7 +140,7 @@ def test_restore_to_original_roundtrip(spacing, direction, expected_axis):
     np.testing.assert_array_equal(pback.argmax(0), label)
     np.testing.assert_allclose(pback.sum(0), 1.0)
     # prediction path gives the same image and grid
-    pimg, pprops = preprocess_images([img], simple_plans(), "rt")
+    pimg, pprops = preprocess_images([img], simple_settings(), "rt")
     assert pprops["coarse_shape"] == props["coarse_shape"]
     assert Geometry.from_dict(pprops["geometry"]).mismatch(geom) is None
 
@@ -147,7 +148,7 @@ def test_restore_to_original_roundtrip(spacing, direction, expected_axis):
 def test_restore_after_inplane_resampling_keeps_shape():
     image, label = make_volume((40, 36, 20), (1.0, 1.0, 2.0))
     img, lab, _ = _images(image, label, (1.0, 1.0, 2.0))
-    case = preprocess_case([img], simple_plans(inplane=[1.5, 1.5]), lab, "rs")
+    case = preprocess_case([img], simple_settings(inplane=[1.5, 1.5]), lab, "rs")
     assert case.properties["inplane_resampled"]
     assert case.image.shape[2] < case.properties["cropped_shape"][1]
     back = restore_to_original(case.seg, case.properties)
@@ -242,7 +243,7 @@ def test_coarse_labels_keep_every_class():
     assert where[:, 2].min() >= 5 and where[:, 2].max() <= 7
     # through the pipeline: the coarse grid keeps every class present at full resolution
     img, lab, _ = _images(image, label, (1.0, 1.0, 1.0))
-    case = preprocess_case([img], simple_plans(coarse_spacing=(4.0, 4.0, 4.0)), lab, "thin")
+    case = preprocess_case([img], simple_settings(coarse_spacing=(4.0, 4.0, 4.0)), lab, "thin")
     assert case.properties["coarse_classes_present"] == case.properties["classes_present"] == [0, 1, 2, 3]
     assert list(case.coarse_image.shape[1:]) == case.properties["coarse_shape"]
     assert case.properties["coarse_shape"] == list(coarse_shape(case.properties["shape"],
@@ -276,7 +277,7 @@ def test_class_locations_are_correct():
 def _tiny_case():
     image, label = make_volume((40, 36, 20), (1.0, 1.0, 2.0))
     img, lab, _ = _images(image, label, (1.0, 1.0, 2.0))
-    return preprocess_case([img], simple_plans(), lab, "c1")
+    return preprocess_case([img], simple_settings(), lab, "c1")
 
 
 def test_storage_roundtrip(tmp_path):
@@ -384,7 +385,7 @@ def test_real_mscmrseg_case_roundtrip(shared_data):
         mapped[codes == code] = new
     lab = sitk.GetImageFromArray(mapped)
     lab.CopyInformation(raw_label)
-    plans = simple_plans("mr", coarse_spacing=(7.99, 2.5, 2.5))
+    plans = simple_settings("mr", coarse_spacing=(7.99, 2.5, 2.5))
     case = preprocess_case([img], plans, lab, "image_1")
     props = case.properties
     assert props["spacing"][0] == pytest.approx(7.99, abs=0.05)  # thick slices first

@@ -89,7 +89,7 @@ def _trainer(**kwargs):
 
 def test_four_steps_learn_and_validate(tiny):
     from heartcascade.model import from_plans
-    from heartcascade.training.checkpoint import load_checkpoint
+    from heartcascade.model.checkpoint import load_checkpoint
 
     result = _trainer(plans_override=LEARN_OVERRIDE).run()
     folder = result.output_folder
@@ -118,7 +118,7 @@ def test_four_steps_learn_and_validate(tiny):
     assert post["num_cases"] == summary["num_cases"] and post["dice_after"]["mean"] >= post["dice_before"]["mean"]
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert {r["type"] for r in records} == {"train", "val"}
-    assert {r["stage"] for r in records if r["type"] == "train"} == {"1", "2", "3", "4"}
+    assert {r["step"] for r in records if r["type"] == "train"} == {"1", "2", "3", "4"}
     assert (folder / "progress.png").read_bytes()[:4] == b"\x89PNG"
     final = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=True)
     assert final["format_version"] == 1 and final["configuration"] == "cascade"
@@ -137,7 +137,7 @@ def test_four_steps_learn_and_validate(tiny):
 
 
 def test_kill_and_continue_matches_uninterrupted_run(tiny):
-    from heartcascade.training.checkpoint import load_checkpoint
+    from heartcascade.model.checkpoint import load_checkpoint
     from heartcascade.training.trainer import StopTraining
 
     out_a = tiny["root"] / "resume_a"
@@ -145,13 +145,13 @@ def test_kill_and_continue_matches_uninterrupted_run(tiny):
     _trainer(plans_override=SHORT_OVERRIDE, predict_validation=False, output_folder=out_a).run()
 
     def kill(event, info):
-        if event == "iteration" and info["stage"] == "3" and info["iteration"] == 3:
+        if event == "iteration" and info["step"] == "3" and info["iteration"] == 3:
             raise StopTraining  # "killed" one iteration after the checkpoint at iteration 2
 
     with pytest.raises(StopTraining):
         _trainer(plans_override=SHORT_OVERRIDE, predict_validation=False, output_folder=out_b, callback=kill).run()
     latest = load_checkpoint(out_b / "checkpoint_latest.pth")
-    assert (latest["stage"], latest["iteration"]) == ("3", 2)
+    assert (latest["step"], latest["iteration"]) == ("3", 2)
     assert not (out_b / "checkpoint_final.pth").exists()
     assert not list(out_b.glob(".*tmp*")), "temporary files left behind"
 
@@ -171,7 +171,7 @@ def test_kill_and_continue_matches_uninterrupted_run(tiny):
     assert a["best"] == b["best"]
     metrics_b = (out_b / "metrics.jsonl").read_text().splitlines()
     assert len(metrics_b) == len(a["logger"]["records"])
-    assert "resuming from" in (out_b / "training_log.txt").read_text()
+    assert "checkpoint_latest.pth: step 3 iteration 2" in (out_b / "training_log.txt").read_text()  # not "step None"
 
 
 def test_cpu_training_settings(tiny):
@@ -205,7 +205,7 @@ def test_cpu_training_settings(tiny):
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
-    from heartcascade.training import checkpoint as ck
+    from heartcascade.model import checkpoint as ck
 
     path = tmp_path / "checkpoint_latest.pth"
     ck.save_checkpoint(path, {"format_version": 1, "value": torch.arange(3)})
@@ -282,6 +282,39 @@ def test_baseline_trains(tiny):
     assert final["configuration"] == "baseline" and set(final["networks"]) == {"baseline"}
     assert result.validation_method == "predictor"
     assert (result.output_folder / "validation" / "summary.json").is_file()
+
+
+def test_resume_refuses_a_checkpoint_of_the_older_layout(tmp_path):
+    from heartcascade.training.run_inputs import check_resume
+
+    old = {"format_version": 1, "configuration": "cascade", "steps": ["1", "2"], "stage_index": 1, "stage": "2"}
+    with pytest.raises(HCError, match="checkpoint_latest.pth: checkpoint of an older heartcascade; start over"):
+        check_resume(old, tmp_path / "checkpoint_latest.pth", "cascade", [], tmp_path, None)
+    check_resume({**old, "step_index": 1}, tmp_path / "checkpoint_latest.pth", "cascade", [], tmp_path, None)
+
+
+def test_each_configuration_is_a_model_object(tiny):
+    """The session asks the configuration's model object, never its name: networks, steps, targets."""
+    from heartcascade.planning.plans import load_plans, parse_plans
+    from heartcascade.training.config import training_config
+    from heartcascade.training.models import BaselineModel, CascadeModel, model_class
+
+    with pytest.raises(HCError, match="unknown configuration 'unet'; expected cascade or baseline"):
+        model_class("unet")
+    with pytest.raises(HCError, match="--steps applies to the cascade; the baseline has a single step"):
+        _trainer(configuration="baseline", steps=[1])
+    plans = parse_plans(load_plans(tiny["pre"] / "plans.json"))
+    cascade, baseline = CascadeModel(plans, torch.device("cpu")), BaselineModel(plans, torch.device("cpu"))
+    assert set(cascade.networks) == {"net1", "net2"} and set(baseline.networks) == {"baseline"}
+    assert [cascade.validation_target(s) for s in "1234"] == ["net1", "net1", "cascade", "cascade"]
+    cfg = training_config(plans, "cascade")
+    cascade.select(cfg.steps["4"])  # step 4 trains Net2 on frozen Net1
+    assert not any(p.requires_grad for p in cascade.networks["net1"].parameters())
+    assert all(p.requires_grad for p in cascade.networks["net2"].parameters())
+    assert type(cascade.runner(cfg, cfg.steps["4"])).__name__ == "SliceStep"
+    base_cfg = training_config(plans, "baseline")
+    assert list(base_cfg.steps) == list(BaselineModel.default_steps) == ["baseline"]
+    assert type(baseline.runner(base_cfg, base_cfg.steps["baseline"])).__name__ == "BaselineStep"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -28,9 +28,9 @@ from heartcascade.model import from_plans
 from heartcascade.paths import preprocessed_dataset_dir, raw_dataset_dir
 from heartcascade.planning import fingerprint as fpmod
 from heartcascade.planning import memory_model as mm
-from heartcascade.planning.plans import cascade_kwargs, load_plans, net1_kwargs, net2_kwargs, training_step
+from heartcascade.planning.plans import cascade_kwargs, load_plans, net1_kwargs, net2_kwargs, parse_plans, training_step
 from heartcascade.preprocessing import storage
-from heartcascade.training.checkpoint import FORMAT_VERSION, plain, save_checkpoint
+from heartcascade.model.checkpoint import FORMAT_VERSION, plain, save_checkpoint
 from heartcascade.training.dataloading import BatchStream
 from heartcascade.training.trainer import Trainer
 from heartcascade.utils.atomic import atomic_write_json
@@ -83,15 +83,14 @@ def section_dataset(p: dict[str, Any], emit: Emit) -> None:
 
 
 def plans_summary(plans: dict[str, Any]) -> dict[str, Any]:
-    steps = {str(s["step"]): {k: s.get(k) for k in ("batch_size", "patch_shape", "subvolume_shapes", "stack_shape",
-                                                     "predicted_peak_gb") if s.get(k) is not None}
-             for s in plans["training"]["steps"]}
-    return {"preset": plans.get("preset"), "K": plans["net2"]["K"], "net1_widths": plans["net1"].get("widths"),
-            "net1_coarse_spacing": plans["net1"].get("coarse_spacing"), "net1_patch_shape": plans["net1"].get("patch_shape"),
-            "net2_widths": plans["net2"].get("widths"), "net2_full_slice_shape": plans["net2"].get("full_slice_shape"),
-            "inference_z_chunk": plans["inference"].get("z_chunk"),
-            "memory_target_gb": plans["memory"].get("target_gb"),
-            "predicted_peak_gb": plans["memory"].get("predicted_peak_gb"), "steps": steps}
+    p = parse_plans(plans)
+    steps = {str(s.step): {k: getattr(s, k) for k in ("batch_size", "patch_shape", "subvolume_shapes", "stack_shape",
+                                                       "predicted_peak_gb") if getattr(s, k) is not None}
+             for s in p.training.steps}
+    return {"preset": p.preset, "K": p.net2.K, "net1_widths": p.net1.widths, "net1_coarse_spacing": p.net1.coarse_spacing,
+            "net1_patch_shape": p.net1.patch_shape, "net2_widths": p.net2.widths,
+            "net2_full_slice_shape": p.net2.full_slice_shape, "inference_z_chunk": p.inference.z_chunk,
+            "memory_target_gb": p.memory.target_gb, "predicted_peak_gb": p.memory.predicted_peak_gb, "steps": steps}
 
 
 def section_preprocessing(p: dict[str, Any], emit: Emit) -> None:
@@ -195,15 +194,16 @@ def section_memory(p: dict[str, Any], emit: Emit) -> None:
     mode = cascade_kwargs(plans)["input_mode"]
     props = storage.load_properties(storage.data_dir(_pre_dir(case)), case.case_id)
     factors = [float(f) for f in props["coarse_scale_factors"]]
-    K, d2 = int(n2["K"]), int(plans["net2"]["required_divisor"])
+    typed = parse_plans(plans)
+    K, d2 = int(n2["K"]), typed.net2.required_divisor
     limit = float("inf") if backend == "cuda" else float(p["memory_check_max_gb"])
-    s1, s2, s3, s4 = plans["training"]["steps"]  # the plans' own step entries (steps 1..4, validated)
+    s1, s2, s3, s4 = typed.training.steps  # the plans' own step entries (steps 1..4, validated)
     largest = lambda shapes: max((list(s) for s in shapes), key=lambda s: int(np.prod(s)))  # noqa: E731
     checks = [
-        ("step1 net1 whole coarse volume", "net1", int(s1["batch_size"]), list(s1["patch_shape"]), s1),
-        ("step2 net1 largest coarse subvolume", "net1", int(s2["batch_size"]), largest(s2["coarse_patch_shapes"]), s2),
-        ("step3 cascade largest subvolume", "cascade", int(s3["batch_size"]), largest(s3["subvolume_shapes"]), s3),
-        ("step4 net2 slice stack", "net2", int(s4["batch_size"]), list(s4["stack_shape"]), s4),
+        ("step1 net1 whole coarse volume", "net1", s1.batch_size, list(s1.patch_shape), s1),
+        ("step2 net1 largest coarse subvolume", "net1", s2.batch_size, largest(s2.coarse_patch_shapes), s2),
+        ("step3 cascade largest subvolume", "cascade", s3.batch_size, largest(s3.subvolume_shapes), s3),
+        ("step4 net2 slice stack", "net2", s4.batch_size, list(s4.stack_shape), s4),
     ]
     for name, kind, batch, plan_shape, st in checks:
         if kind == "net1":
@@ -224,7 +224,7 @@ def section_memory(p: dict[str, Any], emit: Emit) -> None:
             r = mm.check_cascade(n1, n2, mode, batch, shape, factors, str(device))
         emit(benchmark="memory_model", step=name, batch_size=batch, shape=shape, plan_shape=plan_shape,
              scaled=shape != plan_shape, predicted_gb=_round(r["predicted_gb"], 4), measured_gb=_round(r["measured_gb"], 4),
-             ratio=_round(r["ratio"], 3), plans_predicted_peak_gb=st.get("predicted_peak_gb"),
+             ratio=_round(r["ratio"], 3), plans_predicted_peak_gb=st.predicted_peak_gb,
              measured_with="torch.cuda.max_memory_allocated" if backend == "cuda" else "CPU profiler allocation trace",
              seconds=_round(time.perf_counter() - t, 1))
         gc.collect()
@@ -347,11 +347,8 @@ def _release(trainer, step_name: str) -> None:
 
 
 def _step_predicted_gb(plans: dict[str, Any], step_name: str) -> float | None:
-    for s in plans["training"]["steps"]:
-        if str(s["step"]) == str(step_name):
-            v = s.get("predicted_peak_gb")
-            return None if v is None else float(v)
-    return None
+    return next((s.predicted_peak_gb for s in parse_plans(plans).training.steps if str(s.step) == str(step_name)),
+                None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -411,7 +408,7 @@ def section_inprocess(p: dict[str, Any], emit: Emit) -> None:
              preprocessed_shape=shape, roi_box=roi, roi_shape=[b - a for a, b in roi],
              roi_fraction=_round(np.prod([b - a for a, b in roi]) / max(1, np.prod(shape)), 3),
              z_chunk=getattr(predictor, "last_z_chunk", None), peak_rss_gb=gb(rss.peak), rss_method=rss.method,
-             **gpu, plans_predicted_inference_peak_gb=plans.get("inference", {}).get("predicted_peak_gb"),
+             **gpu, plans_predicted_inference_peak_gb=parse_plans(plans).inference.predicted_peak_gb,
              output=str(out))
         del result, labels, image
 

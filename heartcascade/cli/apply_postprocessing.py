@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from heartcascade.inference.postprocess_folder import postprocess_folder  # deferred: numpy, keeps --help instant
     from heartcascade.inference.postprocessing import load_postprocessing  # deferred: scipy, keeps --help instant
     from heartcascade.inference.settings import label_codes_from  # deferred: numpy, keeps --help instant
-    from heartcascade.planning.plans import read_plans  # deferred: keeps --help instant
+    from heartcascade.planning.plans import validate_plans  # deferred: keeps --help instant
     from heartcascade.utils.jsonio import load_json  # deferred: keeps --help instant
 
     def finish(pp_path: Path, plans: dict) -> int:
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if args.postprocessing is not None:
         if args.plans is None:
             raise HCError("-pp needs -plans PLANS.json (the model's classes and label codes)")
-        return finish(Path(args.postprocessing), read_plans(load_json(args.plans), args.plans))
+        return finish(Path(args.postprocessing), validate_plans(load_json(args.plans), args.plans))
     if args.plans is not None:
         raise HCError("-plans goes with -pp; with -d/-m the model's own plans are used")
 
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         plans_path = folds[0][1] / "plans.json"
         if not plans_path.is_file():
             raise HCError(f"{plans_path}: not found (the model folder lacks its plans)")
-        return finish(pp_path, read_plans(load_json(plans_path), str(plans_path)))
+        return finish(pp_path, validate_plans(load_json(plans_path), str(plans_path)))
 
     if args.dataset is not None:
         from heartcascade.inference.model_loading import model_dir_for  # deferred: torch, keeps --help instant

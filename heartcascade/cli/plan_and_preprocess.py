@@ -55,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress = verbosity(args) > QUIET and not args.no_progress
 
     def body() -> int:
+        from heartcascade.planning.plans import plans_summary  # deferred: torch, keeps --help instant
         from heartcascade.workflows.plan_and_preprocess import plan_and_preprocess  # deferred: torch, keeps --help instant
 
         if args.verify:
@@ -70,12 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = plan_and_preprocess(args.dataset, gpu_memory_gb=args.gpu_memory_gb, preset=args.preset,
                                      num_processes=args.num_processes, plan_only=args.plan_only,
                                      overwrite=args.overwrite, progress=progress, machine=args.machine)
-        plans = result.plans
-        mem = plans["memory"]
-        print(f"plans: {result.out_dir / 'plans.json'} (preset {plans['preset']} for "
-              f"{(plans.get('machine') or {}).get('kind', 'an unrecorded machine')}, memory target "
-              f"{mem['target_gb']:g} GB from {mem['target_source']}; K={plans['net2']['K']}, Net1 coarse spacing "
-              f"{', '.join(f'{v:g}' for v in plans['net1']['coarse_spacing'])} mm)")
+        print(f"plans: {result.out_dir / 'plans.json'} ({plans_summary(result.plans)})")
         if not args.plan_only:
             print(f"preprocessed: {len(result.processed)} case(s), skipped (up to date): {len(result.skipped)}, "
                   f"failed: {len(result.failed)}")

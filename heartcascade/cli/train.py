@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="custom splits file: JSON list of {\"train\": [...], \"val\": [...]} (default: "
                         "splits_final.json in the preprocessed folder, created as a seeded 5-fold split)")
     p.add_argument("--time-budget", default=None, metavar="DURATION",
-                   help="wall-clock budget of the training steps, e.g. 60m, 1.5h or 900s (recorded in the plans as "
-                        "training.time_budget_s): the steps share it by their time_fraction and each one's "
+                   help="wall-clock budget of the training steps, e.g. 60m, 1.5h or 900s (saved in the run's "
+                        "checkpoints, not in the plans): the steps share it by their time_fraction and each one's "
                         "iteration count is set from its measured speed; default: the plans' time_budget_s, "
                         "else their iteration counts")
     p.add_argument("--pretrained", "-pretrained_weights", dest="pretrained", default=None, metavar="MODEL",

@@ -43,12 +43,11 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from heartcascade.dataset.dataset_json import load_dataset
-from heartcascade.inference.model_loading import (CHECKPOINT_KINDS, CONFIGURATIONS, check_plans_version,
-                                                  checkpoint_file, load_fold, model_dir_for, read_checkpoint,
-                                                  resolve_fold_dirs)
+from heartcascade.inference.model_loading import (CHECKPOINT_KINDS, CONFIGURATIONS, checkpoint_file, load_fold,
+                                                  model_dir_for, read_checkpoint, resolve_fold_dirs)
 from heartcascade.inference.postprocessing import load_postprocessing
 from heartcascade.paths import parse_dataset_id, results_root
-from heartcascade.planning.plans import SUPPORTED_PLANS_VERSIONS, as_plans, load_plans
+from heartcascade.planning.plans import PLANS_VERSION, as_plans, check_plans_version, load_plans
 from heartcascade.utils.atomic import atomic_path, is_disk_full, replace_folder, restore_replaced_folders
 from heartcascade.utils.errors import HCError
 from heartcascade.utils.jsonio import load_json, parse_json
@@ -185,10 +184,9 @@ def _check_manifest(manifest: Any, archive: Path) -> dict[str, Any]:
     if manifest.get("format_version") != ARCHIVE_VERSION:
         raise HCError(f"{archive}: model archive format_version {manifest.get('format_version')!r} is not "
                       f"{ARCHIVE_VERSION}; install the heartcascade release that wrote it")
-    if manifest.get("plans_version") not in SUPPORTED_PLANS_VERSIONS:
+    if manifest.get("plans_version") != PLANS_VERSION:
         raise HCError(f"{archive}: model has plans_version {manifest.get('plans_version')!r}, this heartcascade "
-                      f"reads only {', '.join(map(str, SUPPORTED_PLANS_VERSIONS))}; install the heartcascade "
-                      "release the model was trained with")
+                      f"reads only {PLANS_VERSION}; install the heartcascade release the model was trained with")
     dataset = manifest.get("dataset")
     if not isinstance(dataset, str) or not _DATASET_NAME.fullmatch(dataset) or parse_dataset_id(dataset) < 1:
         raise HCError(f"{archive}: manifest 'dataset' must be a name like Dataset001_Name, got {str(dataset)[:80]!r}")

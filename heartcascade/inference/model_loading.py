@@ -16,7 +16,7 @@ import torch
 from heartcascade.model import from_plans
 from heartcascade.model.checkpoint import load_checkpoint
 from heartcascade.paths import results_dataset_dir
-from heartcascade.planning.plans import check_plans_version, read_plans
+from heartcascade.planning.plans import validate_plans
 from heartcascade.utils.errors import HCError
 from heartcascade.utils.jsonio import load_json
 
@@ -129,8 +129,7 @@ def load_fold(fold_dir: str | Path, checkpoint: str = "final", name: str | None 
     config = state["configuration"]
     if configuration is not None and config != configuration:
         raise HCError(f"{path}: checkpoint is a '{config}' model, not '{configuration}'")
-    check_plans_version(state["plans"], path)
-    plans = read_plans(state["plans"], str(path))  # older plans upgraded: the model predicts as before
+    plans = validate_plans(state["plans"], str(path))
     networks = build_networks(config, plans)
     stored = state["networks"]
     for key, net in networks.items():

@@ -45,7 +45,7 @@ from heartcascade.inference.sliding_window import sliding_window_softmax
 from heartcascade.inference.upsampling import upsample_at
 from heartcascade.networks.blocks import crop_to_shape, pad_to_multiple
 from heartcascade.planning import memory_model
-from heartcascade.planning.plans import read_plans
+from heartcascade.planning.plans import preprocess_settings, validate_plans
 from heartcascade.preprocessing.preprocess import preprocess_images, restore_to_original
 from heartcascade.preprocessing.resampling import (bspline2_apply, bspline2_coefficients, bspline2_resample,
                                                    resample_torch, shape_for_spacing)
@@ -88,7 +88,7 @@ class Predictor:
                  label_codes: Mapping[int, int] | None = None, dataset_json: Mapping[str, Any] | None = None,
                  verbose: bool = False, postprocessing: Postprocessing | None = None,
                  roi_rule: roi_mod.RoiRule | None = None) -> None:
-        self.plans = read_plans(dict(plans), "plans")  # any supported version, upgraded and validated
+        self.plans = validate_plans(dict(plans), "plans")
         self.device = resolve_device(device)
         self.tta = bool(tta)
         self.verbose = verbose
@@ -118,6 +118,7 @@ class Predictor:
         self.num_classes = int(self.plans["num_classes"])
         self.num_channels = int(self.plans["num_input_channels"])
         self.settings = InferenceSettings.from_plans(self.plans)
+        self.preprocess_settings = preprocess_settings(self.plans)
         if roi_rule is None:
             roi_rule = roi_mod.make_roi_rule(self.settings.roi_rule, self.settings.roi_margin_mm,
                                              self.settings.roi_min_component_fraction,
@@ -172,7 +173,7 @@ class Predictor:
     def preprocess(self, images: Sequence[sitk.Image], case_id: str = "case") -> tuple[np.ndarray, dict[str, Any]]:
         if len(images) != self.num_channels:
             raise HCError(f"{case_id}: {len(images)} image channel(s) given, the model needs {self.num_channels}")
-        return preprocess_images(images, self.plans, case_id)
+        return preprocess_images(images, self.preprocess_settings, case_id)
 
     def predict_case(self, images: Sequence[sitk.Image], return_probabilities: bool = False,
                      net1_only: bool = False, apply_label_codes: bool = False,

@@ -3,13 +3,10 @@ optional cross-entropy term (``losses/cross_entropy.py``)."""
 from heartcascade.losses.cross_entropy import cross_entropy_loss
 from heartcascade.losses.dice import (
     DEFAULT_EPS,
-    DiceLoss,
     dice_scores_hard,
     foreground_dice_loss,
-    foreground_dice_loss_from_logits,
     inverse_count_weights,
     multiclass_dice_loss,
-    multiclass_dice_loss_from_logits,
     soft_dice_per_class,
     to_onehot,
 )
@@ -17,13 +14,10 @@ from heartcascade.losses.dice import (
 __all__ = [
     "cross_entropy_loss",
     "DEFAULT_EPS",
-    "DiceLoss",
     "dice_scores_hard",
     "foreground_dice_loss",
-    "foreground_dice_loss_from_logits",
     "inverse_count_weights",
     "multiclass_dice_loss",
-    "multiclass_dice_loss_from_logits",
     "soft_dice_per_class",
     "to_onehot",
 ]

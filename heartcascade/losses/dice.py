@@ -2,8 +2,9 @@
 
 Conventions: probabilities/logits are (N, C, D, H, W); a target is either labels (N, D, H, W) or
 (N, 1, D, H, W) (integer, or float holding whole numbers), or a float one-hot / soft target shaped
-like the probabilities. Functions whose name ends in ``_from_logits`` apply a softmax over C first;
-half-precision inputs are upcast to float32 so a bf16 autocast forward still gets an accurate loss.
+like the probabilities. Half-precision inputs are upcast to float32 so a bf16 autocast forward still gets
+an accurate loss. Training reaches these through the loss table (:mod:`heartcascade.losses.terms`), which
+computes the float32 softmax of the logits once for all terms.
 
 eq. 1  S_c   = (2 * sum(p_c * g_c) + eps) / (sum(p_c) + sum(g_c) + eps)
 eq. 2  L     = 1 - sum_c w_c S_c, with w_c proportional to 1 / N_c (N_c = voxels of class c in the
@@ -21,7 +22,6 @@ from typing import Union
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from heartcascade.utils.errors import HCError
 
@@ -140,56 +140,6 @@ def foreground_dice_loss(
     fg_g = 1.0 - g[:, background_index:background_index + 1]
     loss = 1.0 - soft_dice_per_class(fg_p, fg_g, eps, batch_dice)[..., 0]
     return loss if batch_dice else loss.mean()
-
-
-def multiclass_dice_loss_from_logits(
-    logits: torch.Tensor, target: torch.Tensor, weighting: Weighting = "inverse_count",
-    eps: float = DEFAULT_EPS, batch_dice: bool = True,
-) -> torch.Tensor:
-    """:func:`multiclass_dice_loss` after a float32 softmax over the class axis."""
-    return multiclass_dice_loss(torch.softmax(_upcast(logits), dim=1), target, weighting, eps, batch_dice)
-
-
-def foreground_dice_loss_from_logits(
-    logits: torch.Tensor, target: torch.Tensor, background_index: int = 0,
-    eps: float = DEFAULT_EPS, batch_dice: bool = True,
-) -> torch.Tensor:
-    """:func:`foreground_dice_loss` after a float32 softmax over the class axis."""
-    return foreground_dice_loss(torch.softmax(_upcast(logits), dim=1), target, background_index, eps, batch_dice)
-
-
-class DiceLoss(nn.Module):
-    """``L + roi_weight * L_ROI`` on logits, as one module.
-
-    The trainer does not use it: it sums the terms the plans name from the loss table
-    (:mod:`heartcascade.losses.terms`). It is for code outside the curriculum that wants the paper's
-    combined loss in one call (the network tests train Net2 through the cascade with it).
-    ``roi_weight=0`` gives the plain weighted multi-class loss of eq. 2.
-    """
-
-    def __init__(
-        self,
-        roi_weight: float = 1.0,
-        weighting: Weighting = "inverse_count",
-        eps: float = DEFAULT_EPS,
-        batch_dice: bool = True,
-        background_index: int = 0,
-    ) -> None:
-        super().__init__()
-        self.roi_weight = roi_weight
-        self.weighting = weighting
-        self.eps = eps
-        self.batch_dice = batch_dice
-        self.background_index = background_index
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(_upcast(logits), dim=1)
-        loss = multiclass_dice_loss(probs, target, self.weighting, self.eps, self.batch_dice)
-        if self.roi_weight:
-            loss = loss + self.roi_weight * foreground_dice_loss(
-                probs, target, self.background_index, self.eps, self.batch_dice
-            )
-        return loss
 
 
 @torch.no_grad()

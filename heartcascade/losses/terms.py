@@ -66,13 +66,10 @@ LOSS_TERMS: dict[str, LossTerm] = {t.name: t for t in (
     LossTerm("L2", "net2", _dice), LossTerm("L2_ROI", "net2", _roi), LossTerm("CE2", "net2", _ce),
     LossTerm("L", "out", _dice), LossTerm("CE", "out", _ce),
 )}
-#: Older spellings accepted in plans.
-LOSS_ALIASES = {"multiclass_dice": "L"}
 
 
 def loss_term(name: str, where: str = "plans") -> LossTerm:
-    """The term named ``name`` (an alias is resolved); HCError listing the known names otherwise."""
-    name = LOSS_ALIASES.get(name, name)
+    """The term named ``name``; HCError listing the known names otherwise."""
     if name not in LOSS_TERMS:
         raise HCError(f"{where} has unknown loss {name!r}; known: {', '.join(LOSS_TERMS)}")
     return LOSS_TERMS[name]

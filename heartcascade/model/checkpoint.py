@@ -5,8 +5,8 @@ A checkpoint is a ``torch.save`` dict (see documentation/conventions.md, "Traine
 * read by inference: ``format_version`` (1), ``configuration`` (``"cascade"``/``"baseline"``), ``plans``,
   ``networks`` (``{"net1": sd, "net2": sd}`` or ``{"baseline": sd}``);
 * resume state, read only by the trainer (:mod:`heartcascade.training.checkpoint`): ``kind``
-  (latest/best/final), ``stage`` (the curriculum step being trained, e.g. 3 or ``"baseline"``),
-  ``stage_index`` (its position in the run's step list), ``steps`` (that list), ``iteration``
+  (latest/best/final), ``step`` (the curriculum step being trained, e.g. 3 or ``"baseline"``),
+  ``step_index`` (its position in the run's step list), ``steps`` (that list), ``iteration``
   (iterations of that step already done), ``optimizer``, ``scaler``, ``rng`` (python/numpy/torch/cuda
   states of every rank), ``logger`` (log lines and metrics so the log files are rewritten to the
   checkpoint's moment), ``best`` (tracker of the best validation Dice), ``fold``, ``seed``,

@@ -19,7 +19,7 @@ from heartcascade.networks.net2 import Net2, net2_input_channels
 from heartcascade.planning import plans as P
 from heartcascade.utils.errors import HCError
 
-#: The typed plans, or a plans dict of any supported version (upgraded and parsed here).
+#: The typed plans, or a plans dict (parsed here).
 PlansLike = Union[P.Plans, Mapping[str, Any]]
 
 

@@ -306,7 +306,7 @@ def _net2_estimate(network: dict[str, Any], batch: int, shape: Sequence[int],
 
 
 @dataclass(frozen=True)
-class Net1Plan:
+class Net1Choice:
     """Rule 4's outcome: Net1's coarse grid, whole-volume patch and network fields."""
 
     coarse_spacing: list[float]
@@ -330,7 +330,7 @@ class Net1Plan:
 
 
 @dataclass(frozen=True)
-class Net2Plan:
+class Net2Choice:
     """Rules 5 and 6's outcome: Net2's network fields, the in-plane sizes it works on, the subvolumes."""
 
     network: dict[str, Any]  #: the network fields of the plans' ``net2`` (read through ``net2_kwargs``)
@@ -344,14 +344,14 @@ class Net2Plan:
         return int(self.network["K"])
 
 
-def step3_peak(ctx: _Context, net1: Net1Plan, network2: dict[str, Any], batch: int, shape: Sequence[int]) -> int:
+def step3_peak(ctx: _Context, net1: Net1Choice, network2: dict[str, Any], batch: int, shape: Sequence[int]) -> int:
     """Peak bytes of a step-3 iteration: the cascade trained end to end on full-resolution ``shape``."""
     kw2 = net2_network_kwargs(network2)
     return _cascade(_key(net1_network_kwargs(net1.network)), _key(kw2), network2["input_mode"], int(batch),
                     tuple(int(v) for v in shape), net1.scale_factors).peak
 
 
-def step4_peak(net1: Net1Plan, network2: dict[str, Any], batch: int, tile: Sequence[int]) -> int:
+def step4_peak(net1: Net1Choice, network2: dict[str, Any], batch: int, tile: Sequence[int]) -> int:
     """Peak bytes of a step-4 iteration on K-slice stacks of ``tile``: Net2 trains beside the frozen Net1
     (its parameters, then its whole-volume inference pass)."""
     train = _net2_estimate(network2, batch, (network2["K"], int(tile[0]), int(tile[1])), True)
@@ -412,10 +412,10 @@ def choose_coarse_spacing(ctx: _Context) -> tuple[list[float], list[int], dict[s
         base //= 2
 
 
-def plan_net1(ctx: _Context) -> Net1Plan:
+def plan_net1(ctx: _Context) -> Net1Choice:
     """Rule 4: Net1's coarse spacing, whole-volume patch and widths (:func:`choose_coarse_spacing`)."""
     coarse_spacing, patch, network, _ = choose_coarse_spacing(ctx)
-    return Net1Plan(coarse_spacing, patch, network, tuple(coarse_scale_factors(ctx.spacing, coarse_spacing)))
+    return Net1Choice(coarse_spacing, patch, network, tuple(coarse_scale_factors(ctx.spacing, coarse_spacing)))
 
 
 def nominal_subvolumes(ctx: _Context, K: int, divisor: int) -> list[list[int]]:
@@ -437,7 +437,7 @@ def nominal_subvolumes(ctx: _Context, K: int, divisor: int) -> list[list[int]]:
     return sorted(shapes, key=lambda s: math.prod(s))
 
 
-def choose_net2_width(ctx: _Context, net1: Net1Plan, K: int, full_slice: Sequence[int],
+def choose_net2_width(ctx: _Context, net1: Net1Choice, K: int, full_slice: Sequence[int],
                       smallest_subvolume: Sequence[int]) -> dict[str, Any]:
     """Rule 6: Net2's network fields at the largest base width (halving from the preset's) at which step 4
     (K full slices) and step 3 (the smallest subvolume) fit at batch 1; else the minimal width."""
@@ -452,7 +452,7 @@ def choose_net2_width(ctx: _Context, net1: Net1Plan, K: int, full_slice: Sequenc
         base //= 2
 
 
-def choose_inplane_tile(ctx: _Context, net1: Net1Plan, network2: dict[str, Any], full_slice: Sequence[int],
+def choose_inplane_tile(ctx: _Context, net1: Net1Choice, network2: dict[str, Any], full_slice: Sequence[int],
                         divisor: int) -> list[int]:
     """Rule 6 (tiles): the full slice, shrunk (x0.8, to Net2's divisor) until a step-4 stack fits at batch 1."""
     tile = list(full_slice)
@@ -461,17 +461,17 @@ def choose_inplane_tile(ctx: _Context, net1: Net1Plan, network2: dict[str, Any],
     return tile
 
 
-def plan_net2(ctx: _Context, net1: Net1Plan, K: int) -> Net2Plan:
+def plan_net2(ctx: _Context, net1: Net1Choice, K: int) -> Net2Choice:
     """Rules 5 and 6: the nominal subvolumes, Net2's widths and the in-plane tile it trains on."""
     divisor = 2 ** int(ctx.preset["net2"]["num_levels"])
     full_slice = [ceil_to(ctx.shape95[1], divisor), ceil_to(ctx.shape95[2], divisor)]
     subvolumes = nominal_subvolumes(ctx, K, divisor)
     network = choose_net2_width(ctx, net1, K, full_slice, subvolumes[0])
     tile = choose_inplane_tile(ctx, net1, network, full_slice, divisor)
-    return Net2Plan(network, divisor, full_slice, tile, subvolumes)
+    return Net2Choice(network, divisor, full_slice, tile, subvolumes)
 
 
-def step2_subvolumes(ctx: _Context, net1: Net1Plan, subvolumes: Sequence[Sequence[int]]) -> list[list[int]]:
+def step2_subvolumes(ctx: _Context, net1: Net1Choice, subvolumes: Sequence[Sequence[int]]) -> list[list[int]]:
     """Rule 5 (step 2): the nominal subvolumes whose coarse version Net1 alone trains on within the budget
     (the smallest one when none does)."""
     fitting = [list(s) for s in subvolumes
@@ -489,7 +489,7 @@ def _shrink(shape: list[int], min_d: int, min_hw: int, divisor: int) -> list[int
     return None
 
 
-def step3_subvolumes(ctx: _Context, net1: Net1Plan, net2: Net2Plan) -> list[list[int]]:
+def step3_subvolumes(ctx: _Context, net1: Net1Choice, net2: Net2Choice) -> list[list[int]]:
     """Rule 7: the nominal subvolumes cut to Net2's tile and, where the cascade does not fit at batch 1,
     shrunk depth first (x0.75 down to K + 2), then in-plane (x0.8); deduplicated, ascending."""
     sv = ctx.preset["subvolumes"]
@@ -521,12 +521,12 @@ def step4_tile(tile: Sequence[int], inplane_spacing: Sequence[float], max_inplan
     return [min(int(t), ceil_to(float(max_inplane_mm) / float(sp), divisor)) for t, sp in zip(tile, inplane_spacing)]
 
 
-def step4_stack(ctx: _Context, net2: Net2Plan) -> list[int]:
+def step4_stack(ctx: _Context, net2: Net2Choice) -> list[int]:
     """Rule 8: the step-4 stack ``[K, H, W]`` (:func:`step4_tile` with the preset's step-4 ``max_inplane_mm``)."""
     return [net2.K] + step4_tile(net2.tile, ctx.spacing[1:], ctx.step_presets[4].get("max_inplane_mm"), net2.divisor)
 
 
-def choose_batch_sizes(ctx: _Context, net1: Net1Plan, net2: Net2Plan, shapes2: Sequence[Sequence[int]],
+def choose_batch_sizes(ctx: _Context, net1: Net1Choice, net2: Net2Choice, shapes2: Sequence[Sequence[int]],
                        shapes3: Sequence[Sequence[int]], stack: Sequence[int]) -> dict[int, tuple[int, int]]:
     """Rule 9: per step, the largest batch up to the preset's ``max_batch_size`` for which the step's largest
     input fits, with its peak bytes: ``{step: (batch_size, peak)}``."""
@@ -540,7 +540,7 @@ def choose_batch_sizes(ctx: _Context, net1: Net1Plan, net2: Net2Plan, shapes2: S
             for step, peak in peaks.items()}
 
 
-def choose_z_chunk(ctx: _Context, net1: Net1Plan, net2: Net2Plan) -> tuple[int, int]:
+def choose_z_chunk(ctx: _Context, net1: Net1Choice, net2: Net2Choice) -> tuple[int, int]:
     """Rule 10: the largest z-chunk (Net2 output slices per pass, up to ``max_z_chunk``) for which Net2's
     no-grad pass on the tile, plus Net1's parameters, fits; returns (z_chunk, inference peak bytes)."""
     tile = net2.tile
@@ -586,7 +586,7 @@ def plan_baseline(ctx: _Context) -> dict[str, Any]:
             "widths": widths(base, network["max_features"], levels),
             "lr": float(pb.get("lr", 1e-4)), "epochs": int(pb.get("epochs", 800)),
             "iterations_per_epoch": int(pb.get("iterations_per_epoch", 16)),
-            "losses": list(pb.get("losses", ["multiclass_dice"])), "predicted_peak_gb": round(peak / GiB, 3)}
+            "losses": list(pb.get("losses", ["L"])), "predicted_peak_gb": round(peak / GiB, 3)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -657,7 +657,7 @@ def full_resolution_section(ctx: _Context) -> dict[str, Any]:
             "shape_p95": ctx.shape95, "min_slices": ctx.min_slices}
 
 
-def net1_section(ctx: _Context, net1: Net1Plan) -> dict[str, Any]:
+def net1_section(ctx: _Context, net1: Net1Choice) -> dict[str, Any]:
     """``net1``: rule 4's grid and patch, and the network fields."""
     return {"coarse_spacing": net1.coarse_spacing, "patch_shape": net1.patch_shape,
             "coarse_shape_median": [int(round(f / c)) for f, c in zip(ctx.fov_median, net1.coarse_spacing)],
@@ -665,7 +665,7 @@ def net1_section(ctx: _Context, net1: Net1Plan) -> dict[str, Any]:
             "required_divisor": NET1_DIVISOR}
 
 
-def net2_section(net2: Net2Plan) -> dict[str, Any]:
+def net2_section(net2: Net2Choice) -> dict[str, Any]:
     """``net2``: rule 6's network fields, the full slice and the tile."""
     n = net2.network
     return {**n, "widths": widths(n["base_features"], n["max_features"], n["num_levels"]),
@@ -686,7 +686,7 @@ def step_entry(ctx: _Context, row: CurriculumStep, shapes: dict[str, Any], batch
             "time_fraction": None if sp.get("time_fraction") is None else float(sp["time_fraction"])}
 
 
-def curriculum_steps(ctx: _Context, net1: Net1Plan, shapes2: list[list[int]], shapes3: list[list[int]],
+def curriculum_steps(ctx: _Context, net1: Net1Choice, shapes2: list[list[int]], shapes3: list[list[int]],
                      stack: list[int], batches: Mapping[int, tuple[int, int]]) -> list[dict[str, Any]]:
     """``training.steps``: one :func:`step_entry` per row of the curriculum (planning/curriculum.py)."""
     shapes = {1: {"patch_shape": net1.patch_shape},

@@ -8,8 +8,7 @@ and returns frozen, typed sections (:class:`Plans` with :class:`Net1Plan`, :clas
 :class:`BaselinePlan`, ...). The planner writes every field that takes effect (no hidden defaults later),
 and nothing that has none. Every field is documented in ``documentation/plans.md``.
 
-Plans of an older schema are brought to :data:`PLANS_VERSION` by :func:`upgrade_plans` wherever plans are
-read (``load_plans``, checkpoints, ``--plans-override``), so old plans and trained models keep working.
+Plans of another schema version are refused with a one-line error (re-plan with ``--overwrite``).
 
 Derived values other stages need: keyword arguments for the networks (:func:`net1_kwargs`,
 :func:`net2_kwargs`, :func:`baseline_kwargs`, :func:`cascade_kwargs`) and the hash of the
@@ -28,21 +27,19 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from heartcascade.networks.net2 import NET2_INPUT_MODES  # one vocabulary: plans, networks, inference
-from heartcascade.planning.augmentation_plan import AugmentationParams, augmentation_dict
-from heartcascade.preprocessing.preprocess import PREPROCESSING_VERSION
+from heartcascade.planning.augmentation_plan import AugmentationParams
+from heartcascade.preprocessing.preprocess import PREPROCESSING_VERSION, PreprocessSettings
 from heartcascade.utils.atomic import atomic_write_json
 from heartcascade.utils.errors import HCError
 from heartcascade.utils.jsonio import load_json
 
 PLANS_VERSION = 2
-#: Versions :func:`upgrade_plans` brings to :data:`PLANS_VERSION` (older models and plans files keep working).
-SUPPORTED_PLANS_VERSIONS = (1, 2)
 PLANS_FILE = "plans.json"
 
 #: ``inference.roi_rule`` values: the ROI from the heart's connected component(s) of Net1's whole-heart
-#: probability, or (the rule before plans had the field) the box of every Net1 foreground voxel.
+#: probability, or the box of every Net1 foreground voxel.
 ROI_RULES = ("heart_components", "all_foreground")
-#: What plans without the ROI fields get (documentation/plans.md): the heart-component rule.
+#: What a preset without the ROI fields gets (documentation/plans.md): the heart-component rule.
 ROI_DEFAULTS = {"roi_rule": "heart_components", "roi_min_component_fraction": 0.1, "roi_join_distance_mm": 0.0}
 #: ``amp``: mixed precision of training and inference on CUDA (the CPU always computes in float32).
 AMP_MODES = ("bf16", "fp16", "none")
@@ -421,10 +418,7 @@ def parse_plans(plans: Any, source: str = "plans") -> Plans:
     """
     if not isinstance(plans, Mapping):
         raise HCError(f"{source}: plans must be a JSON object")
-    version = plans.get("plans_version")
-    if version != PLANS_VERSION:
-        raise HCError(f"{source}: plans_version {version!r} is not supported (expected {PLANS_VERSION}); "
-                      "re-run hc_plan_and_preprocess --overwrite")
+    check_plans_version(plans, source)
     for key in plans:
         if key not in _TOP_LEVEL:
             raise HCError(f"{source}: plans have unknown key {key!r}")
@@ -513,102 +507,15 @@ def validate_plans(plans: Any, source: str = "plans") -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Older versions
-
-#: Fields version 1 wrote that never took effect; version 2 no longer has them.
-V1_DEAD_FIELDS = {
-    "training": ("precision", "optimizer", "lr"),
-    "sampling": ("scheme", "subvolume_shape_choice"),
-    "net2": ("inplane_tile",),
-    "inference": ("inplane_tile",),
-    "baseline_unet": ("kernel_size", "optimizer"),
-}
-#: Values version-1 readers used for training fields the v1 planner did not write (or wrote as null).
-V1_TRAINING_DEFAULTS: dict[str, Any] = {
-    "weight_decay": 0.0, "dice_weighting": "inverse_count", "classifier_bias_init": "zero",
-    "lr_schedule": "constant", "warmup_iterations": 0, "grad_clip": 12.0, "ema_momentum": 0.9,
-    "keep_best_per_step": False, "time_budget_s": None, "budget_probe_iterations": 10,
-    "validation_interval_epochs": 1, "checkpoint_interval_epochs": 1, "checkpoint_interval_iterations": 0,
-    "val_max_cases": None, "num_workers": None, "num_threads": None, "seed": 0,
-}
-#: v1 fields whose null (or 0) meant the default (``int(x or default)`` in the v1 readers).
-_V1_FALSY_MEANS_DEFAULT = ("validation_interval_epochs", "checkpoint_interval_epochs",
-                           "checkpoint_interval_iterations", "budget_probe_iterations", "warmup_iterations")
-_V1_STEP_DEFAULTS = {1: (["L1_ROI"], ["net1"], 1), 2: (["L1", "L1_ROI"], ["net1"], 2),
-                     3: (["L1", "L2"], ["net1", "net2"], 2), 4: (["L2"], ["net2"], 2)}
-_V1_STEP_NAMES = {1: "net1_whole_volume", 2: "net1_subvolumes", 3: "cascade_subvolumes", 4: "net2_slice_stacks"}
-
-
-def upgrade_plans(plans: Any, source: str = "plans") -> Any:
-    """Plans of an older schema brought to :data:`PLANS_VERSION` (current plans are returned as they are).
-
-    Version 1 -> 2: the fields that never took effect are dropped (:data:`V1_DEAD_FIELDS`, ``steps[].frozen``),
-    ``training.amp`` moves to the top-level ``amp`` (which inference now follows too; v1 inference always
-    used bf16 on CUDA, the v1 training default), and every default the v1 readers applied to a missing field is
-    written out, so an upgraded model trains and predicts exactly as before.
-    """
-    if not isinstance(plans, Mapping) or plans.get("plans_version") != 1:
-        return plans
-    p = copy.deepcopy(dict(plans))
-    sections = ("training", "sampling", "net1", "net2", "inference", "baseline_unet", "dataset")
-    for name in sections:
-        if not isinstance(p.get(name), dict):
-            raise HCError(f"{source}: plans_version 1 plans lack the '{name}' section")
-    tr = p["training"]
-    for section, dead in V1_DEAD_FIELDS.items():
-        for key in dead:
-            if not (section == "training" and key == "lr"):
-                p[section].pop(key, None)
-    p["amp"] = tr.pop("amp", None) or "bf16"
-    training_lr = tr.pop("lr", None)
-    for key, default in V1_TRAINING_DEFAULTS.items():
-        value = tr.get(key)
-        if value is None or (key in _V1_FALSY_MEANS_DEFAULT and not value):
-            tr[key] = default
-    steps = tr.get("steps")
-    if isinstance(steps, list):
-        for entry in steps:
-            if not isinstance(entry, dict) or entry.get("step") not in _V1_STEP_DEFAULTS:
-                continue
-            n = entry["step"]
-            losses, train, batch = _V1_STEP_DEFAULTS[n]
-            entry.pop("frozen", None)
-            for key, default in (("name", _V1_STEP_NAMES[n]), ("enabled", True), ("train", train), ("losses", losses),
-                                 ("input", STEP_INPUTS[n]), ("batch_size", batch), ("epochs", 1),
-                                 ("iterations_per_epoch", 250), ("lr", 1e-4 if training_lr is None else training_lr),
-                                 ("predicted_peak_gb", None), ("time_fraction", None)):
-                entry.setdefault(key, default)
-            if entry["input"] not in STEP_INPUTS.values():  # v1 readers fell back on the curriculum's batch kind
-                entry["input"] = STEP_INPUTS[n]
-    p["sampling"].setdefault("background_as_class", True)
-    p["net1"].setdefault("required_divisor", 16)
-    p["net2"].setdefault("required_divisor", 2 ** int(p["net2"].get("num_levels", 0)))
-    p["net2"].setdefault("tiling", False)
-    inf = p["inference"]
-    for key, default in {**ROI_DEFAULTS, "roi_margin_mm": 10.0, "z_chunk": None, "max_z_chunk": None,
-                         "memory_budget_gb": None, "predicted_peak_gb": None}.items():
-        if inf.get(key) is None:
-            inf[key] = default
-    p["dataset"].setdefault("excluded_cases", {})
-    p.setdefault("machine", None)
-    p["augmentation"] = augmentation_dict(AugmentationParams.from_dict(p.get("augmentation"), source))
-    p["plans_version"] = PLANS_VERSION
-    return p
+# Versions
 
 
 def check_plans_version(plans: Any, source: str | Path) -> None:
-    """Refuse plans this version of heartcascade cannot read (e.g. a model from a newer release)."""
+    """Refuse plans of another schema version (older plans: re-plan; a newer model: its own release)."""
     version = plans.get("plans_version") if isinstance(plans, Mapping) else None
-    if version not in SUPPORTED_PLANS_VERSIONS:
-        raise HCError(f"{source}: model has plans_version {version!r}, this heartcascade reads only "
-                      f"{', '.join(map(str, SUPPORTED_PLANS_VERSIONS))}; install the heartcascade release the "
-                      "model was trained with")
-
-
-def read_plans(plans: Any, source: str = "plans") -> dict[str, Any]:
-    """A plans dict of any supported version, upgraded and validated (checkpoints, overrides, files)."""
-    plans = upgrade_plans(plans, source)
-    return validate_plans(plans, source)
+    if version != PLANS_VERSION:
+        raise HCError(f"{source}: plans_version {version!r} is not {PLANS_VERSION}; re-plan with "
+                      "hc_plan_and_preprocess --overwrite (and retrain), or use the heartcascade release that wrote it")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -620,11 +527,11 @@ def plans_path(preprocessed_dataset_dir: str | os.PathLike) -> Path:
 
 
 def load_plans(path: str | os.PathLike) -> dict[str, Any]:
-    """Read, upgrade and validate a plans file (a folder is accepted: its ``plans.json``)."""
+    """Read and validate a plans file (a folder is accepted: its ``plans.json``)."""
     path = Path(path)
     if path.is_dir():
         path = path / PLANS_FILE
-    return read_plans(load_json(path), str(path))
+    return validate_plans(load_json(path), str(path))
 
 
 def save_plans(path: str | os.PathLike, plans: dict[str, Any]) -> None:
@@ -633,10 +540,10 @@ def save_plans(path: str | os.PathLike, plans: dict[str, Any]) -> None:
 
 
 def as_plans(plans: Plans | Mapping[str, Any], source: str = "plans") -> Plans:
-    """``plans`` typed: a :class:`Plans` as it is, a dict of any supported version upgraded and parsed."""
+    """``plans`` typed: a :class:`Plans` as it is, a dict parsed."""
     if isinstance(plans, Plans):
         return plans
-    return parse_plans(upgrade_plans(plans, source), source)
+    return parse_plans(plans, source)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -702,6 +609,24 @@ def baseline_kwargs(plans: Plans | Mapping[str, Any]) -> dict[str, Any]:
     """Keyword arguments for ``heartcascade.networks.BaselineUNet3D``."""
     p = as_plans(plans)
     return baseline_network_kwargs(p.baseline_unet, p.num_input_channels, p.num_classes)
+
+
+def plans_summary(plans: Plans | Mapping[str, Any]) -> str:
+    """One line on what the planner chose: preset, machine, memory target, K, Net1's coarse spacing."""
+    p = as_plans(plans)
+    return (f"preset {p.preset} for {p.machine.kind if p.machine else 'an unrecorded machine'}, memory target "
+            f"{p.memory.target_gb:g} GB from {p.memory.target_source}; K={p.net2.K}, Net1 coarse spacing "
+            f"{', '.join(f'{v:g}' for v in p.net1.coarse_spacing)} mm")
+
+
+def preprocess_settings(plans: Plans | Mapping[str, Any]) -> PreprocessSettings:
+    """What preprocessing follows, from the typed plans (a dict is parsed first)."""
+    p = as_plans(plans)
+    return PreprocessSettings(
+        modality=p.modality, num_input_channels=p.num_input_channels, num_classes=p.num_classes,
+        normalization=tuple(copy.deepcopy(dict(n)) for n in p.raw["normalization"]), margin_mm=p.cropping.margin_mm,
+        inplane_spacing=p.full_resolution.inplane_spacing, coarse_spacing=p.net1.coarse_spacing,
+        max_locations_per_class=p.sampling.max_locations_per_class)
 
 
 def preprocessing_fields(plans: dict[str, Any]) -> dict[str, Any]:

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import math
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -36,6 +37,22 @@ PREPROCESSING_VERSION = 1
 #: An axis is not resampled to Net1's grid when that would change it by less than this fraction.
 COARSE_SNAP = 0.1
 DEFAULT_MAX_LOCATIONS = 10_000
+
+
+@dataclass(frozen=True)
+class PreprocessSettings:
+    """The plans fields preprocessing follows, each named as in the plans. Built from the typed plans by
+    :func:`heartcascade.planning.plans.preprocess_settings` (preprocessing is a stage before the plans'
+    types, so it declares what it needs and never reads the plans dict)."""
+
+    modality: str
+    num_input_channels: int
+    num_classes: int
+    normalization: tuple[Mapping[str, Any], ...]  # the plans' entries, one per channel
+    margin_mm: float                              # cropping.margin_mm
+    inplane_spacing: tuple[float, float] | None   # full_resolution.inplane_spacing (None: native)
+    coarse_spacing: tuple[float, float, float]    # net1.coarse_spacing
+    max_locations_per_class: int                  # sampling.max_locations_per_class
 
 
 def read_images(paths: Sequence[str | Path]) -> list[sitk.Image]:
@@ -101,22 +118,22 @@ def coarse_shape(shape: Sequence[int], factors: Sequence[float]) -> tuple[int, i
     return tuple(max(1, int(math.floor(n * f + 0.5))) for n, f in zip(shape, factors))  # type: ignore[return-value]
 
 
-def prepare_arrays(images: Sequence[sitk.Image], plans: dict[str, Any], label: sitk.Image | None = None,
+def prepare_arrays(images: Sequence[sitk.Image], settings: PreprocessSettings, label: sitk.Image | None = None,
                    case_id: str = "case") -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     """Steps 1-5: full-resolution canonical, cropped, normalised image (C, D, H, W), labels and properties."""
     geometry = _check_grids(images, label, case_id)
-    num_classes = int(plans["num_classes"])
-    if len(images) != int(plans["num_input_channels"]):
-        raise HCError(f"{case_id}: {len(images)} image channels given, plans expect {plans['num_input_channels']}")
+    num_classes = settings.num_classes
+    if len(images) != settings.num_input_channels:
+        raise HCError(f"{case_id}: {len(images)} image channels given, plans expect {settings.num_input_channels}")
     views = [_voxels_view(img, f"{case_id} channel {c}") for c, img in enumerate(images)]
     spacing_xyz = image_io.working_spacing(geometry.spacing)
     spacing_zyx = tuple(reversed(spacing_xyz))
     slice_axis = image_io.choose_slice_axis(spacing_xyz, geometry.direction)
-    margin_mm = float(plans.get("cropping", {}).get("margin_mm", cropping.DEFAULT_MARGIN_MM))
+    margin_mm = settings.margin_mm
 
     seg_zyx = None if label is None else read_labels(label, num_classes, case_id)
 
-    bbox = cropping.body_bbox(views[0], spacing_zyx, plans["modality"], margin_mm)
+    bbox = cropping.body_bbox(views[0], spacing_zyx, settings.modality, margin_mm)
     if seg_zyx is not None:
         margin_vox = [int(math.ceil(margin_mm / s)) for s in spacing_zyx]
         bbox = cropping.union_bbox(bbox, cropping.label_bbox(seg_zyx, margin_vox))
@@ -126,14 +143,14 @@ def prepare_arrays(images: Sequence[sitk.Image], plans: dict[str, Any], label: s
     image = np.empty((len(views),) + shape, dtype=np.float32)
     for c, view in enumerate(canonical):
         image[c] = view  # one pass: cast + transpose + crop
-    image, windows = normalization.normalize_image_inplace(image, plans["normalization"])
+    image, windows = normalization.normalize_image_inplace(image, list(settings.normalization))
     seg = None
     if seg_zyx is not None:
         seg = np.ascontiguousarray(image_io.to_canonical(cropping.crop(seg_zyx, bbox), slice_axis))
 
     native_spacing = image_io.canonical_spacing(spacing_xyz, slice_axis)
     spacing = native_spacing
-    target = (plans.get("full_resolution") or {}).get("inplane_spacing")
+    target = settings.inplane_spacing
     resampled = False
     if target is not None and not np.allclose(native_spacing[1:], target, rtol=1e-3):
         spacing = (native_spacing[0], float(target[0]), float(target[1]))
@@ -160,7 +177,7 @@ def prepare_arrays(images: Sequence[sitk.Image], plans: dict[str, Any], label: s
     return image, seg, properties
 
 
-def preprocess_images(images: Sequence[sitk.Image], plans: dict[str, Any],
+def preprocess_images(images: Sequence[sitk.Image], settings: PreprocessSettings,
                       case_id: str = "case") -> tuple[np.ndarray, dict[str, Any]]:
     """Prediction entry point: full-res canonical, cropped, normalised float32 (C, D, H, W) and properties.
 
@@ -168,15 +185,15 @@ def preprocess_images(images: Sequence[sitk.Image], plans: dict[str, Any],
     ``coarse_spacing``); build the coarse image with :func:`compute_coarse` or on the GPU with
     ``resampling.resample_torch(image, properties['coarse_shape'], 'area')``.
     """
-    image, _, properties = prepare_arrays(images, plans, None, case_id)
-    properties.update(coarse_grid(properties, plans))
+    image, _, properties = prepare_arrays(images, settings, None, case_id)
+    properties.update(coarse_grid(properties, settings.coarse_spacing))
     return image, properties
 
 
-def coarse_grid(properties: dict[str, Any], plans: dict[str, Any]) -> dict[str, Any]:
+def coarse_grid(properties: dict[str, Any], coarse_spacing: Sequence[float]) -> dict[str, Any]:
     """Net1's grid for a case: shape, per-axis scale factors and the resulting actual spacing."""
     spacing = properties["spacing"]
-    factors = coarse_scale_factors(spacing, plans["net1"]["coarse_spacing"])
+    factors = coarse_scale_factors(spacing, coarse_spacing)
     shape = coarse_shape(properties["shape"], factors)
     actual = [s * n / m for s, n, m in zip(spacing, properties["shape"], shape)]
     return {"coarse_scale_factors": [float(f) for f in factors], "coarse_shape": [int(n) for n in shape],
@@ -218,17 +235,17 @@ def case_seed(case_id: str) -> int:
     return zlib.crc32(case_id.encode("utf-8"))
 
 
-def preprocess_case(images: Sequence[sitk.Image], plans: dict[str, Any], label: sitk.Image | None = None,
+def preprocess_case(images: Sequence[sitk.Image], settings: PreprocessSettings, label: sitk.Image | None = None,
                     case_id: str = "case") -> PreprocessedCase:
     """Everything training needs of one case: full-res and coarse arrays, voxel lists and properties."""
-    num_classes = int(plans["num_classes"])
-    image, seg, properties = prepare_arrays(images, plans, label, case_id)
-    properties.update(coarse_grid(properties, plans))
+    num_classes = settings.num_classes
+    image, seg, properties = prepare_arrays(images, settings, label, case_id)
+    properties.update(coarse_grid(properties, settings.coarse_spacing))
     coarse_image, coarse_seg = compute_coarse(image, properties, num_classes, seg)
     full_locs: dict[int, np.ndarray] = {}
     coarse_locs: dict[int, np.ndarray] = {}
     if seg is not None:
-        max_per_class = int((plans.get("sampling") or {}).get("max_locations_per_class", DEFAULT_MAX_LOCATIONS))
+        max_per_class = settings.max_locations_per_class
         seed = case_seed(case_id)
         full_locs = sample_class_locations(seg, num_classes, max_per_class, seed)
         coarse_locs = sample_class_locations(coarse_seg, num_classes, max_per_class, seed + 1)

@@ -41,8 +41,7 @@ from batchgenerators.transforms.resample_transforms import SimulateLowResolution
 from batchgenerators.transforms.spatial_transforms import MirrorTransform
 from scipy import ndimage
 
-# the plans' augmentation section (its type lives with the plans; re-exported here for the transforms)
-from heartcascade.planning.augmentation_plan import INTENSITY_FIELDS, AugmentationParams  # noqa: F401
+from heartcascade.planning.augmentation_plan import AugmentationParams
 from heartcascade.preprocessing.resampling import linear_source_weights
 
 

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from heartcascade.training.checkpoint import state_dict_cpu
+from heartcascade.model.checkpoint import state_dict_cpu
 
 
 def _snapshot(networks: Mapping[str, nn.Module]) -> dict[str, Any]:
@@ -26,7 +26,7 @@ class BestTracker:
     def __init__(self, momentum: float, keep_best_per_step: bool) -> None:
         self.momentum = float(momentum)
         self.keep_best_per_step = bool(keep_best_per_step)
-        self.best: dict[str, Any] = {"target": None, "ema": None, "best_ema": None, "stage": None, "iteration": None}
+        self.best: dict[str, Any] = {"target": None, "ema": None, "best_ema": None, "step": None, "iteration": None}
         self.step_best: dict[str, Any] | None = None  # best-validated weights of the running step
         self.best_by_target: dict[str, float] = {}  # score of the weights each step handed on, by target
 
@@ -52,7 +52,7 @@ class BestTracker:
         if self.keep_best_per_step and (self.step_best is None or mean > self.step_best["score"]):
             self.step_best = {"score": mean, "iteration": iteration, "target": target, "networks": _snapshot(networks)}
         if improved:
-            best.update(best_ema=best["ema"], stage=step_name, iteration=iteration)
+            best.update(best_ema=best["ema"], step=step_name, iteration=iteration)
         return improved
 
     def start_step(self, target: str, networks: Mapping[str, nn.Module]) -> None:

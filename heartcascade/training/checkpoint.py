@@ -1,8 +1,7 @@
 """Resume state of a training run: the RNG states of every rank and the optimizer's state on the CPU.
 
 The checkpoint format itself (paths, atomic save, safe load, weights_only-safe containers) is
-:mod:`heartcascade.model.checkpoint`, shared with inference; its names are re-exported here for the
-trainer.
+:mod:`heartcascade.model.checkpoint`, shared with inference.
 """
 from __future__ import annotations
 
@@ -12,11 +11,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from heartcascade.model.checkpoint import (CHECKPOINT_NAMES, FORMAT_VERSION, checkpoint_path, load_checkpoint,
-                                           plain, save_checkpoint, state_dict_cpu, unwrap)
-
-__all__ = ["CHECKPOINT_NAMES", "FORMAT_VERSION", "capture_rng_state", "checkpoint_path", "load_checkpoint",
-           "optimizer_state_cpu", "plain", "restore_rng_state", "save_checkpoint", "state_dict_cpu", "unwrap"]
 
 # RNG states as weights_only-safe containers
 

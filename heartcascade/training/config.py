@@ -1,8 +1,7 @@
 """The trainer's view of the plans: :class:`TrainingConfig` / :class:`StepConfig`, built from the typed
 plans (:func:`heartcascade.planning.plans.parse_plans`) and nothing else.
 
-Every value comes from the plans' sections; there are no defaults here (the planner writes every field,
-:func:`~heartcascade.planning.plans.upgrade_plans` fills older plans). What this module adds is what the
+Every value comes from the plans' sections; there are no defaults here (the planner writes every field). What this module adds is what the
 planning stage cannot check: loss names against the loss table and the outputs of each step's batches.
 See documentation/plans.md for the fields and documentation/training.md for how they are used.
 """
@@ -19,9 +18,6 @@ from heartcascade.planning.curriculum import STEP_INPUT_KINDS, STEP_NUMBERS
 from heartcascade.planning.plans import Plans, StepPlan, as_plans, check_override_keys
 from heartcascade.utils.errors import HCError
 from heartcascade.utils.jsonio import parse_json
-from heartcascade.utils.merge import deep_merge
-
-__all__ = ["deep_merge"]  # re-exported: overrides are merged with the same rule as presets
 
 #: The curriculum's steps (paper Table 1: planning/curriculum.py; losses and trained networks are in the plans).
 CASCADE_STEPS = tuple(str(n) for n in STEP_NUMBERS)
@@ -33,7 +29,7 @@ KIND_OUTPUTS = {"coarse_volume": ("net1",), "subvolume": ("net1", "net2"), "slic
 
 @dataclass
 class StepConfig:
-    """One curriculum step (or the baseline's single stage)."""
+    """One curriculum step (or the baseline's single step)."""
 
     name: str  # "1".."4" or "baseline"
     kind: str  # coarse_volume | subvolume | slices
@@ -46,16 +42,12 @@ class StepConfig:
     patch_shapes: list[tuple[int, int, int]]
     loss_weights: dict[str, float]
     weight_decay: float
-    time_fraction: float | None  # share of training.time_budget_s (None: by planned iterations)
-    iterations_override: int | None = None  # set by the time budget once the step's speed is measured
+    time_fraction: float | None  # share of the run's time budget (None: by planned iterations)
 
     @property
     def planned_iterations(self) -> int:
+        """The plans' count; under a time budget the trainer's schedule decides the step's count."""
         return self.epochs * self.iterations_per_epoch
-
-    @property
-    def iterations(self) -> int:
-        return self.planned_iterations if self.iterations_override is None else self.iterations_override
 
 
 @dataclass
@@ -88,7 +80,7 @@ class TrainingConfig:
     class_fractions: list[float] | None
     lr_schedule: str  # per step: constant | poly (warm-up first, then (1 - t)^0.9 to zero)
     keep_best_per_step: bool  # end each step with its best-validated weights
-    time_budget_s: float | None  # wall-clock budget of the whole curriculum (None: plans' counts)
+    time_budget_s: float | None  # the plans' default budget of the curriculum (a run may set its own)
     budget_probe_iterations: int
 
     def time_fractions(self, names: list[str]) -> dict[str, float]:
@@ -159,24 +151,38 @@ def _step(entry: StepPlan, weight_decay: float) -> StepConfig:
                       weight_decay=weight_decay, time_fraction=entry.time_fraction)
 
 
+def _cascade_steps(p: Plans) -> dict[str, StepConfig]:
+    """The curriculum's four steps; step 3's subvolumes must suit Net2 (D >= K, H and W its multiples)."""
+    steps = {str(entry.step): _step(entry, p.training.weight_decay) for entry in p.training.steps}
+    K, divisor = p.net2.K, p.net2.required_divisor
+    for shape in steps["3"].patch_shapes:
+        if shape[0] < K or shape[1] % divisor or shape[2] % divisor:
+            raise HCError(f"plans: training.steps[3] subvolume {list(shape)} must have D >= K={K} and H, W "
+                          f"divisible by {divisor} (Net2)")
+    return steps
+
+
+def _baseline_steps(p: Plans) -> dict[str, StepConfig]:
+    """The baseline U-Net's single step, from the ``baseline_unet`` section."""
+    b = p.baseline_unet
+    return {BASELINE_STEP: StepConfig(
+        name=BASELINE_STEP, kind="subvolume", epochs=b.epochs, iterations_per_epoch=b.iterations_per_epoch,
+        batch_size=b.batch_size, lr=b.lr, losses=_losses(b.losses, BASELINE_STEP, "baseline_unet"),
+        train=["baseline"], patch_shapes=[tuple(b.patch_shape)], loss_weights={},  # type: ignore[list-item]
+        weight_decay=p.training.weight_decay, time_fraction=None)}
+
+
+#: The steps of each configuration (its model object: training/models.py).
+CONFIGURATION_STEPS = {"cascade": _cascade_steps, "baseline": _baseline_steps}
+
+
 def training_config(plans: Plans | Mapping[str, Any], configuration: str) -> TrainingConfig:
-    """Everything training needs, from the typed plans (a dict is upgraded and parsed first)."""
+    """Everything training needs, from the typed plans (a dict is parsed first)."""
+    if configuration not in CONFIGURATION_STEPS:
+        raise HCError(f"unknown configuration {configuration!r}; expected {' or '.join(CONFIGURATION_STEPS)}")
     p = as_plans(plans)
     tr = p.training
-    steps: dict[str, StepConfig] = {}
-    if configuration == "cascade":
-        for entry in tr.steps:
-            steps[str(entry.step)] = _step(entry, tr.weight_decay)
-    elif configuration == "baseline":
-        b = p.baseline_unet
-        steps[BASELINE_STEP] = StepConfig(
-            name=BASELINE_STEP, kind="subvolume", epochs=b.epochs, iterations_per_epoch=b.iterations_per_epoch,
-            batch_size=b.batch_size, lr=b.lr, losses=_losses(b.losses, BASELINE_STEP, "baseline_unet"),
-            train=["baseline"], patch_shapes=[tuple(b.patch_shape)], loss_weights={},  # type: ignore[list-item]
-            weight_decay=tr.weight_decay, time_fraction=None)
-    else:
-        raise HCError(f"unknown configuration {configuration!r}; expected 'cascade' or 'baseline'")
-
+    steps = CONFIGURATION_STEPS[configuration](p)
     cfg = TrainingConfig(
         configuration=configuration, num_classes=p.num_classes, image_channels=p.num_input_channels,
         class_names=p.class_names, steps=steps, augmentation=p.augmentation,
@@ -206,11 +212,6 @@ def training_config(plans: Plans | Mapping[str, Any], configuration: str) -> Tra
         time_budget_s=tr.time_budget_s,
         budget_probe_iterations=tr.budget_probe_iterations,
     )
-    if configuration == "cascade":
-        for shape in steps["3"].patch_shapes:
-            if shape[0] < cfg.K or shape[1] % cfg.net2_divisor or shape[2] % cfg.net2_divisor:
-                raise HCError(f"plans: training.steps[3] subvolume {list(shape)} must have D >= K={cfg.K} and H, W "
-                              f"divisible by {cfg.net2_divisor} (Net2)")
     return cfg
 
 

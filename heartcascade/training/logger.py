@@ -6,7 +6,7 @@ half-written line. Its state is stored in the checkpoint; resuming restores it, 
 describe exactly the work the checkpoint holds (entries written after the last checkpoint of a killed
 run are dropped, like the work itself).
 
-metrics.jsonl records (one JSON object per line), all with ``type``, ``stage`` and ``global_iteration``:
+metrics.jsonl records (one JSON object per line), all with ``type``, ``step`` and ``global_iteration``:
 
 * ``{"type": "train", "iteration", "loss", "loss_terms": {...}, "lr", "seconds_per_iteration",
   "data_wait_fraction"}`` -- means over one epoch;
@@ -78,10 +78,10 @@ class TrainingLogger:
         val = [r for r in self.records if r.get("type") == "val"]
         fig, axes = plt.subplots(2, 1, figsize=(10, 8), sharex=True)
         ax = axes[0]
-        for step_name in _ordered_unique(r["stage"] for r in train):
-            pts = [(r["global_iteration"], r["loss"]) for r in train if r["stage"] == step_name]
+        for step_name in _ordered_unique(r["step"] for r in train):
+            pts = [(r["global_iteration"], r["loss"]) for r in train if r["step"] == step_name]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"step {step_name}", marker=".", ms=3)
-        _stage_boundaries(ax, train + val)
+        _step_boundaries(ax, train + val)
         ax.set_ylabel("training loss")
         ax.set_title("loss per curriculum step")
         if train:
@@ -94,12 +94,12 @@ class TrainingLogger:
             pts = [(r["global_iteration"], r["dice"][name]) for r in val
                    if r.get("dice", {}).get(name) is not None]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, lw=0.8, alpha=0.6, color=palette(i % 8))
-        step_names = _ordered_unique(r["stage"] for r in train + val)
+        step_names = _ordered_unique(r["step"] for r in train + val)
         for i, step_name in enumerate(step_names):  # the curve of every step, in the step's colour of the loss plot
             pts = [(r["global_iteration"], r["mean_dice"]) for r in val
-                   if r["stage"] == step_name and r.get("mean_dice") is not None]
+                   if r["step"] == step_name and r.get("mean_dice") is not None]
             if pts:
-                target = next(r.get("target") for r in val if r["stage"] == step_name)
+                target = next(r.get("target") for r in val if r["step"] == step_name)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], color=f"C{i % 10}", lw=2, marker=".", ms=4,
                         label=f"step {step_name} mean ({target})")
         kept = [r for r in self.records if r.get("type") == "restore"]
@@ -109,7 +109,7 @@ class TrainingLogger:
         ema = [(r["global_iteration"], r["ema"]) for r in val if r.get("ema") is not None]
         if ema:
             ax.plot([p[0] for p in ema], [p[1] for p in ema], "k--", lw=0.8, label="mean (moving avg.)")
-        _stage_boundaries(ax, train + val)
+        _step_boundaries(ax, train + val)
         ax.set_ylim(0, 1)
         ax.set_xlabel("iteration (all steps)")
         ax.set_ylabel("validation Dice")
@@ -122,10 +122,10 @@ class TrainingLogger:
         plt.close(fig)
 
 
-def _stage_boundaries(ax: Any, records: list[dict[str, Any]]) -> None:
+def _step_boundaries(ax: Any, records: list[dict[str, Any]]) -> None:
     first: dict[Any, float] = {}
     for r in records:
-        first.setdefault(r["stage"], r["global_iteration"])
+        first.setdefault(r["step"], r["global_iteration"])
     for step_name, x in first.items():
         ax.axvline(x, color="grey", lw=0.5, ls=":")
 

@@ -40,9 +40,9 @@ def labelled_cases(pre_dir: Path, data_dir: Path) -> list[str]:
     return labelled
 
 
-def run_plans(pre_dir: Path, override: Mapping[str, Any] | None, time_budget_s: float | None) -> dict[str, Any]:
-    """The dataset's plans with ``--plans-override`` merged (never a field the preprocessed data depend on)
-    and the time budget recorded (both end up in the fold folder's plans.json and the checkpoints)."""
+def run_plans(pre_dir: Path, override: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The dataset's plans with ``--plans-override`` merged (never a field the preprocessed data depend on;
+    the result is the fold folder's plans.json and the checkpoints' plans)."""
     plans = load_plans(pre_dir / "plans.json")
     if override:
         merged = validate_plans(deep_merge(plans, dict(override)), "plans with --plans-override")
@@ -52,8 +52,6 @@ def run_plans(pre_dir: Path, override: Mapping[str, Any] | None, time_budget_s: 
             raise HCError(f"--plans-override changes field(s) the preprocessed data depend on "
                           f"({', '.join(changed)}); put them in a preset and re-run hc_plan_and_preprocess")
         plans = merged
-    if time_budget_s is not None:
-        plans = deep_merge(plans, {"training": {"time_budget_s": time_budget_s}})
     return plans
 
 
@@ -78,6 +76,8 @@ def check_resume(resume: Mapping[str, Any], latest: Path, configuration: str, la
                  data_dir: Path, requested_steps: Sequence[str] | None, plans_hash: str | None = None) -> None:
     """A ``--continue`` checkpoint must be of this configuration, its cases still there, its steps the same,
     its data preprocessed with the same plans."""
+    if "step_index" not in resume:  # written before the checkpoints said "step" (they said "stage")
+        raise HCError(f"{latest}: checkpoint of an older heartcascade; start over without --continue")
     if resume.get("configuration") != configuration:
         raise HCError(f"{latest}: is a '{resume.get('configuration')}' checkpoint, not '{configuration}'")
     recorded = resume.get("data_plans_hash")
@@ -90,6 +90,6 @@ def check_resume(resume: Mapping[str, Any], latest: Path, configuration: str, la
         raise HCError(f"{latest}: training case(s) {', '.join(missing[:5])} of the interrupted run are no "
                       f"longer in {data_dir}")
     steps = list(resume["steps"])
-    if requested_steps is not None and configuration == "cascade" and list(requested_steps) != steps:
+    if requested_steps is not None and list(requested_steps) != steps:
         raise HCError(f"{latest}: the interrupted run trains steps {','.join(steps)}; "
                       f"continue it with the same --steps (or without --continue to start over)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -20,25 +20,24 @@ from torch import nn
 
 from heartcascade.inference.pretrained import load_model_weights
 from heartcascade.losses.terms import total_loss
-from heartcascade.model import from_plans
+from heartcascade.model.checkpoint import checkpoint_path, load_checkpoint
 from heartcascade.networks.blocks import init_classifier_bias
 from heartcascade.paths import results_root
-from heartcascade.planning.plans import read_plans
+from heartcascade.planning.plans import as_plans, validate_plans
 from heartcascade.preprocessing.storage import data_dir
 from heartcascade.training import distributed as dist_utils
-from heartcascade.training.cases import baseline_grid_case, load_train_case
-from heartcascade.training.checkpoint import checkpoint_path, load_checkpoint
-from heartcascade.training.config import (BASELINE_STEP, CASCADE_STEPS, TrainingConfig, parse_override,
-                                          training_config)
+from heartcascade.training.cases import load_train_case
+from heartcascade.training.config import BASELINE_STEP, TrainingConfig, parse_override, training_config
 from heartcascade.training.dataloading import default_num_workers
 from heartcascade.training.finetune import initialise_from
 from heartcascade.training.logger import TrainingLogger
+from heartcascade.training.models import model_class
 from heartcascade.training.results import Callback
 from heartcascade.training.memory_check import check_training_memory
 from heartcascade.training.run_inputs import (check_resume, data_plans_hash, find_preprocessed, labelled_cases,
                                               run_plans)
 from heartcascade.training.splits import fold_cases, fold_folder_name, load_or_create_splits, parse_fold
-from heartcascade.training.steps import StepRunner, StepTraining, step_runner
+from heartcascade.training.steps import StepRunner, StepTraining
 from heartcascade.training.time_budget import parse_duration
 from heartcascade.utils.device import autocast, resolve_device
 from heartcascade.utils.errors import HCError
@@ -89,9 +88,10 @@ class TrainingSession:
         callback: ``callback(event, info)`` called after every iteration (``event == "iteration"``) and at
             checkpoints; raising :class:`StopTraining` stops the run like a kill (tests).
         output_folder: override of ``HC_RESULTS/DatasetXXX_Name/<configuration>/fold_<f>``.
-        time_budget: wall-clock budget of the curriculum (``"60m"``, ``"1.5h"``, seconds); overrides the
+        time_budget: wall-clock budget of the curriculum (``"60m"``, ``"1.5h"``, seconds); default the
             plans' ``training.time_budget_s``. The steps share it by their ``time_fraction``; each step's
             iteration count is set from its measured speed (see :mod:`heartcascade.training.time_budget`).
+            It belongs to the run: saved in the checkpoints (``budget``), not written into the plans.
         pretrained: start the networks from this trained model (a model zip, a model or fold folder, or a
             ``.pth`` checkpoint) instead of a random initialisation: fine-tuning. Its plans must be
             compatible (:func:`heartcascade.training.finetune.check_finetune_compatible`); a resumed run
@@ -105,16 +105,15 @@ class TrainingSession:
                  seed: int | None = None, predict_validation: bool = True, progress: bool = True,
                  callback: Callback | None = None, output_folder: str | Path | None = None,
                  time_budget: str | float | None = None, pretrained: str | Path | None = None) -> None:
-        if configuration not in ("cascade", "baseline"):
-            raise HCError(f"unknown configuration {configuration!r}; expected cascade or baseline")
+        self.model_class = model_class(configuration)
         self.dataset = dataset
         self.fold_arg = fold
         self.configuration = configuration
         self.requested_steps = None if steps is None else [str(s).strip() for s in steps]
         if self.requested_steps is not None:
-            if configuration == "baseline":
-                raise HCError("--steps applies to the cascade; the baseline has a single stage")
-            bad = [s for s in self.requested_steps if s not in CASCADE_STEPS]
+            if not self.model_class.selectable_steps:
+                raise HCError(f"--steps applies to the cascade; the {configuration} has a single step")
+            bad = [s for s in self.requested_steps if s not in self.model_class.default_steps]
             if bad or not self.requested_steps:
                 raise HCError(f"--steps must list curriculum steps among 1,2,3,4 (e.g. 2,3,4), got {','.join(bad) or 'nothing'}")
             self.requested_steps = sorted(set(self.requested_steps), key=int)
@@ -129,7 +128,7 @@ class TrainingSession:
         self.progress = progress
         self.callback = callback
         self.output_folder_arg = Path(output_folder) if output_folder is not None else None
-        self.time_budget_s = None if time_budget is None else parse_duration(time_budget)
+        self.time_budget_arg = None if time_budget is None else parse_duration(time_budget)
         self.pretrained = None if pretrained is None else Path(pretrained)
         self.dist = dist_utils.DistInfo()
 
@@ -170,21 +169,21 @@ class TrainingSession:
             resume = load_checkpoint(latest)
             check_resume(resume, latest, self.configuration, labelled, self.data_dir, self.requested_steps,
                          self.data_plans_hash)
-            self.plans = read_plans(resume["plans"], str(latest))  # a run started before an upgrade: upgraded
+            self.plans = validate_plans(resume["plans"], str(latest))
             self.seed = int(resume.get("seed", 0))
             self.step_names = list(resume["steps"])
             self.train_ids = list(resume.get("train_cases", self.train_ids))
             self.val_ids = [c for c in resume.get("val_cases", self.val_ids) if c in labelled]
         else:
-            self.plans = run_plans(self.pre_dir, self.plans_override, self.time_budget_s)
-            if self.configuration == "cascade":
-                self.step_names = self.requested_steps or list(CASCADE_STEPS)
-            else:
-                self.step_names = [BASELINE_STEP]
+            self.plans = run_plans(self.pre_dir, self.plans_override)
+            self.step_names = self.requested_steps or list(self.model_class.default_steps)
         self.cfg: TrainingConfig = training_config(self.plans, self.configuration)
         if resume is None:
             self.seed = self.cfg.seed if self.seed_arg is None else self.seed_arg
-        self.step_names = [s for s in self.step_names if self.cfg.steps[s].iterations > 0]
+            self.time_budget_s = self.cfg.time_budget_s if self.time_budget_arg is None else self.time_budget_arg
+        else:
+            self.time_budget_s = (resume.get("budget") or {}).get("time_budget_s")
+        self.step_names = [s for s in self.step_names if self.cfg.steps[s].planned_iterations > 0]
         if not self.step_names:
             raise HCError("nothing to train: every selected step has 0 epochs or is disabled in the plans")
         check_training_memory(self.plans, self.cfg, self.step_names, self.device)
@@ -205,21 +204,12 @@ class TrainingSession:
         if self.cfg.val_max_cases is not None:
             val_ids = val_ids[: int(self.cfg.val_max_cases)]
         self.val_cases = [load_train_case(self.data_dir, c) for c in val_ids]  # preprocessed grid (memory-mapped)
-        if self.configuration == "baseline":
-            spacing = self.cfg.baseline_spacing
-            assert spacing is not None  # training_config checks it for the baseline
-            self.train_cases = [baseline_grid_case(c, spacing, self.cfg.num_classes) for c in self.train_cases]
+        self.train_cases = self.model_class.training_cases(self.train_cases, self.cfg)
 
     def _build_networks(self) -> None:
         torch.manual_seed(self.seed)
-        if self.configuration == "cascade":
-            self.cascade = from_plans.build_cascade(self.plans).to(self.device)
-            self.networks = {"net1": self.cascade.net1, "net2": self.cascade.net2}
-            self._runner_networks: dict[str, nn.Module] = {"cascade": self.cascade}
-        else:
-            self.baseline = from_plans.build_baseline(self.plans).to(self.device)
-            self.networks = {"baseline": self.baseline}
-            self._runner_networks = {"baseline": self.baseline}
+        self.model = self.model_class(as_plans(self.plans), self.device)
+        self.networks: dict[str, nn.Module] = self.model.networks
         if self.cfg.classifier_bias_init == "class_prior" and self.cfg.class_fractions:
             for net in self.networks.values():
                 init_classifier_bias(net.classifier, self.cfg.class_fractions)
@@ -252,7 +242,7 @@ class TrainingSession:
     def step_runner(self, step: str) -> StepRunner:
         """The runner of ``step`` (its batch kind's loader, module and forward), made once per run."""
         if step not in self._runners:
-            self._runners[step] = step_runner(self.cfg, self.cfg.steps[step], self._runner_networks)
+            self._runners[step] = self.model.runner(self.cfg, self.cfg.steps[step])
         return self._runners[step]
 
     def prepare_step(self, step: str) -> None:
@@ -278,8 +268,7 @@ class TrainingSession:
         The result is the step :meth:`train_step` runs; ``*_state`` restore a resumed step.
         """
         st = self.cfg.steps[step]
-        if self.configuration == "cascade":
-            self.cascade.set_trainable("net1" in st.train, "net2" in st.train)
+        self.model.select(st)
         runner = self.step_runner(step)
         module = runner.module
         params = [p for p in module.parameters() if p.requires_grad]
@@ -292,16 +281,19 @@ class TrainingSession:
             scaler.load_state_dict(scaler_state)
         wrapped = dist_utils.wrap_ddp(module, self.device)
         module.train()
-        if self.configuration == "cascade":
-            self.cascade.train()
+        self.model.train()
         self._active = StepTraining(step, runner, wrapped, params, optimizer, scaler)
         return self._active
 
-    def train_step(self, step: str, batch: dict[str, Any]) -> tuple[float, dict[str, float]]:
+    def train_step(self, step: str, batch: dict[str, Any],
+                   mark: Callable[[str], None] | None = None) -> tuple[float, dict[str, float]]:
         """One iteration of ``step`` on ``batch``: forward, loss terms, backward, clipping, optimizer step.
 
-        Runs with the optimizer of the last :meth:`build_optimizer` call for this step.
+        Runs with the optimizer of the last :meth:`build_optimizer` call for this step. ``mark`` (profiling,
+        scripts/profile_training.py) is called with each phase's name as the phase ends: copy, forward, loss,
+        backward, clip, optimizer.
         """
+        mark = mark or (lambda phase: None)
         active = self._active
         if active is None or active.step != step:
             raise HCError(f"train_step({step!r}) needs build_optimizer({step!r}) first")
@@ -311,19 +303,26 @@ class TrainingSession:
         seg = torch.from_numpy(np.ascontiguousarray(batch["seg"])).to(dev, non_blocking=True).long()
         optimizer, scaler = active.optimizer, active.scaler
         optimizer.zero_grad(set_to_none=True)
+        mark("copy")
         with autocast(dev, self.cfg.amp):
             outputs = active.runner.forward(active.module, data, seg, batch)
+        mark("forward")
         loss, terms = total_loss(st.losses, st.loss_weights, outputs, self.cfg.dice_weighting)
+        mark("loss")
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
         else:
             loss.backward()
+        mark("backward")
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(active.params, float(self.cfg.grad_clip))
+        mark("clip")
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
         else:
             optimizer.step()
-        return float(loss.detach()), {n: float(t.detach()) for n, t in terms.items()}
+        result = float(loss.detach()), {n: float(t.detach()) for n, t in terms.items()}
+        mark("optimizer")
+        return result

@@ -239,11 +239,6 @@ class StepTraining:
     scaler: Any
 
 
+#: The cascade's runner of each batch kind (the baseline's single step has its own: training/models.py).
 RUNNERS: dict[str, type[StepRunner]] = {"coarse_volume": CoarseVolumeStep, "subvolume": SubvolumeStep,
-                                        "slices": SliceStep, "baseline": BaselineStep}
-
-
-def step_runner(cfg: TrainingConfig, step: StepConfig, networks: dict[str, nn.Module]) -> StepRunner:
-    """The runner of ``step`` (the baseline's single stage has its own, whatever its batch kind)."""
-    kind = "baseline" if cfg.configuration == "baseline" else step.kind
-    return RUNNERS[kind](cfg, step, networks)
+                                        "slices": SliceStep}

@@ -1,6 +1,7 @@
 """Training within a wall-clock budget: how many iterations each curriculum step gets.
 
-The budget (``hc_train --time-budget 60m`` or the plans' ``training.time_budget_s``) is divided between
+The budget (``hc_train --time-budget 60m``, else the plans' ``training.time_budget_s``; the run's own option,
+saved in its checkpoints, never written into the plans) is divided between
 the steps by their ``time_fraction``; the share of a step is decided when it starts, from what is left,
 so a step that ran short or long moves time to or from the later ones. Inside a step the iteration
 speed is measured on the first iterations (``probe``) and re-measured at every epoch end, together with
@@ -130,14 +131,13 @@ class StepSchedule:
 
 def step_schedule(cfg: Any, remaining_steps: Sequence[str], left_s: float | None,
                   budget_state: Mapping[str, Any] | None) -> StepSchedule:
-    """The schedule of ``remaining_steps[0]`` and its iteration count (set on the step config).
+    """The schedule of ``remaining_steps[0]``: its iteration count is the trainer's state, not the plans'.
 
     ``cfg``: the run's ``TrainingConfig``; ``left_s``: budget seconds left for the remaining steps (None:
     no budget, the plans' count); ``budget_state``: the schedule's state when resumed inside the step.
     """
     st = cfg.steps[remaining_steps[0]]
     if left_s is None:
-        st.iterations_override = None
         return StepSchedule(planned=st.planned_iterations)
     if budget_state is not None:  # resumed inside this step
         schedule = StepSchedule(planned=st.planned_iterations, allotted_s=budget_state["allotted_s"],
@@ -148,5 +148,4 @@ def step_schedule(cfg: Any, remaining_steps: Sequence[str], left_s: float | None
         allotted = step_allotment(left_s, remaining[0], remaining, cfg.time_fractions(remaining))
         schedule = StepSchedule(planned=st.planned_iterations, allotted_s=max(0.0, allotted),
                                 probe=cfg.budget_probe_iterations)
-    st.iterations_override = schedule.iterations
     return schedule

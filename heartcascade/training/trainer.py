@@ -31,8 +31,8 @@ from heartcascade.inference.predictor import Predictor
 from heartcascade.paths import raw_root
 from heartcascade.training import distributed as dist_utils
 from heartcascade.training.best import BestTracker
-from heartcascade.training.checkpoint import (FORMAT_VERSION, capture_rng_state, checkpoint_path, optimizer_state_cpu,
-                                              plain, restore_rng_state, save_checkpoint, state_dict_cpu)
+from heartcascade.model.checkpoint import FORMAT_VERSION, checkpoint_path, plain, save_checkpoint, state_dict_cpu
+from heartcascade.training.checkpoint import capture_rng_state, optimizer_state_cpu, restore_rng_state
 from heartcascade.training.config import StepConfig, checkpoint_interval
 from heartcascade.training.dataloading import BatchStream
 from heartcascade.training.final_validation import raw_dataset_dir, run_final_validation
@@ -67,8 +67,8 @@ class Trainer(TrainingSession):
             "networks": {k: state_dict_cpu(v) for k, v in self.networks.items()},
             "kind": kind,
             "steps": list(self.step_names),
-            "stage_index": int(step_index),
-            "stage": self.step_names[step_index] if step_index < len(self.step_names) else None,
+            "step_index": int(step_index),
+            "step": self.step_names[step_index] if step_index < len(self.step_names) else None,
             "iteration": int(iteration),
             "finished": bool(finished),
             "optimizer": optimizer_state_cpu(optimizer) if optimizer is not None else None,
@@ -76,9 +76,9 @@ class Trainer(TrainingSession):
             "rng": rng_states,
             "logger": self.logger.state(),
             **self.tracker.state(kind),
-            "budget": {"elapsed_s": self._elapsed(),
+            "budget": {"time_budget_s": self.time_budget_s, "elapsed_s": self._elapsed(),
                        "step": self.schedule.state() if self.schedule is not None and not finished else None,
-                       "iterations": {k: v.iterations_override for k, v in self.cfg.steps.items()}},
+                       "iterations": dict(self.iterations)},
             "epoch_acc": plain(self.epoch_acc),
             "fold": str(self.fold),
             "seed": self.seed,
@@ -100,7 +100,7 @@ class Trainer(TrainingSession):
             save_checkpoint(checkpoint_path(self.output_folder, kind), state)
         dist_utils.barrier()
         if self.callback is not None:
-            self.callback("checkpoint", {"kind": kind, "stage_index": step_index, "iteration": iteration})
+            self.callback("checkpoint", {"kind": kind, "step_index": step_index, "iteration": iteration})
 
     def _take_locks(self) -> None:
         """One run per fold: the fold folder's lock (utils/run_lock.py) for the whole run; none while
@@ -142,6 +142,8 @@ class Trainer(TrainingSession):
         self.run_started = started  # the time budget counts from here (resume: minus the time spent)
         self.validation_seconds = 0.0  # the last in-training validation's duration (final-validation reserve)
         self.schedule: StepSchedule | None = None
+        #: each step's iteration count: the plans' without a time budget, else the schedule's (trainer state)
+        self.iterations = {name: st.planned_iterations for name, st in self.cfg.steps.items()}
         budget_state: dict[str, Any] | None = None
         step_index, start_iteration = 0, 0
         resume_optimizer = resume_scaler = None
@@ -155,17 +157,15 @@ class Trainer(TrainingSession):
             budget = resume.get("budget") or {}
             self.run_started -= float(budget.get("elapsed_s") or 0.0)
             budget_state = budget.get("step")
-            for key, value in (budget.get("iterations") or {}).items():
-                if key in self.cfg.steps:
-                    self.cfg.steps[key].iterations_override = value
-            step_index, start_iteration = int(resume["stage_index"]), int(resume["iteration"])
+            self.iterations.update({k: int(v) for k, v in (budget.get("iterations") or {}).items() if k in self.iterations})
+            step_index, start_iteration = int(resume["step_index"]), int(resume["iteration"])
             resume_optimizer, resume_scaler = resume.get("optimizer"), resume.get("scaler")
             states = resume.get("rng") or []
             if states:
                 rng_to_restore = states[self.dist.rank] if self.dist.rank < len(states) else states[0]
-            self.logger.log(f"resuming from {checkpoint_path(self.output_folder, 'latest')}: "
-                            f"step {resume.get('step_name')} iteration {start_iteration}"
-                            + (" (all steps done)" if step_index >= len(self.step_names) else ""))
+            where = ("all steps done" if step_index >= len(self.step_names)
+                     else f"step {resume['step']} iteration {start_iteration}")
+            self.logger.log(f"resuming from {checkpoint_path(self.output_folder, 'latest')}: {where}")
         else:
             self._log_header()
             if self.continue_training:
@@ -175,13 +175,13 @@ class Trainer(TrainingSession):
                 self.logger.log(f"note: replacing the earlier run in {self.output_folder} (use --continue to resume it)")
         for record in self.logger.records:
             if record.get("type") == "train":
-                self.epoch_losses.setdefault(str(record["stage"]), []).append(record["loss"])
+                self.epoch_losses.setdefault(str(record["step"]), []).append(record["loss"])
 
         for index in range(step_index, len(self.step_names)):
             first = index == step_index
-            self._run_stage(index, start_iteration if first else 0,
-                            resume_optimizer if first else None, resume_scaler if first else None,
-                            rng_to_restore if first else None, budget_state if first else None)
+            self._run_step(index, start_iteration if first else 0,
+                           resume_optimizer if first else None, resume_scaler if first else None,
+                           rng_to_restore if first else None, budget_state if first else None)
         if resume is None or step_index < len(self.step_names) or not checkpoint_path(self.output_folder, "final").is_file():
             self._save("final", len(self.step_names), 0, None, None, finished=True)
             self._save("latest", len(self.step_names), 0, None, None, finished=True)
@@ -215,35 +215,37 @@ class Trainer(TrainingSession):
         self.logger.log(f"data augmentation workers: {self.num_workers}; AMP: "
                         f"{c.amp if self.device.type == 'cuda' else 'off (CPU)'}; compile: {self.compile}")
 
-    def _run_stage(self, index: int, start_iteration: int, optimizer_state: Any, scaler_state: Any,
-                   rng_state: Any, budget_state: dict[str, Any] | None = None) -> None:
+    def _run_step(self, index: int, start_iteration: int, optimizer_state: Any, scaler_state: Any,
+                  rng_state: Any, budget_state: dict[str, Any] | None = None) -> None:
         step_name = self.step_names[index]
         st = self.cfg.steps[step_name]
         schedule = self._step_schedule(index, budget_state)
         self.schedule = schedule
+        self.iterations[step_name] = schedule.iterations
         self.prepare_step(step_name)
         training = self.build_optimizer(step_name, optimizer_state, scaler_state)
         optimizer, scaler = training.optimizer, training.scaler
         if start_iteration == 0:
             self.epoch_acc = {}
-            self.tracker.start_step(self._validation_target(step_name), self.networks)
+            self.tracker.start_step(self.model.validation_target(step_name), self.networks)
             self.logger.log(f"=== step {step_name} ({st.kind}): " + (
                 f"{schedule.allotted_s:.0f} s of the time budget, iterations set from the measured speed ===" if
-                schedule.budgeted else f"{st.iterations} iterations ==="))
+                schedule.budgeted else f"{self.iterations[step_name]} iterations ==="))
         if rng_state is not None:
             restore_rng_state(rng_state)
         stream = BatchStream(self.build_loader(step_name, start_iteration), self.cfg.augmentation, self.num_workers)
-        bar = progress_bar(total=st.iterations, initial=start_iteration, desc=f"step {step_name}", unit="it",
+        bar = progress_bar(total=self.iterations[step_name], initial=start_iteration, desc=f"step {step_name}", unit="it",
                            enabled=self.progress and self.dist.is_main, leave=False, dynamic_ncols=True)
         per_validation = max(1, self.cfg.validate_every_epochs) * st.iterations_per_epoch
         done = start_iteration
         try:
-            while done < st.iterations:
+            while done < self.iterations[step_name]:
                 it = done
                 t_wait = time.perf_counter()
                 batch = next(stream)
                 t_start = time.perf_counter()
-                lr = step_learning_rate(st.lr, it, st.iterations, self.cfg.warmup_iterations, self.cfg.lr_schedule)
+                lr = step_learning_rate(st.lr, it, self.iterations[step_name], self.cfg.warmup_iterations,
+                                        self.cfg.lr_schedule)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 loss, terms = self.train_step(step_name, batch)
@@ -253,26 +255,26 @@ class Trainer(TrainingSession):
                 if schedule.budgeted:
                     schedule.record_iterations(1, t_end - t_wait)
                     if done == schedule.probe or done % st.iterations_per_epoch == 0:
-                        st.iterations_override = schedule.update(done, per_validation)
+                        self.iterations[step_name] = schedule.update(done, per_validation)
                     if schedule.out_of_time():
-                        st.iterations_override = done
-                    if bar.total != st.iterations:
-                        bar.total = st.iterations
+                        self.iterations[step_name] = done
+                    if bar.total != self.iterations[step_name]:
+                        bar.total = self.iterations[step_name]
                     bar.set_description(f"step {step_name} (ETA {self._eta():.0f} s)", refresh=False)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
-                if done % st.iterations_per_epoch == 0 or done >= st.iterations:
+                if done % st.iterations_per_epoch == 0 or done >= self.iterations[step_name]:
                     self._end_epoch(step_name, st, done)
                 if self.callback is not None:
-                    self.callback("iteration", {"stage": step_name, "iteration": done, "loss": loss})
-                if done < st.iterations and done % checkpoint_interval(self.cfg, st) == 0:
+                    self.callback("iteration", {"step": step_name, "iteration": done, "loss": loss})
+                if done < self.iterations[step_name] and done % checkpoint_interval(self.cfg, st) == 0:
                     self._save("latest", index, done, optimizer, scaler)
             self._finish_step_best(step_name, done)
             if schedule.budgeted:
                 self.logger.log(f"step {step_name}: {done} iterations in {schedule.elapsed():.0f} s "
                                 f"(budget share {schedule.allotted_s:.0f} s)")
             self.logger.log(f"step {step_name} finished")
-            if self.configuration == "cascade":  # e.g. Net1 alone after its own last step (ablations)
+            if self.model.step_checkpoints:  # e.g. Net1 alone after its own last step (ablations)
                 self._save(f"step{step_name}", index + 1, 0, None, None, finished=True)
             self._save("latest", index + 1, 0, None, None)
         finally:
@@ -285,13 +287,13 @@ class Trainer(TrainingSession):
         """The step's iteration count: the plans' without a time budget, else its share of what is left."""
         last = index == len(self.step_names) - 1 and self.predict_validation and self.val_cases
         reserve = 2 * self.validation_seconds if last else 0.0  # the final validation also fits in the budget
-        budget = self.cfg.time_budget_s
+        budget = self.time_budget_s
         left = None if budget is None else budget - self._elapsed() - reserve
         return step_schedule(self.cfg, self.step_names[index:], left, budget_state)
 
     def _eta(self) -> float:
         """Seconds until the whole budgeted curriculum ends (this step's deadline plus the later shares)."""
-        budget = self.cfg.time_budget_s or 0.0
+        budget = self.time_budget_s or 0.0
         return max(0.0, budget - self._elapsed())
 
     def _elapsed(self) -> float:
@@ -310,7 +312,7 @@ class Trainer(TrainingSession):
             net.load_state_dict(chosen["networks"][key])
         self.logger.log(f"step {step_name}: keeping the weights of iteration {chosen['iteration']} (validation Dice "
                         f"{chosen['score']:.4f}); the step's last weights validated lower")
-        self.logger.record(type="restore", stage=step_name, iteration=last_iteration, restored_iteration=chosen["iteration"],
+        self.logger.record(type="restore", step=step_name, iteration=last_iteration, restored_iteration=chosen["iteration"],
                            global_iteration=self._global_iteration(step_name, last_iteration), mean_dice=chosen["score"])
 
     # ------------------------------------------------------------------------------------------------
@@ -333,7 +335,7 @@ class Trainer(TrainingSession):
         for s in self.step_names:
             if s == step_name:
                 return total + iteration
-            total += self.cfg.steps[s].iterations
+            total += self.iterations[s]
         return total + iteration
 
     def _end_epoch(self, step_name: str, st: StepConfig, iteration: int) -> None:
@@ -347,16 +349,19 @@ class Trainer(TrainingSession):
         epoch = math.ceil(iteration / st.iterations_per_epoch)
         self.epoch_losses.setdefault(step_name, []).append(means[0])
         self.seconds.setdefault(step_name, []).append(sec)
-        self.logger.record(type="train", stage=step_name, iteration=iteration,
+        self.logger.record(type="train", step=step_name, iteration=iteration,
                            global_iteration=self._global_iteration(step_name, iteration), epoch=epoch, loss=means[0],
                            loss_terms=terms, lr=acc.get("lr"), seconds_per_iteration=sec, data_wait_fraction=wait)
-        self.logger.log(f"step {step_name} epoch {epoch}/{math.ceil(st.iterations / st.iterations_per_epoch)} "
-                        f"(it {iteration}): loss {means[0]:.4f} "
+        total = self.iterations[step_name]
+        budgeted = self.schedule is not None and self.schedule.budgeted
+        where = (f"iteration {iteration}/{total} (as many as fit: {self.schedule.remaining():.0f} s left in the step, "
+                 f"{self._eta():.0f} s in the run)" if budgeted and self.schedule is not None
+                 else f"epoch {epoch}/{math.ceil(total / st.iterations_per_epoch)} (it {iteration})")
+        self.logger.log(f"step {step_name} {where}: loss {means[0]:.4f} "
                         f"({', '.join(f'{k} {v:.4f}' for k, v in terms.items())}), {sec:.3f} s/it, "
-                        f"data wait {100 * wait:.0f}%" + (f", run ends in {self._eta():.0f} s"
-                                                          if self.schedule is not None and self.schedule.budgeted else ""))
+                        f"data wait {100 * wait:.0f}%")
         self.epoch_acc = {}
-        if self.val_cases and (epoch % max(1, self.cfg.validate_every_epochs) == 0 or iteration >= st.iterations):
+        if self.val_cases and (epoch % max(1, self.cfg.validate_every_epochs) == 0 or iteration >= total):
             t0 = time.perf_counter()
             self._validate(step_name, iteration)
             self.validation_seconds = time.perf_counter() - t0
@@ -365,16 +370,11 @@ class Trainer(TrainingSession):
         if self.dist.is_main:
             self.logger.flush(plot=False)
 
-    def _validation_target(self, step_name: str) -> str:
-        if self.configuration == "baseline":
-            return "baseline"
-        return "cascade" if step_name in ("3", "4") else "net1"
-
     def _validate(self, step_name: str, iteration: int) -> None:
         if not self.dist.is_main:
             dist_utils.barrier()
             return
-        target = self._validation_target(step_name)
+        target = self.model.validation_target(step_name)
         dice = self.validation_dice(target)
         names = self.cfg.class_names
         fg = dice[1:]
@@ -383,16 +383,17 @@ class Trainer(TrainingSession):
         ema = self.tracker.best["ema"]
         per_class = {names[c] if c < len(names) else str(c): (None if not np.isfinite(dice[c]) else float(dice[c]))
                      for c in range(1, len(dice))}
-        self.last_validation = {"stage": step_name, "iteration": iteration, "target": target, "dice": per_class,
+        self.last_validation = {"step": step_name, "iteration": iteration, "target": target, "dice": per_class,
                                 "mean_dice": mean}
-        self.logger.record(type="val", stage=step_name, iteration=iteration,
+        self.logger.record(type="val", step=step_name, iteration=iteration,
                            global_iteration=self._global_iteration(step_name, iteration), target=target,
                            dice=per_class, mean_dice=mean, ema=ema)
         self.logger.log(f"validation ({target}, {len(self.val_cases)} cases): mean Dice {mean:.4f} "
-                        f"(moving avg {ema:.4f}); " + ", ".join(
+                        f"(moving average over validations {ema:.4f}); " + ", ".join(
                             f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in per_class.items()))
         if improved:
-            self.logger.log(f"new best moving-average Dice {ema:.4f} -> checkpoint_best.pth")
+            self.logger.log(f"checkpoint_best.pth: best moving average of the validation mean Dice so far, {ema:.4f} "
+                            f"(this validation {mean:.4f})")
             save_checkpoint(checkpoint_path(self.output_folder, "best"),
                             self._state("best", self.step_names.index(step_name), iteration, None, None, None))
         dist_utils.barrier()
@@ -404,10 +405,7 @@ class Trainer(TrainingSession):
         try:
             return validation_dice(predictor, self.val_cases, target, self.cfg.num_classes)
         finally:
-            for net in self.networks.values():
-                net.train()
-            if self.configuration == "cascade":
-                self.cascade.train()
+            self.model.train()
 
     def _final_validation(self) -> tuple[dict[str, Any] | None, str | None]:
         """Predict the fold's validation cases from the model folder's final checkpoint and evaluate them."""

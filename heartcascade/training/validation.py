@@ -18,7 +18,7 @@ from heartcascade.inference.predictor import Predictor
 from heartcascade.losses.dice import dice_scores_hard
 from heartcascade.model import from_plans
 from heartcascade.preprocessing.preprocess import restore_to_original
-from heartcascade.training.checkpoint import state_dict_cpu
+from heartcascade.model.checkpoint import state_dict_cpu
 from heartcascade.training.dataloading import TrainCase
 
 

@@ -31,7 +31,8 @@ from heartcascade.dataset import image_io
 from heartcascade.dataset.dataset_json import Case, DatasetInfo, load_dataset
 from heartcascade.planning import fingerprint as fpmod
 from heartcascade.planning import planner, presets
-from heartcascade.planning.plans import load_plans, plans_path, preprocessing_hash, save_plans
+from heartcascade.planning.plans import (load_plans, parse_plans, plans_path, preprocess_settings, preprocessing_hash,
+                                         save_plans)
 from heartcascade.preprocessing import storage
 from heartcascade.preprocessing.preprocess import preprocess_case, read_images
 from heartcascade.utils.atomic import atomic_path, ensure_writable_dir
@@ -79,12 +80,12 @@ def case_is_current(folder: Path, case: Case, stamp: dict[str, Any]) -> bool:
 
 def _process_one(job: tuple) -> tuple[str, str | None, float]:
     """Worker: preprocess and save one case; returns (case id, error message or None, seconds)."""
-    case, plans, folder, stamp = job
+    case, settings, folder, stamp = job
     start = time.perf_counter()
     try:
         images = read_images(case.images)
         label = image_io.read_image(case.label) if case.label is not None else None
-        result = preprocess_case(images, plans, label, case.case_id)
+        result = preprocess_case(images, settings, label, case.case_id)
         del images, label
         result.properties["stamp"] = stamp
         storage.save_case(folder, case.case_id, result)
@@ -108,13 +109,14 @@ def preprocess_cases(cases: list[Case], plans: dict[str, Any], folder: Path, num
     result = result or RunResult(folder.parent, plans)
     folder.mkdir(parents=True, exist_ok=True)
     h = preprocessing_hash(plans)
+    settings = preprocess_settings(plans)
     jobs = []
     for case in cases:
         stamp = case_stamp(case, h)
         if not overwrite and case_is_current(folder, case, stamp):
             result.skipped.append(case.case_id)
         else:
-            jobs.append((case, plans, folder, stamp))
+            jobs.append((case, settings, folder, stamp))
 
     bar = progress_bar(total=len(jobs), desc="preprocess", unit="case") if bars_enabled(progress) and jobs else None
 
@@ -223,7 +225,7 @@ def _plan_and_preprocess(info: DatasetInfo, out_dir: Path, num: int, gpu_memory_
     cases = info.training_cases()
     fingerprint = fpmod.load_fingerprint(out_dir / fpmod.FINGERPRINT_FILE)
     excluded = {cid: f"{entry['error']}" for cid, entry in (fingerprint.get("failed_cases") or {}).items()}
-    small = fpmod.excluded_cases(fingerprint, int(plans["net2"]["K"]))
+    small = fpmod.excluded_cases(fingerprint, parse_plans(plans).net2.K)
     for case in cases:  # refused, named once, and kept out of the data folder (training never sees them)
         if case.case_id in small:
             excluded[case.case_id] = f"{case.images[0]}: {small[case.case_id]}; remove the case from the dataset"
