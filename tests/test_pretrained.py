@@ -95,7 +95,7 @@ def test_finetuning_starts_from_the_given_weights(model, tmp_path, form, monkeyp
 
 def test_hc_train_pretrained_weights_spelling_trains_with_a_time_budget(model, tmp_path):
     from heartcascade.cli import train as train_cli
-    from heartcascade.training.checkpoint import load_checkpoint
+    from heartcascade.model.checkpoint import load_checkpoint
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -109,7 +109,7 @@ def test_hc_train_pretrained_weights_spelling_trains_with_a_time_budget(model, t
     assert "of the time budget" in log
     final = load_checkpoint(fold / "checkpoint_final.pth")
     assert final["pretrained"] == str(model["zip"])
-    assert json.loads((fold / "plans.json").read_text())["training"]["time_budget_s"] == 8.0
+    assert final["budget"]["time_budget_s"] == 8.0  # the run's option, kept in its checkpoint (not the plans)
 
 
 def test_incompatible_models_are_refused(model, tmp_path):

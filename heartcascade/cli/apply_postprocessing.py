@@ -46,12 +46,12 @@ def run(args: argparse.Namespace) -> int:
     from heartcascade.inference.postprocess_folder import postprocess_folder  # deferred: numpy, keeps --help instant
     from heartcascade.inference.postprocessing import load_postprocessing  # deferred: scipy, keeps --help instant
     from heartcascade.inference.settings import label_codes_from  # deferred: numpy, keeps --help instant
-    from heartcascade.planning.plans import validate_plans  # deferred: keeps --help instant
+    from heartcascade.planning.plans import as_plans, validate_plans  # deferred: keeps --help instant
     from heartcascade.utils.jsonio import load_json  # deferred: keeps --help instant
 
     def finish(pp_path: Path, plans: dict) -> int:
         steps = load_postprocessing(pp_path)
-        report = postprocess_folder(args.input, args.output, steps, int(plans["num_classes"]),
+        report = postprocess_folder(args.input, args.output, steps, as_plans(plans).num_classes,
                                     label_codes_from(plans), overwrite=args.overwrite)
         for name, reason in sorted(report.failed.items()):
             print(f"error: {name}: {reason}", file=sys.stderr)

@@ -31,8 +31,8 @@ def _architecture(configuration: str, plans: Mapping[str, Any]) -> dict[str, Any
     return {k: v for k, v in fields.items() if not any(t in k for t in _TRAINING_ONLY)}
 
 
-def _normalisation(plans: Mapping[str, Any]) -> list[tuple[Any, Any]]:
-    return [(n.get("scheme"), n.get("target_range")) for n in plans.get("normalization") or []]
+def _normalisation(plans: "P.Plans") -> list[tuple[Any, Any]]:
+    return [(n.scheme, _plain(n.target_range)) for n in plans.normalization]
 
 
 def _plain(value: Any) -> Any:
@@ -48,15 +48,16 @@ def check_finetune_compatible(pretrained: Mapping[str, Any], plans: Mapping[str,
                        "fine-tuning needs the same modality, channels, classes and network architecture"
                        + (" (align the architecture with --plans-override)" if "." in what else ""))
 
+    theirs_p, ours_p = P.as_plans(pretrained, str(source)), P.as_plans(plans, "plans")
     for key in ("modality", "num_input_channels", "num_classes"):
-        if str(pretrained.get(key)).lower() != str(plans.get(key)).lower():
-            raise differ(key, pretrained.get(key), plans.get(key))
-    theirs_labels = sorted((int(v), k) for k, v in (pretrained.get("labels") or {}).items())
-    ours_labels = sorted((int(v), k) for k, v in (plans.get("labels") or {}).items())
+        if str(getattr(theirs_p, key)).lower() != str(getattr(ours_p, key)).lower():
+            raise differ(key, getattr(theirs_p, key), getattr(ours_p, key))
+    theirs_labels = sorted((int(v), k) for k, v in theirs_p.labels.items())
+    ours_labels = sorted((int(v), k) for k, v in ours_p.labels.items())
     if theirs_labels != ours_labels:
         raise differ("labels", dict((k, v) for v, k in theirs_labels), dict((k, v) for v, k in ours_labels))
-    if _normalisation(pretrained) != _normalisation(plans):
-        raise differ("intensity normalisation", _normalisation(pretrained), _normalisation(plans))
+    if _normalisation(theirs_p) != _normalisation(ours_p):
+        raise differ("intensity normalisation", _normalisation(theirs_p), _normalisation(ours_p))
     theirs, ours = _architecture(configuration, pretrained), _architecture(configuration, plans)
     for key in sorted(set(theirs) | set(ours)):
         if _plain(theirs.get(key)) != _plain(ours.get(key)):

@@ -234,7 +234,7 @@ class TrainingSession:
         for net in self.networks.values():
             net.to(self.device)
         self.logger.log(f"networks initialised from {self.pretrained} (fold {model.name} of its "
-                        f"{model.plans.get('dataset', {}).get('name', 'dataset')} model): fine-tuning")
+                        f"{getattr(as_plans(model.plans).dataset, 'name', None) or 'dataset'} model): fine-tuning")
 
     # ------------------------------------------------------------------------------------------------
     # one curriculum step
