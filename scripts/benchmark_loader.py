@@ -13,7 +13,7 @@ and augmenter the trainer uses, on the dataset's real preprocessed cases and pla
 
 One JSON object per line on stdout, e.g.::
 
-    {"step": "3", "kind": "subvolume", "batch_size": 2, "workers": 8, "batches_per_s": 41.2,
+    {"step": "3", "input": "subvolumes", "batch_size": 2, "workers": 8, "batches_per_s": 41.2,
      "sample_ms": 95.1, "train_step_s": 0.21, "outpaces": true}
 
 Usage::
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 cpu_s = time.process_time() - t0
         finally:
             stream.close()
-        print(json.dumps({"step": step_name, "kind": st.kind, "batch_size": st.batch_size,
+        print(json.dumps({"step": step_name, "input": st.input, "batch_size": st.batch_size,
                           "patch_shape": batch.get("patch_shape"), "workers": workers,
                           "batches_per_s": round(rate, 2), "sample_ms": round(sample_ms, 1),
                           "train_step_s": round(step_s, 4), "train_step_cpu_s": None if cpu_s is None else round(cpu_s, 4),

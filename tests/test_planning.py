@@ -300,12 +300,12 @@ def test_plan_experiment_assembles_the_rule_functions(paper):
     assert plans["inference"]["z_chunk"] == z_chunk
     assert plans["baseline_unet"] == planner.plan_baseline(ctx)  # rule 11
     assert plans["baseline_unet"]["patch_shape"] == [32, 160, 160]
-    # one curriculum table: the planner's steps and training's step kinds
+    # one curriculum table: the planner's steps and training's step inputs
     cfg = training_config(plans, "cascade")
     for row, entry in zip(CURRICULUM_STEPS, plans["training"]["steps"]):
         assert (entry["step"], entry["name"], entry["train"], entry["losses"], entry["input"]) == \
             (row.step, row.name, list(row.train), list(row.losses), row.input)
-        assert cfg.steps[str(row.step)].kind == row.kind
+        assert cfg.steps[str(row.step)].input == row.input
 
 
 def test_presets_folder_and_override(tmp_path, monkeypatch):

@@ -311,10 +311,10 @@ def test_each_configuration_is_a_model_object(tiny):
     cascade.select(cfg.steps["4"])  # step 4 trains Net2 on frozen Net1
     assert not any(p.requires_grad for p in cascade.networks["net1"].parameters())
     assert all(p.requires_grad for p in cascade.networks["net2"].parameters())
-    assert type(cascade.runner(cfg, cfg.steps["4"])).__name__ == "SliceStep"
+    assert type(cascade.runner(cfg, cfg.steps["4"])).__name__ == "SliceStacksRunner"
     base_cfg = training_config(plans, "baseline")
     assert list(base_cfg.steps) == list(BaselineModel.default_steps) == ["baseline"]
-    assert type(baseline.runner(base_cfg, base_cfg.steps["baseline"])).__name__ == "BaselineStep"
+    assert type(baseline.runner(base_cfg, base_cfg.steps["baseline"])).__name__ == "BaselineRunner"
 
 
 # --------------------------------------------------------------------------------------------------

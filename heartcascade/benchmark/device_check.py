@@ -55,7 +55,7 @@ def training_records(records: list[dict[str, Any]], steps: Sequence[str], compil
             why = (rec or {}).get("skipped") or (errors[-1] if errors else None) or reason or "no record"
             out.append({**base, "missing": str(why)})
             continue
-        out.append({**base, "amp": rec.get("amp"), "kind": rec.get("kind"), "batch_size": rec.get("batch_size"),
+        out.append({**base, "amp": rec.get("amp"), "input": rec.get("input"), "batch_size": rec.get("batch_size"),
                     "step_s": rec["step_s"], "step_s_each": rec.get("step_s_each"), "warmup_s": rec.get("warmup_s"),
                     "loader_batches_per_s": rec.get("loader_batches_per_s"), "outpaces": rec.get("outpaces"),
                     "gpu_peak_allocated_gb": rec.get("gpu_peak_allocated_gb"),

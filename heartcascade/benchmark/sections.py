@@ -267,13 +267,13 @@ def section_training(p: dict[str, Any], emit: Emit) -> None:
     budget = mem_available_bytes()
     for step_name in step_names:
         st = trainer.cfg.steps[step_name]
-        base = dict(case=case.name, step=step_name, kind=st.kind, batch_size=st.batch_size,
+        base = dict(case=case.name, step=step_name, input=st.input, batch_size=st.batch_size,
                     patch_shapes=[list(s) for s in st.patch_shapes] if st.patch_shapes else None)
         predicted = _step_predicted_gb(trainer.plans, step_name)
         too_big = (device.type == "cpu" and predicted is not None and budget is not None
                    and predicted * GiB > 0.8 * budget)
         precompute_s = None
-        if st.kind == "slices" and not too_big:
+        if st.input == "slice_stacks" and not too_big:
             t = time.perf_counter()
             trainer.prepare_step(step_name)
             precompute_s = time.perf_counter() - t

@@ -63,11 +63,13 @@ def build_baseline(plans: PlansLike) -> BaselineUNet3D:
     return BaselineUNet3D(**P.baseline_kwargs(plans))
 
 
+#: Each configuration's networks, keyed as in checkpoints.
+NETWORKS = {"cascade": lambda p: {"net1": build_net1(p), "net2": build_net2(p)},
+            "baseline": lambda p: {"baseline": build_baseline(p)}}
+
+
 def build_networks(configuration: str, plans: PlansLike) -> dict[str, Any]:
     """``{"net1", "net2"}`` for ``"cascade"``, ``{"baseline"}`` for ``"baseline"`` (checkpoint keys)."""
-    if configuration == "cascade":
-        p = P.as_plans(plans)
-        return {"net1": build_net1(p), "net2": build_net2(p)}
-    if configuration == "baseline":
-        return {"baseline": build_baseline(plans)}
-    raise HCError(f"unknown configuration {configuration!r}; expected 'cascade' or 'baseline'")
+    if configuration not in NETWORKS:
+        raise HCError(f"unknown configuration {configuration!r}; expected 'cascade' or 'baseline'")
+    return NETWORKS[configuration](P.as_plans(plans))

@@ -1,13 +1,12 @@
 """The paper's curriculum (Table 1): the four training steps, defined once.
 
 The planner writes one ``training.steps`` entry per row (``planning/planner.py``,
-:func:`~heartcascade.planning.planner.curriculum_steps`); training maps each entry's ``input`` to its batch
-kind with this table (``training/config.py``). documentation/plans.md (``training``)
-and documentation/training.md describe the steps.
+:func:`~heartcascade.planning.planner.curriculum_steps`); training picks each step's runner by the entry's
+``input`` (``training/steps.py``). documentation/plans.md (``training``) and documentation/training.md
+describe the steps.
 
-Vocabulary: a *step* is one row (1..4). Its ``input`` is the value the plans store
-(``whole_coarse_volume``, ``subvolumes``, ``slice_stacks``); its ``kind`` is the batch kind training draws
-for that input and names its step runner after (``coarse_volume``, ``subvolume``, ``slices``).
+Vocabulary: a *step* is one row (1..4). Its ``input`` (``whole_coarse_volume``, ``subvolumes``,
+``slice_stacks``) names what its batches hold, in the plans, in training and in the benchmark's records.
 """
 from __future__ import annotations
 
@@ -23,22 +22,18 @@ class CurriculumStep:
     train: tuple[str, ...]  #: networks updated
     frozen: tuple[str, ...]  #: networks run but kept fixed (what ``train`` leaves out; not written to the plans)
     losses: tuple[str, ...]  #: the paper's losses; a preset step's ``losses`` replaces them
-    input: str  #: ``training.steps[].input``
-    kind: str  #: the batch kind training draws for ``input`` (its step runner)
+    input: str  #: ``training.steps[].input``: what the step's batches hold (its step runner)
 
 
 CURRICULUM_STEPS: tuple[CurriculumStep, ...] = (
-    CurriculumStep(1, "net1_whole_volume", ("net1",), (), ("L1_ROI",), "whole_coarse_volume", "coarse_volume"),
-    CurriculumStep(2, "net1_subvolumes", ("net1",), (), ("L1", "L1_ROI"), "subvolumes", "subvolume"),
-    CurriculumStep(3, "cascade_subvolumes", ("net1", "net2"), (), ("L1", "L2"), "subvolumes", "subvolume"),
-    CurriculumStep(4, "net2_slice_stacks", ("net2",), ("net1",), ("L2",), "slice_stacks", "slices"),
+    CurriculumStep(1, "net1_whole_volume", ("net1",), (), ("L1_ROI",), "whole_coarse_volume"),
+    CurriculumStep(2, "net1_subvolumes", ("net1",), (), ("L1", "L1_ROI"), "subvolumes"),
+    CurriculumStep(3, "cascade_subvolumes", ("net1", "net2"), (), ("L1", "L2"), "subvolumes"),
+    CurriculumStep(4, "net2_slice_stacks", ("net2",), ("net1",), ("L2",), "slice_stacks"),
 )
 
 #: The step numbers, in order.
 STEP_NUMBERS: tuple[int, ...] = tuple(s.step for s in CURRICULUM_STEPS)
-
-#: A step's plans ``input`` -> the batch kind training draws for it.
-STEP_INPUT_KINDS: dict[str, str] = {s.input: s.kind for s in CURRICULUM_STEPS}
 
 
 def curriculum_step(step: int | str) -> CurriculumStep:

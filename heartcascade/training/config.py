@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 
 from heartcascade.losses.terms import LOSS_TERMS, loss_term
 from heartcascade.planning.augmentation_plan import AugmentationParams
-from heartcascade.planning.curriculum import STEP_INPUT_KINDS, STEP_NUMBERS
+from heartcascade.planning.curriculum import STEP_NUMBERS
 from heartcascade.planning.plans import Plans, StepPlan, as_plans, check_override_keys
 from heartcascade.utils.errors import HCError
 from heartcascade.utils.jsonio import parse_json
@@ -22,9 +22,10 @@ from heartcascade.utils.jsonio import parse_json
 #: The curriculum's steps (paper Table 1: planning/curriculum.py; losses and trained networks are in the plans).
 CASCADE_STEPS = tuple(str(n) for n in STEP_NUMBERS)
 BASELINE_STEP = "baseline"
-#: The network outputs each batch kind produces (the losses of a step must read one of them).
-KIND_OUTPUTS = {"coarse_volume": ("net1",), "subvolume": ("net1", "net2"), "slices": ("net2",),
-                BASELINE_STEP: ("out",)}
+#: The network outputs the batches of each step ``input`` produce (the losses of a step must read one of them);
+#: the baseline's step has its own.
+INPUT_OUTPUTS = {"whole_coarse_volume": ("net1",), "subvolumes": ("net1", "net2"), "slice_stacks": ("net2",),
+                 BASELINE_STEP: ("out",)}
 
 
 @dataclass
@@ -32,7 +33,7 @@ class StepConfig:
     """One curriculum step (or the baseline's single step)."""
 
     name: str  # "1".."4" or "baseline"
-    kind: str  # coarse_volume | subvolume | slices
+    input: str  # the plans' input: whole_coarse_volume | subvolumes | slice_stacks
     epochs: int
     iterations_per_epoch: int
     batch_size: int
@@ -130,22 +131,21 @@ def normalise_override(value: dict[str, Any], source: str = "--plans-override") 
 # Reading (field names: documentation/plans.md; the planner writes them, planning/planner.py)
 
 
-def _losses(names: Sequence[str], kind: str, where: str) -> list[str]:
+def _losses(names: Sequence[str], produced_by: str, where: str) -> list[str]:
     """Loss names resolved through the loss table; each must read an output the step's batches produce."""
     losses = [loss_term(str(x), f"plans: {where}.losses").name for x in names]
-    wrong = [n for n in losses if LOSS_TERMS[n].output not in KIND_OUTPUTS[kind]]
+    wrong = [n for n in losses if LOSS_TERMS[n].output not in INPUT_OUTPUTS[produced_by]]
     if wrong:
         raise HCError(f"plans: {where}.losses {wrong} read an output this step does not produce "
-                      f"(it produces {', '.join(KIND_OUTPUTS[kind])})")
+                      f"(it produces {', '.join(INPUT_OUTPUTS[produced_by])})")
     return losses
 
 
 def _step(entry: StepPlan, weight_decay: float) -> StepConfig:
     where = f"training.steps[{entry.step}]"
-    kind = STEP_INPUT_KINDS[entry.input]
-    return StepConfig(name=str(entry.step), kind=kind, epochs=entry.epochs if entry.enabled else 0,
+    return StepConfig(name=str(entry.step), input=entry.input, epochs=entry.epochs if entry.enabled else 0,
                       iterations_per_epoch=entry.iterations_per_epoch, batch_size=entry.batch_size, lr=entry.lr,
-                      losses=_losses(entry.losses, kind, where), train=list(entry.train),
+                      losses=_losses(entry.losses, entry.input, where), train=list(entry.train),
                       patch_shapes=[tuple(s) for s in entry.shapes],  # type: ignore[misc]
                       loss_weights={str(k): float(v) for k, v in (entry.loss_weights or {}).items()},
                       weight_decay=weight_decay, time_fraction=entry.time_fraction)
@@ -166,7 +166,7 @@ def _baseline_steps(p: Plans) -> dict[str, StepConfig]:
     """The baseline U-Net's single step, from the ``baseline_unet`` section."""
     b = p.baseline_unet
     return {BASELINE_STEP: StepConfig(
-        name=BASELINE_STEP, kind="subvolume", epochs=b.epochs, iterations_per_epoch=b.iterations_per_epoch,
+        name=BASELINE_STEP, input="subvolumes", epochs=b.epochs, iterations_per_epoch=b.iterations_per_epoch,
         batch_size=b.batch_size, lr=b.lr, losses=_losses(b.losses, BASELINE_STEP, "baseline_unet"),
         train=["baseline"], patch_shapes=[tuple(b.patch_shape)], loss_weights={},  # type: ignore[list-item]
         weight_decay=p.training.weight_decay, time_fraction=None)}

@@ -19,7 +19,7 @@ from heartcascade.planning.plans import Plans
 from heartcascade.training.cases import baseline_grid_case
 from heartcascade.training.config import BASELINE_STEP, CASCADE_STEPS, StepConfig, TrainingConfig
 from heartcascade.training.dataloading import TrainCase
-from heartcascade.training.steps import RUNNERS, BaselineStep, StepRunner
+from heartcascade.training.steps import RUNNERS, BaselineRunner, StepRunner
 from heartcascade.utils.errors import HCError
 
 
@@ -70,7 +70,7 @@ class CascadeModel(TrainingModel):
         self.networks = {"net1": self.module.net1, "net2": self.module.net2}
 
     def runner(self, cfg: TrainingConfig, step: StepConfig) -> StepRunner:
-        return RUNNERS[step.kind](cfg, step, {"cascade": self.module})
+        return RUNNERS[step.input](cfg, step, {"cascade": self.module})
 
     def select(self, step: StepConfig) -> None:
         self.module.set_trainable("net1" in step.train, "net2" in step.train)
@@ -96,7 +96,7 @@ class BaselineModel(TrainingModel):
         return [baseline_grid_case(c, cfg.baseline_spacing, cfg.num_classes) for c in cases]
 
     def runner(self, cfg: TrainingConfig, step: StepConfig) -> StepRunner:
-        return BaselineStep(cfg, step, {"baseline": self.module})
+        return BaselineRunner(cfg, step, {"baseline": self.module})
 
     def validation_target(self, step: str) -> str:
         return "baseline"

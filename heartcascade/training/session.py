@@ -240,7 +240,7 @@ class TrainingSession:
     # one curriculum step
 
     def step_runner(self, step: str) -> StepRunner:
-        """The runner of ``step`` (its batch kind's loader, module and forward), made once per run."""
+        """The runner of ``step`` (its input's loader, module and forward), made once per run."""
         if step not in self._runners:
             self._runners[step] = self.model.runner(self.cfg, self.cfg.steps[step])
         return self._runners[step]

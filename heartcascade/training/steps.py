@@ -1,18 +1,21 @@
-"""One small runner per batch kind: the loader, the trained module and ``forward(batch) -> outputs``.
+"""One small runner per step ``input``: the loader, the trained module and ``forward(batch) -> outputs``.
 
 The trainer's loop is generic: it asks the step's runner for a loader and a module, and each batch's
 ``forward`` returns ``{output: (logits, target)}`` for the loss table (:mod:`heartcascade.losses.terms`).
-A new kind of batch is one new runner here, not a branch in the trainer.
+A new kind of batch is one new runner here, not a branch in the trainer. Runners are named after the
+plans' ``training.steps[].input`` they serve.
 
-==================  ===========================================  ====================
-runner              batches                                      outputs
-==================  ===========================================  ====================
-CoarseVolumeStep    whole coarse volumes (step 1)                net1
-SubvolumeStep       full-res subvolumes (steps 2-3)              net1 (+ net2)
-SliceStep           K slices + frozen Net1 probabilities (4)     net2
-                    (read at the drawn positions on the device)
-BaselineStep        subvolumes on the baseline grid              out
-==================  ===========================================  ====================
+=======================  ==========================================  =============
+runner (plans input)     batches                                     outputs
+=======================  ==========================================  =============
+WholeCoarseVolumeRunner  whole coarse volumes (step 1)               net1
+(whole_coarse_volume)
+SubvolumesRunner         full-res subvolumes (steps 2-3)             net1 (+ net2)
+(subvolumes)
+SliceStacksRunner        K slices + frozen Net1 probabilities (4),   net2
+(slice_stacks)           read at the drawn positions on the device
+BaselineRunner           subvolumes on the baseline grid             out
+=======================  ==========================================  =============
 """
 from __future__ import annotations
 
@@ -128,7 +131,7 @@ class StepRunner:
         raise NotImplementedError
 
 
-class CoarseVolumeStep(StepRunner):
+class WholeCoarseVolumeRunner(StepRunner):
     """Step 1: Net1 on whole coarse volumes."""
 
     def build_module(self, networks: dict[str, nn.Module]) -> nn.Module:
@@ -143,7 +146,7 @@ class CoarseVolumeStep(StepRunner):
         return {"net1": (module(data), seg)}
 
 
-class SubvolumeStep(StepRunner):
+class SubvolumesRunner(StepRunner):
     """Steps 2-3: Net1 on downsampled subvolumes; with Net2 (trained or in a loss) the whole cascade."""
 
     def build_module(self, networks: dict[str, nn.Module]) -> nn.Module:
@@ -166,7 +169,7 @@ class SubvolumeStep(StepRunner):
         return outputs
 
 
-class SliceStep(StepRunner):
+class SliceStacksRunner(StepRunner):
     """Step 4: Net2 on K full slices with frozen Net1's probabilities, computed once per case.
 
     The probabilities stay on the training device (float16, each case's coarse grid); each batch reads
@@ -214,7 +217,7 @@ class SliceStep(StepRunner):
         return {"net2": (module(data[:, :nimg], probs), seg[:, :, m:m + 1])}
 
 
-class BaselineStep(StepRunner):
+class BaselineRunner(StepRunner):
     """The 2 mm baseline U-Net on subvolumes of its grid."""
 
     def build_module(self, networks: dict[str, nn.Module]) -> nn.Module:
@@ -239,6 +242,6 @@ class StepTraining:
     scaler: Any
 
 
-#: The cascade's runner of each batch kind (the baseline's single step has its own: training/models.py).
-RUNNERS: dict[str, type[StepRunner]] = {"coarse_volume": CoarseVolumeStep, "subvolume": SubvolumeStep,
-                                        "slices": SliceStep}
+#: The cascade's runner of each step input (the baseline's single step has its own: training/models.py).
+RUNNERS: dict[str, type[StepRunner]] = {"whole_coarse_volume": WholeCoarseVolumeRunner, "subvolumes": SubvolumesRunner,
+                                        "slice_stacks": SliceStacksRunner}

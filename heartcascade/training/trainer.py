@@ -208,7 +208,7 @@ class Trainer(TrainingSession):
                             f"{c.num_threads})")
         for name in self.step_names:
             st = c.steps[name]
-            self.logger.log(f"step {name}: {st.kind}, {st.epochs} epochs x {st.iterations_per_epoch} iterations, "
+            self.logger.log(f"step {name}: {st.input}, {st.epochs} epochs x {st.iterations_per_epoch} iterations, "
                             f"batch {st.batch_size}, lr {st.lr:g}, losses {'+'.join(st.losses)}, trains "
                             f"{'+'.join(st.train)}" + (f", patch sizes {[list(s) for s in st.patch_shapes]}"
                                                       if st.patch_shapes else ""))
@@ -228,7 +228,7 @@ class Trainer(TrainingSession):
         if start_iteration == 0:
             self.epoch_acc = {}
             self.tracker.start_step(self.model.validation_target(step_name), self.networks)
-            self.logger.log(f"=== step {step_name} ({st.kind}): " + (
+            self.logger.log(f"=== step {step_name} ({st.input}): " + (
                 f"{schedule.allotted_s:.0f} s of the time budget, iterations set from the measured speed ===" if
                 schedule.budgeted else f"{self.iterations[step_name]} iterations ==="))
         if rng_state is not None:
