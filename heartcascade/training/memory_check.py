@@ -48,9 +48,9 @@ def _model_estimate(plans: dict[str, Any], step: StepConfig, backend: str) -> in
     try:
         if step.name == BASELINE_STEP:
             return memory_model.baseline_memory(baseline_kwargs(plans), step.batch_size, shape, True, backend).peak
-        if step.kind == "coarse_volume":
+        if step.input == "whole_coarse_volume":
             return memory_model.net1_memory(net1_kwargs(plans), step.batch_size, shape, True, backend).peak
-        if step.kind == "slices":
+        if step.input == "slice_stacks":
             return memory_model.net2_memory(net2_kwargs(plans), step.batch_size, shape, True, backend).peak
     except (RuntimeError, ValueError, OverflowError, MemoryError):  # sizes beyond what torch can even describe
         return None
