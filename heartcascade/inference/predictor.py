@@ -123,7 +123,7 @@ class Predictor:
         if roi_rule is None:
             roi_rule = roi_mod.make_roi_rule(self.settings.roi_rule, self.settings.roi_margin_mm,
                                              self.settings.roi_min_component_fraction,
-                                             self.settings.roi_join_distance_mm)
+                                             self.settings.roi_join_distance_mm, self.settings.roi_centre_sigma)
         self.roi_rule = roi_mod.with_margin(roi_rule, self.settings.roi_margin_mm)
         self.input_mode = self.settings.input_mode
         codes = label_codes if label_codes is not None else label_codes_from(self.plans, dataset_json)
