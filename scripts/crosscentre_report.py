@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-f", "--folds", nargs="+", default=None, help="folds to use (default: all available)")
     p.add_argument("--data", required=True, help="raw dataset folder (imagesTr/, labelsTr/, dataset.json)")
     p.add_argument("--cases", default="*", help="case-id wildcard (default: every case)")
-    p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
+    p.add_argument("--tta", action="store_true", default=None, help="mirroring test-time augmentation on")
+    p.add_argument("--no-tta", dest="tta", action="store_false", help="off (default: the model's plans)")
     p.add_argument("--roi-centre-sigma", type=float, default=None,
                    help="try the heart-component ROI rule with this position weight instead of the model's plans")
     p.add_argument("--roi-whole", action="store_true", help="try Net2 on the whole volume (ROI = everything)")

@@ -402,6 +402,15 @@ def test_heart_component_roi_keeps_split_heart():
     assert joined[apex].all() and not joined[stray].any()
 
 
+def test_tta_follows_the_plans_unless_the_caller_decides():
+    plans = tiny_plans()
+    assert Predictor(plans, [build(plans)], device="cpu").tta is False  # plans without the field: off
+    on = copy.deepcopy(plans)
+    on["inference"]["tta"] = True
+    assert Predictor(on, [build(on)], device="cpu").tta is True
+    assert Predictor(on, [build(on)], device="cpu", tta=False).tta is False
+
+
 def test_roi_rule_from_plans():
     plans = tiny_plans()
     assert isinstance(Predictor(plans, [build(plans)], device="cpu").roi_rule, roi_mod.HeartComponentRoi)

@@ -76,7 +76,8 @@ class Predictor:
             BaselineUNet3D}``; a :class:`~heartcascade.networks.cascade.Cascade` is accepted too.
         configuration: ``"cascade"`` or ``"baseline"`` (inferred from the network keys when omitted).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"auto"`` or a torch.device.
-        tta: average over mirrorings (Net1/baseline: all axes; Net2: in-plane only).
+        tta: average over mirrorings (Net1/baseline: all axes; Net2: in-plane only); None = the plans'
+            ``inference.tta``.
         label_codes: training label -> code for written files (default: plans' ``label_codes``).
         postprocessing: connected-component steps applied to every label map (None = none; see
             :mod:`heartcascade.inference.postprocessing`); :meth:`from_model_dir` loads the model's.
@@ -86,13 +87,12 @@ class Predictor:
     """
 
     def __init__(self, plans: Mapping[str, Any], networks: Sequence[Any] | Mapping[str, Any],
-                 configuration: str | None = None, device: str | torch.device | None = "auto", tta: bool = False,
+                 configuration: str | None = None, device: str | torch.device | None = "auto", tta: bool | None = None,
                  label_codes: Mapping[int, int] | None = None, dataset_json: Mapping[str, Any] | None = None,
                  verbose: bool = False, postprocessing: Postprocessing | None = None,
                  roi_rule: roi_mod.RoiRule | None = None) -> None:
         self.plans = read_plans(dict(plans), "plans")  # any supported version, upgraded and validated
         self.device = resolve_device(device)
-        self.tta = bool(tta)
         self.verbose = verbose
         if isinstance(networks, Mapping) or hasattr(networks, "net1"):
             networks = [networks]
@@ -120,6 +120,7 @@ class Predictor:
         self.num_classes = int(self.plans["num_classes"])
         self.num_channels = int(self.plans["num_input_channels"])
         self.settings = InferenceSettings.from_plans(self.plans)
+        self.tta = self.settings.tta if tta is None else bool(tta)
         if roi_rule is None:
             roi_rule = roi_mod.make_roi_rule(self.settings.roi_rule, self.settings.roi_margin_mm,
                                              self.settings.roi_min_component_fraction,
@@ -136,7 +137,7 @@ class Predictor:
     # -- construction from a model folder --------------------------------------------------------
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, folds: Sequence[str | int] | None = None,
-                       checkpoint: str = "final", device: str | torch.device | None = "auto", tta: bool = False,
+                       checkpoint: str = "final", device: str | torch.device | None = "auto", tta: bool | None = None,
                        configuration: str | None = None, verbose: bool = False,
                        postprocessing: Postprocessing | str | Path | None = "auto",
                        roi_rule: roi_mod.RoiRule | None = None) -> "Predictor":

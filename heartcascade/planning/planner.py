@@ -754,6 +754,7 @@ def inference_section(ctx: _Context, z_chunk: int, peak: int) -> dict[str, Any]:
     inf = ctx.preset["inference"]
     return {"roi_margin_mm": float(inf.get("roi_margin_mm", 10.0)),
             **{k: inf.get(k, v) for k, v in ROI_DEFAULTS.items()}, "roi_rule": choose_roi_rule(ctx),
+            "tta": bool(inf.get("tta", False)),
             "z_chunk": int(z_chunk),
             "max_z_chunk": None, "memory_budget_gb": None, "predicted_peak_gb": round(peak / GiB, 3)}
 

@@ -326,6 +326,7 @@ class InferencePlan:
     memory_budget_gb: float | None = _f(_opt(_num(0, open_lo=True)))
     predicted_peak_gb: float | None = _f(_opt(_num(0)))
     roi_centre_sigma: float = _f(_num(0), 0.0)  # 0 = components ranked by mass alone (models planned before it)
+    tta: bool = _f(_bool, False)  # mirroring test-time augmentation by default (hc_predict --tta/--disable_tta override)
 
 
 @dataclass(frozen=True)
