@@ -16,18 +16,44 @@ def _commands() -> dict[str, str]:
 
 
 COMMANDS = _commands()
+HERE = Path(__file__).parent
+#: The project's public home page; empty until it is published (then it becomes Home-page / Project-URL).
+HOMEPAGE = ""
 
 setup(
     name="heartcascade",
     version="0.1.0",
     description="Cascaded full-resolution whole-heart segmentation (Net1 coarse U-Net + Net2 slice network)",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    license_files=["LICENSE"],
+    **({"url": HOMEPAGE} if HOMEPAGE else {}),
+    project_urls={
+        **({"Source": HOMEPAGE, "Documentation": f"{HOMEPAGE}/tree/main/documentation"} if HOMEPAGE else {}),
+        "nnU-Net (dataset format it reads)": "https://github.com/MIC-DKFZ/nnUNet",
+    },
+    classifiers=[
+        "Development Status :: 4 - Beta",
+        "Intended Audience :: Science/Research",
+        "Intended Audience :: Healthcare Industry",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        "Topic :: Scientific/Engineering :: Medical Science Apps.",
+        "Topic :: Scientific/Engineering :: Image Processing",
+    ],
     # The planner presets live in the top-level plans/ folder (the documented, editable copy) and ship
     # inside the wheel as the data-only package heartcascade.presets (see planning/presets.py).
     packages=find_packages(include=["heartcascade", "heartcascade.*"]) + ["heartcascade.presets"],
     package_dir={"heartcascade.presets": "plans"},
-    package_data={"heartcascade.presets": ["*.json"]},
+    # heartcascade/pretrained/ holds the shipped model (a hc_export_model zip) and its card (data only).
+    package_data={"heartcascade.presets": ["*.json"], "heartcascade": ["pretrained/*.zip", "pretrained/*.json",
+                                                                       "pretrained/*.md"]},
     python_requires=">=3.10",
     # torch is pinned by the Makefile (torch==2.13.0 installed first); here any 2.x already present will do.
+    # constraints.txt holds the versions tested together (pip install -c constraints.txt .).
     install_requires=[
         "torch>=2.1",
         "numpy>=1.24",
@@ -38,6 +64,7 @@ setup(
         "scipy>=1.10",
         "tqdm>=4.60",
         "matplotlib>=3.7",
+        "highdicom>=0.28.2",
     ],
     extras_require={"test": ["pytest>=7"], "nnunet": ["nnunetv2"]},
     entry_points={"console_scripts": [f"{cmd}=heartcascade.cli.{mod}:main" for cmd, mod in COMMANDS.items()]},

@@ -30,7 +30,8 @@ from _training_fixture import SPACING_XYZ, make_case, make_dataset  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 DATASET_ID = 961
 MODULES = {"hc_predict": "predict", "hc_evaluate": "evaluate", "hc_verify_dataset": "verify_dataset",
-           "hc_plan_and_preprocess": "plan_and_preprocess", "hc_train": "train"}
+           "hc_plan_and_preprocess": "plan_and_preprocess", "hc_train": "train", "hc_export_model": "export_model",
+           "hc_install_model": "install_model", "hc_overlay": "overlay"}
 #: a few iterations per step, checkpoints every 2 iterations (the hc_train kill test)
 SHORT_TRAINING = {"training": {"validation_interval_epochs": 1, "checkpoint_interval_iterations": 2, "steps": [
     {"step": 1, "epochs": 1, "iterations_per_epoch": 3}, {"step": 2, "epochs": 1, "iterations_per_epoch": 2},
@@ -53,7 +54,8 @@ def environment(roots: dict[str, Path]) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HC_N_PROC_DA="0", HC_RAW=str(roots["raw"]),
-               HC_PREPROCESSED=str(roots["pre"]), HC_RESULTS=str(roots["res"]))
+               HC_PREPROCESSED=str(roots["pre"]), HC_RESULTS=str(roots["res"]),
+               HC_CACHE=str(roots.get("cache", Path(roots["res"]).parent / "hc_cache")))
     return env
 
 
@@ -239,7 +241,9 @@ def test_predict_batch_of_bad_inputs_beside_good_ones(world):
     proc = predict(world, inp, out)
     one_line_error(proc, *{p.name for p in bad.values()})
     assert snapshot(inp) == before
-    assert sorted(p.name for p in out.iterdir()) == ["good1.nii.gz", "good2.nii.gz"]
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["good1.nii.gz", "good2.nii.gz"]
+    failures = (out / "failures.csv").read_text().splitlines()
+    assert failures[0] == "case,error" and len(failures) == len(bad) + 1
     assert sitk.ReadImage(str(out / "good2.nii.gz")).GetSize() == tuple(reversed(world["image"].shape))
     assert "2 predicted" in proc.stderr and f"{len(bad)} failed" in proc.stderr
 
@@ -255,7 +259,7 @@ def test_predict_single_bad_file(world, what):
     out = folder / "out"
     proc = predict(world, path, out)
     one_line_error(proc, str(path))
-    assert list(out.iterdir()) == []
+    assert [p.name for p in out.iterdir()] == ["failures.csv"]
 
 
 def test_predict_output_path_problems_fail_before_any_work(world, tmp_path):
@@ -288,7 +292,8 @@ def test_predict_input_folder_as_output_folder(world, tmp_path):
     forced = predict(world, inp, inp, "--overwrite")
     assert forced.returncode == 0 and "1 predicted" in forced.stdout, forced.stderr
     assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(inp / "a.nii.gz"))), label)
-    assert {k: v for k, v in snapshot(inp).items() if k != "a.nii.gz"} == before
+    outputs = {"a.nii.gz", "measures.csv", "itksnap_labels.txt"}  # what hc_predict writes beside the label map
+    assert {k: v for k, v in snapshot(inp).items() if k not in outputs} == before
     # a plain file whose output would replace it: failed, the input untouched
     plain = tmp_path / "plain"
     plain.mkdir()
@@ -296,7 +301,7 @@ def test_predict_input_folder_as_output_folder(world, tmp_path):
     before = snapshot(plain)
     proc = predict(world, plain, plain)
     one_line_error(proc, "scan.nii.gz")
-    assert snapshot(plain) == before
+    assert {k: v for k, v in snapshot(plain).items() if k != "failures.csv"} == before
 
 
 def test_predict_probabilities_completed_on_rerun(world, tmp_path):
@@ -369,7 +374,8 @@ def test_full_or_read_only_disk(world, tmp_path):
         proc = predict(world, inp, mounts[1], "--save-probabilities")
         assert proc.returncode == 1 and "Traceback" not in proc.stderr
         assert "no space left on device" in proc.stderr, proc.stderr
-        assert [p.name for p in mounts[1].iterdir()] == []  # nothing half-written under a final name
+        # nothing half-written under a final name (failures.csv is complete where it fitted)
+        assert [p.name for p in mounts[1].iterdir() if p.name != "failures.csv"] == []
         # preprocessing: plans fit, the arrays do not -> each case fails naming the file, none looks complete
         proc = run("hc_plan_and_preprocess", "-d", DATASET_ID, "--no-progress", "-np", 1,
                    roots=dict(world["roots"], pre=mounts[2]))
@@ -576,3 +582,368 @@ def test_train_damaged_preprocessed_array(world, tmp_path):
     proc = run("hc_train", DATASET_ID, "all", "--device", "cpu", "--num-workers", "0", "--no-validation", "--quiet",
                "--plans-override", json.dumps(SHORT_TRAINING), roots=roots)
     one_line_error(proc, str(array))
+
+
+# --------------------------------------------------------------------------------------------------
+# model archives (issue #23): every archive is untrusted
+
+
+class _Payload:
+    """A pickle payload: loading it without weights_only would run a shell command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def tag_of(pid: int) -> str:
+    from heartcascade.utils.processes import host_code
+
+    return f"hc{pid}-{host_code()}"
+
+
+MEMBER = "Dataset961_TinyTrain/cascade/fold_all/"
+
+
+@pytest.fixture(scope="module")
+def archive(world):
+    """The world's model exported with the real command."""
+    path = world["root"] / "model.zip"
+    proc = run("hc_export_model", "-d", DATASET_ID, "-c", "cascade", "-f", "all", "-o", path, roots=world["roots"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return path
+
+
+def rezip(src: Path, dest: Path, replace: dict | None = None, manifest: dict | None = None,
+          links: dict | None = None, drop: tuple = ()) -> Path:
+    """A copy of archive ``src`` with members replaced (bytes) or added, manifest fields changed, symbolic
+    link members added (name -> target) and members dropped."""
+    import zipfile
+
+    replace, links = dict(replace or {}), dict(links or {})
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as zout:
+        for name in zin.namelist():
+            if name in drop or name in links:
+                continue
+            data = zin.read(name)
+            if name == "heartcascade_model.json" and manifest is not None:
+                data = json.dumps({**json.loads(data), **manifest}).encode()
+            zout.writestr(name, replace.pop(name, data))
+        for name, data in replace.items():
+            zout.writestr(name, data)
+        for name, target in links.items():
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (0o120777 << 16)
+            zout.writestr(info, target)
+    return dest
+
+
+def evil_checkpoint(world, marker: Path, **changes) -> bytes:
+    """A checkpoint of the world's model, with ``changes`` to its plans or a pickle payload (marker given)."""
+    import io
+
+    import torch
+
+    state = torch.load(world["model"] / "fold_all" / "checkpoint_final.pth", weights_only=True)
+    state["plans"] = {**state["plans"], **changes}
+    if marker is not None:
+        state["payload"] = _Payload(marker)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def test_archive_naming_a_folder_outside_results_is_refused(world, archive, tmp_path):
+    """Defect 1: the manifest's configuration (or dataset) as a path; member names with ../ or absolute."""
+    import zipfile
+
+    outside = tmp_path / "outside"
+    (outside / ".cache").mkdir(parents=True)
+    (outside / ".cache" / "keep.txt").write_text("mine")
+    roots = dict(world["roots"], res=tmp_path / "res")
+    before = snapshot(tmp_path)
+    cases = {
+        "abs_configuration": {"configuration": str(outside)},  # the reproduction of issue #23
+        "dotdot_dataset": {"dataset": "../outside"},
+    }
+    for name, fields in cases.items():
+        evil = tmp_path / f"{name}.zip"
+        with zipfile.ZipFile(evil, "w") as zf:
+            zf.writestr("heartcascade_model.json", json.dumps({
+                "format": "heartcascade-model", "format_version": 1, "dataset": "Dataset001_SyntheticCT",
+                "configuration": "cascade", "folds": [], "plans_version": 2, **fields}))
+            zf.writestr("README.md", "hello")
+        before[evil.name] = hashlib.sha256(evil.read_bytes()).hexdigest()
+        one_line_error(run("hc_install_model", evil, roots=roots), str(evil))
+    for name in ("../../outside/x.json", "/tmp/x.json"):
+        evil = rezip(archive, tmp_path / "members.zip", replace={name: b"{}"})
+        proc = run("hc_install_model", evil, roots=roots)
+        one_line_error(proc, "unexpected member")
+        evil.unlink()
+    assert snapshot(tmp_path) == before  # nothing created or renamed anywhere, HC_RESULTS included
+
+
+def test_broken_archive_never_replaces_a_working_model(world, archive, tmp_path):
+    """Defect 2: checkpoints, links, pickle payloads and missing folds are checked before anything is
+    replaced, with --overwrite too; the installed model keeps predicting."""
+    roots = dict(world["roots"], res=tmp_path / "res")
+    proc = run("hc_install_model", archive, roots=roots)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    config = roots["res"] / "Dataset961_TinyTrain" / "cascade"
+    installed = snapshot(config)
+    marker = tmp_path / "payload_ran"
+    ckpt = MEMBER + "checkpoint_final.pth"
+    broken = {
+        "plans_version_3": rezip(archive, tmp_path / "v3.zip", replace={ckpt: evil_checkpoint(world, None,
+                                                                                             plans_version=3)}),
+        "link_dataset_json": rezip(archive, tmp_path / "link.zip", links={MEMBER + "dataset.json": "/etc/passwd"}),
+        "pickle_payload": rezip(archive, tmp_path / "pickle.zip", replace={ckpt: evil_checkpoint(world, marker)}),
+        "missing_fold": rezip(archive, tmp_path / "missing.zip", manifest={"folds": ["all", "3"]}),
+        "deep_json": rezip(archive, tmp_path / "deep.zip", replace={MEMBER + "plans.json": b"[" * 50000}),
+    }
+    reasons = {"plans_version_3": "plans_version 3", "link_dataset_json": "symbolic link",
+               "pickle_payload": "cannot read checkpoint", "missing_fold": "fold 3 is listed",
+               "deep_json": "nested deeper"}
+    for what, path in broken.items():
+        proc = run("hc_install_model", path, "--overwrite", roots=roots)
+        one_line_error(proc, str(path))
+        assert reasons[what] in proc.stderr, proc.stderr
+        assert snapshot(config) == installed, what
+        assert not marker.exists(), what
+    image = tmp_path / "in" / "c_0000.nii.gz"
+    image.parent.mkdir()
+    write(world["image"], image, spacing=SPACING_XYZ)
+    proc = run("hc_predict", "-i", image.parent, "-o", tmp_path / "out", "-d", DATASET_ID, "--device", "cpu",
+               "--quiet", roots=roots)
+    assert proc.returncode == 0 and (tmp_path / "out" / "c.nii.gz").is_file(), proc.stderr[-2000:]
+
+
+def test_zip_bomb_is_refused_before_unpacking(world, archive, tmp_path):
+    """Defect 4: an archive unpacking to far more than it weighs fails in one line (install and predict -m)."""
+    import zipfile
+
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive) as zin, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zout:
+        for name in zin.namelist():
+            zout.writestr(name, zin.read(name))
+        with zout.open(MEMBER + "checkpoint_best.pth", "w") as fh:
+            block = bytes(2**20)
+            for _ in range(256):
+                fh.write(block)
+    assert bomb.stat().st_size < 2 * 2**20
+    roots = dict(world["roots"], res=tmp_path / "res", cache=tmp_path / "cache")
+    one_line_error(run("hc_install_model", bomb, roots=roots), "zip bomb")
+    image = tmp_path / "in" / "c_0000.nii.gz"
+    image.parent.mkdir()
+    write(world["image"], image, spacing=SPACING_XYZ)
+    one_line_error(run("hc_predict", "-i", image.parent, "-o", tmp_path / "out", "-m", bomb, "--device", "cpu",
+                       "--quiet", roots=roots), "zip bomb")
+    assert not roots["res"].exists() or not any(roots["res"].rglob("*"))
+    assert not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
+
+
+def test_leftovers_of_killed_runs_are_removed_and_models_cached(world, archive, tmp_path):
+    """Defect 6: what kill -9 leaves beside an export, in the configuration folder (install) and in the
+    model cache (predict -m) is removed by the next run; live processes' files stay; predict -m unpacks a
+    given archive once."""
+    dead, live = tag_of(dead_pid()), tag_of(os.getpid())
+    out = tmp_path / "m.zip"
+    stale_export = tmp_path / f".m.zip.{dead}.x1.tmp.zip"
+    live_export = tmp_path / f".m.zip.{live}.x2.tmp.zip"
+    for p in (stale_export, live_export):
+        p.write_bytes(b"half")
+    assert run("hc_export_model", "-d", DATASET_ID, "-f", "all", "-o", out, roots=world["roots"]).returncode == 0
+    assert not stale_export.exists() and live_export.exists()
+
+    roots = dict(world["roots"], res=tmp_path / "res", cache=tmp_path / "cache")
+    config = roots["res"] / "Dataset961_TinyTrain" / "cascade"
+    (config / f".hc_install_{dead}_x1" / "fold_all").mkdir(parents=True)
+    assert run("hc_install_model", out, roots=roots).returncode == 0
+    assert sorted(p.name for p in config.iterdir()) == ["fold_all"]
+
+    # a kill between the two renames of a fold swap: the old fold is put back
+    fold = config / "fold_all"
+    aside = config / f".fold_all.old.{dead}"
+    os.replace(fold, aside)
+    proc = run("hc_install_model", out, roots=roots)  # refused (fold exists again) after the repair
+    one_line_error(proc, "already exist")
+    assert fold.is_dir() and not aside.exists()
+
+    models = tmp_path / "cache" / "models"
+    (models / f".hc_unpack_{dead}_x1").mkdir(parents=True)
+    image = tmp_path / "in" / "c_0000.nii.gz"
+    image.parent.mkdir()
+    write(world["image"], image, spacing=SPACING_XYZ)
+    for n in (1, 2):
+        proc = run("hc_predict", "-i", image.parent, "-o", tmp_path / f"out{n}", "-m", out, "--device", "cpu",
+                   "--quiet", roots=roots)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        entries = sorted(models.iterdir())
+        assert len(entries) == 1 and not entries[0].name.startswith("."), entries
+        if n == 1:
+            first = entries[0].stat().st_ino
+    assert entries[0].stat().st_ino == first  # the second run used the cached copy
+
+
+# --------------------------------------------------------------------------------------------------
+# concurrent runs (issue #23): one run per fold and per preprocessed dataset
+
+
+def fake_lock(guarded: Path, pid: int, command_line: str) -> Path:
+    """The lock file a run of ``pid`` on this host holds (utils/run_lock.py's format)."""
+    from heartcascade.utils.processes import process_start, this_host
+    from heartcascade.utils.run_lock import lock_path
+
+    lock = lock_path(guarded)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.write_text(json.dumps({"pid": pid, "host": this_host(), "start": process_start(pid),
+                                "command": command_line, "since": time.time()}))
+    return lock
+
+
+def test_one_run_per_fold_and_dataset_and_plans_identity(world, tmp_path):
+    """Defects 3 and 5: while a real hc_train runs, a second hc_train of the fold and hc_plan_and_preprocess
+    of its dataset fail fast naming it; after its kill -9 its lock is stale and the next run takes it;
+    hc_train under a re-planning is refused; --continue refuses data preprocessed with other plans."""
+    from heartcascade.utils.run_lock import lock_path
+
+    roots = dict(world["roots"], res=tmp_path / "res")
+    fold = roots["res"] / world["pre"].name / "cascade" / "fold_all"
+    lock = lock_path(fold)
+    base = [DATASET_ID, "all", "--device", "cpu", "--num-workers", "0", "--no-validation", "--quiet"]
+    args = base + ["--plans-override", json.dumps(SHORT_TRAINING)]
+    long_run = json.loads(json.dumps(SHORT_TRAINING))
+    long_run["training"]["steps"][0]["iterations_per_epoch"] = 100000
+    first = subprocess.Popen(command("hc_train") + [str(a) for a in base] + ["--plans-override", json.dumps(long_run)],
+                             env=environment(roots), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and first.poll() is None:
+            if lock.is_file() and json.loads(lock.read_text() or "{}").get("pid") == first.pid:
+                break
+            time.sleep(0.1)
+        assert first.poll() is None, first.stderr.read()[-3000:]
+        proc = run("hc_train", *args, "--seed", 7, roots=roots)
+        one_line_error(proc, f"pid {first.pid}")
+        proc = run("hc_plan_and_preprocess", "-d", DATASET_ID, "--no-progress", "-np", 1, "--overwrite",
+                   "--preset", "paper", roots=roots)
+        one_line_error(proc, f"pid {first.pid}")
+        assert first.poll() is None, "the first training must outlive the checks"
+    finally:
+        first.kill()
+        first.wait()
+    assert lock.is_file()  # left by the kill -9: stale now
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        pre_lock = fake_lock(world["pre"], holder.pid, "hc_plan_and_preprocess -d 961 --overwrite")
+        one_line_error(run("hc_train", *args, roots=roots), f"pid {holder.pid}")
+        pre_lock.unlink()
+    finally:
+        holder.kill()
+        holder.wait()
+    proc = run("hc_train", *args, roots=roots)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not lock.exists()
+
+    import torch
+
+    recorded = torch.load(fold / "checkpoint_latest.pth", weights_only=True)["data_plans_hash"]
+    pre = tmp_path / "pre"
+    shutil.copytree(world["roots"]["pre"], pre)
+    plans_file = pre / world["pre"].name / "plans.json"
+    plans = json.loads(plans_file.read_text())
+    plans["sampling"]["max_locations_per_class"] += 1
+    plans_file.write_text(json.dumps(plans))
+    proc = run("hc_train", *base, "--continue", roots=dict(roots, pre=pre))
+    one_line_error(proc, recorded)
+    assert "other plans" in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# no traceback for any input (issue #23, defect 7) and the security cases that were already right
+
+
+def test_hostile_dataset_json_and_plans_values(world, tmp_path):
+    raw = copy_dataset(world, 966, "Hostile")
+    data = json.loads((raw / "dataset.json").read_text())
+    for what, text in (("numTraining", json.dumps({**data, "numTraining": "four"})),
+                       ("nested", json.dumps({**data, "extra": 0})[:-1] + ', "deep": ' + "[" * 100000 + "]" * 100000
+                        + "}")):
+        (raw / "dataset.json").write_text(text)
+        for name in ("hc_verify_dataset", "hc_plan_and_preprocess"):
+            proc = run(name, "-d", 966, "--no-progress", roots=world["roots"])
+            stream = "stdout" if name == "hc_verify_dataset" else "stderr"
+            one_line_error(proc, str(raw / "dataset.json"), stream=stream)
+            assert ("numTraining" if what == "numTraining" else "nested deeper") in getattr(proc, stream)
+    roots = dict(world["roots"], res=tmp_path / "res")
+    base = [DATASET_ID, "all", "--device", "cpu", "--num-workers", "0", "--no-validation", "--quiet"]
+    proc = run("hc_train", *base, "--plans-override", json.dumps({"training": {"steps": {"1": {"batch_size": 10**6}}}}),
+               roots=roots)
+    one_line_error(proc, "training.steps[1].batch_size")
+    proc = run("hc_train", *base, "--plans-override", json.dumps({"training": {"steps": {"1": {"lr": -1}}}}),
+               roots=roots)
+    one_line_error(proc, "lr")
+    out_dir = tmp_path / "existing_folder"
+    out_dir.mkdir()
+    image = write(world["image"], tmp_path / "c.nii.gz", spacing=SPACING_XYZ)
+    label = write(world["label"], tmp_path / "l.nii.gz", spacing=SPACING_XYZ)
+    one_line_error(run("hc_overlay", "-i", image, "-s", label, "-o", out_dir, roots=world["roots"]), str(out_dir))
+    one_line_error(run("hc_overlay", "-i", image, "-s", label, "-o", f"{out_dir}/new_folder/", roots=world["roots"]),
+                   "new_folder")
+
+
+def test_pickle_payloads_are_refused_everywhere(world, tmp_path):
+    """torch.load(weights_only=True) in hc_predict, hc_export_model and hc_train --continue."""
+    marker = tmp_path / "payload_ran"
+    roots = dict(world["roots"], res=tmp_path / "res")
+    fold = roots["res"] / world["pre"].name / "cascade" / "fold_all"
+    fold.mkdir(parents=True)
+    for name in ("checkpoint_final.pth", "checkpoint_latest.pth"):
+        (fold / name).write_bytes(evil_checkpoint(world, marker))
+    image = tmp_path / "in" / "c_0000.nii.gz"
+    image.parent.mkdir()
+    write(world["image"], image, spacing=SPACING_XYZ)
+    one_line_error(run("hc_predict", "-i", image.parent, "-o", tmp_path / "out", "-m", fold.parent, "-f", "all",
+                       "--device", "cpu", "--quiet", roots=roots), "checkpoint_final.pth")
+    one_line_error(run("hc_export_model", "-d", DATASET_ID, "-f", "all", "-o", tmp_path / "m.zip", roots=roots),
+                   "checkpoint_final.pth")
+    one_line_error(run("hc_train", DATASET_ID, "all", "--device", "cpu", "--num-workers", "0", "--no-validation",
+                       "--quiet", "--continue", roots=roots), "checkpoint_latest.pth")
+    assert not marker.exists() and not (tmp_path / "m.zip").exists()
+
+
+def test_concurrent_predictions_and_reinstalls(world, archive, tmp_path):
+    """Already right, kept so: two hc_predict into one folder give identical valid outputs, also while the
+    model is re-installed under them (each fold folder is swapped in whole)."""
+    roots = dict(world["roots"], res=tmp_path / "res")
+    assert run("hc_install_model", archive, roots=roots).returncode == 0
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for i in range(2):
+        write(world["image"], inp / f"c{i}_0000.nii.gz", spacing=SPACING_XYZ)
+    args = ["-i", inp, "-d", DATASET_ID, "--device", "cpu", "--quiet"]
+    assert run("hc_predict", *args, "-o", tmp_path / "ref", roots=roots).returncode == 0
+    env = environment(roots)
+    preds = [subprocess.Popen(command("hc_predict") + [str(a) for a in args] + ["-o", str(tmp_path / "both")],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for _ in range(2):
+        proc = run("hc_install_model", archive, "--overwrite", roots=roots)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    for p in preds:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0 and "Traceback" not in err, err[-2000:]
+    for i in range(2):
+        a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "ref" / f"c{i}.nii.gz")))
+        b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "both" / f"c{i}.nii.gz")))
+        assert np.array_equal(a, b)
+    assert temp_files(tmp_path / "both") == [] and sorted(p.name for p in (roots["res"] / world["pre"].name /
+                                                                          "cascade").iterdir()) == ["fold_all"]

@@ -6,6 +6,7 @@ fields); the model folder is written as training writes it (documentation/conven
 from __future__ import annotations
 
 import copy
+import csv
 import hashlib
 import json
 import shutil
@@ -660,8 +661,9 @@ def test_part_sharding(tmp_path):
         code, _, err = run_cli(["-i", tmp_path / "in", "-o", out, "-m", model, "--device", "cpu", "--quiet",
                                 "--part-id", part, "--num-parts", 2])
         assert code == 0, err
-        names = sorted(p.name.replace(".nii.gz", "") for p in out.iterdir())
+        names = sorted(p.name.replace(".nii.gz", "") for p in out.glob("*.nii.gz"))
         assert names == sorted(ids)[part::2]
+        assert (out / f"measures_part{part}.csv").is_file()
         written += names
     assert sorted(written) == ids
     code, _, err = run_cli(["-i", tmp_path / "in", "-o", tmp_path / "x", "-m", model, "--part-id", 2,
@@ -680,7 +682,10 @@ def test_bad_input_fails_alone(tmp_path):
     bad_lines = [line for line in err.splitlines() if "bad" in line and line.startswith("error:")]
     assert len(bad_lines) == 1 and "Traceback" not in err
     assert "1 failed" in err.splitlines()[-1] and "2 predicted" in err.splitlines()[-1]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{c}.nii.gz" for c in ids]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        [f"{c}.nii.gz" for c in ids] + ["failures.csv", "itksnap_labels.txt", "measures.csv"])
+    failures = (tmp_path / "out" / "failures.csv").read_text().splitlines()
+    assert failures[0] == "case,error" and len(failures) == 2 and failures[1].startswith("bad,")
 
 
 def test_existing_output_skipped_unless_overwrite(tmp_path):
@@ -718,7 +723,8 @@ def test_atomic_output_on_write_failure(tmp_path, monkeypatch):
     code, _, err = run_cli(["-i", tmp_path / "in", "-o", tmp_path / "out", "-m", model, "--device", "cpu",
                             "--quiet"])
     assert code == 1 and "case00" in err and "disk full" in err
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["case01.nii.gz"]  # no temp, no partial
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [  # no temp, no partial
+        "case01.nii.gz", "failures.csv", "itksnap_labels.txt", "measures.csv"]
 
 
 def test_model_folder_errors(tmp_path):
@@ -786,3 +792,103 @@ def test_prefetch_and_writer_capture_errors():
     writer.submit("b", lambda: 1 / 0)
     errors = writer.close()
     assert set(errors) == {"b"} and sorted(done) == ["a", "b"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Clinical output formats and cohort runs (issue #22)
+
+
+def write_dicom_series(image: sitk.Image, folder: Path) -> Path:
+    """``image`` as an MR DICOM series (int16 slices with the tags a DICOM-SEG must reference)."""
+    folder.mkdir(parents=True)
+    arr = sitk.GetArrayFromImage(image).astype(np.float64)
+    scaled = sitk.GetImageFromArray(np.round((arr - arr.min()) / max(np.ptp(arr), 1e-6) * 1000).astype(np.int16))
+    scaled.CopyInformation(image)
+    d = image.GetDirection()
+    orientation = "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))
+    root = "1.2.826.0.1.3680043.2.1125.7"
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for i in range(scaled.GetSize()[2]):
+        s = scaled[:, :, i]
+        for tag, value in {"0008|0016": "1.2.840.10008.5.1.4.1.1.4", "0008|0018": f"{root}.3.{i + 1}",
+                           "0020|000d": f"{root}.1", "0020|000e": f"{root}.2", "0020|0052": f"{root}.4",
+                           "0008|0060": "MR", "0010|0010": "Test^Heart", "0010|0020": "HC001",
+                           "0020|0010": "1", "0020|0011": "1", "0020|0013": str(i + 1),
+                           "0008|0020": "20260101", "0008|0030": "120000", "0020|0037": orientation,
+                           "0020|0032": "\\".join(f"{v:.6f}" for v in
+                                                   scaled.TransformIndexToPhysicalPoint((0, 0, i)))}.items():
+            s.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{i:03d}.dcm"))
+        writer.Execute(s)
+    return folder
+
+
+def test_dicom_series_to_dicom_seg_and_seg_nrrd(shared_data, tmp_path):
+    """One MS-CMRSeg scan as a DICOM series -> DICOM-SEG (read back by highdicom: three named, coded
+    segments, voxel for voxel the NIfTI prediction) and seg.nrrd (same labels and names)."""
+    import highdicom as hd
+
+    from heartcascade.dataset.segformats.dicom_seg import series_files
+    from heartcascade.dataset.segformats.seg_nrrd import read_seg_nrrd_segments
+    from heartcascade.inference.batch import predict_files
+
+    scan = sitk.ReadImage(str(shared_data / "mscmrseg2019_bssfp" / "image_1.nii.gz"))
+    series = write_dicom_series(scan[64:192, 64:192, :], tmp_path / "patient1")
+    predictor = Predictor(tiny_plans(), build(tiny_plans()), device="cpu")
+    for fmt in ("nifti", "dicom-seg", "seg.nrrd"):
+        report = predict_files(predictor, series, tmp_path / fmt, output_format=fmt, background_io=False)
+        assert report.ok and report.written == ["patient1"], report.failed
+    nifti = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "nifti" / "patient1.nii.gz")))
+    assert set(np.unique(nifti)) == {0, *CODES.values()}  # the seeded untrained model paints all three
+    assert set(np.unique(nifti)) - {0} <= set(CODES.values()) and nifti.any()
+    seg = hd.seg.segread(tmp_path / "dicom-seg" / "patient1.dcm")
+    described = {n: seg.get_segment_description(n) for n in seg.segment_numbers}
+    assert [d.segment_label for d in described.values()] == ["Myo", "LV", "RV"]
+    assert described[2].segmented_property_type.value == "87878005"  # SNOMED-CT left ventricle
+    assert described[2].segmented_property_category.value == "91723000"  # anatomical structure
+    uids = [pydicom_uid(f) for f in series_files(series)]
+    assert seg.StudyInstanceUID == "1.2.826.0.1.3680043.2.1125.7.1"  # the input's study, referencing its slices
+    assert len(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == len(uids)
+    numbers = seg.get_pixels_by_source_instance(uids, combine_segments=True, skip_overlap_checks=True)
+    by_number = np.array([0, CODES[1], CODES[2], CODES[3]])  # segment n is training label n here
+    assert np.array_equal(by_number[numbers], nifti)
+    back = sitk.ReadImage(str(tmp_path / "seg.nrrd" / "patient1.seg.nrrd"))
+    assert np.array_equal(sitk.GetArrayFromImage(back), nifti)
+    assert read_seg_nrrd_segments(tmp_path / "seg.nrrd" / "patient1.seg.nrrd") == {200: "Myo", 500: "LV", 600: "RV"}
+    # a NIfTI input cannot become a DICOM-SEG: that case fails alone, with a clear reason
+    sitk.WriteImage(synth(), str(tmp_path / "plain.nii.gz"))
+    report = predict_files(predictor, tmp_path / "plain.nii.gz", tmp_path / "x", output_format="dicom-seg")
+    assert "needs a DICOM series" in report.failed["plain"]
+
+
+def pydicom_uid(path: str) -> str:
+    import pydicom
+
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def test_cohort_list_with_a_broken_file(tmp_path):
+    """A case list with one broken and one missing file: the others are predicted, failures.csv names
+    both, the exit code is 1 and the last line sums it up; measures.csv covers the good cases."""
+    ids = _folder_of_cases(tmp_path / "in", 3)
+    (tmp_path / "in" / "broken_0000.nii.gz").write_bytes(b"not an image" * 20)
+    names = [f"in/{c}_0000.nii.gz" for c in ids] + ["in/broken_0000.nii.gz", "in/gone_0000.nii.gz"]
+    (tmp_path / "cohort.csv").write_text("case,image\n" + "".join(f"p{i},{n}\n" for i, n in enumerate(names)))
+    model = write_model(tmp_path / "model", tiny_plans())
+    code, out, err = run_cli(["-i", tmp_path / "cohort.csv", "-o", tmp_path / "out", "-m", model, "--device", "cpu"])
+    assert code == 1
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz")) == ["p0.nii.gz", "p1.nii.gz", "p2.nii.gz"]
+    failures = list(csv.DictReader((tmp_path / "out" / "failures.csv").open()))
+    assert [r["case"] for r in failures] == ["p3", "p4"]
+    assert "broken_0000.nii.gz" in failures[0]["error"] and "not found" in failures[1]["error"]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("hc_predict: 3 predicted") and "2 failed: p3, p4" in last and "failures.csv" in last
+    assert "[3/4]" in out and "ETA" in out and " s -> " in out  # i/N of the readable cases, per-case time
+    measured = list(csv.DictReader((tmp_path / "out" / "measures.csv").open()))
+    assert [r["case"] for r in measured] == ["p0", "p1", "p2"] and "LV_ml" in measured[0]
+    # rerun after fixing nothing: good cases skipped, measures kept, still failing
+    code, out, err = run_cli(["-i", tmp_path / "cohort.csv", "-o", tmp_path / "out", "-m", model, "--device", "cpu",
+                              "--quiet"])
+    assert code == 1 and "3 skipped" in err.strip().splitlines()[-1]
+    assert [r["case"] for r in csv.DictReader((tmp_path / "out" / "measures.csv").open())] == ["p0", "p1", "p2"]

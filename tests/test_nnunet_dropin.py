@@ -91,6 +91,61 @@ def test_glued_short_option_message():
     assert "unknown option -d1" in err.getvalue() and "'-d 1'" in err.getvalue()
 
 
+def _parse_error(parser, argv) -> str:
+    err = io.StringIO()
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(err):
+        parser.parse_args(argv)
+    return err.getvalue().strip().splitlines()[-1]
+
+
+def test_misspelling_hints_name_real_options():
+    from heartcascade.cli import plan_and_preprocess, predict, train
+
+    line = _parse_error(plan_and_preprocess.build_parser(), ["-d", "1", "-gpu_memory_target", "8"])
+    assert "unknown option -gpu_memory_target (did you mean --gpu-memory-gb?)" in line, line
+    assert "-g pu" not in line
+    line = _parse_error(train.build_parser(), ["1", "0", "--time_budget", "5m"])
+    assert "unrecognized arguments" in line and "--time_budget -> --time-budget" in line, line
+    line = _parse_error(predict.build_parser(), ["-i", "a", "-o", "b", "-xyzzy"])
+    assert line.endswith("unknown option -xyzzy"), line  # nothing close: no made-up suggestion
+
+
+def test_nnunet_configuration_in_fold_position_is_explained():
+    from heartcascade.cli import train
+
+    line = _parse_error(train.build_parser(), ["1", "3d_fullres", "0"])
+    assert "'3d_fullres' is an nnU-Net configuration" in line and "'hc_train 1 0'" in line, line
+
+
+def test_other_nnunet_flags_accepted_or_refused_with_a_reason():
+    from heartcascade.cli import predict, train
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        args = predict.build_parser().parse_args(["-i", "a", "-o", "b", "-npp", "3", "-nps", "2"])
+    assert not hasattr(args, "npp") and "note: -npp 3 (nnU-Net) is accepted and ignored" in err.getvalue()
+    for argv, expect in ((["1", "0", "--npz"], "hc_predict --nnunet-probabilities"),
+                         (["1", "0", "-num_gpus", "2"], "torchrun --nproc_per_node"),
+                         (["1", "0", "-tr", "nnUNetTrainer"], "no trainer classes")):
+        line = _parse_error(train.build_parser(), argv)
+        assert f"{argv[2]} (nnU-Net) is not supported: " in line and expect in line, line
+    args = train.build_parser().parse_args(["1", "0", "-pretrained_weights", "m.pth"])
+    assert args.pretrained == "m.pth"
+    line = _parse_error(predict.build_parser(), ["-i", "a", "-o", "b", "-prev_stage_predictions", "x"])
+    assert "cascade runs both of its stages itself" in line
+
+
+def test_fold_averaging_refuses_another_label_order():
+    from heartcascade.inference.model_loading import check_compatible_plans
+
+    a = tiny_plans()
+    b = json.loads(json.dumps(a))
+    b["labels"] = {"background": 0, "LV": 1, "Myo": 2, "RV": 3}
+    assert a["labels"] != b["labels"]
+    with pytest.raises(HCError, match="plans 'labels' differ"):
+        check_compatible_plans(a, b, "fold_1")
+
+
 def test_predict_accepts_nnunet_spellings():
     from heartcascade.cli import predict
 
@@ -98,8 +153,10 @@ def test_predict_accepts_nnunet_spellings():
     args = parser.parse_args(["-i", "in", "-o", "out", "-d", "1", "-device", "cpu", "-chk", "checkpoint_best.pth",
                               "--save_probabilities", "-num_parts", "3", "-part_id", "2", "--disable_tta",
                               "--continue_prediction", "--verbose"])
-    assert (args.device, args.checkpoint, args.save_probabilities, args.num_parts, args.part_id, args.tta) == \
+    assert (args.device, args.checkpoint, args.nnunet_probabilities, args.num_parts, args.part_id, args.tta) == \
         ("cpu", "checkpoint_best.pth", True, 3, 2, False)
+    assert args.save_probabilities is False  # nnU-Net's spelling writes nnU-Net's files, not the ROI npz
+    assert parser.parse_args(["-i", "a", "-o", "b", "--save-probabilities"]).nnunet_probabilities is False
     assert parser.parse_args(["-i", "a", "-o", "b", "-d", "1", "--tta"]).tta is True
     with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
         parser.parse_args(["-i", "a", "-o", "b", "-d", "1", "--dev", "cpu"])  # no prefix matching
@@ -240,6 +297,85 @@ def test_predict_overlays_and_nnunet_probabilities(tmp_path):
     assert props["spacing"] == list(reversed(image.GetSpacing()))
     with open(out / "c.pkl", "rb") as handle:
         assert pickle.load(handle) == props
+
+
+def _nnunet_folder(folder: Path, probs: np.ndarray, labels: dict, codes: dict | None = None) -> Path:
+    folder.mkdir()
+    np.savez_compressed(folder / "c.npz", probabilities=probs.astype(np.float32))
+    props = {"sitk_stuff": {"spacing": (1.5, 1.25, 6.0), "origin": (1.0, 2.0, 3.0),
+                            "direction": (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)}, "spacing": [6.0, 1.25, 1.5]}
+    (folder / "c.pkl").write_bytes(pickle.dumps(props))
+    (folder / "dataset.json").write_text(json.dumps({"labels": labels, **({"label_codes": codes} if codes else {})}))
+    return folder
+
+
+def test_hc_ensemble_checks_and_aligns_label_order(tmp_path):
+    from heartcascade.cli import ensemble
+
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(4), size=(3, 5, 6)).transpose(3, 0, 1, 2)  # (C, z, y, x), channels bg, Myo, LV, RV
+    order = {"background": 0, "Myo": 1, "LV": 2, "RV": 3}
+    hc = _nnunet_folder(tmp_path / "hc", p, order, codes={"1": 200, "2": 500, "3": 600})
+    q = rng.dirichlet(np.ones(4), size=(3, 5, 6)).transpose(3, 0, 1, 2)
+    swapped = {"background": 0, "LV": 1, "Myo": 2, "RV": 3}  # another model's order: LV first
+    nn = _nnunet_folder(tmp_path / "nn", q[[0, 2, 1, 3]], swapped)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert ensemble.main(["-i", str(hc), str(nn), "-o", str(tmp_path / "out"), "--quiet"]) == 0
+    assert "re-ordered to match the first folder" in err.getvalue()
+    out = sitk.ReadImage(str(tmp_path / "out" / "c.nii.gz"))
+    expected = np.array([0, 200, 500, 600])[np.argmax(p + q, axis=0)]
+    assert np.array_equal(sitk.GetArrayFromImage(out), expected)
+    assert out.GetSpacing() == (1.5, 1.25, 6.0) and out.GetOrigin() == (1.0, 2.0, 3.0)
+    # other structures: refused; no dataset.json: refused with what to do
+    other = _nnunet_folder(tmp_path / "other", q, {"background": 0, "LA": 1, "RA": 2, "AA": 3})
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert ensemble.main(["-i", str(hc), str(other), "-o", str(tmp_path / "o2")]) == 1
+    assert "segment different structures" in err.getvalue()
+    (nn / "dataset.json").unlink()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert ensemble.main(["-i", str(hc), str(nn), "-o", str(tmp_path / "o3")]) == 1
+    assert "no dataset.json" in err.getvalue() and "copy the model's dataset.json" in err.getvalue()
+
+
+def test_hc_apply_postprocessing_on_a_folder_of_label_maps(tmp_path):
+    from heartcascade.cli import apply_postprocessing
+
+    plans = tiny_plans()  # label codes 1 -> 200, 2 -> 500, 3 -> 600
+    model = write_model(tmp_path / "model", plans)
+    (model / "postprocessing.json").write_text(json.dumps(
+        {"format_version": 1, "connectivity": 26, "keep_largest_foreground": True, "keep_largest_per_label": [2]}))
+    labels = np.zeros((8, 20, 20), np.uint16)
+    labels[2:6, 4:12, 4:12] = 200
+    labels[3:5, 6:9, 6:9] = 500
+    labels[3, 14, 14] = 500   # a stray blob of label 2, and one far from the heart
+    labels[7, 18, 1] = 600
+    src = tmp_path / "in"
+    src.mkdir()
+    image = sitk.GetImageFromArray(labels)
+    image.SetSpacing((1.25, 1.25, 6.0))
+    sitk.WriteImage(image, str(src / "c.nii.gz"))
+    code = apply_postprocessing.main(["-i", str(src), "-o", str(tmp_path / "out"), "-m", str(model), "--quiet"])
+    assert code == 0
+    result = sitk.ReadImage(str(tmp_path / "out" / "c.nii.gz"))
+    expected = labels.copy()
+    expected[3, 14, 14] = 0
+    expected[7, 18, 1] = 0
+    assert np.array_equal(sitk.GetArrayFromImage(result), expected)
+    assert result.GetSpacing() == image.GetSpacing()
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(src / "c.nii.gz"))), labels)  # input kept
+    # training labels are accepted too; foreign values and -i == -o are refused
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    sitk.WriteImage(sitk.GetImageFromArray((labels > 0).astype(np.uint16) * 205), str(bad / "x.nii.gz"))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert apply_postprocessing.main(["-i", str(bad), "-o", str(tmp_path / "o2"), "-m", str(model)]) == 1
+        assert apply_postprocessing.main(["-i", str(src), "-o", str(src), "-m", str(model)]) == 1
+    assert "label values [205] are not the model's labels" in err.getvalue()
+    assert "must differ from the input folder" in err.getvalue()
 
 
 def test_hc_overlay_three_views_with_reference(tmp_path):

@@ -11,9 +11,12 @@ COMMANDS = {
     "hc_predict": "predict",
     "hc_evaluate": "evaluate",
     "hc_determine_postprocessing": "determine_postprocessing",
+    "hc_apply_postprocessing": "apply_postprocessing",
+    "hc_ensemble": "ensemble",
     "hc_demo": "demo",
     "hc_benchmark": "benchmark",
     "hc_export_model": "export_model",
     "hc_install_model": "install_model",
     "hc_overlay": "overlay",
+    "hc_measure": "measure",
 }

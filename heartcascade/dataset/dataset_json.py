@@ -120,28 +120,51 @@ class DatasetInfo:
         return data
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def load_dataset(folder: str | Path) -> DatasetInfo:
+    """Read and type-check ``dataset.json`` (every problem is a one-line HCError naming the field)."""
     folder = Path(folder)
     path = folder / "dataset.json"
     data = load_json(path)
+    if not isinstance(data, dict):
+        raise HCError(f"{path}: must be a JSON object with channel_names, labels and file_ending")
     for key in ("channel_names", "labels", "file_ending"):
         if key not in data:
             raise HCError(f"{path}: missing key '{key}'")
+    channels = data["channel_names"]
+    if not isinstance(channels, dict) or not channels or \
+            sorted(channels, key=str) != sorted((str(i) for i in range(len(channels))), key=str) or \
+            not all(isinstance(v, str) and v.strip() for v in channels.values()):
+        raise HCError(f"{path}: 'channel_names' must map \"0\", \"1\", ... to non-empty names, e.g. "
+                      f"{{\"0\": \"CT\"}}, got {str(channels)[:80]}")
     labels = data["labels"]
-    if not all(isinstance(v, int) for v in labels.values()):
+    if not isinstance(labels, dict) or not labels:
+        raise HCError(f"{path}: 'labels' must be an object of name: value, e.g. {{\"background\": 0, \"LV\": 1}}")
+    if not all(_is_int(v) for v in labels.values()):
         raise HCError(f"{path}: 'labels' values must be integers (region-based labels are not supported)")
     values = sorted(labels.values())
     if values[0] != 0 or values != list(range(len(values))):
         raise HCError(f"{path}: 'labels' must be consecutive integers starting at 0 for background, got {values}")
+    ending = data["file_ending"]
+    if not isinstance(ending, str) or not ending.startswith(".") or "/" in ending or len(ending) > 16:
+        raise HCError(f"{path}: 'file_ending' must be a file ending such as \".nii.gz\", got {ending!r}")
+    num_training = data.get("numTraining", 0)
+    if not _is_int(num_training) or num_training < 0:
+        raise HCError(f"{path}: 'numTraining' must be a non-negative integer, got {num_training!r}")
     codes = data.get("label_codes")
+    if codes is not None and (not isinstance(codes, dict) or not all(
+            str(k).isdigit() and _is_int(v) for k, v in codes.items())):
+        raise HCError(f"{path}: 'label_codes' must map training labels to integer codes, e.g. {{\"1\": 500}}")
     label_codes = {int(k): int(v) for k, v in codes.items()} if codes else None
     if label_codes and set(label_codes) - set(values):
         raise HCError(f"{path}: 'label_codes' names labels not in 'labels': {sorted(set(label_codes) - set(values))}")
     known = {"channel_names", "labels", "numTraining", "file_ending", "label_codes"}
-    return DatasetInfo(folder=folder, channel_names={str(k): str(v) for k, v in data["channel_names"].items()},
-                       labels=dict(labels), num_training=int(data.get("numTraining", 0)),
-                       file_ending=str(data["file_ending"]), label_codes=label_codes,
-                       extra={k: v for k, v in data.items() if k not in known})
+    return DatasetInfo(folder=folder, channel_names={str(k): str(v) for k, v in channels.items()},
+                       labels=dict(labels), num_training=int(num_training), file_ending=ending,
+                       label_codes=label_codes, extra={k: v for k, v in data.items() if k not in known})
 
 
 def write_dataset_json(info: DatasetInfo) -> None:

@@ -23,7 +23,7 @@ from heartcascade.dataset import nifti_header
 from heartcascade.utils.atomic import atomic_path
 from heartcascade.utils.errors import HCError
 
-IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+IMAGE_ENDINGS = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 # Spacing ratio (thickest / second thickest) above which the thick axis is the acquisition's slice axis.
 ANISOTROPY_RATIO = 1.5
 

@@ -31,7 +31,8 @@ from heartcascade.evaluation.metrics import (
     label_metrics,
     mean_over_structures,
 )
-from heartcascade.utils.atomic import atomic_write_json, atomic_write_text, ensure_writable_dir, remove_temp_files_of
+from heartcascade.utils.atomic import (atomic_write_json, atomic_write_text, ensure_writable_file,
+                                       remove_temp_files_of)
 from heartcascade.utils.errors import HCError
 from heartcascade.utils.progress import progress_bar
 
@@ -379,9 +380,7 @@ def evaluate_folders(
     codes = {int(k): int(v) for k, v in label_codes.items()} if label_codes else None
 
     output_json = Path(output_json) if output_json is not None else pred_dir / "summary.json"
-    if output_json.is_dir():
-        raise HCError(f"{output_json}: summary path is a folder; give a file name such as summary.json")
-    ensure_writable_dir(output_json.parent)  # before any computation
+    ensure_writable_file(output_json, "summary path", "summary.json")  # before any computation
     refs = find_cases(ref_dir)
     preds = find_cases(pred_dir)
     if not preds:

@@ -15,15 +15,13 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from heartcascade.dataset import segments
 from heartcascade.dataset.image_io import read_image
-from heartcascade.utils.atomic import atomic_write_bytes
+from heartcascade.utils.atomic import atomic_write_bytes, ensure_writable_file
 from heartcascade.utils.errors import HCError
 
-# One colour per MM-WHS structure (label 1..7); further labels cycle.
-STRUCTURE_COLOURS = np.array([
-    [0.90, 0.10, 0.10], [0.95, 0.75, 0.10], [0.15, 0.45, 0.95], [0.60, 0.20, 0.80],
-    [0.10, 0.75, 0.75], [0.95, 0.45, 0.70], [0.30, 0.80, 0.25],
-])
+# One colour per MM-WHS structure (label 1..7); further labels cycle (the colours every output format uses).
+STRUCTURE_COLOURS = np.array(segments.STRUCTURE_COLOURS)
 
 
 def _colourise(image: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:
@@ -127,17 +125,32 @@ def write_case_overlay(image_path: str | os.PathLike, segmentation_path: str | o
                        label_names: dict[int, str] | None = None, title: str = "", dpi: int = 90) -> Path:
     """Axial, coronal and sagittal views through the heart of ``segmentation`` (and ``reference``, a
     second row) over the image, with a colour legend; written atomically as a PNG."""
-    plt, Patch = _pyplot()
+    ensure_writable_file(output_png, "overlay output", "case.png")  # before any reading
     image_sitk = read_image(image_path)
+    rows = []
+    for name, path in (("reference", reference_path), ("prediction", segmentation_path)):
+        if path is not None:
+            labels = read_image(path)
+            if labels.GetSize() != image_sitk.GetSize():
+                raise HCError(f"{path}: size {labels.GetSize()} differs from the image's {image_sitk.GetSize()} "
+                              f"({image_path})")
+            rows.append((name, labels))
+    return write_overlay_png(image_sitk, rows, output_png, label_names, title, dpi, str(image_path))
+
+
+def write_overlay_png(image_sitk: sitk.Image, label_rows: Sequence[tuple[str, sitk.Image]],
+                      output_png: str | os.PathLike, label_names: dict[int, str] | None = None, title: str = "",
+                      dpi: int = 90, image_name: str = "image") -> Path:
+    """:func:`write_case_overlay` of images already in memory (``hc_predict --overlays`` draws each
+    prediction this way without reading anything back); ``label_rows``: (row title, label image)."""
+    plt, Patch = _pyplot()
     image, spacing = _lps_array(image_sitk)
     rows: list[tuple[str, np.ndarray]] = []
-    for name, path in (("reference", reference_path), ("prediction", segmentation_path)):
-        if path is None:
-            continue
-        labels_sitk = read_image(path)
+    for name, labels_sitk in label_rows:
         if labels_sitk.GetSize() != image_sitk.GetSize():
-            raise HCError(f"{path}: size {labels_sitk.GetSize()} differs from the image's {image_sitk.GetSize()} "
-                          f"({image_path})")
+            raise HCError(f"{name}: size {labels_sitk.GetSize()} differs from the image's {image_sitk.GetSize()} "
+                          f"({image_name})")
+        labels_sitk = sitk.Image(labels_sitk)
         labels_sitk.CopyInformation(image_sitk)  # same grid; tiny header differences must not reorient
         rows.append((name, _lps_array(labels_sitk, label=True)[0]))
     centre = _centre(*(labels for _, labels in reversed(rows)))

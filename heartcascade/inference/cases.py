@@ -6,7 +6,13 @@ Accepted inputs:
   file per channel);
 * a folder of plain image files (``scan.nii.gz``, ``patient7.mha``): each file is a single-channel case;
 * a single image file;
-* a folder holding one DICOM series, or a folder whose sub-folders each hold one DICOM series.
+* a folder holding one DICOM series, or a folder whose sub-folders each hold one DICOM series;
+* a case list (cohort runs): a ``.txt`` file with one image path (file or DICOM series folder) per
+  line, or a ``.csv`` file whose header names the image column(s) (``image``, or ``image_0000``,
+  ``image_0001`` ... one per channel, in header order) and optionally the case id (``case`` or
+  ``case_id``; default: the first image's name). Relative paths are relative to the list's folder;
+  blank lines and lines starting with ``#`` are ignored. A listed file that is missing fails its case
+  alone.
 
 Discovery never reads voxel data; a case whose files are incomplete (a missing channel) or ambiguous
 (two files for the same output name) is returned with ``error`` set so that the caller can report it
@@ -14,6 +20,7 @@ as failed and go on with the others.
 """
 from __future__ import annotations
 
+import csv
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +34,7 @@ from heartcascade.utils.errors import HCError
 _CHANNEL_RE = re.compile(r"^(.+)_(\d{4})$")
 #: Output ending per input ending; formats that need a second file (.mhd/.raw, .nhdr/.raw) and DICOM
 #: are written as a single self-contained file instead.
-_OUTPUT_ENDING = {".nii.gz": ".nii.gz", ".nii": ".nii", ".nrrd": ".nrrd", ".nhdr": ".nrrd", ".mha": ".mha",
+_OUTPUT_ENDING = {".nii.gz": ".nii.gz", ".nii": ".nii", ".nrrd": ".nrrd", ".seg.nrrd": ".nrrd", ".nhdr": ".nrrd", ".mha": ".mha",
                   ".mhd": ".mha", ".dcm": ".nii.gz"}
 DEFAULT_OUTPUT_ENDING = ".nii.gz"
 
@@ -74,19 +81,29 @@ def _is_dicom_series_folder(folder: Path) -> bool:
 
 
 def discover_cases(input_path: str | Path, num_channels: int = 1,
-                   output_dir: str | Path | None = None) -> list[InputCase]:
+                   output_dir: str | Path | None = None, output_ending: str | None = None) -> list[InputCase]:
     """The cases under ``input_path``, sorted by case id (the order sharding relies on).
 
     With ``output_dir`` given, label maps this command wrote there earlier are not taken for inputs
     (``-i`` may equal ``-o``), and a case whose output would replace one of its inputs is failed.
+    ``output_ending`` (``--output-format``) replaces every case's own output ending first.
     """
-    path = Path(input_path)
+    cases = _discover(Path(input_path), num_channels)
+    if output_ending is not None:
+        for case in cases:
+            case.output_ending = output_ending
+    return _mark_duplicates(_guard_inputs(sorted(cases, key=lambda c: c.case_id), output_dir))
+
+
+def _discover(path: Path, num_channels: int) -> list[InputCase]:
     if not path.exists():
         if path.is_symlink():
             raise HCError(f"{path}: broken symbolic link (its target does not exist or links back to itself)")
         raise HCError(f"{path}: input not found")
+    if path.is_file() and path.suffix.lower() in CASE_LIST_ENDINGS:
+        return read_case_list(path, num_channels)
     if path.is_file():
-        return _guard_inputs([_single_file_case(path, num_channels)], output_dir)
+        return [_single_file_case(path, num_channels)]
     entries = sorted((p for p in path.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
     files = [p for p in entries if is_image_file(p) and image_ending(p.name) != ".dcm"]
     odd = [_odd_entry_case(p) for p in entries
@@ -101,7 +118,62 @@ def discover_cases(input_path: str | Path, num_channels: int = 1,
     if not cases:
         raise HCError(f"{path}: no images found (expected files ending in {', '.join(IMAGE_ENDINGS)} "
                       f"or DICOM series)")
-    return _mark_duplicates(_guard_inputs(sorted(cases, key=lambda c: c.case_id), output_dir))
+    return cases
+
+
+#: Endings of a case list file (``hc_predict -i cases.csv``).
+CASE_LIST_ENDINGS = (".txt", ".csv")
+_CASE_COLUMNS = ("case", "case_id", "id")
+
+
+def read_case_list(path: Path, num_channels: int = 1) -> list[InputCase]:
+    """The cases of a ``.txt`` (one image path per line) or ``.csv`` (header with image column(s) and an
+    optional case id) case list; see the module docstring."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise HCError(f"{path}: cannot read the case list ({exc})") from None
+    rows: list[tuple[str | None, list[str]]] = []
+    if path.suffix.lower() == ".csv":
+        reader = csv.DictReader(line for line in text.splitlines() if line.strip() and not line.startswith("#"))
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        image_columns = [h for h in header if h.lower().startswith("image")]
+        id_column = next((h for h in header if h.lower() in _CASE_COLUMNS), None)
+        if not image_columns:
+            raise HCError(f"{path}: the header names no image column (expected 'image' or 'image_0000', "
+                          f"'image_0001' ..., optionally 'case'); got {', '.join(header) or 'nothing'}")
+        for row in reader:
+            row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+            rows.append((row.get(id_column) or None if id_column else None, [row[c] for c in image_columns]))
+    else:
+        rows = [(None, [line.strip()]) for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    if not rows:
+        raise HCError(f"{path}: the case list names no images")
+    cases = []
+    for line, (case_id, names) in enumerate(rows, start=2 if path.suffix.lower() == ".csv" else 1):
+        files = [_listed_path(path, n) for n in names if n]
+        if not files:
+            cases.append(InputCase(case_id or f"row{line}", [path], error=f"{path}: row {line} names no image"))
+            continue
+        first = files[0]
+        if case_id is None:
+            stem = strip_image_ending(first.name)
+            match = _CHANNEL_RE.match(stem)
+            case_id = match.group(1) if match and int(match.group(2)) == 0 else stem
+        ending = DEFAULT_OUTPUT_ENDING if first.is_dir() else output_ending_for(first)
+        case = InputCase(case_id, files, ending)
+        missing = [f for f in files if not f.exists()]
+        if missing:
+            case.error = f"{missing[0]}: listed in {path.name} but not found"
+        elif len(files) != num_channels:
+            case.error = f"{path}: case {case_id}: {len(files)} image(s) listed, the model needs {num_channels}"
+        cases.append(case)
+    return cases
+
+
+def _listed_path(list_file: Path, name: str) -> Path:
+    p = Path(name).expanduser()
+    return p if p.is_absolute() else list_file.parent / p
 
 
 def _odd_entry_case(path: Path) -> InputCase:

@@ -160,7 +160,8 @@ def load_folds(model_dir: str | Path, folds: Sequence[str | int] | None = None, 
 
 def check_compatible_plans(a: Mapping[str, Any], b: Mapping[str, Any], where: Any) -> None:
     """Folds are averaged voxel by voxel, so they must share preprocessing, grids and classes."""
-    keys = ("num_classes", "num_input_channels", "modality", "normalization", "full_resolution", "cropping")
+    keys = ("num_classes", "labels", "num_input_channels", "modality", "normalization", "full_resolution",
+            "cropping")
     for key in keys:
         if a.get(key) != b.get(key):
             raise HCError(f"{where}: plans '{key}' differ from the first fold's; folds cannot be averaged")

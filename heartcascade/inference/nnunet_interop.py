@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from heartcascade.dataset.image_io import Geometry, read_image
-from heartcascade.inference.results import load_probabilities
+from heartcascade.dataset.image_io import Geometry
+from heartcascade.inference.results import RoiProbabilities
 from heartcascade.utils.atomic import atomic_path, atomic_write_bytes
 from heartcascade.utils.errors import HCError
 
@@ -28,19 +28,17 @@ def nnunet_properties(geometry: Geometry) -> dict[str, Any]:
             "spacing": [float(s) for s in reversed(geometry.spacing)]}
 
 
-def write_nnunet_probabilities(npz_path: str | os.PathLike, image_path: str | os.PathLike) -> tuple[Path, Path]:
-    """Replace heartcascade's region-of-interest ``CASE.npz`` by nnU-Net's full-volume one and add
-    ``CASE.pkl``; returns both paths."""
+def write_nnunet_probability_files(probabilities: RoiProbabilities, geometry: Geometry,
+                                   npz_path: str | os.PathLike) -> tuple[Path, Path]:
+    """nnU-Net's full-volume ``CASE.npz`` and its ``CASE.pkl`` for probabilities on ``geometry``'s grid
+    (the batch loop writes these directly with ``--nnunet-probabilities``); returns both paths."""
     npz_path = Path(npz_path)
-    if not npz_path.is_file():
-        raise HCError(f"{npz_path}: probabilities not found")
-    geometry = Geometry.of(read_image(image_path))
-    full = load_probabilities(npz_path).full(np.float32)
+    full = probabilities.full(np.float32)
     if full.shape[1:] != tuple(reversed(geometry.size)):
-        raise HCError(f"{npz_path}: probabilities of shape {full.shape[1:]} do not fit {image_path}")
-    properties = nnunet_properties(geometry)
+        raise HCError(f"{npz_path}: probabilities of shape {full.shape[1:]} do not fit the image of size "
+                      f"{geometry.size}")
     pkl_path = npz_path.with_suffix(".pkl")
-    atomic_write_bytes(pkl_path, pickle.dumps(properties))
+    atomic_write_bytes(pkl_path, pickle.dumps(nnunet_properties(geometry)))
     with atomic_path(npz_path, suffix=".npz") as tmp:
         np.savez_compressed(tmp, probabilities=full)
     return npz_path, pkl_path

@@ -26,15 +26,13 @@ import itertools
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
 from heartcascade.inference import roi as roi_mod
-from heartcascade.inference.batch import predict_files
-from heartcascade.inference.cases import InputCase
 from heartcascade.inference.io_pipeline import tune_host_allocator
 from heartcascade.inference.model_loading import check_compatible_plans, load_folds, model_dir_for
 from heartcascade.inference.net2_runner import net2_chunks
@@ -419,19 +417,3 @@ class Predictor:
         widths = getattr(net, "widths", [32])
         per_voxel = sum(w / 8 ** level for level, w in enumerate(widths)) * 6 * 4
         return per_voxel * float(np.prod(padded_shape)) <= self._memory_budget()
-
-    # -- restoring probabilities --------------------------------------------------------------
-    # -- many cases ---------------------------------------------------------------------------
-    def predict_files(self, inputs: str | Path | Sequence[Sequence[str | Path]] | Sequence[InputCase],
-                      output_dir: str | Path, overwrite: bool = False, save_probabilities: bool = False,
-                      net1_only: bool = False, part_id: int = 0, num_parts: int = 1,
-                      case_ids: Sequence[str] | None = None, apply_label_codes: bool = True,
-                      background_io: bool = True, log: Callable[[str], None] | None = None) -> PredictionReport:
-        """Predict every case of ``inputs`` into ``output_dir``; one case failing never stops the others.
-
-        ``inputs``: a folder / file / DICOM folder (see :mod:`heartcascade.inference.cases`), a list of
-        per-case file lists (``case_ids`` optionally names them), or a list of ``InputCase``. Reading,
-        predicting and writing overlap (:mod:`heartcascade.inference.batch`).
-        """
-        return predict_files(self, inputs, output_dir, overwrite, save_probabilities, net1_only, part_id, num_parts,
-                             case_ids, apply_label_codes, background_io, log)

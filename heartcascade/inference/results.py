@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 
 from heartcascade.dataset import image_io
-from heartcascade.dataset.image_io import Geometry
 from heartcascade.inference import roi as roi_mod
 from heartcascade.preprocessing.preprocess import restore_to_original
 from heartcascade.utils.atomic import atomic_path
@@ -46,12 +45,15 @@ class CaseResult:
 
 @dataclass
 class PredictionReport:
-    """What :meth:`Predictor.predict_files` did."""
+    """What :func:`heartcascade.inference.batch.predict_files` did."""
 
     written: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     outputs: dict[str, Path] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # prediction time per predicted case
+    existing: dict[str, Path] = field(default_factory=dict)  # output of each skipped case (an earlier run's)
+    notes: list[str] = field(default_factory=list)  # side files (failures.csv, ...) that could not be written
 
     @property
     def ok(self) -> bool:
@@ -71,15 +73,11 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:300]}"
 
 
-def write_outputs(labels: np.ndarray, geometry: Geometry, out: Path, reference: Path | None,
-                   probabilities: RoiProbabilities | None, num_classes: int) -> None:
-    """Probabilities first, label map last: a label map on disk means the case is complete."""
-    if probabilities is not None:
-        path = probabilities_path(out)
-        with atomic_path(path, suffix=".npz") as tmp:
-            np.savez_compressed(tmp, probabilities=probabilities.array, bbox_zyx=np.asarray(probabilities.box),
-                                shape_zyx=np.asarray(probabilities.shape), num_classes=np.asarray(num_classes))
-    image_io.write_array(labels, geometry, out, reference=reference)
+def save_roi_probabilities(probabilities: RoiProbabilities, path: str | Path, num_classes: int) -> None:
+    """heartcascade's ``CASE.npz``: the probabilities inside the region of interest and where it lies."""
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez_compressed(tmp, probabilities=probabilities.array, bbox_zyx=np.asarray(probabilities.box),
+                            shape_zyx=np.asarray(probabilities.shape), num_classes=np.asarray(num_classes))
 
 
 def probabilities_path(label_path: str | Path) -> Path:

@@ -63,12 +63,14 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _int(lo: int | None = None) -> Callable[[Any], int]:
+def _int(lo: int | None = None, hi: int | None = None) -> Callable[[Any], int]:
     def check(v: Any) -> int:
         if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())):
             raise _Bad(f"must be an integer, got {v!r}")
         if lo is not None and v < lo:
             raise _Bad(f"must be >= {lo}, got {v!r}")
+        if hi is not None and v > hi:
+            raise _Bad(f"must be <= {hi}, got {v!r}")
         return int(v)
     return check
 
@@ -133,7 +135,11 @@ def _dilation(v: Any) -> int | tuple[int, int, int]:
     return _int(1)(v)
 
 
-_SHAPE = _list(_int(1), 3)
+#: Upper bounds of sizes and counts (far above any real plan; hostile values fail validation naming the field).
+_MAX_SIDE = 2**16
+_MAX_WIDTH = 2**14
+_MAX_COUNT = 10**9
+_SHAPE = _list(_int(1, _MAX_SIDE), 3)
 _SPACING = _list(_num(0, open_lo=True), 3)
 
 
@@ -221,9 +227,9 @@ class Net1Plan:
     coarse_shape_median: tuple[int, int, int] = _f(_list(_int(0), 3))
     in_channels: int = _f(_int(1))
     num_classes: int = _f(_int(2))
-    base_features: int = _f(_int(1))
-    max_features: int = _f(_int(1))
-    widths: tuple[int, ...] = _f(_list(_int(1)))
+    base_features: int = _f(_int(1, _MAX_WIDTH))
+    max_features: int = _f(_int(1, _MAX_WIDTH))
+    widths: tuple[int, ...] = _f(_list(_int(1, _MAX_WIDTH)))
     dilations: tuple[Any, ...] = _f(_list(_dilation, nonempty=True))
     bottleneck_dilation: int = _f(_int(1))
     dropout: float = _f(_num(0, 1))
@@ -238,9 +244,9 @@ class Net2Plan:
     input_mode: str = _f(_str(NET2_INPUT_MODES))
     in_channels: int = _f(_int(1))
     num_classes: int = _f(_int(2))
-    base_features: int = _f(_int(1))
-    max_features: int = _f(_int(1))
-    widths: tuple[int, ...] = _f(_list(_int(1)))
+    base_features: int = _f(_int(1, _MAX_WIDTH))
+    max_features: int = _f(_int(1, _MAX_WIDTH))
+    widths: tuple[int, ...] = _f(_list(_int(1, _MAX_WIDTH)))
     num_levels: int = _f(_int(0))
     recursions: int = _f(_int(0))
     convs_per_level: int = _f(_int(1))
@@ -259,9 +265,9 @@ class StepPlan:
     train: tuple[str, ...] = _f(_list(_str(("net1", "net2")), nonempty=True))
     losses: tuple[str, ...] = _f(_list(_str(), nonempty=True))
     input: str = _f(_str(tuple(sorted(set(STEP_INPUTS.values())))))
-    batch_size: int = _f(_int(1))
-    epochs: int = _f(_int(0))
-    iterations_per_epoch: int = _f(_int(1))
+    batch_size: int = _f(_int(1, _MAX_COUNT))
+    epochs: int = _f(_int(0, _MAX_COUNT))
+    iterations_per_epoch: int = _f(_int(1, _MAX_COUNT))
     lr: float = _f(_num(0, open_lo=True))
     predicted_peak_gb: float | None = _f(_opt(_num(0)))
     time_fraction: float | None = _f(_opt(_num(0, 1)))
@@ -297,9 +303,9 @@ class TrainingPlan:
     checkpoint_interval_epochs: int = _f(_int(1))
     checkpoint_interval_iterations: int = _f(_int(0))
     val_max_cases: int | None = _f(_opt(_int(1)))
-    num_workers: int | None = _f(_opt(_int(0)))
-    num_threads: int | None = _f(_opt(_int(1)))
-    seed: int = _f(_int())
+    num_workers: int | None = _f(_opt(_int(0, 1024)))
+    num_threads: int | None = _f(_opt(_int(1, 4096)))
+    seed: int = _f(_int(0, 2**63 - 1))
     steps: tuple[StepPlan, ...] = dataclasses.field(default=())
 
     def step(self, number: int) -> StepPlan:
@@ -321,8 +327,8 @@ class InferencePlan:
     roi_rule: str = _f(_str(ROI_RULES))
     roi_min_component_fraction: float = _f(_num(0, 1))
     roi_join_distance_mm: float = _f(_num(0))
-    z_chunk: int | None = _f(_opt(_int(1)))
-    max_z_chunk: int | None = _f(_opt(_int(1)))
+    z_chunk: int | None = _f(_opt(_int(1, _MAX_SIDE)))
+    max_z_chunk: int | None = _f(_opt(_int(1, _MAX_SIDE)))
     memory_budget_gb: float | None = _f(_opt(_num(0, open_lo=True)))
     predicted_peak_gb: float | None = _f(_opt(_num(0)))
     roi_centre_sigma: float = _f(_num(0), 0.0)  # 0 = components ranked by mass alone (models planned before it)
@@ -333,15 +339,15 @@ class InferencePlan:
 class BaselinePlan:
     spacing: tuple[float, float, float] = _f(_SPACING)
     patch_shape: tuple[int, int, int] = _f(_SHAPE)
-    batch_size: int = _f(_int(1))
-    base_features: int = _f(_int(1))
-    max_features: int = _f(_int(1))
+    batch_size: int = _f(_int(1, _MAX_COUNT))
+    base_features: int = _f(_int(1, _MAX_WIDTH))
+    max_features: int = _f(_int(1, _MAX_WIDTH))
     num_levels: int = _f(_int(1))
     norm: str | None = _f(_opt(_str(("instance", "none"))))
-    widths: tuple[int, ...] = _f(_list(_int(1)))
+    widths: tuple[int, ...] = _f(_list(_int(1, _MAX_WIDTH)))
     lr: float = _f(_num(0, open_lo=True))
-    epochs: int = _f(_int(0))
-    iterations_per_epoch: int = _f(_int(1))
+    epochs: int = _f(_int(0, _MAX_COUNT))
+    iterations_per_epoch: int = _f(_int(1, _MAX_COUNT))
     losses: tuple[str, ...] = _f(_list(_str(), nonempty=True))
     predicted_peak_gb: float | None = _f(_opt(_num(0)))
 

@@ -9,7 +9,6 @@ See documentation/plans.md for the fields and documentation/training.md for how 
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -19,6 +18,7 @@ from heartcascade.planning.augmentation_plan import AugmentationParams
 from heartcascade.planning.curriculum import STEP_INPUT_KINDS, STEP_NUMBERS
 from heartcascade.planning.plans import Plans, StepPlan, as_plans, check_override_keys
 from heartcascade.utils.errors import HCError
+from heartcascade.utils.jsonio import parse_json
 from heartcascade.utils.merge import deep_merge
 
 __all__ = ["deep_merge"]  # re-exported: overrides are merged with the same rule as presets
@@ -114,10 +114,7 @@ def parse_override(text: str | Mapping[str, Any] | None) -> dict[str, Any] | Non
     if not text.lstrip().startswith("{") and candidate.is_file():
         source = str(candidate)
         text = candidate.read_text(encoding="utf-8")
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise HCError(f"{source}: not valid JSON ({exc})") from None
+    value = parse_json(text, source)
     if not isinstance(value, dict):
         raise HCError(f"{source}: must be a JSON object, e.g. '{{\"training\": {{...}}}}'")
     return normalise_override(value, source)

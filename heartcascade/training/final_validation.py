@@ -25,6 +25,7 @@ from heartcascade.dataset.dataset_json import load_dataset
 from heartcascade.dataset.image_io import Geometry, write_array
 from heartcascade.evaluation.evaluate import evaluate_folders
 from heartcascade.evaluation.postprocessing import determine_postprocessing
+from heartcascade.inference.batch import predict_files
 from heartcascade.inference.postprocessing import POSTPROCESSING_FILE
 from heartcascade.inference.predictor import Predictor
 from heartcascade.preprocessing.preprocess import restore_to_original
@@ -78,7 +79,7 @@ def run_final_validation(model_folder: Path, predictor: Predictor, ids: list[str
         log(f"final validation (in-memory, no raw labels found, {len(ids)} cases): mean Dice "
             f"{summary['mean']['dice']:.4f}")
         return summary, "in-memory"
-    report = predictor.predict_files(files, out_dir, overwrite=True, case_ids=ids)
+    report = predict_files(predictor, files, out_dir, case_ids=ids, overwrite=True)
     if report.failed:
         first = sorted(report.failed.items())[0]
         raise HCError(f"validation prediction failed for {len(report.failed)} case(s), e.g. {first[0]}: {first[1]}")

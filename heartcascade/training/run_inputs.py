@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from heartcascade.paths import find_dataset_name, parse_dataset_id, preprocessed_root, raw_root
-from heartcascade.planning.plans import load_plans, preprocessing_fields, validate_plans
+from heartcascade.planning.plans import load_plans, preprocessing_fields, preprocessing_hash, validate_plans
 from heartcascade.preprocessing.storage import list_cases
 from heartcascade.utils.errors import HCError
 from heartcascade.utils.merge import deep_merge
@@ -57,11 +57,34 @@ def run_plans(pre_dir: Path, override: Mapping[str, Any] | None, time_budget_s: 
     return plans
 
 
+def data_plans_hash(pre_dir: Path) -> str:
+    """Identity of the plans the preprocessed data were made with (the hash of the plans fields
+    preprocessing depends on, as in each case's stamp): recorded in the checkpoints as
+    ``data_plans_hash``, so a run never continues on data re-preprocessed with other plans."""
+    return preprocessing_hash(load_plans(pre_dir / "plans.json"))
+
+
+def check_data_unchanged(recorded: str | None, pre_dir: Path, where: Path | str) -> None:
+    """HCError when ``pre_dir`` was re-planned since ``recorded`` (None: a checkpoint from before the field)."""
+    if recorded is None:
+        return
+    current = data_plans_hash(pre_dir)
+    if current != recorded:
+        raise HCError(f"{where}: this run trains on data preprocessed with other plans (hash {recorded}); "
+                      f"{pre_dir} was re-planned since (hash {current}); start the fold over without --continue")
+
+
 def check_resume(resume: Mapping[str, Any], latest: Path, configuration: str, labelled: Sequence[str],
-                 data_dir: Path, requested_steps: Sequence[str] | None) -> None:
-    """A ``--continue`` checkpoint must be of this configuration, its cases still there, its steps the same."""
+                 data_dir: Path, requested_steps: Sequence[str] | None, plans_hash: str | None = None) -> None:
+    """A ``--continue`` checkpoint must be of this configuration, its cases still there, its steps the same,
+    its data preprocessed with the same plans."""
     if resume.get("configuration") != configuration:
         raise HCError(f"{latest}: is a '{resume.get('configuration')}' checkpoint, not '{configuration}'")
+    recorded = resume.get("data_plans_hash")
+    if plans_hash is not None and recorded is not None and recorded != plans_hash:
+        raise HCError(f"{latest}: the interrupted run trained on data preprocessed with other plans (hash "
+                      f"{recorded}, now {plans_hash}); hc_plan_and_preprocess re-planned {data_dir.parent} since; "
+                      "start the fold over without --continue")
     missing = sorted(set(resume.get("train_cases", [])) - set(labelled))
     if missing:
         raise HCError(f"{latest}: training case(s) {', '.join(missing[:5])} of the interrupted run are no "

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from heartcascade.inference.pretrained import load_model_weights
 from heartcascade.losses.terms import total_loss
 from heartcascade.model import from_plans
 from heartcascade.networks.blocks import init_classifier_bias
@@ -30,9 +31,12 @@ from heartcascade.training.checkpoint import checkpoint_path, load_checkpoint
 from heartcascade.training.config import (BASELINE_STEP, CASCADE_STEPS, TrainingConfig, parse_override,
                                           training_config)
 from heartcascade.training.dataloading import default_num_workers
+from heartcascade.training.finetune import initialise_from
 from heartcascade.training.logger import TrainingLogger
 from heartcascade.training.results import Callback
-from heartcascade.training.run_inputs import check_resume, find_preprocessed, labelled_cases, run_plans
+from heartcascade.training.memory_check import check_training_memory
+from heartcascade.training.run_inputs import (check_resume, data_plans_hash, find_preprocessed, labelled_cases,
+                                              run_plans)
 from heartcascade.training.splits import fold_cases, fold_folder_name, load_or_create_splits, parse_fold
 from heartcascade.training.steps import StepRunner, StepTraining, step_runner
 from heartcascade.training.time_budget import parse_duration
@@ -88,6 +92,10 @@ class TrainingSession:
         time_budget: wall-clock budget of the curriculum (``"60m"``, ``"1.5h"``, seconds); overrides the
             plans' ``training.time_budget_s``. The steps share it by their ``time_fraction``; each step's
             iteration count is set from its measured speed (see :mod:`heartcascade.training.time_budget`).
+        pretrained: start the networks from this trained model (a model zip, a model or fold folder, or a
+            ``.pth`` checkpoint) instead of a random initialisation: fine-tuning. Its plans must be
+            compatible (:func:`heartcascade.training.finetune.check_finetune_compatible`); a resumed run
+            continues from its own checkpoint instead.
     """
 
     def __init__(self, dataset: int | str, fold: int | str, configuration: str = "cascade",
@@ -96,7 +104,7 @@ class TrainingSession:
                  plans_override: str | dict[str, Any] | None = None, splits_file: str | Path | None = None,
                  seed: int | None = None, predict_validation: bool = True, progress: bool = True,
                  callback: Callback | None = None, output_folder: str | Path | None = None,
-                 time_budget: str | float | None = None) -> None:
+                 time_budget: str | float | None = None, pretrained: str | Path | None = None) -> None:
         if configuration not in ("cascade", "baseline"):
             raise HCError(f"unknown configuration {configuration!r}; expected cascade or baseline")
         self.dataset = dataset
@@ -122,6 +130,7 @@ class TrainingSession:
         self.callback = callback
         self.output_folder_arg = Path(output_folder) if output_folder is not None else None
         self.time_budget_s = None if time_budget is None else parse_duration(time_budget)
+        self.pretrained = None if pretrained is None else Path(pretrained)
         self.dist = dist_utils.DistInfo()
 
     # ------------------------------------------------------------------------------------------------
@@ -156,9 +165,11 @@ class TrainingSession:
 
         resume = None
         latest = checkpoint_path(self.output_folder, "latest")
+        self.data_plans_hash = data_plans_hash(self.pre_dir)
         if self.continue_training and latest.is_file():
             resume = load_checkpoint(latest)
-            check_resume(resume, latest, self.configuration, labelled, self.data_dir, self.requested_steps)
+            check_resume(resume, latest, self.configuration, labelled, self.data_dir, self.requested_steps,
+                         self.data_plans_hash)
             self.plans = read_plans(resume["plans"], str(latest))  # a run started before an upgrade: upgraded
             self.seed = int(resume.get("seed", 0))
             self.step_names = list(resume["steps"])
@@ -176,6 +187,7 @@ class TrainingSession:
         self.step_names = [s for s in self.step_names if self.cfg.steps[s].iterations > 0]
         if not self.step_names:
             raise HCError("nothing to train: every selected step has 0 epochs or is disabled in the plans")
+        check_training_memory(self.plans, self.cfg, self.step_names, self.device)
         self.num_workers = self.num_workers_arg if self.num_workers_arg is not None \
             else default_num_workers(self.cfg.num_workers)
         if self.device.type == "cpu":
@@ -211,6 +223,8 @@ class TrainingSession:
         if self.cfg.classifier_bias_init == "class_prior" and self.cfg.class_fractions:
             for net in self.networks.values():
                 init_classifier_bias(net.classifier, self.cfg.class_fractions)
+        if self.pretrained is not None and self._resume is None:
+            self._initialise_from_pretrained()
         if self.device.type == "cpu":
             # The 3D U-Nets (Net1, the baseline) train 1.3-1.5x faster in channels-last-3d on the CPU
             # (oneDNN's blocked convolutions); Net2's thin slabs do not gain (issue #16,
@@ -222,6 +236,15 @@ class TrainingSession:
             # In place (state_dict keys unchanged), static shapes: one graph per patch shape.
             for net in self.networks.values():
                 net.compile(dynamic=False)
+
+    def _initialise_from_pretrained(self) -> None:
+        assert self.pretrained is not None
+        model = load_model_weights(self.pretrained)
+        initialise_from(self.networks, model, self.plans, self.configuration, self.pretrained)
+        for net in self.networks.values():
+            net.to(self.device)
+        self.logger.log(f"networks initialised from {self.pretrained} (fold {model.name} of its "
+                        f"{model.plans.get('dataset', {}).get('name', 'dataset')} model): fine-tuning")
 
     # ------------------------------------------------------------------------------------------------
     # one curriculum step

@@ -19,6 +19,7 @@ was taken (same batches, same dropout masks, same optimiser state).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Any
@@ -36,12 +37,15 @@ from heartcascade.training.config import StepConfig, checkpoint_interval
 from heartcascade.training.dataloading import BatchStream
 from heartcascade.training.final_validation import raw_dataset_dir, run_final_validation
 from heartcascade.training.results import StopTraining, TrainingResult
+from heartcascade.training.run_inputs import check_data_unchanged
 from heartcascade.training.session import TrainingSession
 from heartcascade.training.time_budget import StepSchedule, step_learning_rate, step_schedule
 from heartcascade.training.validation import validation_dice, validation_predictor
 from heartcascade.utils.atomic import atomic_write_bytes, atomic_write_json
+from heartcascade.utils.errors import HCError
 from heartcascade.utils.jsonio import load_json
 from heartcascade.utils.progress import progress_bar
+from heartcascade.utils.run_lock import describe, live_holder, run_lock
 
 __all__ = ["StopTraining", "Trainer", "TrainingResult", "step_learning_rate", "train"]
 
@@ -82,12 +86,15 @@ class Trainer(TrainingSession):
             "train_cases": list(self.train_ids),
             "val_cases": list(self.val_ids),
             "torch_version": str(torch.__version__),
+            **({"pretrained": str(self.pretrained)} if self.pretrained is not None else {}),
+            "data_plans_hash": self.data_plans_hash,
         }
 
     def _save(self, kind: str, step_index: int, iteration: int, optimizer: torch.optim.Optimizer | None,
               scaler: Any, finished: bool = False) -> None:
         rng_states = dist_utils.all_gather_object(capture_rng_state()) if kind == "latest" else None
         if self.dist.is_main:
+            check_data_unchanged(self.data_plans_hash, self.pre_dir, self.output_folder)
             self.logger.flush(plot=not kind.startswith("step"))
             state = self._state(kind, step_index, iteration, optimizer, scaler, rng_states, finished)
             save_checkpoint(checkpoint_path(self.output_folder, kind), state)
@@ -95,12 +102,22 @@ class Trainer(TrainingSession):
         if self.callback is not None:
             self.callback("checkpoint", {"kind": kind, "stage_index": step_index, "iteration": iteration})
 
+    def _take_locks(self) -> None:
+        """One run per fold: the fold folder's lock (utils/run_lock.py) for the whole run; none while
+        hc_plan_and_preprocess rewrites this dataset."""
+        holder = live_holder(self.pre_dir)
+        if holder is not None:
+            raise HCError(f"{self.pre_dir}: hc_plan_and_preprocess is rewriting the preprocessed data "
+                          f"({describe(holder)}); train when it has finished")
+        self._locks.enter_context(run_lock(self.output_folder, f"hc_train of {self.configuration} fold {self.fold}"))
+
     # ------------------------------------------------------------------------------------------------
     # main entry
 
     def run(self) -> TrainingResult:
         try:
-            return self._run()
+            with contextlib.ExitStack() as self._locks:
+                return self._run()
         finally:
             dist_utils.cleanup()
             before = getattr(self, "threads_before", None)
@@ -112,6 +129,7 @@ class Trainer(TrainingSession):
         self.setup()
         resume = self._resume
         if self.dist.is_main:
+            self._take_locks()
             self.output_folder.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.output_folder / "plans.json", self.plans)
             if self.dataset_json_path.is_file():

@@ -6,16 +6,20 @@ over the destination with ``os.replace``, which is atomic on POSIX file systems.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 from heartcascade.utils.errors import HCError
+from heartcascade.utils.processes import owner_tag
+from heartcascade.utils.stale_temps import is_stale, remove
 
 
 @contextlib.contextmanager
@@ -29,7 +33,8 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix is None:
         suffix = "".join(path.suffixes) if path.suffixes else ""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    # the owner tag (pid, host) lets a later run remove what a killed writer left (utils/stale_temps.py)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{owner_tag()}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
@@ -117,6 +122,69 @@ def ensure_writable_dir(folder: str | os.PathLike, what: str = "output folder") 
             raise HCError(f"no space left on device: {folder}") from None
         raise HCError(f"{folder}: {what} is not writable ({exc.strerror or exc})") from None
     return folder
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def replace_folder(new: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Put folder ``new`` in the place of ``dest`` (which may exist) so that a reader sees the old or
+    the new folder whole, and a kill leaves one of them in place.
+
+    Where the file system can swap two folders in one step that is done; elsewhere ``dest`` is first
+    renamed to ``.NAME.old.<owner tag>`` (a kill between the two renames leaves it there, and
+    :func:`restore_replaced_folders` puts it back). The old folder is removed afterwards.
+    """
+    new, dest = Path(new), Path(dest)
+    if not dest.exists():
+        os.replace(new, dest)
+    elif _exchange(new, dest):
+        shutil.rmtree(new)  # now holds the old folder
+    else:
+        old = dest.parent / f".{dest.name}.old.{owner_tag()}"
+        os.replace(dest, old)
+        os.replace(new, dest)
+        shutil.rmtree(old)
+    _fsync_dir(dest.parent)
+
+
+def restore_replaced_folders(folder: str | os.PathLike) -> list[Path]:
+    """Undo what a killed :func:`replace_folder` left in ``folder``: an old folder whose replacement
+    never arrived goes back under its name, one that was replaced is removed. Returns the names handled."""
+    handled = []
+    for old in sorted(Path(folder).glob(".*.old.hc*")):
+        if not old.is_dir() or not is_stale(old, None):
+            continue
+        dest = old.parent / old.name[1:].split(".old.hc", 1)[0]
+        if dest.exists():
+            remove(old)
+        else:
+            os.replace(old, dest)
+        handled.append(dest)
+    return handled
+
+
+def ensure_writable_file(path: str | os.PathLike, what: str = "output file", example: str = "out.json") -> Path:
+    """An output file path that can be written: not a folder, its folder creatable and writable
+    (one-line HCError otherwise); checked before any computation, like :func:`ensure_writable_dir`."""
+    raw = os.fspath(path)
+    path = Path(path)
+    if path.is_dir():
+        raise HCError(f"{path}: {what} is a folder; give a file name such as {example}")
+    if raw.endswith(("/", os.sep)):
+        raise HCError(f"{raw}: {what} must be a file name such as {example}, not a folder")
+    ensure_writable_dir(path.parent, f"folder of the {what}")
+    return path
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

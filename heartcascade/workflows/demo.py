@@ -24,6 +24,7 @@ from heartcascade.dataset.dataset_json import load_dataset
 from heartcascade.dataset.synthetic import make_synthetic_dataset
 from heartcascade.evaluation.evaluate import evaluate_folders, markdown_table
 from heartcascade.evaluation.overlay import save_overlay
+from heartcascade.inference.batch import predict_files
 from heartcascade.inference.predictor import Predictor
 from heartcascade.training.trainer import Trainer
 from heartcascade.utils.atomic import atomic_write_json
@@ -117,7 +118,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     _say("4/5 predicting the held-out test scans")
     predictions = output / "predictions"
     predictor = Predictor.from_model_dir(model_dir, [settings.fold], device=settings.device)
-    report = predictor.predict_files(raw_dir / "imagesTs", predictions, overwrite=True, apply_label_codes=False)
+    report = predict_files(predictor, raw_dir / "imagesTs", predictions, overwrite=True, apply_label_codes=False)
     if not report.ok:
         raise HCError(f"prediction failed: {report.summary()}")
     timings["prediction_s"] = time.perf_counter() - t

@@ -37,6 +37,7 @@ from heartcascade.preprocessing.preprocess import preprocess_case, read_images
 from heartcascade.utils.atomic import atomic_path, ensure_writable_dir
 from heartcascade.utils.errors import HCError
 from heartcascade.utils.progress import bars_enabled, progress_bar
+from heartcascade.utils.run_lock import describe, live_holder, run_lock
 
 
 @dataclass
@@ -195,6 +196,26 @@ def plan_and_preprocess(dataset_id: int | str, gpu_memory_gb: float | None = Non
         raise HCError(unpaired[0] + more)
     out_dir = paths.preprocessed_root() / info.folder.name
     ensure_writable_dir(out_dir, "preprocessed dataset folder")
+    with run_lock(out_dir, "hc_plan_and_preprocess"):
+        check_no_training(out_dir)
+        return _plan_and_preprocess(info, out_dir, num, gpu_memory_gb, preset, num_processes, plan_only, overwrite,
+                                    progress, machine)
+
+
+def check_no_training(out_dir: Path) -> None:
+    """Refuse to rewrite plans or arrays that a running training of this dataset reads (its fold locks,
+    utils/run_lock.py, under ``HC_RESULTS/<dataset>/<configuration>/``)."""
+    results = paths.results_root() / out_dir.name
+    for lock in sorted(results.glob("*/.fold_*.lock")) if results.is_dir() else []:
+        holder = live_holder(lock.parent / lock.name[1:-len(".lock")])
+        if holder is not None:
+            raise HCError(f"{out_dir}: a training of this dataset reads it ({describe(holder)}); re-plan or "
+                          "preprocess when it has finished")
+
+
+def _plan_and_preprocess(info: DatasetInfo, out_dir: Path, num: int, gpu_memory_gb: float | None,
+                         preset: str | None, num_processes: int | None, plan_only: bool, overwrite: bool,
+                         progress: bool, machine: str | None) -> RunResult:
     num_processes = num_processes or default_num_processes()
     _copy_dataset_json(info, out_dir)
     plans = make_plans(info, out_dir, num, preset, gpu_memory_gb, num_processes, overwrite, progress, machine)
