@@ -372,6 +372,21 @@ def test_heart_component_roi_ignores_stray_detection():
     assert roi_mod.HeartComponentRoi(2.0)(_coarse_probs(coarse, []), props) == roi_mod.full_box(props["shape"])
 
 
+def test_heart_component_roi_position_weight_and_whole_volume():
+    """With ``centre_sigma`` a heavier detection at the edge of the field of view (a bright chest-wall ring
+    on another centre's scan) loses to the heart near the middle; ``whole_volume`` never loses the heart."""
+    coarse = (10, 20, 20)
+    props = {"shape": [20, 40, 40], "spacing": [4.0, 1.0, 1.0]}
+    heart = (slice(4, 7), slice(8, 12), slice(8, 12))  # centred, 48 voxels
+    edge = (slice(2, 8), slice(0, 3), slice(14, 20))  # at the border, 108 voxels: more mass than the heart
+    probs = _coarse_probs(coarse, [(heart, 0.9), (edge, 0.9)])
+    by_mass = roi_mod.HeartComponentRoi(0.0, 0.5)(probs, props)
+    by_position = roi_mod.HeartComponentRoi(0.0, 0.5, centre_sigma=0.15)(probs, props)
+    assert by_mass[2][0] >= 26 and by_position == ((6, 16), (14, 26), (14, 26))
+    for rule in (roi_mod.WholeVolumeRoi(), roi_mod.make_roi_rule("whole_volume", 10.0)):
+        assert rule(probs, props) == roi_mod.full_box(props["shape"])
+
+
 def test_heart_component_roi_keeps_split_heart():
     coarse = (10, 20, 20)
     props = {"shape": [20, 40, 40], "spacing": [4.0, 1.0, 1.0], "coarse_spacing": [8.0, 2.0, 2.0]}
@@ -386,6 +401,15 @@ def test_heart_component_roi_keeps_split_heart():
     assert not roi_mod.HeartComponentRoi(0.0, 0.1).heart_mask(probs, props)[apex].any()
     joined = roi_mod.HeartComponentRoi(0.0, 0.1, join_distance_mm=16.0).heart_mask(probs, props)
     assert joined[apex].all() and not joined[stray].any()
+
+
+def test_tta_follows_the_plans_unless_the_caller_decides():
+    plans = tiny_plans()
+    assert Predictor(plans, [build(plans)], device="cpu").tta is False  # plans without the field: off
+    on = copy.deepcopy(plans)
+    on["inference"]["tta"] = True
+    assert Predictor(on, [build(on)], device="cpu").tta is True
+    assert Predictor(on, [build(on)], device="cpu", tta=False).tta is False
 
 
 def test_roi_rule_from_plans():

@@ -352,7 +352,8 @@ def test_default_preset_is_the_planners_default_and_differs_by_machine():
     assert cpu["training"]["time_budget_s"] == 3600 and cuda["training"]["time_budget_s"] is None
     assert cpu["net1"]["max_features"] < cuda["net1"]["max_features"]
     assert cpu["net2"]["base_features"] < cuda["net2"]["base_features"]
-    assert [s["time_fraction"] for s in cpu["training"]["steps"]] == [0.25, 0.05, 0.10, 0.60]
+    assert [s["time_fraction"] for s in cpu["training"]["steps"]] == [0.30, 0.05, 0.10, 0.60]
+    assert [s["enabled"] for s in cpu["training"]["steps"]] == [True, False, True, True]  # step 2 off (issue #21)
     assert [s["iterations_per_epoch"] for s in cuda["training"]["steps"]] == [50] * 4
     # step 4 on heart-sized windows on the CPU (160 mm at 1.25 mm = 128), whole slices on the GPU
     assert cpu["training"]["steps"][3]["stack_shape"][1:] == [128, 128]
@@ -361,8 +362,11 @@ def test_default_preset_is_the_planners_default_and_differs_by_machine():
         tr = plans["training"]
         assert tr["lr_schedule"] == "poly" and tr["keep_best_per_step"] and tr["warmup_iterations"] == 20
         assert plans["net1"]["kernel_size"] == 3 and plans["net1"]["norm"] == "instance"
-        assert plans["inference"]["roi_rule"] == "heart_components"
-        assert plans["augmentation"]["p_gamma"] > 0
+        # rule 12: cine MR is small enough for Net2 on the whole volume (the ROI never loses the heart)
+        assert plans["inference"]["roi_rule"] == "whole_volume" and plans["inference"]["tta"] is True
+        aug = plans["augmentation"]
+        assert aug["p_gamma"] > 0 and aug["p_bias_field"] > 0 and aug["flip_axes"] == [1, 2]
+        assert aug["rotation_deg"] == [180.0, 0.0, 0.0]  # full circle in-plane; none out of plane (8 mm slices)
     # a preset without machine sections plans the same on both (the paper preset)
     paper = presets.load_preset("paper")
     a = planner.plan_experiment(MSCMR, paper, MR_INFO, 2, gpu_memory_gb=12, machine="cpu")

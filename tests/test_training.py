@@ -5,6 +5,7 @@ The dataset (tests/_training_fixture.py) is planned and preprocessed with the re
 """
 from __future__ import annotations
 
+import math
 import json
 import os
 import sys
@@ -340,7 +341,7 @@ def test_splits_kfold_custom_and_all(tmp_path):
     with pytest.raises(HCError, match="valid folds are 0, all"):
         parse_fold("1", len(got))
     train, val = fold_cases(got, "all", ids)
-    assert train == sorted(ids) and 1 <= len(val) <= 3 and set(val) <= set(ids)
+    assert train == sorted(ids) and val == []  # nothing held out: no validation on training cases
     custom.write_text(json.dumps([{"train": ["nope"], "val": []}]))
     with pytest.raises(HCError, match="not in the preprocessed data"):
         load_or_create_splits(tmp_path, ids, splits_file=custom)
@@ -437,7 +438,7 @@ def test_image_and_label_stay_aligned_under_random_spatial_transforms():
 
     shape = (32, 64, 64)
     params = AugmentationParams(p_rotation=1, p_scale=1, p_shear=1, p_translation=1, p_elastic=1,
-                                translation_mm=4.0)
+                                translation_mm=4.0, p_scale_per_axis=0.5)
     rng = np.random.default_rng(5)
     for trial in range(6):
         inplane = trial % 2 == 1
@@ -558,7 +559,7 @@ def _with_workers(trainer, start, workers):
 # intensity augmentation
 
 INTENSITY_P = ("p_gaussian_noise", "p_gaussian_blur", "p_brightness", "p_contrast", "p_low_resolution", "p_gamma",
-               "p_gamma_inverted")
+               "p_gamma_inverted", "p_bias_field")
 
 
 def _batch(n: int, seed: int = 0) -> dict:
@@ -591,12 +592,46 @@ def test_intensity_transforms_only_touch_image_channels():
         assert sum(changed) >= (4 if key in ("p_gaussian_blur", "p_low_resolution") else 16), (key, sum(changed))
         np.testing.assert_array_equal(out["data"][:, 1:], batch["data"][:, 1:])  # Net1 probabilities untouched
         np.testing.assert_array_equal(out["seg"], batch["seg"])
-        if key.startswith("p_gamma") or key == "p_contrast":  # range-preserving
+        if key.startswith("p_gamma") or key in ("p_contrast", "p_bias_field"):  # range-preserving
             assert out["data"][:, 0].min() >= batch["data"][:, 0].min() - 1e-5
             assert out["data"][:, 0].max() <= batch["data"][:, 0].max() + 1e-5
         again = _run(transform, batch, seed=3)
         np.testing.assert_array_equal(out["data"], again["data"])  # a fixed seed gives the same batch
         assert not np.array_equal(_run(transform, batch, seed=4)["data"], out["data"])
+
+
+def test_scaling_per_axis_and_full_circle_inplane_rotation():
+    """Per-axis scaling draws a zoom per axis (the slice axis untouched in slice stacks); an in-plane
+    rotation limit of 180 degrees reaches every orientation."""
+    from heartcascade.training.augmentation import AugmentationParams, random_spatial
+
+    rng = np.random.default_rng(0)
+    params = AugmentationParams(p_rotation=0, p_scale=1, p_scale_per_axis=1, scale_range=(0.7, 1.4))
+    for inplane in (False, True):
+        diag = np.diag(random_spatial(rng, params, (8.0, 1.25, 1.25), (3, 32, 32), inplane_only=inplane).matrix)
+        assert len(set(np.round(diag[1:], 6))) == 2 and np.all((diag > 1 / 1.4 - 1e-6) & (diag < 1 / 0.7 + 1e-6))
+        assert (diag[0] == 1.0) == inplane
+    same = AugmentationParams(p_rotation=0, p_scale=1, scale_range=(0.7, 1.4))
+    diag = np.diag(random_spatial(rng, same, (8.0, 1.25, 1.25), (3, 32, 32)).matrix)
+    assert np.allclose(diag, diag[0])  # without it: one zoom for every axis
+    full = AugmentationParams(p_rotation=1, rotation_deg=(180.0, 0.0, 0.0), p_scale=0)
+    angles = [math.degrees(math.atan2(m[2, 1], m[1, 1])) for m in
+              (random_spatial(rng, full, (1.0, 1.0, 1.0), (3, 8, 8), inplane_only=True).matrix for _ in range(400))]
+    assert min(angles) < -150 and max(angles) > 150
+
+
+def test_bias_field_is_smooth_positive_and_keeps_the_range():
+    from heartcascade.training.augmentation import BiasFieldTransform
+
+    np.random.seed(0)
+    gain = BiasFieldTransform((0.0, 0.15), p_per_sample=1.0).field((3, 64, 64))
+    assert gain.shape == (3, 64, 64) and gain.min() > 0 and gain.max() / gain.min() > 1.05
+    assert np.abs(np.diff(gain, axis=2)).max() < 0.05  # smooth: no jumps between neighbours
+    data = np.random.default_rng(1).uniform(-1, 1, (2, 1, 3, 64, 64)).astype(np.float32)
+    out = BiasFieldTransform((0.0, 0.15), p_per_sample=1.0)(data=data.copy())["data"]
+    assert not np.allclose(out, data)
+    for b in range(2):
+        assert out[b].min() >= data[b].min() - 1e-6 and out[b].max() <= data[b].max() + 1e-6
 
 
 def test_intensity_probability_and_defaults():

@@ -60,10 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", "-device", default="auto",
                         help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     tta = parser.add_mutually_exclusive_group()
-    tta.add_argument("--tta", dest="tta", action="store_true",
-                     help="test-time mirroring (Net1/baseline: all axes, Net2: in-plane); slower, off by default")
+    tta.add_argument("--tta", dest="tta", action="store_true", default=None,
+                     help="test-time mirroring (Net1/baseline: all axes, Net2: in-plane); slower; default: the "
+                          "model's plans (inference.tta: on for the default preset)")
     tta.add_argument("--disable_tta", "--disable-tta", dest="tta", action="store_false",
-                     help="no test-time mirroring (the default here; nnU-Net's spelling)")
+                     help="no test-time mirroring (nnU-Net's spelling)")
     # --- probabilities (issue #22 item 6): nnU-Net's spelling --save_probabilities writes nnU-Net's files ---
     parser.add_argument("--save-probabilities", dest="save_probabilities", action="store_true",
                         help="also write CASE.npz with the class probabilities inside the region of interest "
@@ -150,7 +151,7 @@ def _predict(args: argparse.Namespace, model_dir: Path | None, checkpoint: str, 
         raise HCError("--net1-only needs a cascade model")
     if level == VERBOSE:
         print(f"hc_predict: {predictor.configuration} model, fold(s) {', '.join(predictor.fold_names)}, "
-              f"checkpoint {checkpoint}, device {predictor.device}, tta {'on' if args.tta else 'off'}")
+              f"checkpoint {checkpoint}, device {predictor.device}, tta {'on' if predictor.tta else 'off'}")
     report = _predict_cohort(args, predictor, level)
     for note in report.notes:
         print(f"warning: {note}", file=sys.stderr)

@@ -74,7 +74,8 @@ class Predictor:
             BaselineUNet3D}``; a :class:`~heartcascade.networks.cascade.Cascade` is accepted too.
         configuration: ``"cascade"`` or ``"baseline"`` (inferred from the network keys when omitted).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"auto"`` or a torch.device.
-        tta: average over mirrorings (Net1/baseline: all axes; Net2: in-plane only).
+        tta: average over mirrorings (Net1/baseline: all axes; Net2: in-plane only); None = the plans'
+            ``inference.tta``.
         label_codes: training label -> code for written files (default: plans' ``label_codes``).
         postprocessing: connected-component steps applied to every label map (None = none; see
             :mod:`heartcascade.inference.postprocessing`); :meth:`from_model_dir` loads the model's.
@@ -84,13 +85,12 @@ class Predictor:
     """
 
     def __init__(self, plans: Mapping[str, Any], networks: Sequence[Any] | Mapping[str, Any],
-                 configuration: str | None = None, device: str | torch.device | None = "auto", tta: bool = False,
+                 configuration: str | None = None, device: str | torch.device | None = "auto", tta: bool | None = None,
                  label_codes: Mapping[int, int] | None = None, dataset_json: Mapping[str, Any] | None = None,
                  verbose: bool = False, postprocessing: Postprocessing | None = None,
                  roi_rule: roi_mod.RoiRule | None = None) -> None:
         self.plans = validate_plans(dict(plans), "plans")
         self.device = resolve_device(device)
-        self.tta = bool(tta)
         self.verbose = verbose
         if isinstance(networks, Mapping) or hasattr(networks, "net1"):
             networks = [networks]
@@ -119,10 +119,11 @@ class Predictor:
         self.num_channels = int(self.plans["num_input_channels"])
         self.settings = InferenceSettings.from_plans(self.plans)
         self.preprocess_settings = preprocess_settings(self.plans)
+        self.tta = self.settings.tta if tta is None else bool(tta)
         if roi_rule is None:
             roi_rule = roi_mod.make_roi_rule(self.settings.roi_rule, self.settings.roi_margin_mm,
                                              self.settings.roi_min_component_fraction,
-                                             self.settings.roi_join_distance_mm)
+                                             self.settings.roi_join_distance_mm, self.settings.roi_centre_sigma)
         self.roi_rule = roi_mod.with_margin(roi_rule, self.settings.roi_margin_mm)
         self.input_mode = self.settings.input_mode
         codes = label_codes if label_codes is not None else label_codes_from(self.plans, dataset_json)
@@ -135,7 +136,7 @@ class Predictor:
     # -- construction from a model folder --------------------------------------------------------
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, folds: Sequence[str | int] | None = None,
-                       checkpoint: str = "final", device: str | torch.device | None = "auto", tta: bool = False,
+                       checkpoint: str = "final", device: str | torch.device | None = "auto", tta: bool | None = None,
                        configuration: str | None = None, verbose: bool = False,
                        postprocessing: Postprocessing | str | Path | None = "auto",
                        roi_rule: roi_mod.RoiRule | None = None) -> "Predictor":

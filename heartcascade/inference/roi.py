@@ -152,18 +152,34 @@ class AllForegroundRoi:
 
 
 @dataclass(frozen=True)
+class WholeVolumeRoi:
+    """Net2 on every voxel: the ROI can never lose the heart. Net2 is fully convolutional in-plane, so
+    this costs the whole slices' area instead of the box's (cheap for cine MR, 4-8x for a CT's ROI)."""
+
+    margin_mm: float | None = 0.0
+
+    def __call__(self, mean_probs: torch.Tensor, properties: Mapping[str, Any]) -> Box:
+        return full_box([int(n) for n in properties["shape"]])
+
+
+@dataclass(frozen=True)
 class HeartComponentRoi:
     """The heart's connected component(s) of ``1 - p_background > threshold`` on the coarse grid.
 
     Components are weighted by their probability mass (sum of ``1 - p_background``), not their voxel
-    count, so a large faint false detection loses to the confident heart. Kept: the heaviest component,
-    every component holding at least ``min_component_fraction`` of its mass (a heart split in pieces
-    across thick slices stays whole) and every component within ``join_distance_mm`` of it (0 = off).
+    count, so a large faint false detection loses to the confident heart. With ``centre_sigma`` > 0 the
+    mass is also weighted by ``exp(-d^2 / (2 centre_sigma^2))``, ``d`` the in-plane distance of the
+    component's centre of mass from the middle of the (body-cropped) field of view as a fraction of its
+    size: cardiac scans are planned with the heart near the middle, and the false detections of scans from
+    other centres are bright rings at the chest wall, near the edge. Kept: the best-scoring component,
+    every component scoring at least ``min_component_fraction`` of it (a heart split in pieces across
+    thick slices stays whole) and every component within ``join_distance_mm`` of it (0 = off).
     """
 
     margin_mm: float
     min_component_fraction: float = 0.1
     join_distance_mm: float = 0.0
+    centre_sigma: float = 0.0
     threshold: float = 0.5
     connectivity: int = 26
 
@@ -175,6 +191,10 @@ class HeartComponentRoi:
         if n <= 1:
             return labels > 0
         mass = np.bincount(labels.ravel(), weights=heart.ravel(), minlength=n + 1)[1:]
+        if self.centre_sigma > 0:
+            centres = np.asarray(ndimage.center_of_mass(heart, labels, np.arange(1, n + 1)))[:, 1:]
+            offset = centres / np.maximum(np.asarray(labels.shape[1:], dtype=float) - 1.0, 1.0) - 0.5
+            mass = mass * np.exp(-(offset ** 2).sum(axis=1) / (2.0 * self.centre_sigma ** 2))
         main = int(np.argmax(mass)) + 1
         keep = mass >= self.min_component_fraction * mass[main - 1]
         if self.join_distance_mm > 0:
@@ -196,12 +216,14 @@ def _coarse_spacing(properties: Mapping[str, Any], coarse_shape: Sequence[int]) 
 
 
 def make_roi_rule(rule: str, margin_mm: float, min_component_fraction: float = 0.1,
-                  join_distance_mm: float = 0.0) -> RoiRule:
+                  join_distance_mm: float = 0.0, centre_sigma: float = 0.0) -> RoiRule:
     """The ROI rule named by the plans' ``inference.roi_rule`` (validated by ``planning.plans.parse_plans``)."""
     if rule == "all_foreground":
         return AllForegroundRoi(margin_mm)
+    if rule == "whole_volume":
+        return WholeVolumeRoi(margin_mm)
     if rule == "heart_components":
-        return HeartComponentRoi(margin_mm, min_component_fraction, join_distance_mm)
+        return HeartComponentRoi(margin_mm, min_component_fraction, join_distance_mm, centre_sigma)
     raise ValueError(f"unknown ROI rule {rule!r}")
 
 

@@ -33,6 +33,8 @@ class InferenceSettings:
     input_mode: str                        # Net2's input form (plans' net2.input_mode)
     amp: str                               # autocast on CUDA: the plans' amp, as in training
     usable_gb: float                       # the planner's usable memory (CUDA budget)
+    roi_centre_sigma: float = 0.0          # position weight of the heart-component ROI rule (0 = off)
+    tta: bool = False                      # mirroring test-time augmentation unless the caller decides
 
     @classmethod
     def from_plans(cls, plans: Plans | Mapping[str, Any]) -> "InferenceSettings":
@@ -44,7 +46,8 @@ class InferenceSettings:
                    max_z_chunk=inf.max_z_chunk, roi_rule=inf.roi_rule,
                    roi_min_component_fraction=inf.roi_min_component_fraction,
                    roi_join_distance_mm=inf.roi_join_distance_mm, input_mode=p.net2.input_mode, amp=p.amp,
-                   usable_gb=p.memory.usable_gb)
+                   usable_gb=p.memory.usable_gb, roi_centre_sigma=inf.roi_centre_sigma,
+                   tta=inf.tta)
 
 
 def label_codes_from(plans: Mapping[str, Any], dataset_json: Mapping[str, Any] | None = None) -> dict[int, int] | None:

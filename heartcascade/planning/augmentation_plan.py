@@ -21,6 +21,7 @@ class AugmentationParams:
     rotation_deg: tuple[float, float, float] = (15.0, 15.0, 15.0)  # max |angle| about axes D, H, W
     p_scale: float = 0.3
     scale_range: tuple[float, float] = (0.85, 1.15)  # zoom factor (>1 enlarges the anatomy)
+    p_scale_per_axis: float = 0.0  # given a scaling, each axis draws its own zoom (heart shape/spacing changes)
     p_shear: float = 0.2
     shear: float = 0.1  # max |off-diagonal| of the shear matrix
     p_translation: float = 0.3
@@ -45,6 +46,9 @@ class AugmentationParams:
     p_gamma: float = 0.0
     p_gamma_inverted: float = 0.0  # gamma applied to the negated image (darkens bright structures)
     gamma_range: tuple[float, float] = (0.7, 1.5)
+    # MR receive-coil shading: a smooth multiplicative field exp(polynomial), coefficients up to this size
+    p_bias_field: float = 0.0
+    bias_field_coefficients: tuple[float, float] = (0.0, 0.5)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None, source: str = "plans") -> "AugmentationParams":
@@ -68,6 +72,9 @@ class AugmentationParams:
             raise HCError(f"{source}: augmentation: rotation_deg needs 3 values (about D, H, W), got {params.rotation_deg}")
         if len(params.scale_range) != 2 or min(params.scale_range) <= 0:
             raise HCError(f"{source}: augmentation: scale_range must be two positive numbers, got {params.scale_range}")
+        if isinstance(params.p_scale_per_axis, bool) or not 0 <= params.p_scale_per_axis <= 1:
+            raise HCError(f"{source}: augmentation: p_scale_per_axis must be a probability in [0, 1], "
+                          f"got {params.p_scale_per_axis!r}")
         if any(a not in (0, 1, 2) for a in params.flip_axes):
             raise HCError(f"{source}: augmentation: flip_axes must be among 0, 1, 2, got {params.flip_axes}")
         for p_name, range_name in INTENSITY_FIELDS:
@@ -91,7 +98,7 @@ class AugmentationParams:
 INTENSITY_FIELDS = (("p_gaussian_noise", "noise_std"), ("p_gaussian_blur", "blur_sigma"),
                     ("p_brightness", "brightness_range"), ("p_contrast", "contrast_range"),
                     ("p_low_resolution", "low_resolution_zoom"), ("p_gamma", "gamma_range"),
-                    ("p_gamma_inverted", "gamma_range"))
+                    ("p_gamma_inverted", "gamma_range"), ("p_bias_field", "bias_field_coefficients"))
 
 
 def augmentation_dict(params: AugmentationParams) -> dict[str, Any]:

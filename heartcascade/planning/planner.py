@@ -737,11 +737,25 @@ def sampling_section(ctx: _Context) -> dict[str, Any]:
             "background_as_class": bool(ps.get("background_as_class", True))}
 
 
+def choose_roi_rule(ctx: _Context) -> str:
+    """Rule 12: Net2 on the whole volume (``whole_volume``) when the 95th-percentile cropped case has at most
+    the preset's ``inference.whole_volume_max_voxels`` (cine MR: ~1 M voxels, a few Net2 slices' worth),
+    so the ROI can never lose the heart on scans unlike the training data; else the preset's rule (a
+    CT's whole slices would cost 4-8x its heart box)."""
+    inf = ctx.preset["inference"]
+    limit = inf.get("whole_volume_max_voxels")
+    if limit is not None and math.prod(ctx.shape95) <= float(limit):
+        return "whole_volume"
+    return str(inf.get("roi_rule", ROI_DEFAULTS["roi_rule"]))
+
+
 def inference_section(ctx: _Context, z_chunk: int, peak: int) -> dict[str, Any]:
-    """``inference``: the ROI rule from the preset, rule 10's z-chunk and its predicted peak."""
+    """``inference``: the ROI rule (rule 12), rule 10's z-chunk and its predicted peak."""
     inf = ctx.preset["inference"]
     return {"roi_margin_mm": float(inf.get("roi_margin_mm", 10.0)),
-            **{k: inf.get(k, v) for k, v in ROI_DEFAULTS.items()}, "z_chunk": int(z_chunk),
+            **{k: inf.get(k, v) for k, v in ROI_DEFAULTS.items()}, "roi_rule": choose_roi_rule(ctx),
+            "tta": bool(inf.get("tta", False)),
+            "z_chunk": int(z_chunk),
             "max_z_chunk": None, "memory_budget_gb": None, "predicted_peak_gb": round(peak / GiB, 3)}
 
 

@@ -13,7 +13,7 @@ batchgenerators has rotation, scaling and elastic deformation in ``SpatialTransf
 and no translation; and it rotates a pre-cut crop. Hence this module. Flipping uses batchgenerators'
 ``MirrorTransform`` in the worker pipeline (:func:`batch_transforms`), and so do the intensity
 transforms (Gaussian noise, Gaussian blur, multiplicative brightness, contrast, simulated low
-resolution, gamma -- nnU-Net's set), after the spatial transform and only on the *image* channels:
+resolution, gamma -- nnU-Net's set -- plus an MR bias field, :class:`BiasFieldTransform`), after the spatial transform and only on the *image* channels:
 :class:`ImageChannelsTransform` hands them a copy of the first ``image_channels`` channels of
 ``data``, so Net1's probability channels of step 4 and the label maps are never altered.
 
@@ -97,9 +97,12 @@ def random_spatial(rng: np.random.Generator, params: AugmentationParams, spacing
         sample.applied.append("shear")
     if rng.random() < params.p_scale:
         lo, hi = params.scale_range
-        zoom = math.exp(rng.uniform(math.log(lo), math.log(hi)))  # log-uniform: symmetric in/out
-        scale = np.diag([1.0 if inplane_only else 1.0 / zoom, 1.0 / zoom, 1.0 / zoom])
-        phys = phys @ scale
+        per_axis = params.p_scale_per_axis > 0 and rng.random() < params.p_scale_per_axis
+        # log-uniform: symmetric in/out; one zoom for all axes, or one per axis (changes the heart's shape)
+        zoom = np.exp(rng.uniform(math.log(lo), math.log(hi), size=3 if per_axis else 1)) * np.ones(3)
+        if inplane_only:
+            zoom[0] = 1.0
+        phys = phys @ np.diag(1.0 / zoom)
         sample.applied.append("scale")
     if sample.applied:
         sample.matrix = np.diag(1.0 / sp) @ phys @ np.diag(sp)
@@ -322,8 +325,54 @@ def intensity_transforms(params: AugmentationParams) -> list[Any]:
                                                            per_channel=True, retain_stats=False, p_per_sample=p)),
         (params.p_gamma, lambda p: GammaTransform(tuple(params.gamma_range), invert_image=False, per_channel=True,
                                                   retain_stats=False, p_per_sample=p)),
+        (params.p_bias_field, lambda p: BiasFieldTransform(tuple(params.bias_field_coefficients), p_per_sample=p)),
     ]
     return [make(float(p)) for p, make in candidates if p > 0]
+
+
+class BiasFieldTransform:
+    """MR intensity shading: multiply the signal by ``exp(P(z, y, x))``, P a random cubic polynomial.
+
+    Coils make one side of a cine MR brighter than the other, differently on every scanner; batchgenerators
+    has no such transform. Coordinates run over [-1, 1] across the patch; each coefficient is drawn
+    uniformly with a size in ``coefficients`` and a random sign. The images are normalised (not raw
+    signal), so the gain acts on the signal above the patch's darkest value and the result is clipped
+    back to the patch's own range. Draws from numpy's global generator, which
+    the loaders reseed per batch (see the module docstring). The slice axis gets the same treatment, so
+    a step-4 stack of K slices sees an almost constant field along z.
+    """
+
+    ORDER = 3
+
+    def __init__(self, coefficients: tuple[float, float], p_per_sample: float) -> None:
+        self.coefficients = (float(coefficients[0]), float(coefficients[1]))
+        self.p_per_sample = float(p_per_sample)
+
+    def field(self, shape: Sequence[int]) -> np.ndarray:
+        """A random ``exp(polynomial)`` gain of ``shape`` (float32)."""
+        axes = np.meshgrid(*[np.linspace(-1.0, 1.0, int(n), dtype=np.float32) for n in shape], indexing="ij")
+        log_gain = np.zeros(tuple(int(n) for n in shape), dtype=np.float32)
+        lo, hi = self.coefficients
+        for i in range(self.ORDER + 1):
+            for j in range(self.ORDER + 1 - i):
+                for k in range(self.ORDER + 1 - i - j):
+                    if i == j == k == 0:
+                        continue
+                    c = np.random.uniform(lo, hi) * np.random.choice((-1.0, 1.0))
+                    log_gain += np.float32(c) * axes[0] ** i * axes[1] ** j * axes[2] ** k
+        return np.exp(log_gain)
+
+    def __call__(self, **data_dict: Any) -> dict[str, Any]:
+        data = data_dict["data"]
+        for b in range(data.shape[0]):
+            if np.random.uniform() >= self.p_per_sample:
+                continue
+            gain = self.field(data.shape[2:])
+            for c in range(data.shape[1]):
+                x = data[b, c]
+                lo, hi = float(x.min()), float(x.max())
+                data[b, c] = np.clip((x - lo) * gain + lo, lo, hi)
+        return data_dict
 
 
 class ImageChannelsTransform:

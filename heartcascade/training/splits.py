@@ -8,10 +8,10 @@ the same shape is accepted
 (e.g. the paper's single 15/5 split: one entry), either by putting it there or with ``hc_train
 --splits FILE``.
 
-Fold names: ``0``..``N-1``, ``fold0``..``foldN-1`` and ``all``. ``all`` trains on every case and, so that
-the training curves still show a validation Dice, validates on :data:`ALL_FOLD_VAL_CASES` training
-cases spread evenly over the sorted case list (these are *training* cases, so that Dice is optimistic;
-it is a sanity check, not a generalisation estimate).
+Fold names: ``0``..``N-1``, ``fold0``..``foldN-1`` and ``all``. ``all`` trains on every case and has
+no validation cases: with none held out, a validation Dice would be measured on training cases, and
+keep-best and the postprocessing choice made on it would choose nothing (they are skipped, and the
+training log says so). Train a numbered fold to get a held-out estimate.
 """
 from __future__ import annotations
 
@@ -28,9 +28,6 @@ from heartcascade.utils.jsonio import load_json
 SPLITS_FILE = "splits_final.json"
 DEFAULT_NUM_FOLDS = 5
 DEFAULT_SPLIT_SEED = 12345
-#: How many training cases fold ``all`` validates on (see the module docstring).
-ALL_FOLD_VAL_CASES = 3
-
 Fold = Union[int, str]  # an int index or "all"
 
 
@@ -128,19 +125,9 @@ def fold_folder_name(fold: Fold) -> str:
     return f"fold_{fold}"
 
 
-def all_fold_val_cases(case_ids: Sequence[str], count: int = ALL_FOLD_VAL_CASES) -> list[str]:
-    """The training cases fold ``all`` validates on: ``count`` cases evenly spread over the sorted ids."""
-    ids = sorted(case_ids)
-    if not ids:
-        return []
-    count = max(1, min(count, len(ids)))
-    picks = np.linspace(0, len(ids) - 1, count).round().astype(int)
-    return [ids[i] for i in sorted(set(picks.tolist()))]
-
-
 def fold_cases(splits: list[dict[str, list[str]]], fold: Fold, case_ids: Sequence[str]) -> tuple[list[str], list[str]]:
     """(training cases, validation cases) of ``fold``."""
     if fold == "all":
-        return sorted(case_ids), all_fold_val_cases(case_ids)
+        return sorted(case_ids), []
     entry = splits[int(fold)]
     return list(entry["train"]), list(entry["val"])

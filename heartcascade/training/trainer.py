@@ -201,6 +201,9 @@ class Trainer(TrainingSession):
                         f"fold={self.fold} device={self.device} world_size={self.dist.world_size} seed={self.seed}")
         self.logger.log(f"splits: {self.splits_path}; {len(self.train_ids)} training cases, "
                         f"{len(self.val_ids)} validation cases ({', '.join(self.val_ids)})")
+        if self.fold == "all":
+            self.logger.log("fold all: every case trains and none is held out, so there is no validation Dice, "
+                            "no keep-best and no postprocessing choice (train a numbered fold for those)")
         if self.device.type == "cpu":
             load = getattr(self, "threads_load", None)
             self.logger.log(f"CPU threads: {torch.get_num_threads()} ({self.num_workers} loader worker(s), "

@@ -39,7 +39,8 @@ def validation_predictor(configuration: str, plans: Mapping[str, Any], networks:
     copies = from_plans.build_networks(configuration, plans)
     for key, net in copies.items():
         net.load_state_dict(state_dict_cpu(networks[key]))
-    return Predictor(plans, copies, configuration=configuration, device=device, label_codes={})
+    return Predictor(plans, copies, configuration=configuration, device=device, label_codes={},
+                     tta=False)  # monitoring: cheap passes; the final validation follows the plans
 
 
 @torch.no_grad()

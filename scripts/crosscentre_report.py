@@ -1,0 +1,90 @@
+#!/usr/bin/env python
+"""Per-volume failure table of a trained model on labelled scans (e.g. another centre's cine MR).
+
+For every image/label pair of an imported raw dataset (``hc_import``; labels as training labels) it
+records ROI recall (fraction of the reference heart inside the ROI Net2 runs on), Net1's Dice, the
+cascade's Dice, and how the image differs after preprocessing (field of view, heart size and position,
+normalised intensities): :func:`heartcascade.evaluation.diagnostics.case_diagnostics`. Prints a markdown
+table (worst volumes first) and a summary line, and writes the JSON beside it.
+
+Usage (in the venv, HC_* roots set)::
+
+    python scripts/crosscentre_report.py -m $HC_RESULTS/Dataset030_MSCMRSeg/cascade -f all \\
+        --data $HC_RAW/Dataset040_ACDCcc -o acdc_report.json [--tta] [--cases 'ACDCcc_patient0*']
+
+Not part of CI (it needs a trained model); results in documentation/results.md.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from heartcascade.dataset.dataset_json import load_dataset
+from heartcascade.evaluation.diagnostics import case_diagnostics
+from heartcascade.inference.predictor import Predictor
+from heartcascade.inference.roi import HeartComponentRoi, WholeVolumeRoi
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("-m", "--model", required=True, help="model folder (configuration folder or fold folder)")
+    p.add_argument("-f", "--folds", nargs="+", default=None, help="folds to use (default: all available)")
+    p.add_argument("--data", required=True, help="raw dataset folder (imagesTr/, labelsTr/, dataset.json)")
+    p.add_argument("--cases", default="*", help="case-id wildcard (default: every case)")
+    p.add_argument("--tta", action="store_true", default=None, help="mirroring test-time augmentation on")
+    p.add_argument("--no-tta", dest="tta", action="store_false", help="off (default: the model's plans)")
+    p.add_argument("--roi-centre-sigma", type=float, default=None,
+                   help="try the heart-component ROI rule with this position weight instead of the model's plans")
+    p.add_argument("--roi-whole", action="store_true", help="try Net2 on the whole volume (ROI = everything)")
+    p.add_argument("--roi-min-fraction", type=float, default=0.1,
+                   help="with --roi-centre-sigma: keep components scoring at least this share of the best")
+    p.add_argument("-o", "--output", default=None, help="JSON file for the per-volume records")
+    args = p.parse_args(argv)
+
+    info = load_dataset(Path(args.data))
+    structures = {k: v for k, v in info.labels.items() if v != 0}
+    rule = None if args.roi_centre_sigma is None else \
+        HeartComponentRoi(None, args.roi_min_fraction, centre_sigma=args.roi_centre_sigma)  # margin from the plans
+    if args.roi_whole:
+        rule = WholeVolumeRoi()
+    predictor = Predictor.from_model_dir(args.model, args.folds, device="cpu", tta=args.tta, roi_rule=rule)
+    cases = [c for c in info.training_cases() if fnmatch.fnmatch(c.case_id, args.cases)]
+    rows = []
+    for case in tqdm(cases, desc="volumes", file=sys.stderr):
+        rows.append(case_diagnostics(predictor, case.images[0], case.label, structures, case.case_id))
+    rows.sort(key=lambda r: r["cascade_dice"]["mean"])
+    names = list(structures)
+    print("| volume | ROI recall | Net1 mean | cascade " + " | ".join(names) + " | cascade mean | FOV mm (D,H,W) "
+          "| heart mL | heart centre (D,H,W) | bg / LV / Myo mean |")
+    print("|---" * (7 + len(names)) + "|")
+    for r in rows:
+        im = r["image"]
+        cells = [r["case"], f"{r['roi_recall']:.2f}", f"{r['net1_dice']['mean']:.3f}"]
+        cells += [f"{r['cascade_dice'][n]:.3f}" for n in names]
+        cells += [f"**{r['cascade_dice']['mean']:.3f}**", ",".join(f"{v:.0f}" for v in im["fov_mm"]),
+                  f"{im['heart_ml']:.0f}", ",".join(f"{v:.2f}" for v in im.get("heart_centre_fraction", [])),
+                  " / ".join("-" if im.get(k) is None else f"{im[k]:.2f}"
+                             for k in ("background_mean", "LV_mean", "Myo_mean"))]
+        print("| " + " | ".join(cells) + " |")
+    means = {n: statistics.fmean(r["cascade_dice"][n] for r in rows) for n in names + ["mean"]}
+    worst = rows[0]
+    print(f"\nvolumes {len(rows)}: cascade mean Dice {means['mean']:.3f} ("
+          + ", ".join(f"{n} {means[n]:.3f}" for n in names)
+          + f"); Net1 mean {statistics.fmean(r['net1_dice']['mean'] for r in rows):.3f}; "
+          f"lowest {worst['cascade_dice']['mean']:.3f} ({worst['case']}); "
+          f"ROI recall min {min(r['roi_recall'] for r in rows):.3f}; "
+          f"volumes below 0.5: {sum(r['cascade_dice']['mean'] < 0.5 for r in rows)}")
+    if args.output:
+        Path(args.output).write_text(json.dumps({"model": str(args.model), "tta": args.tta, "cases": rows},
+                                                indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
