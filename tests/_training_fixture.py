@@ -7,11 +7,15 @@ two CPU cores in about a minute, yet each structure needs the image to be found.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
+import torch
 
 LABELS = {"background": 0, "big": 1, "inner": 2, "side": 3}
 SIZE_XYZ = (48, 48, 24)
@@ -76,3 +80,20 @@ def make_dataset(raw_root: Path, num_cases: int = 5, seed: int = 0, dataset_id: 
     if result.failed:
         raise RuntimeError(f"preprocessing failed: {result.failed}")
     return result.out_dir
+
+
+@contextlib.contextmanager
+def training_world(root: Path) -> Iterator[pytest.MonkeyPatch]:
+    """HC_RAW / HC_PREPROCESSED / HC_RESULTS in ``root`` (raw/, pre/, res/), one torch thread and loaders in the
+    main process: what module fixtures that train need to give the same numbers on every run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for key, var in (("raw", "HC_RAW"), ("pre", "HC_PREPROCESSED"), ("res", "HC_RESULTS")):
+                (root / key).mkdir()
+                mp.setenv(var, str(root / key))
+            mp.setenv("HC_N_PROC_DA", "0")
+            yield mp
+    finally:
+        torch.set_num_threads(threads)

@@ -21,7 +21,7 @@ import SimpleITK as sitk
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _training_fixture import make_dataset  # noqa: E402
+from _training_fixture import make_dataset, training_world  # noqa: E402
 
 DATASET_ID = 902
 
@@ -106,16 +106,9 @@ def _curve_digest(records: list[dict]) -> str:
 @pytest.fixture(scope="module")
 def pinned_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("hc_pin")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        for key, var in (("raw", "HC_RAW"), ("pre", "HC_PREPROCESSED"), ("res", "HC_RESULTS")):
-            (root / key).mkdir()
-            mp.setenv(var, str(root / key))
-        mp.setenv("HC_N_PROC_DA", "0")
+    with training_world(root):
         pre = make_dataset(root / "raw", num_cases=4, dataset_id=DATASET_ID)
         yield {"root": root, "pre": pre, "raw": root / "raw" / pre.name}
-    torch.set_num_threads(threads)
 
 
 def _run(configuration: str, override: dict, root: Path):

@@ -20,7 +20,7 @@ import SimpleITK as sitk
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _training_fixture import SPACING_XYZ, make_case, make_dataset  # noqa: E402
+from _training_fixture import SPACING_XYZ, make_case, make_dataset, training_world  # noqa: E402
 
 from heartcascade.dataset.synthetic.cases import make_case as synthetic_case  # noqa: E402
 from heartcascade.utils.errors import HCError  # noqa: E402
@@ -41,20 +41,13 @@ def model(tmp_path_factory):
     from heartcascade.training.trainer import Trainer
 
     root = tmp_path_factory.mktemp("hc_pretrained")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        for key, var in (("raw", "HC_RAW"), ("pre", "HC_PREPROCESSED"), ("res", "HC_RESULTS")):
-            (root / key).mkdir()
-            mp.setenv(var, str(root / key))
-        mp.setenv("HC_N_PROC_DA", "0")
+    with training_world(root) as mp:
         make_dataset(root / "raw", num_cases=5, dataset_id=DATASET_ID)
         Trainer(DATASET_ID, 0, device="cpu", progress=False, num_workers=0, plans_override=TINY_RUN,
                 predict_validation=False).run()
         archive = export_model(DATASET_ID, "cascade", root / "model.zip", ["0"])
         (root / "model.json").write_text(json.dumps(CARD))
         yield {"root": root, "zip": archive, "mp": mp}
-    torch.set_num_threads(threads)
 
 
 def _trainer(**kwargs):
