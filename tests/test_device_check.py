@@ -46,7 +46,8 @@ def test_smoke_run_prints_every_record_kind(tmp_path):
     for r in records:
         by.setdefault(r["benchmark"], []).append(r)
     summary = by["device_check_summary"][0]
-    assert run.returncode == 0, (summary, run.stderr[-2000:])
+    errors = [r for r in records if "error" in r or r["benchmark"].endswith("error")]
+    assert run.returncode == 0, (summary, errors, run.stderr[-2000:])
     assert summary["complete"] is True and summary["missing"] == [] and summary["exit_status"] == 0
     assert summary["smoke"] is True and 0 < summary["wall_s"] <= summary["time_cap_s"] == 540
     for kind in ("device_check_setup", "environment", "loader", "training_step", "predict_cli",
