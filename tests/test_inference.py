@@ -410,6 +410,11 @@ def test_tta_follows_the_plans_unless_the_caller_decides():
     on["inference"]["tta"] = True
     assert Predictor(on, [build(on)], device="cpu").tta is True
     assert Predictor(on, [build(on)], device="cpu", tta=False).tta is False
+    # mirrored only along the axes training mirrored (a stack turned base-for-apex was never seen)
+    from heartcascade.inference.predictor import tta_axes
+    assert tta_axes(plans) == (2, 3, 4)  # trained without mirroring: every axis, as before
+    on["augmentation"]["flip_axes"] = [1, 2]
+    assert tta_axes(on) == (3, 4)
 
 
 def test_roi_rule_from_plans():

@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     tta = parser.add_mutually_exclusive_group()
     tta.add_argument("--tta", dest="tta", action="store_true", default=None,
-                     help="test-time mirroring (Net1/baseline: all axes, Net2: in-plane); slower; default: the "
-                          "model's plans (inference.tta: on for the default preset)")
+                     help="test-time mirroring (Net1/baseline: the axes training mirrored, Net2: in-plane); slower; default: the "
+                          "model's plans (inference.tta, off in every preset)")
     tta.add_argument("--disable_tta", "--disable-tta", dest="tta", action="store_false",
                      help="no test-time mirroring (nnU-Net's spelling)")
     # --- probabilities (issue #22 item 6): nnU-Net's spelling --save_probabilities writes nnU-Net's files ---

@@ -45,7 +45,7 @@ from heartcascade.inference.sliding_window import sliding_window_softmax
 from heartcascade.inference.upsampling import upsample_at
 from heartcascade.networks.blocks import crop_to_shape, pad_to_multiple
 from heartcascade.planning import memory_model
-from heartcascade.planning.plans import preprocess_settings, validate_plans
+from heartcascade.planning.plans import as_plans, preprocess_settings, validate_plans
 from heartcascade.preprocessing.preprocess import preprocess_images, restore_to_original
 from heartcascade.preprocessing.resampling import (bspline2_apply, bspline2_coefficients, bspline2_resample,
                                                    resample_torch, shape_for_spacing)
@@ -63,6 +63,15 @@ __all__ = ["CaseResult", "InferenceSettings", "PredictionReport", "Predictor", "
 
 def _flip_sets(ndim_spatial: int, axes: Sequence[int]) -> list[tuple[int, ...]]:
     return [combo for r in range(len(axes) + 1) for combo in itertools.combinations(axes, r)]
+
+
+def tta_axes(plans: Any) -> tuple[int, ...]:
+    """Tensor dims (of ``(B, C, D, H, W)``) that test-time mirroring flips for the 3D networks: the axes the
+    model was trained mirrored along (the plans' ``augmentation.flip_axes``), since a mirroring it never saw
+    (a stack turned base-for-apex) only adds wrong votes; all three for models trained without mirroring."""
+    augmentation = as_plans(plans).augmentation
+    axes = tuple(sorted(int(a) + 2 for a in augmentation.flip_axes)) if augmentation is not None else ()
+    return axes or (2, 3, 4)
 
 
 class Predictor:
@@ -227,7 +236,7 @@ class Predictor:
         """Per fold: Net1 softmax on the case's coarse grid, (1, C, d, h, w) float32 on the device."""
         coarse_shape = tuple(int(n) for n in properties["coarse_shape"])
         coarse = resample_torch(image_t, coarse_shape, "auto")[None]  # (1, C, d, h, w)
-        flips = _flip_sets(3, (2, 3, 4)) if self.tta else [()]
+        flips = _flip_sets(3, tta_axes(self.plans)) if self.tta else [()]
         out = []
         for fold in self.folds:
             net1 = fold["net1"]
@@ -398,7 +407,7 @@ class Predictor:
         divisor = int(getattr(net, "required_divisor", 16))
         patch = self.settings.baseline_patch
         padded_shape = [int(math.ceil(s / divisor) * divisor) for s in x.shape[2:]]
-        flips = _flip_sets(3, (2, 3, 4)) if self.tta else [()]
+        flips = _flip_sets(3, tta_axes(self.plans)) if self.tta else [()]
         whole = patch is None or int(np.prod(padded_shape)) <= int(np.prod(patch)) * 2 \
             or self._baseline_fits(net, padded_shape)
         if whole:
