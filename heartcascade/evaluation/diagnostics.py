@@ -45,7 +45,7 @@ def image_statistics(image: np.ndarray, seg: np.ndarray, spacing: tuple[float, f
     for name, value in structures.items():
         mask = seg == value
         stats[f"{name}_mean"] = round(float(image[mask].mean()), 3) if mask.any() else None
-    if fg.any():  # heart centre as a fraction of the in-plane field of view (0.5 = centred)
+    if fg.any():  # heart centre as a fraction of the (cropped) volume per axis D, H, W (0.5 = centred)
         coords = np.argwhere(fg)
         centre = coords.mean(0) / np.asarray(image.shape)
         stats["heart_centre_fraction"] = [round(float(c), 2) for c in centre]
@@ -75,6 +75,7 @@ def case_diagnostics(predictor: Predictor, image_path: str | Path, label_path: s
     fg = ref > 0
     recall = float((fg & roi_zyx).sum() / max(int(fg.sum()), 1))
 
+    # the labelled preprocessing (its crop also keeps the whole reference heart), for the image statistics
     norm_image, seg, prep_props = prepare_arrays([image_sitk], predictor.preprocess_settings, label_sitk, case_id)
     stats = image_statistics(norm_image[0], seg, tuple(prep_props["spacing"]), structures)
     return {

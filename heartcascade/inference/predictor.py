@@ -83,8 +83,8 @@ class Predictor:
             BaselineUNet3D}``; a :class:`~heartcascade.networks.cascade.Cascade` is accepted too.
         configuration: ``"cascade"`` or ``"baseline"`` (inferred from the network keys when omitted).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"auto"`` or a torch.device.
-        tta: average over mirrorings (Net1/baseline: all axes; Net2: in-plane only); None = the plans'
-            ``inference.tta``.
+        tta: average over mirrorings (Net1/baseline: the axes training mirrored, :func:`tta_axes`; Net2:
+            in-plane only); None = the plans' ``inference.tta``.
         label_codes: training label -> code for written files (default: plans' ``label_codes``).
         postprocessing: connected-component steps applied to every label map (None = none; see
             :mod:`heartcascade.inference.postprocessing`); :meth:`from_model_dir` loads the model's.
@@ -129,6 +129,7 @@ class Predictor:
         self.settings = InferenceSettings.from_plans(self.plans)
         self.preprocess_settings = preprocess_settings(self.plans)
         self.tta = self.settings.tta if tta is None else bool(tta)
+        self._tta_flips = _flip_sets(3, tta_axes(self.plans)) if self.tta else [()]
         if roi_rule is None:
             roi_rule = roi_mod.make_roi_rule(self.settings.roi_rule, self.settings.roi_margin_mm,
                                              self.settings.roi_min_component_fraction,
@@ -236,7 +237,7 @@ class Predictor:
         """Per fold: Net1 softmax on the case's coarse grid, (1, C, d, h, w) float32 on the device."""
         coarse_shape = tuple(int(n) for n in properties["coarse_shape"])
         coarse = resample_torch(image_t, coarse_shape, "auto")[None]  # (1, C, d, h, w)
-        flips = _flip_sets(3, tta_axes(self.plans)) if self.tta else [()]
+        flips = self._tta_flips
         out = []
         for fold in self.folds:
             net1 = fold["net1"]
@@ -407,7 +408,7 @@ class Predictor:
         divisor = int(getattr(net, "required_divisor", 16))
         patch = self.settings.baseline_patch
         padded_shape = [int(math.ceil(s / divisor) * divisor) for s in x.shape[2:]]
-        flips = _flip_sets(3, tta_axes(self.plans)) if self.tta else [()]
+        flips = self._tta_flips
         whole = patch is None or int(np.prod(padded_shape)) <= int(np.prod(patch)) * 2 \
             or self._baseline_fits(net, padded_shape)
         if whole:
