@@ -239,8 +239,9 @@ def test_train_pretrained_script_dry_run(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     commands = [line.split()[1].rsplit("/", 1)[-1] for line in result.stdout.splitlines() if line.startswith("$ ")]
-    assert commands == ["hc_import", "hc_plan_and_preprocess", "hc_train", "hc_export_model", "hc_train",
+    assert commands == ["hc_import", "hc_plan_and_preprocess", "hc_train", "hc_train", "hc_export_model",
                         "hc_predict", "hc_evaluate"]
     assert "hc_train 30 all --no-validation --time-budget 5m" in result.stdout
+    assert "hc_train 30 0 --splits" in result.stdout  # cases 1-20 for the held-out measurement
     assert "--preset default" in result.stdout and "-f all" in result.stdout
     assert not (tmp_path / "w" / "cine_mr_lv_myo_rv.zip").exists()
