@@ -197,6 +197,9 @@ def main() -> int:
                       + (f" --plans-override {args.plans_override}" if args.plans_override else "")
                       + ": hc_import, hc_plan_and_preprocess --preset default --machine cpu, hc_train "
                         f"{DATASET_ID} all --time-budget {args.budget}, hc_export_model -f all")
+    if not trainings:  # a re-export of models trained before: their training figures stay
+        earlier = card.get("measured") or {}
+        measured.update({k: earlier.get(k) for k in ("training_seconds", "trained_together", "budget", "cpus")})
     card["measured"] = {**measured, "how": f"scripts/train_pretrained.py on {time.strftime('%Y-%m-%d')}"}
     card["size_bytes"] = target.stat().st_size
     card_path.write_text(json.dumps(card, indent=2) + "\n")

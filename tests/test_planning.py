@@ -363,7 +363,7 @@ def test_default_preset_is_the_planners_default_and_differs_by_machine():
         assert tr["lr_schedule"] == "poly" and tr["keep_best_per_step"] and tr["warmup_iterations"] == 20
         assert plans["net1"]["kernel_size"] == 3 and plans["net1"]["norm"] == "instance"
         # rule 12: cine MR is small enough for Net2 on the whole volume (the ROI never loses the heart)
-        assert plans["inference"]["roi_rule"] == "whole_volume" and plans["inference"]["tta"] is False
+        assert plans["inference"]["roi_rule"] == "whole_volume" and plans["inference"]["tta"] is True
         aug = plans["augmentation"]
         assert aug["p_gamma"] > 0 and aug["p_bias_field"] > 0 and aug["flip_axes"] == [0, 1, 2]
         assert aug["rotation_deg"] == [180.0, 0.0, 0.0]  # full circle in-plane; none out of plane (8 mm slices)
