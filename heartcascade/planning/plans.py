@@ -1,18 +1,22 @@
 """The plans file (``plans.json``): the one, complete, validated configuration of a dataset's model.
 
 On disk (and inside checkpoints) the plans are a plain JSON dict: humans read and occasionally edit them,
-and a dict round-trips through JSON and checkpoints without custom classes. Code reads them only through
-:func:`parse_plans`, which checks every section once -- types, ranges, and *no unknown key anywhere* --
-and returns frozen, typed sections (:class:`Plans` with :class:`Net1Plan`, :class:`Net2Plan`,
+and a dict round-trips through JSON and checkpoints without custom classes. In memory there is one form:
+:class:`Plans`, made once where the plans enter -- :func:`load_plans` (a file), :func:`parse_plans` (a
+checkpoint's or the planner's dict) -- and passed everywhere. Parsing checks every section once -- types,
+ranges, and *no unknown key anywhere* -- into frozen, typed sections (:class:`Net1Plan`, :class:`Net2Plan`,
 :class:`TrainingPlan` / :class:`StepPlan`, :class:`SamplingPlan`, :class:`InferencePlan`,
-:class:`BaselinePlan`, ...). The planner writes every field that takes effect (no hidden defaults later),
-and nothing that has none. Every field is documented in ``documentation/plans.md``.
+:class:`BaselinePlan`, ...) whose fields carry the JSON's own names; consumers read those, never the dict
+(``Plans.to_dict()`` gives it back for files and checkpoints). The planner writes every field that takes
+effect (no hidden defaults later), and nothing that has none. Every field is documented in
+``documentation/plans.md``.
 
 Plans of another schema version are refused with a one-line error (re-plan with ``--overwrite``).
 
-Derived values other stages need: keyword arguments for the networks (:func:`net1_kwargs`,
-:func:`net2_kwargs`, :func:`baseline_kwargs`, :func:`cascade_kwargs`) and the hash of the
-preprocessing-relevant fields (:func:`preprocessing_hash`).
+Accessors (in the spirit of nnU-Net's PlansManager): a configuration's training steps
+(:meth:`Plans.training_steps`), the networks' keyword arguments (:func:`net1_kwargs`, :func:`net2_kwargs`,
+:func:`baseline_kwargs`, :func:`cascade_kwargs`), what preprocessing follows (:func:`preprocess_settings`)
+and the hash of the preprocessing-relevant fields (:func:`preprocessing_hash`).
 """
 from __future__ import annotations
 
@@ -44,6 +48,8 @@ ROI_DEFAULTS = {"roi_rule": "heart_components", "roi_min_component_fraction": 0.
                 "roi_centre_sigma": 0.0}
 #: ``amp``: mixed precision of training and inference on CUDA (the CPU always computes in float32).
 AMP_MODES = ("bf16", "fp16", "none")
+#: The name of the baseline U-Net's configuration and of its single training step.
+BASELINE_STEP = "baseline"
 STEP_INPUTS = {1: "whole_coarse_volume", 2: "subvolumes", 3: "subvolumes", 4: "slice_stacks"}
 NORMALIZATION_SCHEMES = ("ct_clip", "percentile_clip")
 
@@ -283,6 +289,11 @@ class StepPlan:
             return (self.stack_shape,) if self.stack_shape else ()
         return self.subvolume_shapes or ()
 
+    @property
+    def planned_iterations(self) -> int:
+        """The plans' count (0 when disabled); under a time budget the trainer's schedule decides the step's."""
+        return self.epochs * self.iterations_per_epoch if self.enabled else 0
+
 
 @dataclass(frozen=True)
 class TrainingPlan:
@@ -310,6 +321,12 @@ class TrainingPlan:
             if entry.step == number:
                 return entry
         raise HCError(f"plans have no training step {number}")
+
+    def checkpoint_interval(self, step: StepPlan) -> int:
+        """Iterations between ``checkpoint_latest`` saves in ``step`` (0 iterations: every N epochs)."""
+        if self.checkpoint_interval_iterations > 0:
+            return self.checkpoint_interval_iterations
+        return max(1, self.checkpoint_interval_epochs * step.iterations_per_epoch)
 
 
 @dataclass(frozen=True)
@@ -347,6 +364,14 @@ class BaselinePlan:
     iterations_per_epoch: int = _f(_int(1, _MAX_COUNT))
     losses: tuple[str, ...] = _f(_list(_str(), nonempty=True))
     predicted_peak_gb: float | None = _f(_opt(_num(0)))
+
+    def as_step(self) -> StepPlan:
+        """The baseline's single training step, in the form of a curriculum step (input: subvolumes)."""
+        return StepPlan(step=0, name=BASELINE_STEP, enabled=True, train=(BASELINE_STEP,), losses=self.losses,
+                        input="subvolumes", batch_size=self.batch_size, epochs=self.epochs,
+                        iterations_per_epoch=self.iterations_per_epoch, lr=self.lr,
+                        predicted_peak_gb=self.predicted_peak_gb, time_fraction=None,
+                        subvolume_shapes=(self.patch_shape,))
 
 
 @dataclass(frozen=True)
@@ -403,6 +428,18 @@ class Plans:
         by_value = {int(v): str(k) for k, v in self.labels.items()}
         return [by_value.get(i, str(i)) for i in range(self.num_classes)]
 
+    def to_dict(self) -> dict[str, Any]:
+        """The plans as the JSON dict they were parsed from (a copy): for files and checkpoints."""
+        return copy.deepcopy(dict(self.raw))
+
+    def training_steps(self, configuration: str) -> dict[str, StepPlan]:
+        """The training steps of ``configuration`` by name: ``"1"``..``"4"`` (cascade) or ``"baseline"``."""
+        if configuration == "cascade":
+            return {str(entry.step): entry for entry in self.training.steps}
+        if configuration == BASELINE_STEP:
+            return {BASELINE_STEP: self.baseline_unet.as_step()}
+        raise HCError(f"unknown configuration {configuration!r}; expected cascade or baseline")
+
 
 #: Sections parsed into their own types (besides ``training``, ``normalization`` and ``augmentation``).
 _SECTIONS: dict[str, type] = {
@@ -456,7 +493,7 @@ def parse_plans(plans: Any, source: str = "plans") -> Plans:
                                       for i, n in enumerate(norm))
     sections["augmentation"] = AugmentationParams.from_dict(plans["augmentation"], source)
     top = {k: v for k, v in plans.items() if k not in sections and k in _TOP_LEVEL}
-    out = _section(Plans, top, "plans", source, **sections, raw=plans)
+    out = _section(Plans, top, "plans", source, **sections, raw=copy.deepcopy(dict(plans)))
     _check_consistency(out, source)
     return out
 
@@ -475,6 +512,11 @@ def _check_consistency(p: Plans, source: str) -> None:
             raise HCError(f"{source}: {name}.num_classes is {net.num_classes}, the plans have {p.num_classes} classes")
     if p.net2.required_divisor != 2 ** p.net2.num_levels:
         raise HCError(f"{source}: net2.required_divisor must be 2**num_levels = {2 ** p.net2.num_levels}")
+    K, divisor = p.net2.K, p.net2.required_divisor
+    for shape in p.training.step(3).shapes:
+        if shape[0] < K or shape[1] % divisor or shape[2] % divisor:
+            raise HCError(f"{source}: training.steps[3] subvolume {list(shape)} must have D >= K={K} and H, W "
+                          f"divisible by {divisor} (Net2)")
 
 
 def _field_names(cls: type) -> set[str]:
@@ -503,12 +545,6 @@ def check_override_keys(override: Mapping[str, Any], source: str = "--plans-over
         walk(entry, NormalizationPlan, f"normalization[{i}]")
 
 
-def validate_plans(plans: Any, source: str = "plans") -> dict[str, Any]:
-    """Check a plans dict of the current version (:func:`parse_plans`) and return it unchanged."""
-    parse_plans(plans, source)
-    return plans
-
-
 # --------------------------------------------------------------------------------------------------
 # Versions
 
@@ -529,33 +565,23 @@ def plans_path(preprocessed_dataset_dir: str | os.PathLike) -> Path:
     return Path(preprocessed_dataset_dir) / PLANS_FILE
 
 
-def load_plans(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and validate a plans file (a folder is accepted: its ``plans.json``)."""
+def load_plans(path: str | os.PathLike) -> Plans:
+    """Read a plans file (a folder is accepted: its ``plans.json``): the typed plans, parsed once."""
     path = Path(path)
     if path.is_dir():
         path = path / PLANS_FILE
-    return validate_plans(load_json(path), str(path))
+    return parse_plans(load_json(path), str(path))
 
 
-def save_plans(path: str | os.PathLike, plans: dict[str, Any]) -> None:
-    validate_plans(plans, str(path))
-    atomic_write_json(path, plans)
-
-
-def as_plans(plans: Plans | Mapping[str, Any], source: str = "plans") -> Plans:
-    """``plans`` typed: a :class:`Plans` as it is, a dict parsed."""
-    if isinstance(plans, Plans):
-        return plans
-    return parse_plans(plans, source)
+def save_plans(path: str | os.PathLike, plans: Plans | Mapping[str, Any]) -> Plans:
+    """Write plans (typed, or the planner's dict: checked first) atomically; returns them typed."""
+    typed = plans if isinstance(plans, Plans) else parse_plans(plans, str(path))
+    atomic_write_json(path, typed.to_dict())
+    return typed
 
 
 # --------------------------------------------------------------------------------------------------
 # Derived values
-
-
-def training_step(plans: Plans | Mapping[str, Any], step: int) -> StepPlan:
-    """The ``training.steps`` entry of step 1..4."""
-    return as_plans(plans).training.step(step)
 
 
 def _fields(section: Any, keys: Sequence[str]) -> dict[str, Any]:
@@ -589,42 +615,38 @@ def baseline_network_kwargs(baseline: "BaselinePlan | Mapping[str, Any]", in_cha
     return {"in_channels": int(in_channels), "num_classes": int(num_classes), **_fields(baseline, BASELINE_KWARGS)}
 
 
-def net1_kwargs(plans: Plans | Mapping[str, Any]) -> dict[str, Any]:
+def net1_kwargs(plans: Plans) -> dict[str, Any]:
     """Keyword arguments for ``heartcascade.networks.Net1``."""
-    return net1_network_kwargs(as_plans(plans).net1)
+    return net1_network_kwargs(plans.net1)
 
 
-def net2_kwargs(plans: Plans | Mapping[str, Any]) -> dict[str, Any]:
+def net2_kwargs(plans: Plans) -> dict[str, Any]:
     """Keyword arguments for ``heartcascade.networks.Net2``."""
-    return net2_network_kwargs(as_plans(plans).net2)
+    return net2_network_kwargs(plans.net2)
 
 
-def cascade_kwargs(plans: Plans | Mapping[str, Any]) -> dict[str, Any]:
+def cascade_kwargs(plans: Plans) -> dict[str, Any]:
     """Keyword arguments for ``heartcascade.networks.Cascade`` besides the two networks.
 
     Scale factors are per case (``properties['coarse_scale_factors']``); pass them to ``forward``.
     """
-    p = as_plans(plans)
-    return {"input_mode": p.net2.input_mode, "image_channels": p.num_input_channels}
+    return {"input_mode": plans.net2.input_mode, "image_channels": plans.num_input_channels}
 
 
-def baseline_kwargs(plans: Plans | Mapping[str, Any]) -> dict[str, Any]:
+def baseline_kwargs(plans: Plans) -> dict[str, Any]:
     """Keyword arguments for ``heartcascade.networks.BaselineUNet3D``."""
-    p = as_plans(plans)
-    return baseline_network_kwargs(p.baseline_unet, p.num_input_channels, p.num_classes)
+    return baseline_network_kwargs(plans.baseline_unet, plans.num_input_channels, plans.num_classes)
 
 
-def plans_summary(plans: Plans | Mapping[str, Any]) -> str:
+def plans_summary(p: Plans) -> str:
     """One line on what the planner chose: preset, machine, memory target, K, Net1's coarse spacing."""
-    p = as_plans(plans)
     return (f"preset {p.preset} for {p.machine.kind if p.machine else 'an unrecorded machine'}, memory target "
             f"{p.memory.target_gb:g} GB from {p.memory.target_source}; K={p.net2.K}, Net1 coarse spacing "
             f"{', '.join(f'{v:g}' for v in p.net1.coarse_spacing)} mm")
 
 
-def preprocess_settings(plans: Plans | Mapping[str, Any]) -> PreprocessSettings:
-    """What preprocessing follows, from the typed plans (a dict is parsed first)."""
-    p = as_plans(plans)
+def preprocess_settings(p: Plans) -> PreprocessSettings:
+    """What preprocessing follows, from the typed plans."""
     return PreprocessSettings(
         modality=p.modality, num_input_channels=p.num_input_channels, num_classes=p.num_classes,
         normalization=tuple(copy.deepcopy(dict(n)) for n in p.raw["normalization"]), margin_mm=p.cropping.margin_mm,
@@ -632,8 +654,9 @@ def preprocess_settings(plans: Plans | Mapping[str, Any]) -> PreprocessSettings:
         max_locations_per_class=p.sampling.max_locations_per_class)
 
 
-def preprocessing_fields(plans: dict[str, Any]) -> dict[str, Any]:
+def preprocessing_fields(p: Plans) -> dict[str, Any]:
     """The plans fields the preprocessed arrays depend on (changing anything else keeps them valid)."""
+    plans = p.raw
     return {
         "preprocessing_version": PREPROCESSING_VERSION,
         "modality": plans["modality"],
@@ -647,7 +670,7 @@ def preprocessing_fields(plans: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def preprocessing_hash(plans: dict[str, Any]) -> str:
+def preprocessing_hash(plans: Plans) -> str:
     """Short hash of :func:`preprocessing_fields`; stored with every preprocessed case."""
     text = json.dumps(preprocessing_fields(plans), sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
