@@ -507,3 +507,51 @@ def test_plans_override_keys_are_checked():
                           ('{"fooo": 1}', "plans have unknown key 'fooo'")):
         with pytest.raises(HCError, match=message):
             parse_override(text)
+
+
+def test_defaults_are_defined_once(tmp_path, monkeypatch):
+    """Issue #24: a preset key's default lives in presets.PRESET_DEFAULTS only. The planner reads values,
+    never ``.get(key, fallback)`` on a preset; the typed plans sections have no defaults of their own (the
+    augmentation section's dataclass is the one source of its defaults, PRESET_DEFAULTS included); a preset
+    that leaves out every key with a default still plans, and leaving out the keys it sets to their
+    defaults changes nothing."""
+    import ast
+    import copy
+
+    from heartcascade.planning import plans as plans_mod
+    from heartcascade.planning.augmentation_plan import AugmentationParams, augmentation_dict
+
+    for node in ast.walk(ast.parse(Path(planner.__file__).read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get":
+            receiver = ast.unparse(node.func.value)
+            assert receiver in ("fingerprint", "ctx.fp", "preset['machines']"), \
+                f"planner.py line {node.lineno}: {receiver}.get(...) -- read the preset's value (presets.PRESET_DEFAULTS)"
+    for cls in (plans_mod.Net1Plan, plans_mod.Net2Plan, plans_mod.TrainingPlan, plans_mod.SamplingPlan,
+                plans_mod.InferencePlan, plans_mod.BaselinePlan, plans_mod.CroppingPlan, plans_mod.MemoryPlan):
+        own = [f.name for f in dataclasses.fields(cls)
+               if "check" in f.metadata and f.default not in (dataclasses.MISSING, None)]
+        assert not own, f"{cls.__name__} has defaults {own}: the planner writes every field"
+    defaults = presets.PRESET_DEFAULTS
+    assert defaults["augmentation"] == augmentation_dict(AugmentationParams())
+
+    raw = json.loads((presets.presets_dir() / "paper.json").read_text())
+    full = planner.plan_experiment(MSCMR, presets.load_preset("paper"), MR_INFO, 2, gpu_memory_gb=12)
+
+    def without(keep) -> dict:
+        """``raw`` less the keys that have a default, except those ``keep(default, value)`` keeps."""
+        out = copy.deepcopy(raw)
+        for section, values in defaults.items():
+            if isinstance(out.get(section), dict) and isinstance(values, dict):
+                out[section] = {k: v for k, v in out[section].items() if k not in values or keep(values[k], v)}
+        out["training"]["steps"] = [{k: v for k, v in s.items() if k == "step" or k not in d or keep(d[k], v)}
+                                    for s, d in zip(raw["training"]["steps"], defaults["training"]["steps"])]
+        return out
+
+    monkeypatch.setenv("HC_PRESETS_DIR", str(tmp_path))
+    (tmp_path / "same.json").write_text(json.dumps(without(lambda default, value: default != value)))
+    (tmp_path / "bare.json").write_text(json.dumps(without(lambda default, value: False)))
+    same = planner.plan_experiment(MSCMR, presets.load_preset("same"), MR_INFO, 2, gpu_memory_gb=12)
+    assert dict(same, preset="paper") == full
+    bare = presets.load_preset("bare")
+    assert bare["training"]["steps"][3]["epochs"] == defaults["training"]["steps"][3]["epochs"]
+    planner.plan_experiment(MSCMR, bare, MR_INFO, 2, gpu_memory_gb=12)  # every key the planner reads exists

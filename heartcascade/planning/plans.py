@@ -43,9 +43,6 @@ PLANS_FILE = "plans.json"
 #: ``inference.roi_rule`` values: the ROI from the heart's connected component(s) of Net1's whole-heart
 #: probability, every Net1 foreground voxel, or the whole volume (Net2 everywhere: rule 12 for MR-sized cases).
 ROI_RULES = ("heart_components", "all_foreground", "whole_volume")
-#: What a preset without the ROI fields gets (documentation/plans.md): the heart-component rule.
-ROI_DEFAULTS = {"roi_rule": "heart_components", "roi_min_component_fraction": 0.1, "roi_join_distance_mm": 0.0,
-                "roi_centre_sigma": 0.0}
 #: ``amp``: mixed precision of training and inference on CUDA (the CPU always computes in float32).
 AMP_MODES = ("bf16", "fp16", "none")
 #: The name of the baseline U-Net's configuration and of its single training step.
@@ -345,8 +342,8 @@ class InferencePlan:
     max_z_chunk: int | None = _f(_opt(_int(1, _MAX_SIDE)))
     memory_budget_gb: float | None = _f(_opt(_num(0, open_lo=True)))
     predicted_peak_gb: float | None = _f(_opt(_num(0)))
-    roi_centre_sigma: float = _f(_num(0), 0.0)  # 0 = components ranked by mass alone (models planned before it)
-    tta: bool = _f(_bool, False)  # mirroring test-time augmentation by default (hc_predict --tta/--disable_tta override)
+    roi_centre_sigma: float = _f(_num(0))  # 0 = components ranked by mass alone
+    tta: bool = _f(_bool)  # mirroring test-time augmentation by default (hc_predict --tta/--disable_tta override)
 
 
 @dataclass(frozen=True)
