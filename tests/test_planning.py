@@ -504,9 +504,16 @@ def test_plans_override_keys_are_checked():
                           ('{"training": {"steps": {"3": {"bogus": 2}}}}', r"training.steps\[3\] has unknown key 'bogus'"),
                           ('{"net2": {"inplane_tile": [64, 64]}}', "net2 has unknown key 'inplane_tile'"),
                           ('{"augmentation": {"p_twist": 1}}', "augmentation has unknown key 'p_twist'"),
-                          ('{"fooo": 1}', "plans have unknown key 'fooo'")):
-        with pytest.raises(HCError, match=message):
+                          ('{"fooo": 1}', "plans have unknown key 'fooo'"),
+                          # the report (what the planner recorded) is not a setting
+                          ('{"memory": {"target_gb": 2}}', "--plans-override: memory is part of the plans' report"),
+                          ('{"net1": {"widths": [8]}}', "net1.widths is part of the plans' report"),
+                          ('{"training": {"steps": {"2": {"predicted_peak_gb": 1}}}}',
+                           r"training.steps\[2\].predicted_peak_gb is part of the plans' report")):
+        with pytest.raises(HCError, match=message) as info:
             parse_override(text)
+        assert "\n" not in str(info.value)
+    assert parse_override('{"net1": {"dropout": 0.1}, "inference": {"tta": true}}')  # settings: fine
 
 
 def test_defaults_are_defined_once(tmp_path, monkeypatch):

@@ -520,15 +520,34 @@ def _field_names(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls) if f.name != "raw"}
 
 
+#: The plans' report: what the planner recorded -- versions, the dataset and planning machine, the memory
+#: target and estimates, the fingerprint summary, predicted peaks, widths for humans -- beside the settings a
+#: user may override. A whole section (None) or some of its fields; ``training.steps`` names its entries' fields.
+REPORT: dict[str, tuple[str, ...] | None] = {
+    "plans_version": None, "planner_version": None, "preset": None, "dataset": None, "machine": None,
+    "memory": None, "fingerprint_summary": None,
+    "full_resolution": ("inplane_spacing_ratio", "max_inplane_spacing_ratio", "median_spacing", "shape_p95",
+                        "min_slices"),
+    "net1": ("coarse_shape_median", "widths"), "net2": ("widths",), "baseline_unet": ("widths", "predicted_peak_gb"),
+    "inference": ("predicted_peak_gb",), "training.steps": ("predicted_peak_gb",),
+}
+
+
 def check_override_keys(override: Mapping[str, Any], source: str = "--plans-override") -> None:
-    """Every key of a partial plans dict (``--plans-override``) must be a plans field; the first unknown one is
-    a one-line HCError naming it (values are checked once the override is merged, by :func:`parse_plans`)."""
+    """Every key of a partial plans dict (``--plans-override``) must be a plans setting; the first unknown key
+    or :data:`REPORT` field is a one-line HCError naming it (values are checked once the override is merged,
+    by :func:`parse_plans`)."""
     def walk(data: Any, cls: type, where: str) -> None:
         if not isinstance(data, Mapping):
             return
         for key in data:
             if key not in _field_names(cls):
                 raise HCError(f"{source}: {where + ' has' if where else 'plans have'} unknown key {key!r}")
+            report = REPORT.get(where.split("[")[0]) if where else ()
+            if (not where and key in REPORT and REPORT[key] is None) or (report and key in report):
+                name = f"{where}.{key}" if where else key
+                raise HCError(f"{source}: {name} is part of the plans' report (what the planner recorded), not a "
+                              "setting; re-plan with hc_plan_and_preprocess to change it")
     walk(override, Plans, "")
     for name, cls in {**_SECTIONS, "augmentation": AugmentationParams}.items():
         walk(override.get(name), cls, name)
