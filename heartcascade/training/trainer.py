@@ -11,9 +11,9 @@ per step kind: :mod:`heartcascade.training.steps`; loss terms: :mod:`heartcascad
 with a fresh Adam optimiser. The loop itself is generic; a step's pieces are public
 (:meth:`Trainer.setup`, :meth:`~Trainer.build_loader`, :meth:`~Trainer.build_optimizer`,
 :meth:`~Trainer.train_step`) so the benchmark times exactly what training runs. Checkpoints
-(``checkpoint_latest.pth`` every ``training.checkpoint_every`` iterations and at the end of every step,
-``checkpoint_best.pth`` when the moving average of the validation Dice improves
-(:mod:`heartcascade.training.best`), ``checkpoint_final.pth`` at the end) are written atomically and hold
+(``checkpoint_latest.pth`` every ``training.checkpoint_interval_iterations`` iterations, else every
+``checkpoint_interval_epochs`` epochs, and at the end of every step; ``checkpoint_best.pth`` when the moving
+average of the validation Dice improves (:mod:`heartcascade.training.best`), ``checkpoint_final.pth`` at the end) are written atomically and hold
 the complete resume state, so ``continue_training=True`` continues bit-for-bit where the last checkpoint
 was taken (same batches, same dropout masks, same optimiser state).
 """
