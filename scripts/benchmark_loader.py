@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     step_names = trainer.step_names if args.steps is None else [s for s in args.steps.split(",") if s in trainer.step_names]
     workers = trainer.num_workers
     for step_name in step_names:
-        st = trainer.cfg.steps[step_name]
+        st = trainer.steps[step_name]
         trainer.prepare_step(step_name)
         # per-batch cost in-process
         loader = trainer.build_loader(step_name)
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             loader.generate_train_batch()
         sample_ms = 1000 * (time.perf_counter() - t0) / n_local
         # throughput through the augmenter
-        stream = BatchStream(trainer.build_loader(step_name), trainer.cfg.augmentation, workers)
+        stream = BatchStream(trainer.build_loader(step_name), trainer.plans.augmentation, workers)
         try:
             for _ in range(args.warmup):
                 batch = next(stream)

@@ -121,7 +121,7 @@ def _run_phase(did: int, num_processes: int, plan_only: bool) -> dict:
         result = plan_and_preprocess(did, num_processes=num_processes, progress=False)
     return {"wall_seconds": round(time.perf_counter() - t, 2), "seconds": result.seconds, "failed": result.failed,
             "skipped": result.skipped, "processed": result.processed, "out_dir": str(result.out_dir),
-            "K": result.plans["net2"]["K"], "coarse_spacing": result.plans["net1"]["coarse_spacing"],
+            "K": result.plans.net2.K, "coarse_spacing": list(result.plans.net1.coarse_spacing),
             "worker_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 ** 2, 3),
             "main_peak_rss_gb": round(_vm_hwm_gb(), 3)}
 

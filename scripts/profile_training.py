@@ -144,18 +144,18 @@ def _child(args: argparse.Namespace, spec: dict[str, Any]) -> None:
     w = [p for p in session.networks["net1"].parameters() if p.dim() == 5 and p.shape[1] > 1][0]
     net1_format = "channels_last_3d" if w.is_contiguous(memory_format=torch.channels_last_3d) and not w.is_contiguous() \
         else "contiguous"
-    cfg = session.cfg
+    plans = session.plans
     steps = [s for s in args.steps.split(",") if s in session.step_names]
     records = []
     tree_cpu = TreeCpu()
     for step in steps:
-        st = cfg.steps[step]
+        st = session.steps[step]
         n_total = args.warmup + args.iterations
         rec: dict[str, Any] = {"step": step, "threads": torch.get_num_threads(),
                                "workers": session.num_workers if args.mode == "pipeline" else 0,
                                "memory_format_net1": net1_format}
         if args.mode in ("phases", "step"):
-            stream = BatchStream(session.build_loader(step), cfg.augmentation, 0)
+            stream = BatchStream(session.build_loader(step), plans.augmentation, 0)
             batches = [next(stream) for _ in range(n_total)]
             stream.close()
             session.build_optimizer(step)
@@ -180,7 +180,7 @@ def _child(args: argparse.Namespace, spec: dict[str, Any]) -> None:
         else:  # pipeline: the product's loop with its loader workers, then one validation
             from heartcascade.training.validation import validation_dice, validation_predictor
             training = session.build_optimizer(step)
-            stream = BatchStream(session.build_loader(step), cfg.augmentation, session.num_workers)
+            stream = BatchStream(session.build_loader(step), plans.augmentation, session.num_workers)
             wait = compute = 0.0
             try:
                 for i in range(n_total):
@@ -203,11 +203,11 @@ def _child(args: argparse.Namespace, spec: dict[str, Any]) -> None:
             target = "net1" if step in ("1", "2") else "cascade"
             v_own0, v0 = os.times(), time.perf_counter()
             predictor = validation_predictor(session.configuration, session.plans, session.networks, session.device)
-            dice = validation_dice(predictor, session.val_cases, target, cfg.num_classes)
+            dice = validation_dice(predictor, session.val_cases, target, plans.num_classes)
             val_s = time.perf_counter() - v0
             v_own1 = os.times()
             val_cpu = (v_own1.user + v_own1.system) - (v_own0.user + v_own0.system)
-            every = max(1, cfg.validate_every_epochs) * st.iterations_per_epoch
+            every = max(1, plans.training.validation_interval_epochs) * st.iterations_per_epoch
             rec.update({"wall_s": wall_t, "cpu_s": (own1 - own0) + (kids1 - kids0), "cpu_main_s": own1 - own0,
                         "cpu_workers_s": kids1 - kids0, "iterations": args.iterations, "data_wait_s": wait,
                         "compute_s": compute, "validation_s": val_s, "validation_cpu_s": val_cpu,
@@ -248,7 +248,7 @@ def _child_train(args: argparse.Namespace, spec: dict[str, Any]) -> None:
     own1, kids1 = tree_cpu.sample()
     iterations = sum(trainer.iterations[s] for s in trainer.step_names)
     predictor = validation_predictor(trainer.configuration, trainer.plans, trainer.networks, trainer.device)
-    dice = validation_dice(predictor, trainer.val_cases, "cascade", trainer.cfg.num_classes)
+    dice = validation_dice(predictor, trainer.val_cases, "cascade", trainer.plans.num_classes)
     rec = {"step": "all", "threads_after": torch.get_num_threads(), "iterations": iterations, "wall_s": wall,
            "cpu_s": (own1 - own0) + (kids1 - kids0), "cpu_main_s": own1 - own0, "cpu_workers_s": kids1 - kids0,
            "seconds_per_iteration": result.seconds_per_iteration, "val_cases": len(trainer.val_cases),

@@ -158,9 +158,9 @@ def world(tmp_path_factory):
     nets = from_plans.build_networks("cascade", plans)
     fold = roots["res"] / pre.name / "cascade" / "fold_all"
     fold.mkdir(parents=True)
-    torch.save({"format_version": 1, "configuration": "cascade", "plans": plans,
+    torch.save({"format_version": 1, "configuration": "cascade", "plans": plans.to_dict(),
                 "networks": {k: v.state_dict() for k, v in nets.items()}}, fold / "checkpoint_final.pth")
-    (fold / "plans.json").write_text(json.dumps(plans))
+    (fold / "plans.json").write_text(json.dumps(plans.to_dict()))
     image, label = make_case(7)
     return {"root": root, "roots": roots, "pre": pre, "raw": roots["raw"] / pre.name, "image": image,
             "label": label, "model": fold.parent}

@@ -28,7 +28,7 @@ from heartcascade.inference.net2_runner import net2_chunks
 from heartcascade.inference.predictor import Predictor, bspline2_resample, load_probabilities
 from heartcascade.inference.upsampling import upsample_at, upsample_at_points
 from heartcascade.model import from_plans
-from heartcascade.planning.plans import validate_plans
+from heartcascade.planning.plans import Plans, parse_plans
 from heartcascade.preprocessing.preprocess import restore_to_original
 from heartcascade.utils.errors import HCError
 
@@ -66,7 +66,7 @@ def _planned(tmp_path_factory):
     yield
 
 
-def tiny_plans(K: int | None = None, input_mode: str | None = None, codes: bool = True, **inference) -> dict:
+def tiny_plans(K: int | None = None, input_mode: str | None = None, codes: bool = True, **inference) -> Plans:
     """The planned plans, with Net2's K / input mode and inference fields overridden for a test."""
     plans = copy.deepcopy(_BASE_PLANS)
     plans["net1"]["dropout"] = 0.0
@@ -78,22 +78,22 @@ def tiny_plans(K: int | None = None, input_mode: str | None = None, codes: bool 
     plans["inference"].update(inference)
     if not codes:
         plans["label_codes"] = None
-    return validate_plans(plans, "test plans")
+    return parse_plans(plans, "test plans")
 
 
-def build(plans: dict, configuration: str = "cascade", seed: int = 0) -> dict:
+def build(plans: Plans, configuration: str = "cascade", seed: int = 0) -> dict:
     torch.manual_seed(seed)
     return from_plans.build_networks(configuration, plans)
 
 
-def write_model(folder: Path, plans: dict, configuration: str = "cascade", folds=(0,)) -> Path:
+def write_model(folder: Path, plans: Plans, configuration: str = "cascade", folds=(0,)) -> Path:
     for i, fold in enumerate(folds):
         nets = build(plans, configuration, seed=i)
         fd = folder / f"fold_{fold}"
         fd.mkdir(parents=True)
-        torch.save({"format_version": 1, "configuration": configuration, "plans": plans,
+        torch.save({"format_version": 1, "configuration": configuration, "plans": plans.to_dict(),
                     "networks": {k: v.state_dict() for k, v in nets.items()}}, fd / "checkpoint_final.pth")
-        (fd / "plans.json").write_text(json.dumps(plans))
+        (fd / "plans.json").write_text(json.dumps(plans.to_dict()))
     return folder
 
 
@@ -406,24 +406,26 @@ def test_heart_component_roi_keeps_split_heart():
 def test_tta_follows_the_plans_unless_the_caller_decides():
     plans = tiny_plans()
     assert Predictor(plans, [build(plans)], device="cpu").tta is False  # plans without the field: off
-    on = copy.deepcopy(plans)
-    on["inference"]["tta"] = True
+    on = tiny_plans(tta=True)
     assert Predictor(on, [build(on)], device="cpu").tta is True
     assert Predictor(on, [build(on)], device="cpu", tta=False).tta is False
     # mirrored only along the axes training mirrored (a stack turned base-for-apex was never seen)
     from heartcascade.inference.predictor import tta_axes
     assert tta_axes(plans) == (2, 3, 4)  # trained without mirroring: every axis, as before
-    on["augmentation"]["flip_axes"] = [1, 2]
-    assert tta_axes(on) == (3, 4)
+    flipped = on.to_dict()
+    flipped["augmentation"]["flip_axes"] = [1, 2]
+    assert tta_axes(parse_plans(flipped)) == (3, 4)
 
 
 def test_roi_rule_from_plans():
     plans = tiny_plans()
     assert isinstance(Predictor(plans, [build(plans)], device="cpu").roi_rule, roi_mod.HeartComponentRoi)
     rule = Predictor(plans, [build(plans)], device="cpu").roi_rule
-    assert rule == roi_mod.HeartComponentRoi(plans["inference"]["roi_margin_mm"], 0.1, 0.0)
+    assert rule == roi_mod.HeartComponentRoi(plans.inference.roi_margin_mm, 0.1, 0.0)
     with pytest.raises(HCError, match="plans_version 1 is not 2; re-plan"):
-        Predictor(dict(copy.deepcopy(plans), plans_version=1), [build(plans)], device="cpu")
+        parse_plans(dict(plans.to_dict(), plans_version=1))
+    with pytest.raises(HCError, match="needs the typed plans"):
+        Predictor(plans.to_dict(), [build(plans)], device="cpu")
     legacy = tiny_plans(roi_rule="all_foreground")
     assert isinstance(Predictor(legacy, [build(plans)], device="cpu").roi_rule, roi_mod.AllForegroundRoi)
     with pytest.raises(HCError, match="inference.roi_rule must be one of"):
@@ -465,7 +467,7 @@ def test_net1_roi_box_selection_and_nothing_found_fallback():
     plans = tiny_plans(roi_margin_mm=3.0)
     p = Predictor(plans, [build(plans)], device="cpu")
     props = {"shape": [8, 20, 24], "spacing": [2.0, 1.0, 1.0]}
-    probs = torch.zeros(1, plans["num_classes"], 4, 5, 6)
+    probs = torch.zeros(1, plans.num_classes, 4, 5, 6)
     probs[0, 0] = 0.9
     probs[0, 1] = 0.1
     probs[0, 2, 1, 2:4, 4] = 0.95  # foreground: coarse z 1, y 2..3, x 4 (a normalised softmax there)

@@ -138,10 +138,14 @@ def test_other_nnunet_flags_accepted_or_refused_with_a_reason():
 def test_fold_averaging_refuses_another_label_order():
     from heartcascade.inference.model_loading import check_compatible_plans
 
+    from heartcascade.planning.plans import parse_plans
+
     a = tiny_plans()
-    b = json.loads(json.dumps(a))
+    b = a.to_dict()
     b["labels"] = {"background": 0, "LV": 1, "Myo": 2, "RV": 3}
-    assert a["labels"] != b["labels"]
+    b = parse_plans(b)
+    assert a.labels != b.labels
+    check_compatible_plans(a, parse_plans(a.to_dict()), "fold_1")  # the same plans: fine
     with pytest.raises(HCError, match="plans 'labels' differ"):
         check_compatible_plans(a, b, "fold_1")
 

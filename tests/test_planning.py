@@ -20,9 +20,9 @@ from heartcascade.planning.plans import (
     net1_network_kwargs,
     net2_kwargs,
     net2_network_kwargs,
+    parse_plans,
     preprocessing_hash,
     save_plans,
-    training_step,
 )
 from heartcascade.utils.errors import HCError
 
@@ -116,7 +116,7 @@ def _check_plans(plans: dict, usable_gb: float) -> None:
     div = plans["net2"]["required_divisor"]
     for step in plans["training"]["steps"]:
         assert step["predicted_peak_gb"] <= usable_gb + 1e-6, step
-    for shape in training_step(plans, 3).subvolume_shapes:
+    for shape in parse_plans(plans).training.step(3).subvolume_shapes:
         assert shape[1] % div == 0 and shape[2] % div == 0 and shape[0] >= plans["net2"]["K"]
     # the whole 95th-percentile field of view fits Net1's patch
     fov = plans["fingerprint_summary"]["fov_mm_p95"]
@@ -131,7 +131,7 @@ def test_plan_ct_geometry(paper):
     assert plans["normalization"][0] == {"channel": 0, "name": "CT", "scheme": "ct_clip", "clip_low": -150.0,
                                          "clip_high": 650.0, "target_range": [-1.0, 1.0]}
     assert [s["losses"] for s in plans["training"]["steps"]] == [["L1_ROI"], ["L1", "L1_ROI"], ["L1", "L2"], ["L2"]]
-    assert training_step(plans, 4).train == ("net2",) and training_step(plans, 4).stack_shape[0] == 9
+    assert parse_plans(plans).training.step(4).train == ("net2",) and parse_plans(plans).training.step(4).stack_shape[0] == 9
     assert all(s["epochs"] == 200 and s["iterations_per_epoch"] == 16 and s["lr"] == 1e-4
                for s in plans["training"]["steps"])
     _check_plans(plans, plans["memory"]["usable_gb"])
@@ -140,8 +140,8 @@ def test_plan_ct_geometry(paper):
 
     import torch
     with torch.device("meta"):
-        Net1(**net1_kwargs(plans))
-        Net2(**net2_kwargs(plans))
+        Net1(**net1_kwargs(parse_plans(plans)))
+        Net2(**net2_kwargs(parse_plans(plans)))
 
 
 def test_plan_mr_geometry(paper):
@@ -151,7 +151,7 @@ def test_plan_mr_geometry(paper):
     assert plans["net1"]["coarse_spacing"][0] == pytest.approx(7.99)  # thick slices are never resampled
     assert plans["normalization"][0]["scheme"] == "percentile_clip"
     assert plans["augmentation"]["rotation_deg"][1:] == [0.0, 0.0]  # in-plane rotation only
-    assert all(s[0] <= 11 for s in training_step(plans, 3).subvolume_shapes)
+    assert all(s[0] <= 11 for s in parse_plans(plans).training.step(3).subvolume_shapes)
     _check_plans(plans, plans["memory"]["usable_gb"])
 
 
@@ -210,13 +210,13 @@ def test_plans_roundtrip_and_validation(tmp_path):
     path = tmp_path / "plans.json"
     save_plans(path, plans)
     good = path.read_text()
-    assert load_plans(tmp_path) == plans
-    assert preprocessing_hash(plans) == preprocessing_hash(json.loads(path.read_text()))
+    assert load_plans(tmp_path).to_dict() == plans
+    assert preprocessing_hash(parse_plans(plans)) == preprocessing_hash(load_plans(path))
     changed = json.loads(path.read_text())
     changed["training"]["steps"][0]["epochs"] = 1
-    assert preprocessing_hash(changed) == preprocessing_hash(plans)  # schedule changes keep the data valid
+    assert preprocessing_hash(parse_plans(changed)) == preprocessing_hash(parse_plans(plans))  # schedule: data valid
     changed["net1"]["coarse_spacing"] = [6.0, 6.0, 6.0]
-    assert preprocessing_hash(changed) != preprocessing_hash(plans)
+    assert preprocessing_hash(parse_plans(changed)) != preprocessing_hash(parse_plans(plans))
     for breaker, message in ((lambda p: p.pop("net2"), "missing field"), (lambda p: p.update(plans_version=99), "99"),
                              (lambda p: p["net2"].update(K=4), "odd")):
         bad = json.loads(good)
@@ -233,17 +233,22 @@ def test_preset_step_losses_and_dice_weighting_reach_the_plans(paper):
     plans = planner.plan_experiment(MMWHS_CT, custom, CT_INFO, 1, gpu_memory_gb=12)
     assert [s["losses"] for s in plans["training"]["steps"]] == [["L1", "L1_ROI", "CE1"], ["L1", "L1_ROI"],
                                                                 ["L1", "L2"], ["L2"]]
-    from heartcascade.training.config import training_config
+    from heartcascade.training.steps import check_losses
 
-    cfg = training_config(plans, "cascade")
-    assert cfg.dice_weighting == "uniform" and cfg.steps["1"].losses == ["L1", "L1_ROI", "CE1"]
+    p = parse_plans(plans)
+    assert p.training.dice_weighting == "uniform" and p.training.step(1).losses == ("L1", "L1_ROI", "CE1")
     plans["training"]["dice_weighting"] = "median"
     with pytest.raises(HCError, match="dice_weighting"):
-        training_config(plans, "cascade")
+        parse_plans(plans)
     plans["training"]["dice_weighting"] = "inverse_count"
     plans["training"]["steps"][1]["losses"] = ["L1", "CE3"]
     with pytest.raises(HCError, match="unknown loss"):
-        training_config(plans, "cascade")
+        check_losses(parse_plans(plans).training_steps("cascade"))
+    plans["training"]["steps"][1]["losses"] = ["L1", "L2"]  # step 2 runs Net1 alone
+    check_losses(parse_plans(plans).training_steps("cascade"))
+    plans["training"]["steps"][3]["losses"] = ["L1"]  # step 4's slice stacks have no Net1 output
+    with pytest.raises(HCError, match=r"training.steps\[4\].losses \['L1'\] read an output"):
+        check_losses(parse_plans(plans).training_steps("cascade"))
 
 
 def test_step4_stacks_capped_at_the_presets_inplane_mm(paper):
@@ -274,7 +279,6 @@ def test_plan_experiment_assembles_the_rule_functions(paper):
     Pinned values were recorded before the planner was split into one function per rule; the networks'
     keyword arguments come from the plans fields through the plans accessors."""
     from heartcascade.planning.curriculum import CURRICULUM_STEPS
-    from heartcascade.training.config import training_config
 
     plans = planner.plan_experiment(MSCMR, paper, MR_INFO, 2, gpu_memory_gb=12)
     ctx = planner._Context(MSCMR, planner.preset_for_machine(paper, "cuda"), MR_INFO, 12)
@@ -291,21 +295,22 @@ def test_plan_experiment_assembles_the_rule_functions(paper):
     assert (net2.network["base_features"], net2.tile, net2.full_slice) == (32, [240, 240], [240, 240])
     assert shapes2 == shapes3 == [[5, 32, 32], [9, 56, 56], [11, 112, 112]]
     assert stack == [3, 240, 240] and [batches[s][0] for s in (1, 2, 3, 4)] == [2, 2, 2, 4] and z_chunk == 64
-    assert net1_kwargs(plans) == net1_network_kwargs(net1.network)
-    assert net2_kwargs(plans) == net2_network_kwargs(net2.network)
-    assert [list(s) for s in training_step(plans, 2).subvolume_shapes] == shapes2
-    assert [list(s) for s in training_step(plans, 3).subvolume_shapes] == shapes3
-    assert list(training_step(plans, 4).stack_shape) == stack
+    p = parse_plans(plans)
+    assert net1_kwargs(p) == net1_network_kwargs(net1.network)
+    assert net2_kwargs(p) == net2_network_kwargs(net2.network)
+    assert [list(s) for s in p.training.step(2).subvolume_shapes] == shapes2
+    assert [list(s) for s in p.training.step(3).subvolume_shapes] == shapes3
+    assert list(p.training.step(4).stack_shape) == stack
     assert [s["batch_size"] for s in plans["training"]["steps"]] == [batches[s][0] for s in (1, 2, 3, 4)]
     assert plans["inference"]["z_chunk"] == z_chunk
     assert plans["baseline_unet"] == planner.plan_baseline(ctx)  # rule 11
     assert plans["baseline_unet"]["patch_shape"] == [32, 160, 160]
     # one curriculum table: the planner's steps and training's step inputs
-    cfg = training_config(plans, "cascade")
+    steps = p.training_steps("cascade")
     for row, entry in zip(CURRICULUM_STEPS, plans["training"]["steps"]):
         assert (entry["step"], entry["name"], entry["train"], entry["losses"], entry["input"]) == \
             (row.step, row.name, list(row.train), list(row.losses), row.input)
-        assert cfg.steps[str(row.step)].input == row.input
+        assert steps[str(row.step)].input == row.input
 
 
 def test_presets_folder_and_override(tmp_path, monkeypatch):
@@ -376,24 +381,27 @@ def test_default_preset_is_the_planners_default_and_differs_by_machine():
         planner.preset_for_machine(default, "tpu")
 
 
-def test_training_config_reads_budget_schedule_and_keep_best():
-    from heartcascade.training.config import training_config
+def test_training_plan_reads_budget_schedule_and_keep_best():
+    from heartcascade.training.time_budget import time_fractions
 
     plans = planner.plan_experiment(MSCMR, presets.load_preset("default"), MR_INFO, 2, machine="cpu")
-    cfg = training_config(plans, "cascade")
-    assert cfg.time_budget_s == 3600 and cfg.lr_schedule == "poly" and cfg.keep_best_per_step
-    assert cfg.time_fractions(["2", "3", "4"]) == {"2": 0.05, "3": 0.10, "4": 0.60}
+    p = parse_plans(plans)
+    tr = p.training
+    assert tr.time_budget_s == 3600 and tr.lr_schedule == "poly" and tr.keep_best_per_step
+    steps = p.training_steps("cascade")
+    assert time_fractions({n: steps[n] for n in "234"}) == {"2": 0.05, "3": 0.10, "4": 0.60}
+    assert tr.checkpoint_interval(steps["1"]) == tr.checkpoint_interval_epochs * steps["1"].iterations_per_epoch
     plans["training"]["lr_schedule"] = "cosine"
     with pytest.raises(HCError, match="lr_schedule"):
-        training_config(plans, "cascade")
+        parse_plans(plans)
     plans["training"]["lr_schedule"] = "poly"
     plans["training"]["time_budget_s"] = -5
     with pytest.raises(HCError, match="time_budget_s"):
-        training_config(plans, "cascade")
+        parse_plans(plans)
     plans["training"]["time_budget_s"] = None
     plans["training"]["steps"][0]["time_fraction"] = 1.5
     with pytest.raises(HCError, match="time_fraction"):
-        training_config(plans, "cascade")
+        parse_plans(plans)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -408,10 +416,7 @@ def _fresh_demo() -> dict:
 
 
 def test_fresh_plans_parse_complete_and_without_dead_fields():
-    from heartcascade.inference.settings import InferenceSettings
     from heartcascade.planning.augmentation_plan import AugmentationParams
-    from heartcascade.planning.plans import parse_plans
-    from heartcascade.training.config import training_config
 
     plans = _fresh_demo()
     p = parse_plans(plans, "plans.json")
@@ -440,18 +445,15 @@ def test_fresh_plans_parse_complete_and_without_dead_fields():
     for entry, st in zip(tr["steps"], p.training.steps):
         assert set(entry) | {"loss_weights"} >= {f.name for f in dataclasses.fields(st)} - {
             "patch_shape", "subvolume_shapes", "coarse_patch_shapes", "stack_shape"}
-    # the consumers build from it
-    cfg = training_config(p, "cascade")
-    assert cfg.amp == p.amp and cfg.grad_clip == 12.0 and cfg.ema_momentum == 0.9
-    settings = InferenceSettings.from_plans(p)
-    assert settings.amp == "bf16" and settings.input_mode == "probabilities"
+    # the consumers read these typed sections (no renamed copies)
+    assert p.amp == "bf16" and p.training.grad_clip == 12.0 and p.training.ema_momentum == 0.9
+    assert p.net2.input_mode == "probabilities" and p.to_dict() == plans
 
 
 @pytest.mark.parametrize("where", ["", "net1", "net2", "training", "training.steps.1", "augmentation", "sampling",
                                    "inference", "baseline_unet", "memory", "dataset", "normalization.0",
                                    "cropping", "full_resolution", "fingerprint_summary", "machine"])
 def test_unknown_keys_are_refused_in_every_section(tmp_path, where):
-    from heartcascade.planning.plans import parse_plans
 
     plans = _fresh_demo()
     target = plans
@@ -471,7 +473,6 @@ def test_unknown_keys_are_refused_in_every_section(tmp_path, where):
 
 
 def test_wrong_values_are_one_line_errors_naming_the_field():
-    from heartcascade.planning.plans import parse_plans
 
     for edit, message in ((lambda p: p["training"].update(grad_clip="big"), "training.grad_clip must be a number"),
                           (lambda p: p.update(amp="fp8"), "plans.amp must be one of"),
@@ -495,7 +496,7 @@ def test_version_1_plans_are_refused_with_a_one_line_hint_to_replan(tmp_path):
 
 
 def test_plans_override_keys_are_checked():
-    from heartcascade.training.config import parse_override
+    from heartcascade.training.run_inputs import parse_override
 
     assert parse_override('{"training": {"steps": {"2": {"epochs": 1}}}, "amp": "none"}') == {
         "training": {"steps": [{"epochs": 1, "step": 2}]}, "amp": "none"}
@@ -503,6 +504,61 @@ def test_plans_override_keys_are_checked():
                           ('{"training": {"steps": {"3": {"bogus": 2}}}}', r"training.steps\[3\] has unknown key 'bogus'"),
                           ('{"net2": {"inplane_tile": [64, 64]}}', "net2 has unknown key 'inplane_tile'"),
                           ('{"augmentation": {"p_twist": 1}}', "augmentation has unknown key 'p_twist'"),
-                          ('{"fooo": 1}', "plans have unknown key 'fooo'")):
-        with pytest.raises(HCError, match=message):
+                          ('{"fooo": 1}', "plans have unknown key 'fooo'"),
+                          # the report (what the planner recorded) is not a setting
+                          ('{"memory": {"target_gb": 2}}', "--plans-override: memory is part of the plans' report"),
+                          ('{"net1": {"widths": [8]}}', "net1.widths is part of the plans' report"),
+                          ('{"training": {"steps": {"2": {"predicted_peak_gb": 1}}}}',
+                           r"training.steps\[2\].predicted_peak_gb is part of the plans' report")):
+        with pytest.raises(HCError, match=message) as info:
             parse_override(text)
+        assert "\n" not in str(info.value)
+    assert parse_override('{"net1": {"dropout": 0.1}, "inference": {"tta": true}}')  # settings: fine
+
+
+def test_defaults_are_defined_once(tmp_path, monkeypatch):
+    """Issue #24: a preset key's default lives in presets.PRESET_DEFAULTS only. The planner reads values,
+    never ``.get(key, fallback)`` on a preset; the typed plans sections have no defaults of their own (the
+    augmentation section's dataclass is the one source of its defaults, PRESET_DEFAULTS included); a preset
+    that leaves out every key with a default still plans, and leaving out the keys it sets to their
+    defaults changes nothing."""
+    import ast
+    import copy
+
+    from heartcascade.planning import plans as plans_mod
+    from heartcascade.planning.augmentation_plan import AugmentationParams, augmentation_dict
+
+    for node in ast.walk(ast.parse(Path(planner.__file__).read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get":
+            receiver = ast.unparse(node.func.value)
+            assert receiver in ("fingerprint", "ctx.fp", "preset['machines']"), \
+                f"planner.py line {node.lineno}: {receiver}.get(...) -- read the preset's value (presets.PRESET_DEFAULTS)"
+    for cls in (plans_mod.Net1Plan, plans_mod.Net2Plan, plans_mod.TrainingPlan, plans_mod.SamplingPlan,
+                plans_mod.InferencePlan, plans_mod.BaselinePlan, plans_mod.CroppingPlan, plans_mod.MemoryPlan):
+        own = [f.name for f in dataclasses.fields(cls)
+               if "check" in f.metadata and f.default not in (dataclasses.MISSING, None)]
+        assert not own, f"{cls.__name__} has defaults {own}: the planner writes every field"
+    defaults = presets.PRESET_DEFAULTS
+    assert defaults["augmentation"] == augmentation_dict(AugmentationParams())
+
+    raw = json.loads((presets.presets_dir() / "paper.json").read_text())
+    full = planner.plan_experiment(MSCMR, presets.load_preset("paper"), MR_INFO, 2, gpu_memory_gb=12)
+
+    def without(keep) -> dict:
+        """``raw`` less the keys that have a default, except those ``keep(default, value)`` keeps."""
+        out = copy.deepcopy(raw)
+        for section, values in defaults.items():
+            if isinstance(out.get(section), dict) and isinstance(values, dict):
+                out[section] = {k: v for k, v in out[section].items() if k not in values or keep(values[k], v)}
+        out["training"]["steps"] = [{k: v for k, v in s.items() if k == "step" or k not in d or keep(d[k], v)}
+                                    for s, d in zip(raw["training"]["steps"], defaults["training"]["steps"])]
+        return out
+
+    monkeypatch.setenv("HC_PRESETS_DIR", str(tmp_path))
+    (tmp_path / "same.json").write_text(json.dumps(without(lambda default, value: default != value)))
+    (tmp_path / "bare.json").write_text(json.dumps(without(lambda default, value: False)))
+    same = planner.plan_experiment(MSCMR, presets.load_preset("same"), MR_INFO, 2, gpu_memory_gb=12)
+    assert dict(same, preset="paper") == full
+    bare = presets.load_preset("bare")
+    assert bare["training"]["steps"][3]["epochs"] == defaults["training"]["steps"][3]["epochs"]
+    planner.plan_experiment(MSCMR, bare, MR_INFO, 2, gpu_memory_gb=12)  # every key the planner reads exists

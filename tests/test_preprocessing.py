@@ -98,6 +98,7 @@ def simple_settings(modality="ct", coarse_spacing=(4.0, 4.0, 4.0), inplane=None,
     """The plans fields preprocessing reads (the planner is tested in test_planning.py)."""
     norm = ({"scheme": "ct_clip", "clip_low": -100.0, "clip_high": 400.0} if modality == "ct"
             else {"scheme": "percentile_clip", "percentile_low": 0.5, "percentile_high": 99.5})
+    norm["target_range"] = [-1.0, 1.0]
     return PreprocessSettings(modality=modality, num_input_channels=1, num_classes=num_classes, normalization=(norm,),
                               margin_mm=4.0, inplane_spacing=None if inplane is None else tuple(inplane),
                               coarse_spacing=tuple(coarse_spacing), max_locations_per_class=500)
@@ -183,12 +184,18 @@ def test_body_crop_drops_table_keeps_heart():
 
 def test_normalization_ct_and_mr():
     a = np.array([[-1000.0, -100.0, 150.0, 400.0, 3000.0]], np.float32)
-    out, windows = normalization.normalize_image(a, [{"scheme": "ct_clip", "clip_low": -100.0, "clip_high": 400.0}])
+    ct = {"scheme": "ct_clip", "clip_low": -100.0, "clip_high": 400.0, "target_range": [-1.0, 1.0]}
+    out, windows = normalization.normalize_image(a, [ct])
     np.testing.assert_allclose(out[0], [-1, -1, 0, 1, 1], atol=1e-6)
+    out, _ = normalization.normalize_image(a, [dict(ct, target_range=[0.0, 1.0])])  # the plans' range takes effect
+    np.testing.assert_allclose(out[0], [0, 0, 0.5, 1, 1], atol=1e-6)
+    flat, _ = normalization.normalize_image(np.full((1, 3), 7.0, np.float32), [dict(ct, clip_low=7.0, clip_high=7.0,
+                                                                                      target_range=[0.0, 1.0])])
+    np.testing.assert_allclose(flat[0], [0.5, 0.5, 0.5])  # a degenerate window maps to the range's centre
     rng = np.random.default_rng(0)
     mr = rng.gamma(2.0, 50.0, (1, 20, 20, 20)).astype(np.float32)
     out, windows = normalization.normalize_image(mr, [{"scheme": "percentile_clip", "percentile_low": 0.5,
-                                                       "percentile_high": 99.5}])
+                                                       "percentile_high": 99.5, "target_range": [-1.0, 1.0]}])
     assert out.min() == pytest.approx(-1.0) and out.max() == pytest.approx(1.0)
     lo, hi = np.percentile(mr, [0.5, 99.5])
     assert windows[0]["clip_low"] == pytest.approx(lo, rel=1e-5) and windows[0]["clip_high"] == pytest.approx(hi, rel=1e-5)

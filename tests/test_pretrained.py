@@ -7,7 +7,6 @@ starting point of the fine-tuning runs. The real shipped file is checked at the 
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import json
 import re
@@ -109,21 +108,23 @@ def test_incompatible_models_are_refused(model, tmp_path):
     from heartcascade.inference.pretrained import load_model_weights
     from heartcascade.training.finetune import check_finetune_compatible
 
+    from heartcascade.planning.plans import parse_plans
+
     plans = load_model_weights(model["zip"]).plans
-    check_finetune_compatible(plans, copy.deepcopy(plans), "cascade", "m.zip")  # itself: fine
+    check_finetune_compatible(plans, parse_plans(plans.to_dict()), "cascade", "m.zip")  # itself: fine
 
     def refused(change, match):
-        other = copy.deepcopy(plans)
+        other = plans.to_dict()
         change(other)
         with pytest.raises(HCError, match=match):
-            check_finetune_compatible(plans, other, "cascade", "m.zip")
+            check_finetune_compatible(plans, parse_plans(other), "cascade", "m.zip")
 
     refused(lambda p: p.update(modality="ct"), r"m.zip: modality differs \(model: mr, this dataset's plans: ct\)")
     refused(lambda p: p.update(labels={"background": 0, "big": 1, "side": 2, "inner": 3}), "labels differ")
     refused(lambda p: p["net1"].update(base_features=p["net1"]["base_features"] * 2), "net1.base_features differs")
     refused(lambda p: p["net2"].update(K=p["net2"]["K"] + 2), "net2.K differs")
     # whole run: an architecture change through --plans-override, and the wrong configuration
-    convs = plans["net2"]["convs_per_level"] + 1
+    convs = plans.net2.convs_per_level + 1
     with pytest.raises(HCError, match=r"--pretrained .*model.zip: net2\.convs_per_level differs .*--plans-override"):
         _trainer(pretrained=model["zip"], output_folder=tmp_path / "a",
                  plans_override={**TINY_RUN, "net2": {"convs_per_level": convs}}).run()

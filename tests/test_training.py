@@ -124,7 +124,8 @@ def test_four_steps_learn_and_validate(tiny):
     final = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=True)
     assert final["format_version"] == 1 and final["configuration"] == "cascade"
     assert set(final["networks"]) == {"net1", "net2"}
-    net1, net2 = from_plans.build_net1(final["plans"]), from_plans.build_net2(final["plans"])
+    from heartcascade.planning.plans import parse_plans
+    net1, net2 = from_plans.build_net1(parse_plans(final["plans"])), from_plans.build_net2(parse_plans(final["plans"]))
     net1.load_state_dict(final["networks"]["net1"])
     net2.load_state_dict(final["networks"]["net2"])
     assert final["plans"]["net1"]["dropout"] == 0.0  # the override is recorded in the checkpoint
@@ -179,7 +180,7 @@ def test_cpu_training_settings(tiny):
     """Issue #16: Net1 and the baseline train channels-last on the CPU (checkpoints stay contiguous), and
     the intra-op threads follow training.num_threads / the CPUs the loader workers leave free, restored
     when the run ends."""
-    from heartcascade.training.config import training_config
+    from heartcascade.planning.plans import parse_plans
     from heartcascade.training.session import training_threads
 
     cpus = os.cpu_count() or 1
@@ -202,7 +203,7 @@ def test_cpu_training_settings(tiny):
     for bad in (0, -1, 1.5, "2", True):
         plans["training"]["num_threads"] = bad
         with pytest.raises(HCError, match="num_threads"):
-            training_config(plans, "cascade")
+            parse_plans(plans)
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -296,26 +297,26 @@ def test_resume_refuses_a_checkpoint_of_the_older_layout(tmp_path):
 
 def test_each_configuration_is_a_model_object(tiny):
     """The session asks the configuration's model object, never its name: networks, steps, targets."""
-    from heartcascade.planning.plans import load_plans, parse_plans
-    from heartcascade.training.config import training_config
+    from heartcascade.planning.plans import load_plans
     from heartcascade.training.models import BaselineModel, CascadeModel, model_class
 
     with pytest.raises(HCError, match="unknown configuration 'unet'; expected cascade or baseline"):
         model_class("unet")
     with pytest.raises(HCError, match="--steps applies to the cascade; the baseline has a single step"):
         _trainer(configuration="baseline", steps=[1])
-    plans = parse_plans(load_plans(tiny["pre"] / "plans.json"))
+    plans = load_plans(tiny["pre"] / "plans.json")
     cascade, baseline = CascadeModel(plans, torch.device("cpu")), BaselineModel(plans, torch.device("cpu"))
     assert set(cascade.networks) == {"net1", "net2"} and set(baseline.networks) == {"baseline"}
     assert [cascade.validation_target(s) for s in "1234"] == ["net1", "net1", "cascade", "cascade"]
-    cfg = training_config(plans, "cascade")
-    cascade.select(cfg.steps["4"])  # step 4 trains Net2 on frozen Net1
+    steps = plans.training_steps("cascade")
+    cascade.select(steps["4"])  # step 4 trains Net2 on frozen Net1
     assert not any(p.requires_grad for p in cascade.networks["net1"].parameters())
     assert all(p.requires_grad for p in cascade.networks["net2"].parameters())
-    assert type(cascade.runner(cfg, cfg.steps["4"])).__name__ == "SliceStacksRunner"
-    base_cfg = training_config(plans, "baseline")
-    assert list(base_cfg.steps) == list(BaselineModel.default_steps) == ["baseline"]
-    assert type(baseline.runner(base_cfg, base_cfg.steps["baseline"])).__name__ == "BaselineRunner"
+    assert type(cascade.runner(plans, steps["4"])).__name__ == "SliceStacksRunner"
+    base_steps = plans.training_steps("baseline")
+    assert list(base_steps) == list(BaselineModel.default_steps) == ["baseline"]
+    assert base_steps["baseline"].shapes == (plans.baseline_unet.patch_shape,)
+    assert type(baseline.runner(plans, base_steps["baseline"])).__name__ == "BaselineRunner"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -526,11 +527,11 @@ def test_loader_batches_identical_with_and_without_workers(tiny):
     intensity = {key: 0.5 for key in INTENSITY_P}  # batchgenerators' RNG use (numpy's and Python's) too
     trainer = _trainer(plans_override={"augmentation": {"p_flip": 0.5, "flip_axes": [1, 2], **intensity}})
     trainer.setup()
-    st = trainer.cfg.steps["3"]
+    st = trainer.steps["3"]
 
     def batches(workers, start, n):
         stream = BatchStream(trainer.build_loader("3", start) if workers == 0 else
-                             _with_workers(trainer, start, workers), trainer.cfg.augmentation, workers)
+                             _with_workers(trainer, start, workers), trainer.plans.augmentation, workers)
         try:
             return [next(stream) for _ in range(n)]
         finally:

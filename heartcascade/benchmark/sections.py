@@ -28,9 +28,9 @@ from heartcascade.model import from_plans
 from heartcascade.paths import preprocessed_dataset_dir, raw_dataset_dir
 from heartcascade.planning import fingerprint as fpmod
 from heartcascade.planning import memory_model as mm
-from heartcascade.planning.plans import cascade_kwargs, load_plans, net1_kwargs, net2_kwargs, parse_plans, training_step
+from heartcascade.planning.plans import Plans, cascade_kwargs, load_plans, net1_kwargs, net2_kwargs
 from heartcascade.preprocessing import storage
-from heartcascade.model.checkpoint import FORMAT_VERSION, plain, save_checkpoint
+from heartcascade.model.checkpoint import FORMAT_VERSION, save_checkpoint
 from heartcascade.training.dataloading import BatchStream
 from heartcascade.training.trainer import Trainer
 from heartcascade.utils.atomic import atomic_write_json
@@ -53,7 +53,7 @@ def _pre_dir(case: BenchCase) -> Path:
     return preprocessed_dataset_dir(case.dataset_id, must_exist=True)
 
 
-def _load_plans(case: BenchCase) -> dict[str, Any]:
+def _load_plans(case: BenchCase) -> Plans:
     return load_plans(_pre_dir(case) / "plans.json")
 
 
@@ -82,8 +82,7 @@ def section_dataset(p: dict[str, Any], emit: Emit) -> None:
 # preprocessing
 
 
-def plans_summary(plans: dict[str, Any]) -> dict[str, Any]:
-    p = parse_plans(plans)
+def plans_summary(p: Plans) -> dict[str, Any]:
     steps = {str(s.step): {k: getattr(s, k) for k in ("batch_size", "patch_shape", "subvolume_shapes", "stack_shape",
                                                        "predicted_peak_gb") if getattr(s, k) is not None}
              for s in p.training.steps}
@@ -145,11 +144,11 @@ def section_model(p: dict[str, Any], emit: Emit) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(int(p.get("seed", 0)))
     nets = from_plans.build_networks("cascade", plans)
-    state = {"format_version": FORMAT_VERSION, "configuration": "cascade", "plans": plain(plans),
+    state = {"format_version": FORMAT_VERSION, "configuration": "cascade", "plans": plans.to_dict(),
              "networks": {k: v.state_dict() for k, v in nets.items()}, "kind": "final", "finished": True,
              "note": "freshly initialised by hc_benchmark (untrained)"}
     save_checkpoint(folder / "checkpoint_final.pth", state)
-    atomic_write_json(folder / "plans.json", plans)
+    atomic_write_json(folder / "plans.json", plans.to_dict())
     shutil.copyfile(_pre_dir(case) / "dataset.json", folder / "dataset.json")
     emit(benchmark="model", model_dir=str(folder.parent),
          parameters={k: int(sum(q.numel() for q in v.parameters())) for k, v in nets.items()})
@@ -194,10 +193,9 @@ def section_memory(p: dict[str, Any], emit: Emit) -> None:
     mode = cascade_kwargs(plans)["input_mode"]
     props = storage.load_properties(storage.data_dir(_pre_dir(case)), case.case_id)
     factors = [float(f) for f in props["coarse_scale_factors"]]
-    typed = parse_plans(plans)
-    K, d2 = int(n2["K"]), typed.net2.required_divisor
+    K, d2 = int(n2["K"]), plans.net2.required_divisor
     limit = float("inf") if backend == "cuda" else float(p["memory_check_max_gb"])
-    s1, s2, s3, s4 = typed.training.steps  # the plans' own step entries (steps 1..4, validated)
+    s1, s2, s3, s4 = plans.training.steps  # the plans' own step entries (steps 1..4, validated)
     largest = lambda shapes: max((list(s) for s in shapes), key=lambda s: int(np.prod(s)))  # noqa: E731
     checks = [
         ("step1 net1 whole coarse volume", "net1", s1.batch_size, list(s1.patch_shape), s1),
@@ -266,10 +264,10 @@ def section_training(p: dict[str, Any], emit: Emit) -> None:
     workers = trainer.num_workers
     budget = mem_available_bytes()
     for step_name in step_names:
-        st = trainer.cfg.steps[step_name]
+        st = trainer.steps[step_name]
         base = dict(case=case.name, step=step_name, input=st.input, batch_size=st.batch_size,
-                    patch_shapes=[list(s) for s in st.patch_shapes] if st.patch_shapes else None)
-        predicted = _step_predicted_gb(trainer.plans, step_name)
+                    patch_shapes=[list(s) for s in st.shapes] if st.shapes else None)
+        predicted = st.predicted_peak_gb
         too_big = (device.type == "cpu" and predicted is not None and budget is not None
                    and predicted * GiB > 0.8 * budget)
         precompute_s = None
@@ -285,7 +283,7 @@ def section_training(p: dict[str, Any], emit: Emit) -> None:
             for _ in range(n_local):
                 loader.generate_train_batch()
             sample_ms = 1000 * (time.perf_counter() - t) / n_local
-            stream = BatchStream(trainer.build_loader(step_name), trainer.cfg.augmentation, workers)
+            stream = BatchStream(trainer.build_loader(step_name), trainer.plans.augmentation, workers)
             try:
                 _collect(stream, loader_warmup)
                 t = time.perf_counter()
@@ -309,7 +307,7 @@ def section_training(p: dict[str, Any], emit: Emit) -> None:
             _release(trainer, step_name)
             continue
         if not batches:
-            stream = BatchStream(trainer.build_loader(step_name), trainer.cfg.augmentation, workers)
+            stream = BatchStream(trainer.build_loader(step_name), trainer.plans.augmentation, workers)
             try:
                 batches = _collect(stream, warmup + iters)
             finally:
@@ -336,7 +334,7 @@ def section_training(p: dict[str, Any], emit: Emit) -> None:
              loader_batches_per_s=None if rate is None else _round(rate, 2),
              outpaces=None if (rate is None or not timed) else bool(rate * float(np.mean(timed)) >= 1.0),
              peak_rss_gb=gb(rss.peak), held_batches_gb=gb(held), **gpu, plans_predicted_peak_gb=predicted,
-             amp=trainer.cfg.amp if device.type == "cuda" else "off", compile=compiled)
+             amp=trainer.plans.amp if device.type == "cuda" else "off", compile=compiled)
         del training, batches
         _release(trainer, step_name)
 
@@ -344,11 +342,6 @@ def section_training(p: dict[str, Any], emit: Emit) -> None:
 def _release(trainer, step_name: str) -> None:
     trainer.release_step(step_name)
     gc.collect()
-
-
-def _step_predicted_gb(plans: dict[str, Any], step_name: str) -> float | None:
-    return next((s.predicted_peak_gb for s in parse_plans(plans).training.steps if str(s.step) == str(step_name)),
-                None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -408,7 +401,7 @@ def section_inprocess(p: dict[str, Any], emit: Emit) -> None:
              preprocessed_shape=shape, roi_box=roi, roi_shape=[b - a for a, b in roi],
              roi_fraction=_round(np.prod([b - a for a, b in roi]) / max(1, np.prod(shape)), 3),
              z_chunk=getattr(predictor, "last_z_chunk", None), peak_rss_gb=gb(rss.peak), rss_method=rss.method,
-             **gpu, plans_predicted_inference_peak_gb=parse_plans(plans).inference.predicted_peak_gb,
+             **gpu, plans_predicted_inference_peak_gb=plans.inference.predicted_peak_gb,
              output=str(out))
         del result, labels, image
 

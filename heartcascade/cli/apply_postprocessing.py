@@ -45,14 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from heartcascade.inference.postprocess_folder import postprocess_folder  # deferred: numpy, keeps --help instant
     from heartcascade.inference.postprocessing import load_postprocessing  # deferred: scipy, keeps --help instant
-    from heartcascade.inference.settings import label_codes_from  # deferred: numpy, keeps --help instant
-    from heartcascade.planning.plans import as_plans, validate_plans  # deferred: keeps --help instant
-    from heartcascade.utils.jsonio import load_json  # deferred: keeps --help instant
+    from heartcascade.inference.label_codes import label_codes_from  # deferred: numpy, keeps --help instant
+    from heartcascade.planning.plans import Plans, load_plans  # deferred: keeps --help instant
 
-    def finish(pp_path: Path, plans: dict) -> int:
+    def finish(pp_path: Path, plans: Plans) -> int:
         steps = load_postprocessing(pp_path)
-        report = postprocess_folder(args.input, args.output, steps, as_plans(plans).num_classes,
-                                    label_codes_from(plans), overwrite=args.overwrite)
+        report = postprocess_folder(args.input, args.output, steps, plans.num_classes,
+                                    label_codes_from(plans.label_codes), overwrite=args.overwrite)
         for name, reason in sorted(report.failed.items()):
             print(f"error: {name}: {reason}", file=sys.stderr)
         if verbosity(args) > QUIET or report.failed:
@@ -63,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if args.postprocessing is not None:
         if args.plans is None:
             raise HCError("-pp needs -plans PLANS.json (the model's classes and label codes)")
-        return finish(Path(args.postprocessing), validate_plans(load_json(args.plans), args.plans))
+        return finish(Path(args.postprocessing), load_plans(args.plans))
     if args.plans is not None:
         raise HCError("-plans goes with -pp; with -d/-m the model's own plans are used")
 
@@ -78,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         plans_path = folds[0][1] / "plans.json"
         if not plans_path.is_file():
             raise HCError(f"{plans_path}: not found (the model folder lacks its plans)")
-        return finish(pp_path, validate_plans(load_json(plans_path), str(plans_path)))
+        return finish(pp_path, load_plans(plans_path))
 
     if args.dataset is not None:
         from heartcascade.inference.model_loading import model_dir_for  # deferred: torch, keeps --help instant

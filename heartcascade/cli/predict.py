@@ -208,7 +208,7 @@ def _write_measures(args: argparse.Namespace, predictor: Any, measures: Any, rep
     from heartcascade.inference.results import one_line  # deferred: numpy, keeps --help instant
 
     suffix = "" if args.num_parts == 1 else f"_part{args.part_id}"
-    names = {s.value: s.name for s in segments_from_labels(predictor.plans["labels"], predictor.label_codes)}
+    names = {s.value: s.name for s in segments_from_labels(predictor.plans.labels, predictor.label_codes)}
     try:
         files = measures.write(args.output, report.existing, names, suffix=suffix)
     except Exception as exc:  # a full disk or an unreadable earlier output must not hide the run's result

@@ -18,7 +18,6 @@ from heartcascade.dataset.image_io import read_image
 from heartcascade.evaluation.metrics import label_metrics, mean_over_structures
 from heartcascade.inference.predictor import Predictor
 from heartcascade.inference.roi import box_slices
-from heartcascade.planning.plans import as_plans
 from heartcascade.preprocessing.preprocess import prepare_arrays, read_labels, restore_to_original
 
 
@@ -62,7 +61,7 @@ def case_diagnostics(predictor: Predictor, image_path: str | Path, label_path: s
     case_id = case_id or Path(image_path).name
     image_sitk = read_image(image_path)
     label_sitk = read_image(label_path)
-    num_classes = as_plans(predictor.plans).num_classes
+    num_classes = predictor.plans.num_classes
     ref = read_labels(label_sitk, num_classes, str(label_path))
     spacing_zyx = tuple(reversed(image_sitk.GetSpacing()))
 

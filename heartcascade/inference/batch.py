@@ -35,7 +35,6 @@ from heartcascade.inference.io_pipeline import BackgroundWriter, prefetch
 from heartcascade.inference.nnunet_interop import write_nnunet_probability_files
 from heartcascade.inference.results import (CaseResult, PredictionReport, RoiProbabilities, one_line,
                                             probabilities_path, save_roi_probabilities)
-from heartcascade.planning.plans import as_plans
 from heartcascade.utils.atomic import atomic_write_text, ensure_writable_dir, remove_temp_files_of
 from heartcascade.utils.errors import HCError
 from heartcascade.utils.progress import progress_bar
@@ -217,7 +216,7 @@ def predict_cases(predictor: CasePredictor, cases: Sequence[InputCase], output_d
     output_dir = Path(output_dir)
     ensure_writable_dir(output_dir)
     codes = predictor.label_codes if options.apply_label_codes else None
-    segments = segments_from_labels(as_plans(predictor.plans).labels, codes)
+    segments = segments_from_labels(predictor.plans.labels, codes)
     report = PredictionReport()
     todo: list[InputCase] = []
     for case in (_with_format(c, options.output_format) for c in cases):

@@ -47,7 +47,7 @@ from heartcascade.inference.model_loading import (CHECKPOINT_KINDS, CONFIGURATIO
                                                   model_dir_for, read_checkpoint, resolve_fold_dirs)
 from heartcascade.inference.postprocessing import load_postprocessing
 from heartcascade.paths import parse_dataset_id, results_root
-from heartcascade.planning.plans import PLANS_VERSION, as_plans, check_plans_version, load_plans
+from heartcascade.planning.plans import PLANS_VERSION, check_plans_version, load_plans, parse_plans
 from heartcascade.utils.atomic import atomic_path, is_disk_full, replace_folder, restore_replaced_folders
 from heartcascade.utils.errors import HCError
 from heartcascade.utils.jsonio import load_json, parse_json
@@ -149,9 +149,9 @@ def export_model(dataset_id: int | str, configuration: str, output: str | os.Pat
             check_plans_version(state["plans"], path)
             if state["configuration"] != configuration:
                 raise HCError(f"{path}: checkpoint is a '{state['configuration']}' model, not '{configuration}'")
-            manifest.setdefault("plans_version", state["plans"].get("plans_version"))
-            manifest.setdefault("preset", state["plans"].get("preset"))
-            typed = as_plans(state["plans"], str(path))
+            typed = parse_plans(state["plans"], str(path))
+            manifest.setdefault("plans_version", typed.plans_version)
+            manifest.setdefault("preset", typed.preset)
             manifest.setdefault("num_input_channels", typed.num_input_channels)
             manifest.setdefault("num_classes", typed.num_classes)
             buffer = io.BytesIO()
@@ -334,7 +334,7 @@ def verify_model(folder: Path, manifest: dict[str, Any], archive: Path) -> None:
             raise HCError(f"{label}: checkpoint has plans_version {version!r}, the manifest says "
                           f"{manifest['plans_version']}")
         loaded = load_fold(fold_dir, path.name, configuration=manifest["configuration"])
-        plans = as_plans(loaded.plans, label)
+        plans = loaded.plans
         channels = plans.num_input_channels if channels is None else channels
         classes = plans.num_classes if classes is None else classes
         if (plans.num_input_channels, plans.num_classes) != (channels, classes):

@@ -9,14 +9,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from heartcascade.model import from_plans
 from heartcascade.model.checkpoint import load_checkpoint
 from heartcascade.paths import results_dataset_dir
-from heartcascade.planning.plans import validate_plans
+from heartcascade.planning.plans import Plans, parse_plans
 from heartcascade.utils.errors import HCError
 from heartcascade.utils.jsonio import load_json
 
@@ -32,7 +32,7 @@ class LoadedFold:
     name: str
     folder: Path | None
     configuration: str
-    plans: dict[str, Any]
+    plans: Plans
     networks: dict[str, torch.nn.Module]
     dataset_json: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -113,7 +113,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-def build_networks(configuration: str, plans: dict[str, Any]) -> dict[str, torch.nn.Module]:
+def build_networks(configuration: str, plans: Plans) -> dict[str, torch.nn.Module]:
     """Fresh networks of a configuration, built from the plans (see model.from_plans)."""
     if configuration not in CONFIGURATIONS:
         raise HCError(f"unknown configuration {configuration!r}; expected one of {', '.join(CONFIGURATIONS)}")
@@ -129,7 +129,7 @@ def load_fold(fold_dir: str | Path, checkpoint: str = "final", name: str | None 
     config = state["configuration"]
     if configuration is not None and config != configuration:
         raise HCError(f"{path}: checkpoint is a '{config}' model, not '{configuration}'")
-    plans = validate_plans(state["plans"], str(path))
+    plans = parse_plans(state["plans"], str(path))
     networks = build_networks(config, plans)
     stored = state["networks"]
     for key, net in networks.items():
@@ -157,16 +157,16 @@ def load_folds(model_dir: str | Path, folds: Sequence[str | int] | None = None, 
     return loaded
 
 
-def check_compatible_plans(a: Mapping[str, Any], b: Mapping[str, Any], where: Any) -> None:
+def check_compatible_plans(a: Plans, b: Plans, where: Any) -> None:
     """Folds are averaged voxel by voxel, so they must share preprocessing, grids and classes."""
     keys = ("num_classes", "labels", "num_input_channels", "modality", "normalization", "full_resolution",
             "cropping")
     for key in keys:
-        if a.get(key) != b.get(key):
+        if getattr(a, key) != getattr(b, key):
             raise HCError(f"{where}: plans '{key}' differ from the first fold's; folds cannot be averaged")
     for section, sub in (("net1", "coarse_spacing"), ("net2", "K"), ("net2", "input_mode"),
-                         ("baseline_unet", "spacing"), ("baseline", "spacing")):
-        va = (a.get(section) or {}).get(sub)
-        vb = (b.get(section) or {}).get(sub)
+                         ("baseline_unet", "spacing")):
+        va = getattr(getattr(a, section), sub)
+        vb = getattr(getattr(b, section), sub)
         if va != vb:
             raise HCError(f"{where}: plans '{section}.{sub}' differ from the first fold's ({va} vs {vb})")

@@ -39,13 +39,12 @@ from heartcascade.inference.net2_runner import net2_chunks
 from heartcascade.inference.postprocessing import Postprocessing, find_postprocessing, load_postprocessing
 from heartcascade.inference.results import (CaseResult, PredictionReport, RoiProbabilities, load_probabilities,
                                             probabilities_path, restore_probabilities)
-from heartcascade.inference.settings import (DEFAULT_CPU_BUDGET, GPU_BUDGET_FRACTION, InferenceSettings, code_lookup,
-                                             label_codes_from)
+from heartcascade.inference.label_codes import code_lookup, label_codes_from
 from heartcascade.inference.sliding_window import sliding_window_softmax
 from heartcascade.inference.upsampling import upsample_at
 from heartcascade.networks.blocks import crop_to_shape, pad_to_multiple
 from heartcascade.planning import memory_model
-from heartcascade.planning.plans import as_plans, preprocess_settings, validate_plans
+from heartcascade.planning.plans import Plans, preprocess_settings
 from heartcascade.preprocessing.preprocess import preprocess_images, restore_to_original
 from heartcascade.preprocessing.resampling import (bspline2_apply, bspline2_coefficients, bspline2_resample,
                                                    resample_torch, shape_for_spacing)
@@ -53,9 +52,14 @@ from heartcascade.utils.device import autocast, resolve_device
 from heartcascade.utils.errors import HCError
 
 #: Names other modules import from here (re-exported from where they live now).
-__all__ = ["CaseResult", "InferenceSettings", "PredictionReport", "Predictor", "RoiProbabilities", "bspline2_resample",
+__all__ = ["CaseResult", "PredictionReport", "Predictor", "RoiProbabilities", "bspline2_resample",
            "load_probabilities", "probabilities_path", "resolve_device", "tune_host_allocator"]
 
+
+#: Bytes of working memory Net2 / the baseline may use per pass when the plans do not say (CPU).
+DEFAULT_CPU_BUDGET = 1.0 * 2**30
+#: Fraction of free GPU memory Net2 / the baseline may use per pass when the plans do not say.
+GPU_BUDGET_FRACTION = 0.5
 
 # ---------------------------------------------------------------------------------------------------
 # The predictor
@@ -65,11 +69,11 @@ def _flip_sets(ndim_spatial: int, axes: Sequence[int]) -> list[tuple[int, ...]]:
     return [combo for r in range(len(axes) + 1) for combo in itertools.combinations(axes, r)]
 
 
-def tta_axes(plans: Any) -> tuple[int, ...]:
+def tta_axes(plans: Plans) -> tuple[int, ...]:
     """Tensor dims (of ``(B, C, D, H, W)``) that test-time mirroring flips for the 3D networks: the axes the
     model was trained mirrored along (the plans' ``augmentation.flip_axes``), since a mirroring it never saw
     (a stack turned base-for-apex) only adds wrong votes; all three for models trained without mirroring."""
-    augmentation = as_plans(plans).augmentation
+    augmentation = plans.augmentation
     axes = tuple(sorted(int(a) + 2 for a in augmentation.flip_axes)) if augmentation is not None else ()
     return axes or (2, 3, 4)
 
@@ -78,7 +82,8 @@ class Predictor:
     """Runs trained networks (one or more folds) on cases.
 
     Args:
-        plans: the plans dict the networks were trained with.
+        plans: the typed plans the networks were trained with (:func:`~heartcascade.planning.plans.load_plans`,
+            or a loaded fold's).
         networks: one entry per fold: ``{"net1": Net1, "net2": Net2}`` (cascade) or ``{"baseline":
             BaselineUNet3D}``; a :class:`~heartcascade.networks.cascade.Cascade` is accepted too.
         configuration: ``"cascade"`` or ``"baseline"`` (inferred from the network keys when omitted).
@@ -93,12 +98,14 @@ class Predictor:
             ``inference.roi_rule`` (:func:`~heartcascade.inference.roi.make_roi_rule`).
     """
 
-    def __init__(self, plans: Mapping[str, Any], networks: Sequence[Any] | Mapping[str, Any],
+    def __init__(self, plans: Plans, networks: Sequence[Any] | Mapping[str, Any],
                  configuration: str | None = None, device: str | torch.device | None = "auto", tta: bool | None = None,
                  label_codes: Mapping[int, int] | None = None, dataset_json: Mapping[str, Any] | None = None,
                  verbose: bool = False, postprocessing: Postprocessing | None = None,
                  roi_rule: roi_mod.RoiRule | None = None) -> None:
-        self.plans = validate_plans(dict(plans), "plans")
+        if not isinstance(plans, Plans):
+            raise HCError("Predictor needs the typed plans (planning.plans.load_plans / parse_plans), not a dict")
+        self.plans = plans
         self.device = resolve_device(device)
         self.verbose = verbose
         if isinstance(networks, Mapping) or hasattr(networks, "net1"):
@@ -124,19 +131,18 @@ class Predictor:
                 net.to(self.device).eval()
                 net.to(memory_format=self._memory_format)
         self.folds = folds
-        self.num_classes = int(self.plans["num_classes"])
-        self.num_channels = int(self.plans["num_input_channels"])
-        self.settings = InferenceSettings.from_plans(self.plans)
-        self.preprocess_settings = preprocess_settings(self.plans)
-        self.tta = self.settings.tta if tta is None else bool(tta)
-        self._tta_flips = _flip_sets(3, tta_axes(self.plans)) if self.tta else [()]
+        self.num_classes = plans.num_classes
+        self.num_channels = plans.num_input_channels
+        self.inference = inf = plans.inference
+        self.preprocess_settings = preprocess_settings(plans)
+        self.tta = inf.tta if tta is None else bool(tta)
+        self._tta_flips = _flip_sets(3, tta_axes(plans)) if self.tta else [()]
         if roi_rule is None:
-            roi_rule = roi_mod.make_roi_rule(self.settings.roi_rule, self.settings.roi_margin_mm,
-                                             self.settings.roi_min_component_fraction,
-                                             self.settings.roi_join_distance_mm, self.settings.roi_centre_sigma)
-        self.roi_rule = roi_mod.with_margin(roi_rule, self.settings.roi_margin_mm)
-        self.input_mode = self.settings.input_mode
-        codes = label_codes if label_codes is not None else label_codes_from(self.plans, dataset_json)
+            roi_rule = roi_mod.make_roi_rule(inf.roi_rule, inf.roi_margin_mm, inf.roi_min_component_fraction,
+                                             inf.roi_join_distance_mm, inf.roi_centre_sigma)
+        self.roi_rule = roi_mod.with_margin(roi_rule, inf.roi_margin_mm)
+        self.input_mode = plans.net2.input_mode
+        codes = label_codes if label_codes is not None else label_codes_from(plans.label_codes, dataset_json)
         self.label_codes = dict(codes) if codes else None
         self._lookup = code_lookup(self.label_codes, self.num_classes)
         self.postprocessing = postprocessing.check_labels(self.num_classes, "postprocessing") \
@@ -166,7 +172,7 @@ class Predictor:
         elif isinstance(postprocessing, (str, Path)):
             source = Path(postprocessing)
         if source is not None:
-            postprocessing = load_postprocessing(source).check_labels(int(plans["num_classes"]), str(source))
+            postprocessing = load_postprocessing(source).check_labels(plans.num_classes, str(source))
         predictor = cls(plans, [f.networks for f in loaded], loaded[0].configuration, device, tta,
                         dataset_json=loaded[0].dataset_json, verbose=verbose, postprocessing=postprocessing,
                         roi_rule=roi_rule)
@@ -245,7 +251,7 @@ class Predictor:
             for dims in flips:
                 x = torch.flip(coarse, dims) if dims else coarse
                 x = pad_to_multiple(x, net1.required_divisor)
-                with autocast(self.device, self.settings.amp):
+                with autocast(self.device, self.plans.amp):
                     logits = net1(x)
                 probs = torch.softmax(crop_to_shape(logits.float(), coarse_shape), dim=1)
                 if dims:
@@ -260,12 +266,12 @@ class Predictor:
         return self.roi_rule(mean_probs, properties)
 
     def _memory_budget(self) -> float:
-        if self.settings.memory_budget_bytes is not None:
-            return self.settings.memory_budget_bytes
+        if self.inference.memory_budget_gb is not None:
+            return self.inference.memory_budget_gb * 2**30
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = GPU_BUDGET_FRACTION * free
-            usable = self.settings.usable_gb
+            usable = self.plans.memory.usable_gb
             return min(budget, float(usable) * 2**30) if usable else budget
         return DEFAULT_CPU_BUDGET
 
@@ -277,7 +283,7 @@ class Predictor:
         network traced on the meta device, float32), capped by the plans' ``inference.z_chunk`` (rule 10's
         choice for the plans' tile) and by the slices there are.
         """
-        cap = self.settings.z_chunk or self.settings.max_z_chunk or num_slices
+        cap = self.inference.z_chunk or self.inference.max_z_chunk or num_slices
         backend = "cuda" if self.device.type == "cuda" else "cpu"
         kwargs = dict(net2.config)
         return memory_model.largest_fitting(
@@ -354,7 +360,7 @@ class Predictor:
         self.last_z_chunk = chunk
         (z0, _), (y0, y1), (x0, x1) = box
         for a, b, probs in net2_chunks(nets, make_input, box[0], shape[0], K, chunk, tta=self.tta,
-                                         amp=self.settings.amp):
+                                         amp=self.plans.amp):
             probs = probs[:, :, crop[0], crop[1]]
             labels[a:b, y0:y1, x0:x1] = probs.argmax(0).to(torch.uint8).cpu().numpy()
             if probs_out is not None:
@@ -366,7 +372,7 @@ class Predictor:
         t = time.perf_counter()
         shape = tuple(int(n) for n in properties["shape"])
         spacing = [float(s) for s in properties["spacing"]]
-        small_shape = shape_for_spacing(shape, spacing, self.settings.baseline_spacing)
+        small_shape = shape_for_spacing(shape, spacing, self.plans.baseline_unet.spacing)
         image_t = self._image_tensor(image)
         small = resample_torch(image_t, small_shape, "auto")[None]
         del image_t
@@ -406,7 +412,7 @@ class Predictor:
     def _baseline_softmax(self, net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Softmax of the baseline on (1, C, d, h, w): whole volume when it fits, else sliding window."""
         divisor = int(getattr(net, "required_divisor", 16))
-        patch = self.settings.baseline_patch
+        patch = self.plans.baseline_unet.patch_shape
         padded_shape = [int(math.ceil(s / divisor) * divisor) for s in x.shape[2:]]
         flips = self._tta_flips
         whole = patch is None or int(np.prod(padded_shape)) <= int(np.prod(patch)) * 2 \
@@ -415,14 +421,14 @@ class Predictor:
             total = None
             for dims in flips:
                 xin = torch.flip(x, dims) if dims else x
-                with autocast(self.device, self.settings.amp):
+                with autocast(self.device, self.plans.amp):
                     logits = net(pad_to_multiple(xin, divisor))
                 p = torch.softmax(crop_to_shape(logits.float(), x.shape[2:]), dim=1)
                 if dims:
                     p = torch.flip(p, dims)
                 total = p if total is None else total.add_(p)
             return total / len(flips)
-        return sliding_window_softmax(net, x, patch, divisor, flips, self.device, amp=self.settings.amp)
+        return sliding_window_softmax(net, x, patch, divisor, flips, self.device, amp=self.plans.amp)
 
     def _baseline_fits(self, net: torch.nn.Module, padded_shape: Sequence[int]) -> bool:
         widths = getattr(net, "widths", [32])

@@ -2,7 +2,7 @@
 
 A plans step lists its loss terms by name (``training.steps[].losses``, ``baseline_unet.losses``). Each
 name maps to a :class:`LossTerm`: the network output it is computed on and the function computing it.
-The training config validates names against :data:`LOSS_TERMS` (and that the step produces the output),
+Training validates names against :data:`LOSS_TERMS` (and that the step produces the output: training/steps.py),
 the trainer sums ``weight * term`` in the order the plans list them. Adding a loss means one entry here.
 
 Outputs: ``"net1"`` (Net1's coarse logits against the labels downsampled to Net1's grid), ``"net2"``

@@ -10,7 +10,7 @@ Net2's input channels match its input mode.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Union
+from typing import Any
 
 from heartcascade.networks.baseline_unet import BaselineUNet3D
 from heartcascade.networks.cascade import Cascade
@@ -19,26 +19,14 @@ from heartcascade.networks.net2 import Net2, net2_input_channels
 from heartcascade.planning import plans as P
 from heartcascade.utils.errors import HCError
 
-#: The typed plans, or a plans dict (parsed here).
-PlansLike = Union[P.Plans, Mapping[str, Any]]
-
-
-def num_classes(plans: PlansLike) -> int:
-    return P.as_plans(plans).num_classes
-
-
-def image_channels(plans: PlansLike) -> int:
-    return P.as_plans(plans).num_input_channels
-
-
-def build_net1(plans: PlansLike) -> Net1:
+def build_net1(plans: P.Plans) -> Net1:
     kw = P.net1_kwargs(plans)
     kw["dilations"] = [d if isinstance(d, int) else tuple(d) for d in kw["dilations"]]
     return Net1(**kw)
 
 
-def build_net2(plans: PlansLike) -> Net2:
-    p = P.as_plans(plans)
+def build_net2(plans: P.Plans) -> Net2:
+    p = plans
     kw = P.net2_kwargs(p)
     want = net2_input_channels(p.net2.input_mode, p.num_classes, p.num_input_channels)
     if kw["in_channels"] != want:
@@ -48,18 +36,17 @@ def build_net2(plans: PlansLike) -> Net2:
     return Net2(**kw)
 
 
-def build_cascade(plans: PlansLike, net1: Net1 | None = None, net2: Net2 | None = None) -> Cascade:
+def build_cascade(plans: P.Plans, net1: Net1 | None = None, net2: Net2 | None = None) -> Cascade:
     """Net1 + Net2 as one module (existing sub-networks may be passed in, e.g. loaded ones).
 
     No default scale factors: they are per case (``properties['coarse_scale_factors']``) and are
     passed to ``forward`` / ``run_net1``.
     """
-    p = P.as_plans(plans)
-    return Cascade(net1 if net1 is not None else build_net1(p),
-                   net2 if net2 is not None else build_net2(p), **P.cascade_kwargs(p))
+    return Cascade(net1 if net1 is not None else build_net1(plans),
+                   net2 if net2 is not None else build_net2(plans), **P.cascade_kwargs(plans))
 
 
-def build_baseline(plans: PlansLike) -> BaselineUNet3D:
+def build_baseline(plans: P.Plans) -> BaselineUNet3D:
     return BaselineUNet3D(**P.baseline_kwargs(plans))
 
 
@@ -68,8 +55,8 @@ NETWORKS = {"cascade": lambda p: {"net1": build_net1(p), "net2": build_net2(p)},
             "baseline": lambda p: {"baseline": build_baseline(p)}}
 
 
-def build_networks(configuration: str, plans: PlansLike) -> dict[str, Any]:
+def build_networks(configuration: str, plans: P.Plans) -> dict[str, Any]:
     """``{"net1", "net2"}`` for ``"cascade"``, ``{"baseline"}`` for ``"baseline"`` (checkpoint keys)."""
     if configuration not in NETWORKS:
         raise HCError(f"unknown configuration {configuration!r}; expected 'cascade' or 'baseline'")
-    return NETWORKS[configuration](P.as_plans(plans))
+    return NETWORKS[configuration](plans)

@@ -66,11 +66,10 @@ from heartcascade.planning.augmentation_plan import AugmentationParams, augmenta
 from heartcascade.planning.plans import (
     NET2_INPUT_MODES,
     PLANS_VERSION,
-    ROI_DEFAULTS,
     baseline_network_kwargs,
     net1_network_kwargs,
     net2_network_kwargs,
-    validate_plans,
+    parse_plans,
 )
 from heartcascade.preprocessing.preprocess import coarse_scale_factors
 from heartcascade.utils.errors import HCError
@@ -112,7 +111,7 @@ def preset_for_machine(preset: Mapping[str, Any], machine: str) -> dict[str, Any
     if machine not in MACHINE_KINDS:
         raise HCError(f"unknown machine {machine!r}; expected {' or '.join(MACHINE_KINDS)}")
     base = {k: v for k, v in preset.items() if k != "machines"}
-    section = (preset.get("machines") or {}).get(machine)
+    section = preset["machines"].get(machine)
     return deep_merge(base, section) if section else copy.deepcopy(base)
 
 
@@ -123,18 +122,18 @@ def memory_target(preset: dict[str, Any], gpu_memory_gb: float | None = None) ->
             raise HCError(f"--gpu-memory-gb must be positive, got {gpu_memory_gb}")
         return float(gpu_memory_gb), "--gpu-memory-gb"
     mem = preset["memory"]
-    if mem.get("target_gb") is not None:
-        return float(mem["target_gb"]), f"preset '{preset.get('name')}'"
+    if mem["target_gb"] is not None:
+        return float(mem["target_gb"]), f"preset '{preset['name']}'"
     detected = detect_gpu_memory_gb()
     if detected is not None:
         return round(detected, 2), "detected CUDA GPU"
-    return float(mem.get("default_target_gb", 12.0)), "default (no CUDA GPU found; the paper's 12 GB K40)"
+    return float(mem["default_target_gb"]), "default (no CUDA GPU found; the paper's 12 GB K40)"
 
 
 def usable_bytes(target_gb: float, preset: dict[str, Any]) -> int:
     """Rule 1: bytes the networks may use, ``target * usable_fraction - reserve_gb``."""
     mem = preset["memory"]
-    usable = target_gb * float(mem.get("usable_fraction", 0.85)) - float(mem.get("reserve_gb", 0.5))
+    usable = target_gb * float(mem["usable_fraction"]) - float(mem["reserve_gb"])
     if usable <= 0:
         raise HCError(f"memory target {target_gb} GB leaves nothing for the networks after the reserve")
     return int(usable * GiB)
@@ -212,8 +211,7 @@ def _largest_batch(peak: Callable[[int], int], usable: int, cap: int) -> tuple[i
 def preset_k(slice_spacing: float, min_slices: int, preset: Mapping[str, Any]) -> int:
     """Rule 3 with the preset's ``net2`` bounds (``k_extent_mm``, ``k_min``, ``k_max``)."""
     p2 = preset["net2"]
-    return choose_k(slice_spacing, min_slices, float(p2.get("k_extent_mm", 6.0)), int(p2.get("k_min", 3)),
-                    int(p2.get("k_max", 9)))
+    return choose_k(slice_spacing, min_slices, float(p2["k_extent_mm"]), int(p2["k_min"]), int(p2["k_max"]))
 
 
 def planned_min_slices(fingerprint: Mapping[str, Any], slice_spacing: float, preset: Mapping[str, Any]) -> int:
@@ -244,7 +242,7 @@ class _Context:
         self.target_gb, self.target_source = memory_target(preset, gpu_memory_gb)
         self.usable = usable_bytes(self.target_gb, preset)
         self.native = [float(v) for v in fingerprint["spacing"]["median"]]
-        self.inplane = choose_inplane_spacing(fingerprint, preset["full_resolution"].get("max_inplane_spacing_ratio", 2.0))
+        self.inplane = choose_inplane_spacing(fingerprint, preset["full_resolution"]["max_inplane_spacing_ratio"])
         self.spacing = list(self.native) if self.inplane is None else [self.native[0]] + list(self.inplane)
         self.fov95 = [float(v) for v in fingerprint["fov_mm"]["p95"]]
         self.fov_median = [float(v) for v in fingerprint["fov_mm"]["median"]]
@@ -278,21 +276,21 @@ def net1_network(ctx: _Context, base: int) -> dict[str, Any]:
 def net2_network(ctx: _Context, base: int, K: int) -> dict[str, Any]:
     """The network fields of the plans' ``net2`` at base width ``base`` (rule 6 halves it when short)."""
     p = ctx.preset["net2"]
-    mode = p.get("input_mode", "probabilities")
+    mode = p["input_mode"]
     if mode not in NET2_INPUT_MODES:
         raise HCError(f"planner output: net2.input_mode must be one of {', '.join(NET2_INPUT_MODES)}, got {mode!r}")
     extra = ctx.num_classes if mode == "probabilities" else 1
     return {"K": int(K), "input_mode": mode, "in_channels": ctx.channels + extra, "num_classes": ctx.num_classes,
             "base_features": int(base), "num_levels": int(p["num_levels"]), "recursions": int(p["recursions"]),
-            "max_features": int(p["max_features"]), "convs_per_level": int(p.get("convs_per_level", 2)),
-            "dropout": float(p.get("dropout", 0.0)), "expansive_kernel": int(p.get("expansive_kernel", 5))}
+            "max_features": int(p["max_features"]), "convs_per_level": int(p["convs_per_level"]),
+            "dropout": float(p["dropout"]), "expansive_kernel": int(p["expansive_kernel"])}
 
 
 def baseline_network(ctx: _Context, base: int) -> dict[str, Any]:
     """The network fields of the plans' ``baseline_unet`` at base width ``base`` (rule 11 halves it)."""
     pb = ctx.preset["baseline_unet"]
     return {"base_features": int(base), "max_features": int(pb["max_features"]),
-            "num_levels": int(pb.get("num_levels", 4)), "norm": pb.get("norm", "instance")}
+            "num_levels": int(pb["num_levels"]), "norm": pb["norm"]}
 
 
 def _net1_estimate(network: dict[str, Any], batch: int, shape: Sequence[int],
@@ -382,9 +380,10 @@ def coarse_patch(fov_mm: Sequence[float], coarse_spacing: Sequence[float]) -> li
 def choose_coarse_spacing(ctx: _Context) -> tuple[list[float], list[int], dict[str, Any], int]:
     """Rule 4. Returns (coarse spacing, Net1 patch, Net1's network fields, batch-1 peak bytes)."""
     p = ctx.preset["net1"]
-    s0 = max(min(ctx.native[1:]), float(p.get("min_coarse_spacing_mm") or 0.0))
-    s_max = max(s0, float(p.get("max_coarse_spacing_mm") or 8.0))
-    step = float(p.get("coarse_spacing_step", 1.05))
+    lowest = p["min_coarse_spacing_mm"]  # null: no bound below the native in-plane spacing
+    s0 = min(ctx.native[1:]) if lowest is None else max(min(ctx.native[1:]), float(lowest))
+    s_max = max(s0, float(p["max_coarse_spacing_mm"]))
+    step = float(p["coarse_spacing_step"])
     grid = [s0 * step ** k for k in range(int(math.log(s_max / s0) / math.log(step)) + 1)] or [s0]
     base = int(p["base_features"])
     while True:
@@ -406,7 +405,7 @@ def choose_coarse_spacing(ctx: _Context) -> tuple[list[float], list[int], dict[s
             s = grid[lo]
             spacing = _coarse_axes(ctx.native, s)
             return [round(v, 4) for v in spacing], coarse_patch(ctx.fov95, spacing), network, peak(s)
-        if base // 2 < int(p.get("min_base_features", 4)):
+        if base // 2 < int(p["min_base_features"]):
             raise HCError(f"memory target {ctx.target_gb:g} GB is too small: Net1 does not fit even at "
                           f"{s_max:g} mm with {base} base features (usable {ctx.usable / GiB:.2f} GB)")
         base //= 2
@@ -422,7 +421,7 @@ def nominal_subvolumes(ctx: _Context, K: int, divisor: int) -> list[list[int]]:
     """Rule 5: the paper's edges scaled to the data, in full-res voxels (D, H, W), ascending."""
     sv = ctx.preset["subvolumes"]
     fov_inplane = (ctx.fov_median[1] + ctx.fov_median[2]) / 2
-    min_d = min(K + int(sv.get("min_extra_slices", 2)), ctx.min_slices)
+    min_d = min(K + int(sv["min_extra_slices"]), ctx.min_slices)
     shapes = []
     for edge in sv["reference_edges"]:
         mm_edge = float(edge) / float(sv["reference_fov_voxels"]) * fov_inplane
@@ -430,7 +429,7 @@ def nominal_subvolumes(ctx: _Context, K: int, divisor: int) -> list[list[int]]:
         hw = []
         for axis in (1, 2):
             limit = ceil_to(ctx.shape95[axis], divisor)
-            hw.append(min(round_to(mm_edge / ctx.spacing[axis], divisor, int(sv.get("min_inplane", 32))), limit))
+            hw.append(min(round_to(mm_edge / ctx.spacing[axis], divisor, int(sv["min_inplane"])), limit))
         shape = [d] + hw
         if shape not in shapes:
             shapes.append(shape)
@@ -442,7 +441,7 @@ def choose_net2_width(ctx: _Context, net1: Net1Choice, K: int, full_slice: Seque
     """Rule 6: Net2's network fields at the largest base width (halving from the preset's) at which step 4
     (K full slices) and step 3 (the smallest subvolume) fit at batch 1; else the minimal width."""
     p2 = ctx.preset["net2"]
-    base, min_base = int(p2["base_features"]), int(p2.get("min_base_features", 8))
+    base, min_base = int(p2["base_features"]), int(p2["min_base_features"])
     while True:
         network = net2_network(ctx, base, K)
         fits = (step4_peak(net1, network, 1, full_slice) <= ctx.usable
@@ -493,8 +492,8 @@ def step3_subvolumes(ctx: _Context, net1: Net1Choice, net2: Net2Choice) -> list[
     """Rule 7: the nominal subvolumes cut to Net2's tile and, where the cascade does not fit at batch 1,
     shrunk depth first (x0.75 down to K + 2), then in-plane (x0.8); deduplicated, ascending."""
     sv = ctx.preset["subvolumes"]
-    min_d = min(net2.K + int(sv.get("min_extra_slices", 2)), ctx.min_slices)
-    min_hw = min(int(sv.get("min_inplane", 32)), min(net2.tile))
+    min_d = min(net2.K + int(sv["min_extra_slices"]), ctx.min_slices)
+    min_hw = min(int(sv["min_inplane"]), min(net2.tile))
     shapes: list[list[int]] = []
     for shape in net2.subvolumes:
         cur: list[int] | None = [shape[0], min(shape[1], net2.tile[0]), min(shape[2], net2.tile[1])]
@@ -523,7 +522,7 @@ def step4_tile(tile: Sequence[int], inplane_spacing: Sequence[float], max_inplan
 
 def step4_stack(ctx: _Context, net2: Net2Choice) -> list[int]:
     """Rule 8: the step-4 stack ``[K, H, W]`` (:func:`step4_tile` with the preset's step-4 ``max_inplane_mm``)."""
-    return [net2.K] + step4_tile(net2.tile, ctx.spacing[1:], ctx.step_presets[4].get("max_inplane_mm"), net2.divisor)
+    return [net2.K] + step4_tile(net2.tile, ctx.spacing[1:], ctx.step_presets[4]["max_inplane_mm"], net2.divisor)
 
 
 def choose_batch_sizes(ctx: _Context, net1: Net1Choice, net2: Net2Choice, shapes2: Sequence[Sequence[int]],
@@ -536,7 +535,7 @@ def choose_batch_sizes(ctx: _Context, net1: Net1Choice, net2: Net2Choice, shapes
         3: lambda b: step3_peak(ctx, net1, net2.network, b, shapes3[-1]),
         4: lambda b: step4_peak(net1, net2.network, b, stack[1:]),
     }
-    return {step: _largest_batch(peak, ctx.usable, ctx.step_presets[step].get("max_batch_size", 1))
+    return {step: _largest_batch(peak, ctx.usable, ctx.step_presets[step]["max_batch_size"])
             for step, peak in peaks.items()}
 
 
@@ -548,7 +547,7 @@ def choose_z_chunk(ctx: _Context, net1: Net1Choice, net2: Net2Choice) -> tuple[i
     def infer_peak(z: int) -> int:
         return _net2_estimate(net2.network, 1, (z + net2.K - 1, tile[0], tile[1]), False).peak + net1.parameters
 
-    z = memory_model.largest_fitting(infer_peak, ctx.usable, int(ctx.preset["inference"].get("max_z_chunk", 64)))
+    z = memory_model.largest_fitting(infer_peak, ctx.usable, int(ctx.preset["inference"]["max_z_chunk"]))
     net2_params = _net2_estimate(net2.network, 1, (net2.K, tile[0], tile[1]), False).parameters
     return z, max(net1.inference_peak + net2_params, infer_peak(z))
 
@@ -558,9 +557,9 @@ def plan_baseline(ctx: _Context) -> dict[str, Any]:
     95th-percentile field of view if it fits, else shrunk along its longest axis; widths halved if even the
     smallest patch fails; batch up to ``max_batch_size``. Returns the plans' ``baseline_unet``."""
     pb = ctx.preset["baseline_unet"]
-    target = float(pb.get("spacing_mm", 2.0))
+    target = float(pb["spacing_mm"])
     spacing = [max(n, target) for n in ctx.native]
-    levels = int(pb.get("num_levels", 4))
+    levels = int(pb["num_levels"])
     div = 2 ** levels
     base = int(pb["base_features"])
 
@@ -581,12 +580,11 @@ def plan_baseline(ctx: _Context) -> dict[str, Any]:
             break
         base //= 2
     batch, peak = _largest_batch(lambda b: estimate(network, b, patch).peak, ctx.usable,
-                                 int(pb.get("max_batch_size", 2)))
+                                 int(pb["max_batch_size"]))
     return {"spacing": [round(s, 4) for s in spacing], "patch_shape": patch, "batch_size": batch, **network,
             "widths": widths(base, network["max_features"], levels),
-            "lr": float(pb.get("lr", 1e-4)), "epochs": int(pb.get("epochs", 800)),
-            "iterations_per_epoch": int(pb.get("iterations_per_epoch", 16)),
-            "losses": list(pb.get("losses", ["L"])), "predicted_peak_gb": round(peak / GiB, 3)}
+            "lr": float(pb["lr"]), "epochs": int(pb["epochs"]), "iterations_per_epoch": int(pb["iterations_per_epoch"]),
+            "losses": list(pb["losses"]), "predicted_peak_gb": round(peak / GiB, 3)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -627,7 +625,7 @@ def normalization_section(ctx: _Context) -> list[dict[str, Any]]:
     """``normalization``: CT channels clip to the fingerprint's foreground 0.5/99.5 percentiles; others use
     per-case percentiles."""
     pn = ctx.preset["normalization"]
-    lo_q, hi_q = float(pn.get("percentile_low", 0.5)), float(pn.get("percentile_high", 99.5))
+    lo_q, hi_q = float(pn["percentile_low"]), float(pn["percentile_high"])
     out = []
     for c in range(ctx.channels):
         name = ctx.info.channel_names[str(c)]
@@ -645,14 +643,14 @@ def normalization_section(ctx: _Context) -> list[dict[str, Any]]:
 def cropping_section(ctx: _Context) -> dict[str, Any]:
     """``cropping``: CT by Hounsfield threshold, other modalities by a relative threshold."""
     return {"method": "ct_hu_threshold" if ctx.info.modality == "ct" else "relative_threshold",
-            "margin_mm": float(ctx.preset["cropping"].get("margin_mm", 10.0))}
+            "margin_mm": float(ctx.preset["cropping"]["margin_mm"])}
 
 
 def full_resolution_section(ctx: _Context) -> dict[str, Any]:
     """``full_resolution``: Net2's grid (rule 2)."""
     return {"inplane_spacing": ctx.inplane,
             "inplane_spacing_ratio": round(float(ctx.fp["inplane_spacing_ratio"]), 4),
-            "max_inplane_spacing_ratio": float(ctx.preset["full_resolution"].get("max_inplane_spacing_ratio", 2.0)),
+            "max_inplane_spacing_ratio": float(ctx.preset["full_resolution"]["max_inplane_spacing_ratio"]),
             "median_spacing": [round(v, 6) for v in ctx.native], "spacing": [round(v, 6) for v in ctx.spacing],
             "shape_p95": ctx.shape95, "min_slices": ctx.min_slices}
 
@@ -677,13 +675,12 @@ def step_entry(ctx: _Context, row: CurriculumStep, shapes: dict[str, Any], batch
     """One ``training.steps`` entry: the curriculum row, the preset step's schedule, the step's input
     ``shapes`` (rules 4-8), its batch size and peak (rule 9)."""
     sp = ctx.step_presets[row.step]
-    return {"step": row.step, "name": row.name, "enabled": bool(sp.get("enabled", True)), "train": list(row.train),
-            "losses": list(sp.get("losses", row.losses)), "input": row.input, **shapes,
-            "batch_size": int(batch), "epochs": int(sp.get("epochs", 200)),
-            "iterations_per_epoch": int(sp.get("iterations_per_epoch", 16)),
-            "lr": float(sp.get("lr", ctx.preset["training"].get("lr", 1e-4))),
-            "predicted_peak_gb": round(peak / GiB, 3),
-            "time_fraction": None if sp.get("time_fraction") is None else float(sp["time_fraction"])}
+    lr = sp["lr"] if sp["lr"] is not None else ctx.preset["training"]["lr"]  # null: the training lr
+    return {"step": row.step, "name": row.name, "enabled": bool(sp["enabled"]), "train": list(row.train),
+            "losses": list(sp["losses"]), "input": row.input, **shapes,
+            "batch_size": int(batch), "epochs": int(sp["epochs"]), "iterations_per_epoch": int(sp["iterations_per_epoch"]),
+            "lr": float(lr), "predicted_peak_gb": round(peak / GiB, 3),
+            "time_fraction": None if sp["time_fraction"] is None else float(sp["time_fraction"])}
 
 
 def curriculum_steps(ctx: _Context, net1: Net1Choice, shapes2: list[list[int]], shapes3: list[list[int]],
@@ -701,23 +698,19 @@ def training_section(ctx: _Context, steps: list[dict[str, Any]]) -> dict[str, An
     """``training``: the preset's optimiser and schedule, the steps, data-loader workers (at most the
     planning machine's CPUs - 1)."""
     tr = ctx.preset["training"]
-    return {"weight_decay": float(tr.get("weight_decay", 0.0)),
-            "dice_weighting": str(tr.get("dice_weighting", "inverse_count")),
-            "classifier_bias_init": str(tr.get("classifier_bias_init", "zero")), "steps": steps,
-            "lr_schedule": str(tr.get("lr_schedule", "constant")),
-            "warmup_iterations": int(tr.get("warmup_iterations", 0)),
-            "grad_clip": None if tr.get("grad_clip", 12.0) is None else float(tr.get("grad_clip", 12.0)),
-            "ema_momentum": float(tr.get("ema_momentum", 0.9)),
-            "keep_best_per_step": bool(tr.get("keep_best_per_step", False)),
-            "time_budget_s": None if tr.get("time_budget_s") is None else float(tr["time_budget_s"]),
-            "budget_probe_iterations": int(tr.get("budget_probe_iterations", 10)),
-            "validation_interval_epochs": int(tr.get("validation_interval_epochs", 10)),
-            "checkpoint_interval_epochs": int(tr.get("checkpoint_interval_epochs", 10)),
-            "checkpoint_interval_iterations": int(tr.get("checkpoint_interval_iterations", 0)),
-            "val_max_cases": None if tr.get("val_max_cases") is None else int(tr["val_max_cases"]),
-            "num_workers": min(int(tr.get("num_workers", 4)), max(1, (os.cpu_count() or 2) - 1)),
-            "num_threads": None if tr.get("num_threads") is None else int(tr["num_threads"]),
-            "seed": int(tr.get("seed", 0))}
+    optional = lambda key, kind: None if tr[key] is None else kind(tr[key])  # noqa: E731 - null stays null
+    return {"weight_decay": float(tr["weight_decay"]), "dice_weighting": str(tr["dice_weighting"]),
+            "classifier_bias_init": str(tr["classifier_bias_init"]), "steps": steps,
+            "lr_schedule": str(tr["lr_schedule"]), "warmup_iterations": int(tr["warmup_iterations"]),
+            "grad_clip": optional("grad_clip", float), "ema_momentum": float(tr["ema_momentum"]),
+            "keep_best_per_step": bool(tr["keep_best_per_step"]), "time_budget_s": optional("time_budget_s", float),
+            "budget_probe_iterations": int(tr["budget_probe_iterations"]),
+            "validation_interval_epochs": int(tr["validation_interval_epochs"]),
+            "checkpoint_interval_epochs": int(tr["checkpoint_interval_epochs"]),
+            "checkpoint_interval_iterations": int(tr["checkpoint_interval_iterations"]),
+            "val_max_cases": optional("val_max_cases", int),
+            "num_workers": min(int(tr["num_workers"]), max(1, (os.cpu_count() or 2) - 1)),
+            "num_threads": optional("num_threads", int), "seed": int(tr["seed"])}
 
 
 def augmentation_section(ctx: _Context) -> dict[str, Any]:
@@ -725,7 +718,7 @@ def augmentation_section(ctx: _Context) -> dict[str, Any]:
     slice axis."""
     aug = copy.deepcopy(ctx.preset["augmentation"])
     if ctx.spacing[0] > 3.0 * min(ctx.spacing[1:]):
-        rot = list(aug.get("rotation_deg", [15.0, 15.0, 15.0]))
+        rot = list(aug["rotation_deg"])
         aug["rotation_deg"] = [rot[0], 0.0, 0.0]
     return augmentation_dict(AugmentationParams.from_dict(aug, "preset"))  # every field, defaults written out
 
@@ -733,8 +726,8 @@ def augmentation_section(ctx: _Context) -> dict[str, Any]:
 def sampling_section(ctx: _Context) -> dict[str, Any]:
     """``sampling``: class-balanced sampling (paper section 2.3) from the preset."""
     ps = ctx.preset["sampling"]
-    return {"max_locations_per_class": int(ps.get("max_locations_per_class", 10000)),
-            "background_as_class": bool(ps.get("background_as_class", True))}
+    return {"max_locations_per_class": int(ps["max_locations_per_class"]),
+            "background_as_class": bool(ps["background_as_class"])}
 
 
 def choose_roi_rule(ctx: _Context) -> str:
@@ -743,18 +736,19 @@ def choose_roi_rule(ctx: _Context) -> str:
     so the ROI can never lose the heart on scans unlike the training data; else the preset's rule (a
     CT's whole slices would cost 4-8x its heart box)."""
     inf = ctx.preset["inference"]
-    limit = inf.get("whole_volume_max_voxels")
+    limit = inf["whole_volume_max_voxels"]
     if limit is not None and math.prod(ctx.shape95) <= float(limit):
         return "whole_volume"
-    return str(inf.get("roi_rule", ROI_DEFAULTS["roi_rule"]))
+    return str(inf["roi_rule"])
 
 
 def inference_section(ctx: _Context, z_chunk: int, peak: int) -> dict[str, Any]:
     """``inference``: the ROI rule (rule 12), rule 10's z-chunk and its predicted peak."""
     inf = ctx.preset["inference"]
-    return {"roi_margin_mm": float(inf.get("roi_margin_mm", 10.0)),
-            **{k: inf.get(k, v) for k, v in ROI_DEFAULTS.items()}, "roi_rule": choose_roi_rule(ctx),
-            "tta": bool(inf.get("tta", False)),
+    return {"roi_margin_mm": float(inf["roi_margin_mm"]), "roi_rule": choose_roi_rule(ctx),
+            "roi_min_component_fraction": inf["roi_min_component_fraction"],
+            "roi_join_distance_mm": inf["roi_join_distance_mm"], "roi_centre_sigma": inf["roi_centre_sigma"],
+            "tta": bool(inf["tta"]),
             "z_chunk": int(z_chunk),
             "max_z_chunk": None, "memory_budget_gb": None, "predicted_peak_gb": round(peak / GiB, 3)}
 
@@ -816,10 +810,10 @@ def plan_experiment(fingerprint: dict[str, Any], preset: dict[str, Any], info: D
         "plans_version": PLANS_VERSION,
         "planner_version": PLANNER_VERSION,
         "dataset": dataset_section(ctx, dataset_id, K),
-        "preset": preset.get("name"),
+        "preset": preset["name"],
         "machine": machine_section(ctx, machine, machine_source),
         **labels_section(ctx),
-        "amp": str(ctx.preset["training"].get("amp", "bf16")),
+        "amp": str(ctx.preset["training"]["amp"]),
         "normalization": normalization_section(ctx),
         "cropping": cropping_section(ctx),
         "full_resolution": full_resolution_section(ctx),
@@ -833,4 +827,5 @@ def plan_experiment(fingerprint: dict[str, Any], preset: dict[str, Any], info: D
         "memory": memory_section(ctx, steps, inference, baseline),
         "fingerprint_summary": fingerprint_summary(ctx),
     }
-    return validate_plans(plans, "planner output")
+    parse_plans(plans, "planner output")  # the planner writes only valid plans
+    return plans

@@ -1,18 +1,22 @@
 """The plans file (``plans.json``): the one, complete, validated configuration of a dataset's model.
 
 On disk (and inside checkpoints) the plans are a plain JSON dict: humans read and occasionally edit them,
-and a dict round-trips through JSON and checkpoints without custom classes. Code reads them only through
-:func:`parse_plans`, which checks every section once -- types, ranges, and *no unknown key anywhere* --
-and returns frozen, typed sections (:class:`Plans` with :class:`Net1Plan`, :class:`Net2Plan`,
+and a dict round-trips through JSON and checkpoints without custom classes. In memory there is one form:
+:class:`Plans`, made once where the plans enter -- :func:`load_plans` (a file), :func:`parse_plans` (a
+checkpoint's or the planner's dict) -- and passed everywhere. Parsing checks every section once -- types,
+ranges, and *no unknown key anywhere* -- into frozen, typed sections (:class:`Net1Plan`, :class:`Net2Plan`,
 :class:`TrainingPlan` / :class:`StepPlan`, :class:`SamplingPlan`, :class:`InferencePlan`,
-:class:`BaselinePlan`, ...). The planner writes every field that takes effect (no hidden defaults later),
-and nothing that has none. Every field is documented in ``documentation/plans.md``.
+:class:`BaselinePlan`, ...) whose fields carry the JSON's own names; consumers read those, never the dict
+(``Plans.to_dict()`` gives it back for files and checkpoints). The planner writes every field that takes
+effect (no hidden defaults later), and nothing that has none. Every field is documented in
+``documentation/plans.md``.
 
 Plans of another schema version are refused with a one-line error (re-plan with ``--overwrite``).
 
-Derived values other stages need: keyword arguments for the networks (:func:`net1_kwargs`,
-:func:`net2_kwargs`, :func:`baseline_kwargs`, :func:`cascade_kwargs`) and the hash of the
-preprocessing-relevant fields (:func:`preprocessing_hash`).
+Accessors (in the spirit of nnU-Net's PlansManager): a configuration's training steps
+(:meth:`Plans.training_steps`), the networks' keyword arguments (:func:`net1_kwargs`, :func:`net2_kwargs`,
+:func:`baseline_kwargs`, :func:`cascade_kwargs`), what preprocessing follows (:func:`preprocess_settings`)
+and the hash of the preprocessing-relevant fields (:func:`preprocessing_hash`).
 """
 from __future__ import annotations
 
@@ -39,11 +43,10 @@ PLANS_FILE = "plans.json"
 #: ``inference.roi_rule`` values: the ROI from the heart's connected component(s) of Net1's whole-heart
 #: probability, every Net1 foreground voxel, or the whole volume (Net2 everywhere: rule 12 for MR-sized cases).
 ROI_RULES = ("heart_components", "all_foreground", "whole_volume")
-#: What a preset without the ROI fields gets (documentation/plans.md): the heart-component rule.
-ROI_DEFAULTS = {"roi_rule": "heart_components", "roi_min_component_fraction": 0.1, "roi_join_distance_mm": 0.0,
-                "roi_centre_sigma": 0.0}
 #: ``amp``: mixed precision of training and inference on CUDA (the CPU always computes in float32).
 AMP_MODES = ("bf16", "fp16", "none")
+#: The name of the baseline U-Net's configuration and of its single training step.
+BASELINE_STEP = "baseline"
 STEP_INPUTS = {1: "whole_coarse_volume", 2: "subvolumes", 3: "subvolumes", 4: "slice_stacks"}
 NORMALIZATION_SCHEMES = ("ct_clip", "percentile_clip")
 
@@ -283,6 +286,11 @@ class StepPlan:
             return (self.stack_shape,) if self.stack_shape else ()
         return self.subvolume_shapes or ()
 
+    @property
+    def planned_iterations(self) -> int:
+        """The plans' count (0 when disabled); under a time budget the trainer's schedule decides the step's."""
+        return self.epochs * self.iterations_per_epoch if self.enabled else 0
+
 
 @dataclass(frozen=True)
 class TrainingPlan:
@@ -311,6 +319,12 @@ class TrainingPlan:
                 return entry
         raise HCError(f"plans have no training step {number}")
 
+    def checkpoint_interval(self, step: StepPlan) -> int:
+        """Iterations between ``checkpoint_latest`` saves in ``step`` (0 iterations: every N epochs)."""
+        if self.checkpoint_interval_iterations > 0:
+            return self.checkpoint_interval_iterations
+        return max(1, self.checkpoint_interval_epochs * step.iterations_per_epoch)
+
 
 @dataclass(frozen=True)
 class SamplingPlan:
@@ -328,8 +342,8 @@ class InferencePlan:
     max_z_chunk: int | None = _f(_opt(_int(1, _MAX_SIDE)))
     memory_budget_gb: float | None = _f(_opt(_num(0, open_lo=True)))
     predicted_peak_gb: float | None = _f(_opt(_num(0)))
-    roi_centre_sigma: float = _f(_num(0), 0.0)  # 0 = components ranked by mass alone (models planned before it)
-    tta: bool = _f(_bool, False)  # mirroring test-time augmentation by default (hc_predict --tta/--disable_tta override)
+    roi_centre_sigma: float = _f(_num(0))  # 0 = components ranked by mass alone
+    tta: bool = _f(_bool)  # mirroring test-time augmentation by default (hc_predict --tta/--disable_tta override)
 
 
 @dataclass(frozen=True)
@@ -347,6 +361,14 @@ class BaselinePlan:
     iterations_per_epoch: int = _f(_int(1, _MAX_COUNT))
     losses: tuple[str, ...] = _f(_list(_str(), nonempty=True))
     predicted_peak_gb: float | None = _f(_opt(_num(0)))
+
+    def as_step(self) -> StepPlan:
+        """The baseline's single training step, in the form of a curriculum step (input: subvolumes)."""
+        return StepPlan(step=0, name=BASELINE_STEP, enabled=True, train=(BASELINE_STEP,), losses=self.losses,
+                        input="subvolumes", batch_size=self.batch_size, epochs=self.epochs,
+                        iterations_per_epoch=self.iterations_per_epoch, lr=self.lr,
+                        predicted_peak_gb=self.predicted_peak_gb, time_fraction=None,
+                        subvolume_shapes=(self.patch_shape,))
 
 
 @dataclass(frozen=True)
@@ -403,6 +425,18 @@ class Plans:
         by_value = {int(v): str(k) for k, v in self.labels.items()}
         return [by_value.get(i, str(i)) for i in range(self.num_classes)]
 
+    def to_dict(self) -> dict[str, Any]:
+        """The plans as the JSON dict they were parsed from (a copy): for files and checkpoints."""
+        return copy.deepcopy(dict(self.raw))
+
+    def training_steps(self, configuration: str) -> dict[str, StepPlan]:
+        """The training steps of ``configuration`` by name: ``"1"``..``"4"`` (cascade) or ``"baseline"``."""
+        if configuration == "cascade":
+            return {str(entry.step): entry for entry in self.training.steps}
+        if configuration == BASELINE_STEP:
+            return {BASELINE_STEP: self.baseline_unet.as_step()}
+        raise HCError(f"unknown configuration {configuration!r}; expected cascade or baseline")
+
 
 #: Sections parsed into their own types (besides ``training``, ``normalization`` and ``augmentation``).
 _SECTIONS: dict[str, type] = {
@@ -456,7 +490,7 @@ def parse_plans(plans: Any, source: str = "plans") -> Plans:
                                       for i, n in enumerate(norm))
     sections["augmentation"] = AugmentationParams.from_dict(plans["augmentation"], source)
     top = {k: v for k, v in plans.items() if k not in sections and k in _TOP_LEVEL}
-    out = _section(Plans, top, "plans", source, **sections, raw=plans)
+    out = _section(Plans, top, "plans", source, **sections, raw=copy.deepcopy(dict(plans)))
     _check_consistency(out, source)
     return out
 
@@ -475,21 +509,45 @@ def _check_consistency(p: Plans, source: str) -> None:
             raise HCError(f"{source}: {name}.num_classes is {net.num_classes}, the plans have {p.num_classes} classes")
     if p.net2.required_divisor != 2 ** p.net2.num_levels:
         raise HCError(f"{source}: net2.required_divisor must be 2**num_levels = {2 ** p.net2.num_levels}")
+    K, divisor = p.net2.K, p.net2.required_divisor
+    for shape in p.training.step(3).shapes:
+        if shape[0] < K or shape[1] % divisor or shape[2] % divisor:
+            raise HCError(f"{source}: training.steps[3] subvolume {list(shape)} must have D >= K={K} and H, W "
+                          f"divisible by {divisor} (Net2)")
 
 
 def _field_names(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls) if f.name != "raw"}
 
 
+#: The plans' report: what the planner recorded -- versions, the dataset and planning machine, the memory
+#: target and estimates, the fingerprint summary, predicted peaks, widths for humans -- beside the settings a
+#: user may override. A whole section (None) or some of its fields; ``training.steps`` names its entries' fields.
+REPORT: dict[str, tuple[str, ...] | None] = {
+    "plans_version": None, "planner_version": None, "preset": None, "dataset": None, "machine": None,
+    "memory": None, "fingerprint_summary": None,
+    "full_resolution": ("inplane_spacing_ratio", "max_inplane_spacing_ratio", "median_spacing", "shape_p95",
+                        "min_slices"),
+    "net1": ("coarse_shape_median", "widths"), "net2": ("widths",), "baseline_unet": ("widths", "predicted_peak_gb"),
+    "inference": ("predicted_peak_gb",), "training.steps": ("predicted_peak_gb",),
+}
+
+
 def check_override_keys(override: Mapping[str, Any], source: str = "--plans-override") -> None:
-    """Every key of a partial plans dict (``--plans-override``) must be a plans field; the first unknown one is
-    a one-line HCError naming it (values are checked once the override is merged, by :func:`parse_plans`)."""
+    """Every key of a partial plans dict (``--plans-override``) must be a plans setting; the first unknown key
+    or :data:`REPORT` field is a one-line HCError naming it (values are checked once the override is merged,
+    by :func:`parse_plans`)."""
     def walk(data: Any, cls: type, where: str) -> None:
         if not isinstance(data, Mapping):
             return
         for key in data:
             if key not in _field_names(cls):
                 raise HCError(f"{source}: {where + ' has' if where else 'plans have'} unknown key {key!r}")
+            report = REPORT.get(where.split("[")[0]) if where else ()
+            if (not where and key in REPORT and REPORT[key] is None) or (report and key in report):
+                name = f"{where}.{key}" if where else key
+                raise HCError(f"{source}: {name} is part of the plans' report (what the planner recorded), not a "
+                              "setting; re-plan with hc_plan_and_preprocess to change it")
     walk(override, Plans, "")
     for name, cls in {**_SECTIONS, "augmentation": AugmentationParams}.items():
         walk(override.get(name), cls, name)
@@ -501,12 +559,6 @@ def check_override_keys(override: Mapping[str, Any], source: str = "--plans-over
                 walk(entry, StepPlan, f"training.steps[{entry.get('step')}]")
     for i, entry in enumerate(override.get("normalization") or []):
         walk(entry, NormalizationPlan, f"normalization[{i}]")
-
-
-def validate_plans(plans: Any, source: str = "plans") -> dict[str, Any]:
-    """Check a plans dict of the current version (:func:`parse_plans`) and return it unchanged."""
-    parse_plans(plans, source)
-    return plans
 
 
 # --------------------------------------------------------------------------------------------------
@@ -529,33 +581,23 @@ def plans_path(preprocessed_dataset_dir: str | os.PathLike) -> Path:
     return Path(preprocessed_dataset_dir) / PLANS_FILE
 
 
-def load_plans(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and validate a plans file (a folder is accepted: its ``plans.json``)."""
+def load_plans(path: str | os.PathLike) -> Plans:
+    """Read a plans file (a folder is accepted: its ``plans.json``): the typed plans, parsed once."""
     path = Path(path)
     if path.is_dir():
         path = path / PLANS_FILE
-    return validate_plans(load_json(path), str(path))
+    return parse_plans(load_json(path), str(path))
 
 
-def save_plans(path: str | os.PathLike, plans: dict[str, Any]) -> None:
-    validate_plans(plans, str(path))
-    atomic_write_json(path, plans)
-
-
-def as_plans(plans: Plans | Mapping[str, Any], source: str = "plans") -> Plans:
-    """``plans`` typed: a :class:`Plans` as it is, a dict parsed."""
-    if isinstance(plans, Plans):
-        return plans
-    return parse_plans(plans, source)
+def save_plans(path: str | os.PathLike, plans: Plans | Mapping[str, Any]) -> Plans:
+    """Write plans (typed, or the planner's dict: checked first) atomically; returns them typed."""
+    typed = plans if isinstance(plans, Plans) else parse_plans(plans, str(path))
+    atomic_write_json(path, typed.to_dict())
+    return typed
 
 
 # --------------------------------------------------------------------------------------------------
 # Derived values
-
-
-def training_step(plans: Plans | Mapping[str, Any], step: int) -> StepPlan:
-    """The ``training.steps`` entry of step 1..4."""
-    return as_plans(plans).training.step(step)
 
 
 def _fields(section: Any, keys: Sequence[str]) -> dict[str, Any]:
@@ -589,42 +631,38 @@ def baseline_network_kwargs(baseline: "BaselinePlan | Mapping[str, Any]", in_cha
     return {"in_channels": int(in_channels), "num_classes": int(num_classes), **_fields(baseline, BASELINE_KWARGS)}
 
 
-def net1_kwargs(plans: Plans | Mapping[str, Any]) -> dict[str, Any]:
+def net1_kwargs(plans: Plans) -> dict[str, Any]:
     """Keyword arguments for ``heartcascade.networks.Net1``."""
-    return net1_network_kwargs(as_plans(plans).net1)
+    return net1_network_kwargs(plans.net1)
 
 
-def net2_kwargs(plans: Plans | Mapping[str, Any]) -> dict[str, Any]:
+def net2_kwargs(plans: Plans) -> dict[str, Any]:
     """Keyword arguments for ``heartcascade.networks.Net2``."""
-    return net2_network_kwargs(as_plans(plans).net2)
+    return net2_network_kwargs(plans.net2)
 
 
-def cascade_kwargs(plans: Plans | Mapping[str, Any]) -> dict[str, Any]:
+def cascade_kwargs(plans: Plans) -> dict[str, Any]:
     """Keyword arguments for ``heartcascade.networks.Cascade`` besides the two networks.
 
     Scale factors are per case (``properties['coarse_scale_factors']``); pass them to ``forward``.
     """
-    p = as_plans(plans)
-    return {"input_mode": p.net2.input_mode, "image_channels": p.num_input_channels}
+    return {"input_mode": plans.net2.input_mode, "image_channels": plans.num_input_channels}
 
 
-def baseline_kwargs(plans: Plans | Mapping[str, Any]) -> dict[str, Any]:
+def baseline_kwargs(plans: Plans) -> dict[str, Any]:
     """Keyword arguments for ``heartcascade.networks.BaselineUNet3D``."""
-    p = as_plans(plans)
-    return baseline_network_kwargs(p.baseline_unet, p.num_input_channels, p.num_classes)
+    return baseline_network_kwargs(plans.baseline_unet, plans.num_input_channels, plans.num_classes)
 
 
-def plans_summary(plans: Plans | Mapping[str, Any]) -> str:
+def plans_summary(p: Plans) -> str:
     """One line on what the planner chose: preset, machine, memory target, K, Net1's coarse spacing."""
-    p = as_plans(plans)
     return (f"preset {p.preset} for {p.machine.kind if p.machine else 'an unrecorded machine'}, memory target "
             f"{p.memory.target_gb:g} GB from {p.memory.target_source}; K={p.net2.K}, Net1 coarse spacing "
             f"{', '.join(f'{v:g}' for v in p.net1.coarse_spacing)} mm")
 
 
-def preprocess_settings(plans: Plans | Mapping[str, Any]) -> PreprocessSettings:
-    """What preprocessing follows, from the typed plans (a dict is parsed first)."""
-    p = as_plans(plans)
+def preprocess_settings(p: Plans) -> PreprocessSettings:
+    """What preprocessing follows, from the typed plans."""
     return PreprocessSettings(
         modality=p.modality, num_input_channels=p.num_input_channels, num_classes=p.num_classes,
         normalization=tuple(copy.deepcopy(dict(n)) for n in p.raw["normalization"]), margin_mm=p.cropping.margin_mm,
@@ -632,8 +670,9 @@ def preprocess_settings(plans: Plans | Mapping[str, Any]) -> PreprocessSettings:
         max_locations_per_class=p.sampling.max_locations_per_class)
 
 
-def preprocessing_fields(plans: dict[str, Any]) -> dict[str, Any]:
+def preprocessing_fields(p: Plans) -> dict[str, Any]:
     """The plans fields the preprocessed arrays depend on (changing anything else keeps them valid)."""
+    plans = p.raw
     return {
         "preprocessing_version": PREPROCESSING_VERSION,
         "modality": plans["modality"],
@@ -647,7 +686,7 @@ def preprocessing_fields(plans: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def preprocessing_hash(plans: dict[str, Any]) -> str:
+def preprocessing_hash(plans: Plans) -> str:
     """Short hash of :func:`preprocessing_fields`; stored with every preprocessed case."""
     text = json.dumps(preprocessing_fields(plans), sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]

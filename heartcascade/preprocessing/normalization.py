@@ -1,4 +1,4 @@
-"""Intensity normalisation to [-1, 1], as in the paper.
+"""Intensity normalisation to the plans' ``target_range`` ([-1, 1] as in the paper).
 
 * ``ct_clip`` (CT in HU): HU values mean the same thing in every scan, so one clip window for the whole
   dataset is taken from the fingerprint -- the 0.5 / 99.5 percentiles of *foreground* (heart) voxels
@@ -6,37 +6,32 @@
 * ``percentile_clip`` (MR and other uncalibrated channels): intensities are arbitrary per scan, so the
   window is the case's own 0.5 / 99.5 percentiles (of the cropped image), mapped to [-1, 1].
 
-The per-channel scheme and its parameters live in ``plans['normalization']`` (a list, one entry per
-input channel).
+The per-channel scheme, its parameters and its ``target_range`` live in the plans' ``normalization`` (a list,
+one entry per input channel).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from heartcascade.utils.errors import HCError
 
-TARGET_RANGE = (-1.0, 1.0)
 # At most this many voxels are used to estimate a case's percentiles (exact enough, bounded time).
 _PERCENTILE_SAMPLE = 2_000_000
 
 
-def rescale_(out: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Clip a float32 array to [lo, hi] and map that window linearly to [-1, 1], in place."""
+def rescale_(out: np.ndarray, lo: float, hi: float, target: Sequence[float]) -> np.ndarray:
+    """Clip a float32 array to [lo, hi] and map that window linearly to ``target`` (low, high), in place."""
+    low, high = float(target[0]), float(target[1])
     if hi <= lo:  # constant image or degenerate window: everything maps to the centre
-        out[...] = 0.0
+        out[...] = (low + high) / 2
         return out
     np.clip(out, lo, hi, out=out)
     out -= np.float32(lo)
-    out *= np.float32((TARGET_RANGE[1] - TARGET_RANGE[0]) / (hi - lo))
-    out += np.float32(TARGET_RANGE[0])
+    out *= np.float32((high - low) / (hi - lo))
+    out += np.float32(low)
     return out
-
-
-def rescale(array: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Copying version of :func:`rescale_`."""
-    return rescale_(np.array(array, dtype=np.float32, copy=True), lo, hi)
 
 
 def case_percentiles(array: np.ndarray, low: float, high: float) -> tuple[float, float]:
@@ -69,7 +64,7 @@ def normalize_image(image: np.ndarray, schemes: list[dict[str, Any]]) -> tuple[n
     for c, scheme in enumerate(schemes):
         out[c] = image[c]
         lo, hi = channel_window(out[c], scheme)
-        rescale_(out[c], lo, hi)
+        rescale_(out[c], lo, hi, scheme["target_range"])
         windows.append({"clip_low": lo, "clip_high": hi})
     return out, windows
 
@@ -83,6 +78,6 @@ def normalize_image_inplace(image: np.ndarray, schemes: list[dict[str, Any]]) ->
     windows = []
     for c, scheme in enumerate(schemes):
         lo, hi = channel_window(image[c], scheme)
-        rescale_(image[c], lo, hi)
+        rescale_(image[c], lo, hi, scheme["target_range"])
         windows.append({"clip_low": lo, "clip_high": hi})
     return image, windows

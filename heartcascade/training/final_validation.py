@@ -107,8 +107,7 @@ def _evaluate_preprocessed(predictor: Predictor, ids: list[str], data_dir: Path,
                            ending: str) -> dict[str, Any]:
     """Dice / Jaccard per case against the preprocessed labels on the original grid (no raw labels)."""
     ncls = predictor.num_classes
-    by_value = {int(v): str(k) for k, v in (predictor.plans.get("labels") or {}).items()}
-    names = [by_value.get(i, str(i)) for i in range(ncls)]
+    names = predictor.plans.class_names
     cases = {}
     for cid in ids:
         pc = load_case(data_dir, cid, mmap=True)

@@ -21,7 +21,7 @@ from heartcascade.utils.errors import HCError
 _TRAINING_ONLY = ("dropout",)
 
 
-def _architecture(configuration: str, plans: Mapping[str, Any]) -> dict[str, Any]:
+def _architecture(configuration: str, plans: "P.Plans") -> dict[str, Any]:
     if configuration == "cascade":
         fields = {f"net1.{k}": v for k, v in P.net1_kwargs(plans).items()}
         fields.update({f"net2.{k}": v for k, v in P.net2_kwargs(plans).items()})
@@ -39,7 +39,7 @@ def _plain(value: Any) -> Any:
     return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
-def check_finetune_compatible(pretrained: Mapping[str, Any], plans: Mapping[str, Any], configuration: str,
+def check_finetune_compatible(pretrained: "P.Plans", plans: "P.Plans", configuration: str,
                               source: str | Path) -> None:
     """Raise one HCError naming the first field where the model's plans and the run's plans differ in a
     way the weights cannot follow."""
@@ -48,7 +48,7 @@ def check_finetune_compatible(pretrained: Mapping[str, Any], plans: Mapping[str,
                        "fine-tuning needs the same modality, channels, classes and network architecture"
                        + (" (align the architecture with --plans-override)" if "." in what else ""))
 
-    theirs_p, ours_p = P.as_plans(pretrained, str(source)), P.as_plans(plans, "plans")
+    theirs_p, ours_p = pretrained, plans
     for key in ("modality", "num_input_channels", "num_classes"):
         if str(getattr(theirs_p, key)).lower() != str(getattr(ours_p, key)).lower():
             raise differ(key, getattr(theirs_p, key), getattr(ours_p, key))
@@ -64,7 +64,7 @@ def check_finetune_compatible(pretrained: Mapping[str, Any], plans: Mapping[str,
             raise differ(key, theirs.get(key), ours.get(key))
 
 
-def initialise_from(networks: Mapping[str, nn.Module], model: LoadedFold, plans: Mapping[str, Any],
+def initialise_from(networks: Mapping[str, nn.Module], model: LoadedFold, plans: "P.Plans",
                     configuration: str, source: str | Path) -> None:
     """Copy the model's weights into the run's freshly built networks after checking compatibility."""
     if model.configuration != configuration:

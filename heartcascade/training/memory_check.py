@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
-
 import torch
 
 from heartcascade.planning import memory_model
-from heartcascade.planning.plans import baseline_kwargs, net1_kwargs, net2_kwargs
-from heartcascade.training.config import BASELINE_STEP, StepConfig, TrainingConfig
+from heartcascade.planning.plans import BASELINE_STEP, Plans, StepPlan, baseline_kwargs, net1_kwargs, net2_kwargs
 from heartcascade.utils.errors import HCError
 
 GiB = 2**30
@@ -33,18 +30,18 @@ def device_memory_bytes(device: torch.device) -> int | None:
         return None
 
 
-def input_bytes(step: StepConfig, channels: int) -> int:
+def input_bytes(step: StepPlan, channels: int) -> int:
     """Bytes of one batch of the step's largest input (float32 image + uint8 target), exact integers."""
-    largest = max((math.prod(int(v) for v in shape) for shape in step.patch_shapes), default=0)
+    largest = max((math.prod(int(v) for v in shape) for shape in step.shapes), default=0)
     return int(step.batch_size) * largest * (4 * int(channels) + 1)
 
 
-def _model_estimate(plans: dict[str, Any], step: StepConfig, backend: str) -> int | None:
+def _model_estimate(plans: Plans, step: StepPlan, backend: str) -> int | None:
     """The memory model's peak where the step's network is certain (Net1 on the coarse volume, Net2 on
     slice stacks, the baseline), else None."""
-    if not step.patch_shapes:
+    if not step.shapes:
         return None
-    shape = max(step.patch_shapes, key=lambda s: math.prod(int(v) for v in s))
+    shape = max(step.shapes, key=lambda s: math.prod(int(v) for v in s))
     try:
         if step.name == BASELINE_STEP:
             return memory_model.baseline_memory(baseline_kwargs(plans), step.batch_size, shape, True, backend).peak
@@ -57,20 +54,18 @@ def _model_estimate(plans: dict[str, Any], step: StepConfig, backend: str) -> in
     return None
 
 
-def check_training_memory(plans: dict[str, Any], cfg: TrainingConfig, steps: list[str],
-                          device: torch.device) -> None:
+def check_training_memory(plans: Plans, steps: dict[str, StepPlan], device: torch.device) -> None:
     """One-line HCError naming the plans field when a step cannot fit ``device``'s memory."""
     total = device_memory_bytes(device)
     if total is None:
         return
-    for name in steps:
-        step = cfg.steps[name]
-        need = input_bytes(step, cfg.image_channels)
+    for name, step in steps.items():
+        need = input_bytes(step, plans.num_input_channels)
         if need <= total:
             need = max(need, _model_estimate(plans, step, device.type) or 0)
         if need > total:
             field = "baseline_unet" if name == BASELINE_STEP else f"training.steps[{name}]"
-            shapes = " ".join("x".join(str(v) for v in s) for s in step.patch_shapes)
+            shapes = " ".join("x".join(str(v) for v in s) for s in step.shapes)
             raise HCError(f"plans: {field}.batch_size {step.batch_size} with input shape(s) {shapes} needs at least "
                           f"{need / GiB:.1f} GiB, more than the {total / GiB:.1f} GiB of {device.type} memory; "
                           "lower the batch size or the shapes (or re-plan with hc_plan_and_preprocess)")

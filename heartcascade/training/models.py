@@ -4,7 +4,7 @@ training, so the session and the trainer ask the model instead of testing the co
 A model object owns its networks (built from the plans, under the run's seed; keyed as in checkpoints),
 the runner of each of its steps (:mod:`heartcascade.training.steps`), which networks a step trains, what
 its validations score, and the grid its training cases are on. Its steps come from the plans
-(:data:`heartcascade.training.config.CONFIGURATION_STEPS`); its prediction is the predictor's, built
+(:meth:`heartcascade.planning.plans.Plans.training_steps`); its prediction is the predictor's, built
 from the same networks (:mod:`heartcascade.training.validation`).
 """
 from __future__ import annotations
@@ -15,12 +15,15 @@ import torch
 from torch import nn
 
 from heartcascade.model import from_plans
-from heartcascade.planning.plans import Plans
+from heartcascade.planning.curriculum import STEP_NUMBERS
+from heartcascade.planning.plans import BASELINE_STEP, Plans, StepPlan
 from heartcascade.training.cases import baseline_grid_case
-from heartcascade.training.config import BASELINE_STEP, CASCADE_STEPS, StepConfig, TrainingConfig
 from heartcascade.training.dataloading import TrainCase
 from heartcascade.training.steps import RUNNERS, BaselineRunner, StepRunner
 from heartcascade.utils.errors import HCError
+
+#: The curriculum's steps (paper Table 1: planning/curriculum.py; losses and trained networks are in the plans).
+CASCADE_STEPS = tuple(str(n) for n in STEP_NUMBERS)
 
 
 class TrainingModel:
@@ -38,14 +41,14 @@ class TrainingModel:
     networks: dict[str, nn.Module]  # checkpoint keys -> networks
 
     @staticmethod
-    def training_cases(cases: list[TrainCase], cfg: TrainingConfig) -> list[TrainCase]:
+    def training_cases(cases: list[TrainCase], plans: Plans) -> list[TrainCase]:
         """The training cases on the grid this model trains on (the preprocessed grid)."""
         return cases
 
-    def runner(self, cfg: TrainingConfig, step: StepConfig) -> StepRunner:
+    def runner(self, plans: Plans, step: StepPlan) -> StepRunner:
         raise NotImplementedError
 
-    def select(self, step: StepConfig) -> None:
+    def select(self, step: StepPlan) -> None:
         """Make the networks ``step`` trains trainable and freeze the others."""
 
     def train(self) -> None:
@@ -69,10 +72,10 @@ class CascadeModel(TrainingModel):
         self.module = from_plans.build_cascade(plans).to(device)
         self.networks = {"net1": self.module.net1, "net2": self.module.net2}
 
-    def runner(self, cfg: TrainingConfig, step: StepConfig) -> StepRunner:
-        return RUNNERS[step.input](cfg, step, {"cascade": self.module})
+    def runner(self, plans: Plans, step: StepPlan) -> StepRunner:
+        return RUNNERS[step.input](plans, step, {"cascade": self.module})
 
-    def select(self, step: StepConfig) -> None:
+    def select(self, step: StepPlan) -> None:
         self.module.set_trainable("net1" in step.train, "net2" in step.train)
 
     def validation_target(self, step: str) -> str:
@@ -92,11 +95,11 @@ class BaselineModel(TrainingModel):
         self.networks = {"baseline": self.module}
 
     @staticmethod
-    def training_cases(cases: list[TrainCase], cfg: TrainingConfig) -> list[TrainCase]:
-        return [baseline_grid_case(c, cfg.baseline_spacing, cfg.num_classes) for c in cases]
+    def training_cases(cases: list[TrainCase], plans: Plans) -> list[TrainCase]:
+        return [baseline_grid_case(c, plans.baseline_unet.spacing, plans.num_classes) for c in cases]
 
-    def runner(self, cfg: TrainingConfig, step: StepConfig) -> StepRunner:
-        return BaselineRunner(cfg, step, {"baseline": self.module})
+    def runner(self, plans: Plans, step: StepPlan) -> StepRunner:
+        return BaselineRunner(plans, step, {"baseline": self.module})
 
     def validation_target(self, step: str) -> str:
         return "baseline"

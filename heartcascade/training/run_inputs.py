@@ -2,13 +2,16 @@
 run's overrides, and the checks that a resumed run still matches its data."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from heartcascade.paths import find_dataset_name, parse_dataset_id, preprocessed_root, raw_root
-from heartcascade.planning.plans import load_plans, preprocessing_fields, preprocessing_hash, validate_plans
+from heartcascade.planning.plans import (Plans, check_override_keys, load_plans, parse_plans, preprocessing_fields,
+                                         preprocessing_hash)
 from heartcascade.preprocessing.storage import list_cases
 from heartcascade.utils.errors import HCError
+from heartcascade.utils.jsonio import parse_json
 from heartcascade.utils.merge import deep_merge
 
 
@@ -40,12 +43,43 @@ def labelled_cases(pre_dir: Path, data_dir: Path) -> list[str]:
     return labelled
 
 
-def run_plans(pre_dir: Path, override: Mapping[str, Any] | None) -> dict[str, Any]:
+def parse_override(text: str | Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A plans override given as a JSON object, a path to a JSON file, or already a dict."""
+    if text is None:
+        return None
+    if isinstance(text, Mapping):
+        return normalise_override(dict(text), "plans override")
+    candidate = Path(text)
+    source = "--plans-override"
+    if not text.lstrip().startswith("{") and candidate.is_file():
+        source = str(candidate)
+        text = candidate.read_text(encoding="utf-8")
+    value = parse_json(text, source)
+    if not isinstance(value, dict):
+        raise HCError(f"{source}: must be a JSON object, e.g. '{{\"training\": {{...}}}}'")
+    return normalise_override(value, source)
+
+
+def normalise_override(value: dict[str, Any], source: str = "--plans-override") -> dict[str, Any]:
+    """Accept ``training.steps`` as ``{"2": {...}}`` as well as the plans' list ``[{"step": 2, ...}]``; every key
+    must be a plans field (an unknown one is a one-line HCError naming it)."""
+    steps = (value.get("training") or {}).get("steps") if isinstance(value.get("training"), Mapping) else None
+    if isinstance(steps, Mapping):
+        value = copy.deepcopy(value)
+        try:
+            value["training"]["steps"] = [{**dict(v), "step": int(k)} for k, v in steps.items()]
+        except (TypeError, ValueError):
+            raise HCError("plans override: training.steps keys must be step numbers 1..4") from None
+    check_override_keys(value, source)
+    return value
+
+
+def run_plans(pre_dir: Path, override: Mapping[str, Any] | None) -> Plans:
     """The dataset's plans with ``--plans-override`` merged (never a field the preprocessed data depend on;
     the result is the fold folder's plans.json and the checkpoints' plans)."""
     plans = load_plans(pre_dir / "plans.json")
     if override:
-        merged = validate_plans(deep_merge(plans, dict(override)), "plans with --plans-override")
+        merged = parse_plans(deep_merge(plans.to_dict(), dict(override)), "plans with --plans-override")
         before, after = preprocessing_fields(plans), preprocessing_fields(merged)
         changed = sorted(k for k in before if before[k] != after[k])
         if changed:

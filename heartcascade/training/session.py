@@ -23,11 +23,10 @@ from heartcascade.losses.terms import total_loss
 from heartcascade.model.checkpoint import checkpoint_path, load_checkpoint
 from heartcascade.networks.blocks import init_classifier_bias
 from heartcascade.paths import results_root
-from heartcascade.planning.plans import as_plans, validate_plans
+from heartcascade.planning.plans import BASELINE_STEP, parse_plans
 from heartcascade.preprocessing.storage import data_dir
 from heartcascade.training import distributed as dist_utils
 from heartcascade.training.cases import load_train_case
-from heartcascade.training.config import BASELINE_STEP, TrainingConfig, parse_override, training_config
 from heartcascade.training.dataloading import default_num_workers
 from heartcascade.training.finetune import initialise_from
 from heartcascade.training.logger import TrainingLogger
@@ -35,9 +34,9 @@ from heartcascade.training.models import model_class
 from heartcascade.training.results import Callback
 from heartcascade.training.memory_check import check_training_memory
 from heartcascade.training.run_inputs import (check_resume, data_plans_hash, find_preprocessed, labelled_cases,
-                                              run_plans)
+                                              parse_override, run_plans)
 from heartcascade.training.splits import fold_cases, fold_folder_name, load_or_create_splits, parse_fold
-from heartcascade.training.steps import StepRunner, StepTraining
+from heartcascade.training.steps import StepRunner, StepTraining, check_losses
 from heartcascade.training.time_budget import parse_duration
 from heartcascade.utils.device import autocast, resolve_device
 from heartcascade.utils.errors import HCError
@@ -169,7 +168,7 @@ class TrainingSession:
             resume = load_checkpoint(latest)
             check_resume(resume, latest, self.configuration, labelled, self.data_dir, self.requested_steps,
                          self.data_plans_hash)
-            self.plans = validate_plans(resume["plans"], str(latest))
+            self.plans = parse_plans(resume["plans"], str(latest))
             self.seed = int(resume.get("seed", 0))
             self.step_names = list(resume["steps"])
             self.train_ids = list(resume.get("train_cases", self.train_ids))
@@ -177,42 +176,46 @@ class TrainingSession:
         else:
             self.plans = run_plans(self.pre_dir, self.plans_override)
             self.step_names = self.requested_steps or list(self.model_class.default_steps)
-        self.cfg: TrainingConfig = training_config(self.plans, self.configuration)
+        #: the configuration's steps by name ("1".."4" or "baseline"): the plans' own entries
+        self.steps = self.plans.training_steps(self.configuration)
+        check_losses(self.steps)
+        training = self.plans.training
         if resume is None:
-            self.seed = self.cfg.seed if self.seed_arg is None else self.seed_arg
-            self.time_budget_s = self.cfg.time_budget_s if self.time_budget_arg is None else self.time_budget_arg
+            self.seed = training.seed if self.seed_arg is None else self.seed_arg
+            self.time_budget_s = training.time_budget_s if self.time_budget_arg is None else self.time_budget_arg
         else:
             self.time_budget_s = (resume.get("budget") or {}).get("time_budget_s")
-        self.step_names = [s for s in self.step_names if self.cfg.steps[s].planned_iterations > 0]
+        self.step_names = [s for s in self.step_names if self.steps[s].planned_iterations > 0]
         if not self.step_names:
             raise HCError("nothing to train: every selected step has 0 epochs or is disabled in the plans")
-        check_training_memory(self.plans, self.cfg, self.step_names, self.device)
+        check_training_memory(self.plans, {s: self.steps[s] for s in self.step_names}, self.device)
         self.num_workers = self.num_workers_arg if self.num_workers_arg is not None \
-            else default_num_workers(self.cfg.num_workers)
+            else default_num_workers(training.num_workers)
         if self.device.type == "cpu":
             self.threads_before = torch.get_num_threads()
             self.threads_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-            torch.set_num_threads(training_threads(self.cfg.num_threads, self.num_workers, self.threads_load))
+            torch.set_num_threads(training_threads(training.num_threads, self.num_workers, self.threads_load))
         self.dataset_json_path = self.pre_dir / "dataset.json"
         self.logger = TrainingLogger(self.output_folder, enabled=self.dist.is_main, echo=self.progress,
-                                     class_names=self.cfg.class_names)
+                                     class_names=self.plans.class_names)
         return resume
 
     def _load_cases(self) -> None:
         self.train_cases = [load_train_case(self.data_dir, c) for c in self.train_ids]
         val_ids = self.val_ids
-        if self.cfg.val_max_cases is not None:
-            val_ids = val_ids[: int(self.cfg.val_max_cases)]
+        if self.plans.training.val_max_cases is not None:
+            val_ids = val_ids[: self.plans.training.val_max_cases]
         self.val_cases = [load_train_case(self.data_dir, c) for c in val_ids]  # preprocessed grid (memory-mapped)
-        self.train_cases = self.model_class.training_cases(self.train_cases, self.cfg)
+        self.train_cases = self.model_class.training_cases(self.train_cases, self.plans)
 
     def _build_networks(self) -> None:
         torch.manual_seed(self.seed)
-        self.model = self.model_class(as_plans(self.plans), self.device)
+        self.model = self.model_class(self.plans, self.device)
         self.networks: dict[str, nn.Module] = self.model.networks
-        if self.cfg.classifier_bias_init == "class_prior" and self.cfg.class_fractions:
+        fractions = self.plans.fingerprint_summary.class_fractions
+        if self.plans.training.classifier_bias_init == "class_prior" and fractions:
             for net in self.networks.values():
-                init_classifier_bias(net.classifier, self.cfg.class_fractions)
+                init_classifier_bias(net.classifier, list(fractions))
         if self.pretrained is not None and self._resume is None:
             self._initialise_from_pretrained()
         if self.device.type == "cpu":
@@ -234,7 +237,7 @@ class TrainingSession:
         for net in self.networks.values():
             net.to(self.device)
         self.logger.log(f"networks initialised from {self.pretrained} (fold {model.name} of its "
-                        f"{getattr(as_plans(model.plans).dataset, 'name', None) or 'dataset'} model): fine-tuning")
+                        f"{getattr(model.plans.dataset, 'name', None) or 'dataset'} model): fine-tuning")
 
     # ------------------------------------------------------------------------------------------------
     # one curriculum step
@@ -242,7 +245,7 @@ class TrainingSession:
     def step_runner(self, step: str) -> StepRunner:
         """The runner of ``step`` (its input's loader, module and forward), made once per run."""
         if step not in self._runners:
-            self._runners[step] = self.model.runner(self.cfg, self.cfg.steps[step])
+            self._runners[step] = self.model.runner(self.plans, self.steps[step])
         return self._runners[step]
 
     def prepare_step(self, step: str) -> None:
@@ -256,26 +259,26 @@ class TrainingSession:
     def build_loader(self, step: str, start_batch: int = 0) -> Any:
         """The step's seeded data loader, starting at batch ``start_batch`` (resume)."""
         self.prepare_step(step)
-        st = self.cfg.steps[step]
+        st = self.steps[step]
         return self.step_runner(step).loader(
             self.train_cases, batch_size=st.batch_size, seed=self.seed, stream=[STREAM_CODES[step], self.dist.rank],
-            augmentation=self.cfg.augmentation, start_batch=start_batch, num_workers=max(1, self.num_workers),
-            background_as_class=self.cfg.background_as_class)
+            augmentation=self.plans.augmentation, start_batch=start_batch, num_workers=max(1, self.num_workers),
+            background_as_class=self.plans.sampling.background_as_class)
 
     def build_optimizer(self, step: str, optimizer_state: Any = None, scaler_state: Any = None) -> "StepTraining":
         """Select what the step trains and build its Adam (the step's lr and weight decay) and AMP scaler.
 
         The result is the step :meth:`train_step` runs; ``*_state`` restore a resumed step.
         """
-        st = self.cfg.steps[step]
+        st = self.steps[step]
         self.model.select(st)
         runner = self.step_runner(step)
         module = runner.module
         params = [p for p in module.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=st.lr, weight_decay=st.weight_decay)
+        optimizer = torch.optim.Adam(params, lr=st.lr, weight_decay=self.plans.training.weight_decay)
         if optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
-        use_fp16 = self.device.type == "cuda" and self.cfg.amp == "fp16"
+        use_fp16 = self.device.type == "cuda" and self.plans.amp == "fp16"
         scaler = torch.amp.GradScaler("cuda") if use_fp16 else None
         if scaler is not None and scaler_state:
             scaler.load_state_dict(scaler_state)
@@ -297,17 +300,17 @@ class TrainingSession:
         active = self._active
         if active is None or active.step != step:
             raise HCError(f"train_step({step!r}) needs build_optimizer({step!r}) first")
-        st = self.cfg.steps[step]
+        st = self.steps[step]
         dev = self.device
         data = torch.from_numpy(np.ascontiguousarray(batch["data"])).to(dev, non_blocking=True)
         seg = torch.from_numpy(np.ascontiguousarray(batch["seg"])).to(dev, non_blocking=True).long()
         optimizer, scaler = active.optimizer, active.scaler
         optimizer.zero_grad(set_to_none=True)
         mark("copy")
-        with autocast(dev, self.cfg.amp):
+        with autocast(dev, self.plans.amp):
             outputs = active.runner.forward(active.module, data, seg, batch)
         mark("forward")
-        loss, terms = total_loss(st.losses, st.loss_weights, outputs, self.cfg.dice_weighting)
+        loss, terms = total_loss(st.losses, st.loss_weights or {}, outputs, self.plans.training.dice_weighting)
         mark("loss")
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -315,8 +318,8 @@ class TrainingSession:
         else:
             loss.backward()
         mark("backward")
-        if self.cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(active.params, float(self.cfg.grad_clip))
+        if self.plans.training.grad_clip:
+            torch.nn.utils.clip_grad_norm_(active.params, float(self.plans.training.grad_clip))
         mark("clip")
         if scaler is not None:
             scaler.step(optimizer)

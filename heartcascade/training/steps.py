@@ -28,14 +28,31 @@ import torch
 from torch import nn
 
 from heartcascade.inference.upsampling import upsample_at_points
-from heartcascade.losses.terms import LOSS_TERMS
+from heartcascade.losses.terms import LOSS_TERMS, loss_term
 from heartcascade.networks.blocks import crop_to_shape, pad_to_multiple
 from heartcascade.networks.cascade import downsample_labels
-from heartcascade.training.config import StepConfig, TrainingConfig
+from heartcascade.planning.plans import BASELINE_STEP, Plans, StepPlan
 from heartcascade.training.dataloading import CoarseVolumeLoader, SliceStackLoader, SubvolumeLoader, TrainCase
 from heartcascade.utils.device import autocast
+from heartcascade.utils.errors import HCError
 
 Outputs = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+#: The network outputs the batches of each step ``input`` produce (the losses of a step must read one of them);
+#: the baseline's step has its own.
+INPUT_OUTPUTS = {"whole_coarse_volume": ("net1",), "subvolumes": ("net1", "net2"), "slice_stacks": ("net2",),
+                 BASELINE_STEP: ("out",)}
+
+
+def check_losses(steps: dict[str, StepPlan]) -> None:
+    """Each step's losses are in the loss table and read an output its batches produce (one-line HCError)."""
+    for name, step in steps.items():
+        where = "baseline_unet" if name == BASELINE_STEP else f"training.steps[{name}]"
+        produced = INPUT_OUTPUTS[BASELINE_STEP if name == BASELINE_STEP else step.input]
+        wrong = [n for n in step.losses if loss_term(n, f"plans: {where}.losses").output not in produced]
+        if wrong:
+            raise HCError(f"plans: {where}.losses {wrong} read an output this step does not produce "
+                          f"(it produces {', '.join(produced)})")
 
 
 @torch.no_grad()
@@ -110,8 +127,8 @@ class _Net2Step(nn.Module):
 class StepRunner:
     """Base of the runners: ``module``, ``loader(cases, **common)``, ``forward(module, data, seg, batch)``."""
 
-    def __init__(self, cfg: TrainingConfig, step: StepConfig, networks: dict[str, nn.Module]) -> None:
-        self.cfg = cfg
+    def __init__(self, plans: Plans, step: StepPlan, networks: dict[str, nn.Module]) -> None:
+        self.plans = plans
         self.step = step
         self.module = self.build_module(networks)
 
@@ -139,8 +156,8 @@ class WholeCoarseVolumeRunner(StepRunner):
 
     def loader(self, cases: list[TrainCase], **common: Any) -> Any:
         st = self.step
-        return CoarseVolumeLoader(cases, divisor=self.cfg.net1_divisor,
-                                  max_shape=st.patch_shapes[0] if st.patch_shapes else None, **common)
+        return CoarseVolumeLoader(cases, divisor=self.plans.net1.required_divisor,
+                                  max_shape=st.shapes[0] if st.shapes else None, **common)
 
     def forward(self, module: nn.Module, data: torch.Tensor, seg: torch.Tensor, batch: dict[str, Any]) -> Outputs:
         return {"net1": (module(data), seg)}
@@ -155,7 +172,7 @@ class SubvolumesRunner(StepRunner):
         return _CascadeStep(cascade) if with_net2 else _Net1Sub(cascade)
 
     def loader(self, cases: list[TrainCase], **common: Any) -> Any:
-        return SubvolumeLoader(cases, patch_shapes=self.step.patch_shapes, **common)
+        return SubvolumeLoader(cases, patch_shapes=self.step.shapes, **common)
 
     def forward(self, module: nn.Module, data: torch.Tensor, seg: torch.Tensor, batch: dict[str, Any]) -> Outputs:
         factors = np.asarray(batch["factors"], dtype=float)
@@ -164,7 +181,7 @@ class SubvolumesRunner(StepRunner):
         targets = [downsample_labels(seg[i:i + 1, 0], l.shape[2:]) for i, l in enumerate(net1_logits)]
         outputs = {"net1": (_flat_cat(net1_logits), _flat_cat([t[:, None] for t in targets]))}
         if net2_logits is not None:
-            m = self.cfg.K // 2
+            m = self.plans.net2.K // 2
             outputs["net2"] = (net2_logits, seg[:, :, m:seg.shape[2] - m])
         return outputs
 
@@ -185,8 +202,8 @@ class SliceStacksRunner(StepRunner):
 
     def loader(self, cases: list[TrainCase], **common: Any) -> Any:
         st = self.step
-        return SliceStackLoader(cases, K=self.cfg.K, divisor=self.cfg.net2_divisor,
-                                tile=st.patch_shapes[0][1:] if st.patch_shapes else None, **common)
+        return SliceStackLoader(cases, K=self.plans.net2.K, divisor=self.plans.net2.required_divisor,
+                                tile=st.shapes[0][1:] if st.shapes else None, **common)
 
     def prepare(self, cases: list[TrainCase], device: torch.device, log: Callable[[str], None]) -> None:
         """Frozen Net1's softmax on each case's whole coarse volume: what Net2 sees at inference."""
@@ -195,7 +212,7 @@ class SliceStacksRunner(StepRunner):
         t0 = time.perf_counter()
         was_training = self.net1.training
         self.net1.eval()
-        self.coarse_probs = [net1_coarse_probs(self.net1, case.coarse_image, device, self.cfg.amp).half()
+        self.coarse_probs = [net1_coarse_probs(self.net1, case.coarse_image, device, self.plans.amp).half()
                              for case in cases]
         self.full_shapes = [case.shape for case in cases]
         self.net1.train(was_training)
@@ -209,8 +226,8 @@ class SliceStacksRunner(StepRunner):
     def forward(self, module: nn.Module, data: torch.Tensor, seg: torch.Tensor, batch: dict[str, Any]) -> Outputs:
         if self.coarse_probs is None:
             raise RuntimeError("step 4 needs prepare() (frozen Net1's probabilities) before its batches")
-        nimg = self.cfg.image_channels
-        m = self.cfg.K // 2
+        nimg = self.plans.num_input_channels
+        m = self.plans.net2.K // 2
         positions = data[:, nimg:nimg + 3]
         probs = torch.stack([upsample_at_points(self.coarse_probs[int(i)], self.full_shapes[int(i)], positions[b])
                              for b, i in enumerate(batch["case_index"])])
@@ -224,7 +241,7 @@ class BaselineRunner(StepRunner):
         return networks["baseline"]
 
     def loader(self, cases: list[TrainCase], **common: Any) -> Any:
-        return SubvolumeLoader(cases, patch_shapes=self.step.patch_shapes, **common)
+        return SubvolumeLoader(cases, patch_shapes=self.step.shapes, **common)
 
     def forward(self, module: nn.Module, data: torch.Tensor, seg: torch.Tensor, batch: dict[str, Any]) -> Outputs:
         return {"out": (module(data), seg)}

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+from heartcascade.planning.plans import StepPlan
 from heartcascade.utils.errors import HCError
 
 _UNITS = {"": 1.0, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
@@ -129,23 +130,30 @@ class StepSchedule:
                 "iterations": self.iterations}
 
 
-def step_schedule(cfg: Any, remaining_steps: Sequence[str], left_s: float | None,
+def time_fractions(steps: Mapping[str, StepPlan]) -> dict[str, float]:
+    """Budget shares of the steps: their ``time_fraction`` or, when one is unset, planned iterations."""
+    if all(s.time_fraction is not None for s in steps.values()):
+        return {n: float(s.time_fraction) for n, s in steps.items()}  # type: ignore[arg-type]
+    return {n: float(s.planned_iterations) for n, s in steps.items()}
+
+
+def step_schedule(steps: Mapping[str, StepPlan], probe: int, remaining_steps: Sequence[str], left_s: float | None,
                   budget_state: Mapping[str, Any] | None) -> StepSchedule:
     """The schedule of ``remaining_steps[0]``: its iteration count is the trainer's state, not the plans'.
 
-    ``cfg``: the run's ``TrainingConfig``; ``left_s``: budget seconds left for the remaining steps (None:
-    no budget, the plans' count); ``budget_state``: the schedule's state when resumed inside the step.
+    ``steps``: the run's steps by name; ``probe``: the plans' ``training.budget_probe_iterations``; ``left_s``:
+    budget seconds left for the remaining steps (None: no budget, the plans' count); ``budget_state``: the
+    schedule's state when resumed inside the step.
     """
-    st = cfg.steps[remaining_steps[0]]
+    st = steps[remaining_steps[0]]
     if left_s is None:
         return StepSchedule(planned=st.planned_iterations)
     if budget_state is not None:  # resumed inside this step
         schedule = StepSchedule(planned=st.planned_iterations, allotted_s=budget_state["allotted_s"],
-                                probe=cfg.budget_probe_iterations, spent_s=float(budget_state["spent_s"]))
+                                probe=probe, spent_s=float(budget_state["spent_s"]))
         schedule.iterations = int(budget_state["iterations"])
     else:
         remaining = list(remaining_steps)
-        allotted = step_allotment(left_s, remaining[0], remaining, cfg.time_fractions(remaining))
-        schedule = StepSchedule(planned=st.planned_iterations, allotted_s=max(0.0, allotted),
-                                probe=cfg.budget_probe_iterations)
+        allotted = step_allotment(left_s, remaining[0], remaining, time_fractions({n: steps[n] for n in remaining}))
+        schedule = StepSchedule(planned=st.planned_iterations, allotted_s=max(0.0, allotted), probe=probe)
     return schedule

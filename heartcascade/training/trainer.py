@@ -11,9 +11,9 @@ per step kind: :mod:`heartcascade.training.steps`; loss terms: :mod:`heartcascad
 with a fresh Adam optimiser. The loop itself is generic; a step's pieces are public
 (:meth:`Trainer.setup`, :meth:`~Trainer.build_loader`, :meth:`~Trainer.build_optimizer`,
 :meth:`~Trainer.train_step`) so the benchmark times exactly what training runs. Checkpoints
-(``checkpoint_latest.pth`` every ``training.checkpoint_every`` iterations and at the end of every step,
-``checkpoint_best.pth`` when the moving average of the validation Dice improves
-(:mod:`heartcascade.training.best`), ``checkpoint_final.pth`` at the end) are written atomically and hold
+(``checkpoint_latest.pth`` every ``training.checkpoint_interval_iterations`` iterations, else every
+``checkpoint_interval_epochs`` epochs, and at the end of every step; ``checkpoint_best.pth`` when the moving
+average of the validation Dice improves (:mod:`heartcascade.training.best`), ``checkpoint_final.pth`` at the end) are written atomically and hold
 the complete resume state, so ``continue_training=True`` continues bit-for-bit where the last checkpoint
 was taken (same batches, same dropout masks, same optimiser state).
 """
@@ -33,7 +33,7 @@ from heartcascade.training import distributed as dist_utils
 from heartcascade.training.best import BestTracker
 from heartcascade.model.checkpoint import FORMAT_VERSION, checkpoint_path, plain, save_checkpoint, state_dict_cpu
 from heartcascade.training.checkpoint import capture_rng_state, optimizer_state_cpu, restore_rng_state
-from heartcascade.training.config import StepConfig, checkpoint_interval
+from heartcascade.planning.plans import StepPlan
 from heartcascade.training.dataloading import BatchStream
 from heartcascade.training.final_validation import raw_dataset_dir, run_final_validation
 from heartcascade.training.results import StopTraining, TrainingResult
@@ -63,7 +63,7 @@ class Trainer(TrainingSession):
         return {
             "format_version": FORMAT_VERSION,
             "configuration": self.configuration,
-            "plans": plain(self.plans),
+            "plans": self.plans.to_dict(),
             "networks": {k: state_dict_cpu(v) for k, v in self.networks.items()},
             "kind": kind,
             "steps": list(self.step_names),
@@ -131,10 +131,10 @@ class Trainer(TrainingSession):
         if self.dist.is_main:
             self._take_locks()
             self.output_folder.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.output_folder / "plans.json", self.plans)
+            atomic_write_json(self.output_folder / "plans.json", self.plans.to_dict())
             if self.dataset_json_path.is_file():
                 atomic_write_bytes(self.output_folder / "dataset.json", self.dataset_json_path.read_bytes())
-        self.tracker = BestTracker(self.cfg.ema_momentum, self.cfg.keep_best_per_step)
+        self.tracker = BestTracker(self.plans.training.ema_momentum, self.plans.training.keep_best_per_step)
         self.epoch_acc: dict[str, Any] = {}
         self.epoch_losses: dict[str, list[float]] = {}
         self.seconds: dict[str, list[float]] = {}
@@ -143,7 +143,7 @@ class Trainer(TrainingSession):
         self.validation_seconds = 0.0  # the last in-training validation's duration (final-validation reserve)
         self.schedule: StepSchedule | None = None
         #: each step's iteration count: the plans' without a time budget, else the schedule's (trainer state)
-        self.iterations = {name: st.planned_iterations for name, st in self.cfg.steps.items()}
+        self.iterations = {name: st.planned_iterations for name, st in self.steps.items()}
         budget_state: dict[str, Any] | None = None
         step_index, start_iteration = 0, 0
         resume_optimizer = resume_scaler = None
@@ -196,7 +196,6 @@ class Trainer(TrainingSession):
         return result
 
     def _log_header(self) -> None:
-        c = self.cfg
         self.logger.log(f"heartcascade training: {self.pre_dir.name} configuration={self.configuration} "
                         f"fold={self.fold} device={self.device} world_size={self.dist.world_size} seed={self.seed}")
         self.logger.log(f"splits: {self.splits_path}; {len(self.train_ids)} training cases, "
@@ -208,20 +207,20 @@ class Trainer(TrainingSession):
             load = getattr(self, "threads_load", None)
             self.logger.log(f"CPU threads: {torch.get_num_threads()} ({self.num_workers} loader worker(s), "
                             f"1-min load {'?' if load is None else f'{load:.1f}'}; training.num_threads="
-                            f"{c.num_threads})")
+                            f"{self.plans.training.num_threads})")
         for name in self.step_names:
-            st = c.steps[name]
+            st = self.steps[name]
             self.logger.log(f"step {name}: {st.input}, {st.epochs} epochs x {st.iterations_per_epoch} iterations, "
                             f"batch {st.batch_size}, lr {st.lr:g}, losses {'+'.join(st.losses)}, trains "
-                            f"{'+'.join(st.train)}" + (f", patch sizes {[list(s) for s in st.patch_shapes]}"
-                                                      if st.patch_shapes else ""))
+                            f"{'+'.join(st.train)}" + (f", patch sizes {[list(s) for s in st.shapes]}"
+                                                      if st.shapes else ""))
         self.logger.log(f"data augmentation workers: {self.num_workers}; AMP: "
-                        f"{c.amp if self.device.type == 'cuda' else 'off (CPU)'}; compile: {self.compile}")
+                        f"{self.plans.amp if self.device.type == 'cuda' else 'off (CPU)'}; compile: {self.compile}")
 
     def _run_step(self, index: int, start_iteration: int, optimizer_state: Any, scaler_state: Any,
                   rng_state: Any, budget_state: dict[str, Any] | None = None) -> None:
         step_name = self.step_names[index]
-        st = self.cfg.steps[step_name]
+        st = self.steps[step_name]
         schedule = self._step_schedule(index, budget_state)
         self.schedule = schedule
         self.iterations[step_name] = schedule.iterations
@@ -236,10 +235,10 @@ class Trainer(TrainingSession):
                 schedule.budgeted else f"{self.iterations[step_name]} iterations ==="))
         if rng_state is not None:
             restore_rng_state(rng_state)
-        stream = BatchStream(self.build_loader(step_name, start_iteration), self.cfg.augmentation, self.num_workers)
+        stream = BatchStream(self.build_loader(step_name, start_iteration), self.plans.augmentation, self.num_workers)
         bar = progress_bar(total=self.iterations[step_name], initial=start_iteration, desc=f"step {step_name}", unit="it",
                            enabled=self.progress and self.dist.is_main, leave=False, dynamic_ncols=True)
-        per_validation = max(1, self.cfg.validate_every_epochs) * st.iterations_per_epoch
+        per_validation = max(1, self.plans.training.validation_interval_epochs) * st.iterations_per_epoch
         done = start_iteration
         try:
             while done < self.iterations[step_name]:
@@ -247,8 +246,8 @@ class Trainer(TrainingSession):
                 t_wait = time.perf_counter()
                 batch = next(stream)
                 t_start = time.perf_counter()
-                lr = step_learning_rate(st.lr, it, self.iterations[step_name], self.cfg.warmup_iterations,
-                                        self.cfg.lr_schedule)
+                lr = step_learning_rate(st.lr, it, self.iterations[step_name], self.plans.training.warmup_iterations,
+                                        self.plans.training.lr_schedule)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 loss, terms = self.train_step(step_name, batch)
@@ -270,7 +269,7 @@ class Trainer(TrainingSession):
                     self._end_epoch(step_name, st, done)
                 if self.callback is not None:
                     self.callback("iteration", {"step": step_name, "iteration": done, "loss": loss})
-                if done < self.iterations[step_name] and done % checkpoint_interval(self.cfg, st) == 0:
+                if done < self.iterations[step_name] and done % self.plans.training.checkpoint_interval(st) == 0:
                     self._save("latest", index, done, optimizer, scaler)
             self._finish_step_best(step_name, done)
             if schedule.budgeted:
@@ -292,7 +291,8 @@ class Trainer(TrainingSession):
         reserve = 2 * self.validation_seconds if last else 0.0  # the final validation also fits in the budget
         budget = self.time_budget_s
         left = None if budget is None else budget - self._elapsed() - reserve
-        return step_schedule(self.cfg, self.step_names[index:], left, budget_state)
+        return step_schedule(self.steps, self.plans.training.budget_probe_iterations, self.step_names[index:], left,
+                             budget_state)
 
     def _eta(self) -> float:
         """Seconds until the whole budgeted curriculum ends (this step's deadline plus the later shares)."""
@@ -305,7 +305,7 @@ class Trainer(TrainingSession):
 
     def _finish_step_best(self, step_name: str, last_iteration: int) -> None:
         """End the step with its best-validated weights (keep_best_per_step)."""
-        if not self.cfg.keep_best_per_step or not self.val_cases:
+        if not self.plans.training.keep_best_per_step or not self.val_cases:
             return
         chosen = self.tracker.finish_step(
             dist_utils.all_gather_object(self.tracker.step_best if self.dist.is_main else None)[0])
@@ -341,7 +341,7 @@ class Trainer(TrainingSession):
             total += self.iterations[s]
         return total + iteration
 
-    def _end_epoch(self, step_name: str, st: StepConfig, iteration: int) -> None:
+    def _end_epoch(self, step_name: str, st: StepPlan, iteration: int) -> None:
         acc = self.epoch_acc
         n = max(1, acc.get("n", 0))
         means = dist_utils.all_reduce_mean([acc.get("loss", 0.0) / n] +
@@ -364,7 +364,7 @@ class Trainer(TrainingSession):
                         f"({', '.join(f'{k} {v:.4f}' for k, v in terms.items())}), {sec:.3f} s/it, "
                         f"data wait {100 * wait:.0f}%")
         self.epoch_acc = {}
-        if self.val_cases and (epoch % max(1, self.cfg.validate_every_epochs) == 0 or iteration >= total):
+        if self.val_cases and (epoch % max(1, self.plans.training.validation_interval_epochs) == 0 or iteration >= total):
             t0 = time.perf_counter()
             self._validate(step_name, iteration)
             self.validation_seconds = time.perf_counter() - t0
@@ -379,7 +379,7 @@ class Trainer(TrainingSession):
             return
         target = self.model.validation_target(step_name)
         dice = self.validation_dice(target)
-        names = self.cfg.class_names
+        names = self.plans.class_names
         fg = dice[1:]
         mean = float(np.nanmean(fg)) if np.any(np.isfinite(fg)) else 0.0
         improved = self.tracker.record(target, mean, step_name, iteration, self.networks)
@@ -406,7 +406,7 @@ class Trainer(TrainingSession):
         (:mod:`heartcascade.training.validation`); ``target == "net1"`` scores Net1 alone."""
         predictor = validation_predictor(self.configuration, self.plans, self.networks, self.device)
         try:
-            return validation_dice(predictor, self.val_cases, target, self.cfg.num_classes)
+            return validation_dice(predictor, self.val_cases, target, self.plans.num_classes)
         finally:
             self.model.train()
 

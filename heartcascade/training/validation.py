@@ -9,7 +9,7 @@ upsampled output.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ import torch
 from heartcascade.inference.predictor import Predictor
 from heartcascade.losses.dice import dice_scores_hard
 from heartcascade.model import from_plans
+from heartcascade.planning.plans import Plans
 from heartcascade.preprocessing.preprocess import restore_to_original
 from heartcascade.model.checkpoint import state_dict_cpu
 from heartcascade.training.dataloading import TrainCase
@@ -28,7 +29,7 @@ def dice_per_class(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> np.nd
                             torch.from_numpy(np.asarray(ref, dtype=np.int64)), num_classes).numpy()
 
 
-def validation_predictor(configuration: str, plans: Mapping[str, Any], networks: Mapping[str, torch.nn.Module],
+def validation_predictor(configuration: str, plans: Plans, networks: Mapping[str, torch.nn.Module],
                          device: torch.device) -> Predictor:
     """A predictor on fresh copies of ``networks``.
 

@@ -31,7 +31,7 @@ from heartcascade.dataset import image_io
 from heartcascade.dataset.dataset_json import Case, DatasetInfo, load_dataset
 from heartcascade.planning import fingerprint as fpmod
 from heartcascade.planning import planner, presets
-from heartcascade.planning.plans import (load_plans, parse_plans, plans_path, preprocess_settings, preprocessing_hash,
+from heartcascade.planning.plans import (Plans, load_plans, plans_path, preprocess_settings, preprocessing_hash,
                                          save_plans)
 from heartcascade.preprocessing import storage
 from heartcascade.preprocessing.preprocess import preprocess_case, read_images
@@ -46,7 +46,7 @@ class RunResult:
     """What a run did (the CLI prints it; tests inspect it)."""
 
     out_dir: Path
-    plans: dict[str, Any]
+    plans: Plans
     processed: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
@@ -103,7 +103,7 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def preprocess_cases(cases: list[Case], plans: dict[str, Any], folder: Path, num_processes: int = 1,
+def preprocess_cases(cases: list[Case], plans: Plans, folder: Path, num_processes: int = 1,
                      overwrite: bool = False, progress: bool = True, result: RunResult | None = None) -> RunResult:
     """Preprocess ``cases`` into ``folder`` (skipping current ones unless ``overwrite``)."""
     result = result or RunResult(folder.parent, plans)
@@ -163,7 +163,7 @@ def _remove_stale(folder: Path, keep: set[str]) -> list[str]:
 
 def make_plans(info: DatasetInfo, out_dir: Path, dataset_id: int, preset_name: str | None,
                gpu_memory_gb: float | None, num_processes: int, overwrite: bool, progress: bool,
-               machine: str | None = None) -> dict[str, Any]:
+               machine: str | None = None) -> Plans:
     """Fingerprint (reused when current) and plans (reused unless overwrite or different arguments)."""
     preset = presets.load_preset(preset_name or presets.DEFAULT_PRESET)  # fail early on a bad name
     fingerprint = fpmod.get_fingerprint(info, out_dir, num_processes, overwrite, progress)
@@ -175,15 +175,12 @@ def make_plans(info: DatasetInfo, out_dir: Path, dataset_id: int, preset_name: s
             raise HCError(f"{exc}; re-plan with 'hc_plan_and_preprocess -d {dataset_id} --overwrite"
                           f"{' --preset ' + preset_name if preset_name else ''}' (this preprocesses every case "
                           f"again) or restore the file") from None
-        if existing is not None:
-            same_preset = preset_name is None or existing.get("preset") == preset.get("name")
-            same_memory = gpu_memory_gb is None or abs(existing["memory"]["target_gb"] - gpu_memory_gb) < 1e-6
-            same_machine = machine is None or (existing.get("machine") or {}).get("kind") == machine
-            if same_preset and same_memory and same_machine:
-                return existing
-    plans = planner.plan_experiment(fingerprint, preset, info, dataset_id, gpu_memory_gb, machine)
-    save_plans(path, plans)
-    return plans
+        same_preset = preset_name is None or existing.preset == preset.get("name")
+        same_memory = gpu_memory_gb is None or abs(existing.memory.target_gb - gpu_memory_gb) < 1e-6
+        same_machine = machine is None or (existing.machine.kind if existing.machine else None) == machine
+        if same_preset and same_memory and same_machine:
+            return existing
+    return save_plans(path, planner.plan_experiment(fingerprint, preset, info, dataset_id, gpu_memory_gb, machine))
 
 
 def plan_and_preprocess(dataset_id: int | str, gpu_memory_gb: float | None = None, preset: str | None = None,
@@ -225,7 +222,7 @@ def _plan_and_preprocess(info: DatasetInfo, out_dir: Path, num: int, gpu_memory_
     cases = info.training_cases()
     fingerprint = fpmod.load_fingerprint(out_dir / fpmod.FINGERPRINT_FILE)
     excluded = {cid: f"{entry['error']}" for cid, entry in (fingerprint.get("failed_cases") or {}).items()}
-    small = fpmod.excluded_cases(fingerprint, parse_plans(plans).net2.K)
+    small = fpmod.excluded_cases(fingerprint, plans.net2.K)
     for case in cases:  # refused, named once, and kept out of the data folder (training never sees them)
         if case.case_id in small:
             excluded[case.case_id] = f"{case.images[0]}: {small[case.case_id]}; remove the case from the dataset"
