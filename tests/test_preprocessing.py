@@ -366,6 +366,27 @@ def test_driver_idempotent_and_reports_bad_case(hc_roots, capsys):
     assert case.properties["stamp"]["plans_hash"]
 
 
+def test_kept_plans_name_what_the_preset_now_plans_differently(hc_roots, capsys):
+    """Re-running keeps plans.json (hand edits survive) but says which settings a re-plan would change."""
+    import json
+
+    from heartcascade.workflows.plan_and_preprocess import plan_and_preprocess
+
+    make_raw_dataset(hc_roots["raw"], 8, "Kept", n_cases=2)
+    plan_and_preprocess(8, preset="demo", plan_only=True, progress=False)
+    assert "warning" not in capsys.readouterr().err  # nothing to say right after planning
+    path = hc_roots["preprocessed"] / "Dataset008_Kept" / "plans.json"
+    plans = json.loads(path.read_text())
+    plans["inference"]["tta"] = not plans["inference"]["tta"]  # a hand edit (or an older release's choice)
+    plans["memory"]["predicted_peak_gb"]["step1"] = 99.0  # a report field: not a setting, never named
+    path.write_text(json.dumps(plans))
+    plan_and_preprocess(8, plan_only=True, progress=False)
+    err = capsys.readouterr().err
+    assert "kept (hand edits survive)" in err and "inference.tta" in err and "--overwrite" in err
+    assert "predicted_peak_gb" not in err
+    assert json.loads(path.read_text())["inference"]["tta"] == plans["inference"]["tta"]  # the edit is kept
+
+
 def test_cli(hc_roots, capsys):
     from heartcascade.cli.plan_and_preprocess import main
 

@@ -533,6 +533,36 @@ REPORT: dict[str, tuple[str, ...] | None] = {
 }
 
 
+def _is_report(path: str) -> bool:
+    """Whether a dotted plans path (``net1.widths``, ``training.steps[2].predicted_peak_gb``) is a report field."""
+    top, _, rest = path.partition(".")
+    if top in REPORT and REPORT[top] is None:
+        return True
+    section, _, field = path.rpartition(".")
+    return field in (REPORT.get(section.split("[")[0]) or ())
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, Mapping) for v in value):
+        out = {}
+        for i, item in enumerate(value):
+            out.update(_flatten(item, f"{prefix}[{i}]"))
+        return out
+    return {prefix: list(value) if isinstance(value, tuple) else value}
+
+
+def settings_differences(a: Plans, b: Plans) -> list[str]:
+    """The settings (not :data:`REPORT` fields) whose values differ between two plans, as dotted paths: what a
+    re-plan would change in a kept plans file."""
+    fa, fb = _flatten(a.to_dict()), _flatten(b.to_dict())
+    return sorted(k for k in set(fa) | set(fb) if not _is_report(k) and fa.get(k) != fb.get(k))
+
+
 def check_override_keys(override: Mapping[str, Any], source: str = "--plans-override") -> None:
     """Every key of a partial plans dict (``--plans-override``) must be a plans setting; the first unknown key
     or :data:`REPORT` field is a one-line HCError naming it (values are checked once the override is merged,

@@ -8,8 +8,8 @@ Output, under ``HC_PREPROCESSED/DatasetXXX_Name/``::
     data/<case files>            preprocessing/storage.py
 
 Re-running is cheap: the fingerprint is reused while the raw files are unchanged, an existing
-``plans.json`` is kept (hand edits survive) unless ``--overwrite`` or a different ``--preset`` /
-``--gpu-memory-gb`` is given, and a case is skipped when its stored stamp (hash of the plans fields that
+``plans.json`` is kept (hand edits survive, and a warning names what its preset now plans differently) unless
+``--overwrite`` or a different ``--preset`` / ``--gpu-memory-gb`` is given, and a case is skipped when its stored stamp (hash of the plans fields that
 preprocessing depends on + size and mtime of its input files) matches. A case that fails is reported by
 name; the others go on and the run ends with a non-zero status.
 """
@@ -31,8 +31,8 @@ from heartcascade.dataset import image_io
 from heartcascade.dataset.dataset_json import Case, DatasetInfo, load_dataset
 from heartcascade.planning import fingerprint as fpmod
 from heartcascade.planning import planner, presets
-from heartcascade.planning.plans import (Plans, load_plans, plans_path, preprocess_settings, preprocessing_hash,
-                                         save_plans)
+from heartcascade.planning.plans import (Plans, load_plans, parse_plans, plans_path, preprocess_settings,
+                                         preprocessing_hash, save_plans, settings_differences)
 from heartcascade.preprocessing import storage
 from heartcascade.preprocessing.preprocess import preprocess_case, read_images
 from heartcascade.utils.atomic import atomic_path, ensure_writable_dir
@@ -179,8 +179,28 @@ def make_plans(info: DatasetInfo, out_dir: Path, dataset_id: int, preset_name: s
         same_memory = gpu_memory_gb is None or abs(existing.memory.target_gb - gpu_memory_gb) < 1e-6
         same_machine = machine is None or (existing.machine.kind if existing.machine else None) == machine
         if same_preset and same_memory and same_machine:
+            _warn_if_preset_changed(existing, path, info, fingerprint, dataset_id)
             return existing
     return save_plans(path, planner.plan_experiment(fingerprint, preset, info, dataset_id, gpu_memory_gb, machine))
+
+
+def _warn_if_preset_changed(existing: Plans, path: Path, info: DatasetInfo, fingerprint: dict,
+                            dataset_id: int) -> None:
+    """A kept plans file is not silently stale: after an upgrade (or a preset edit) say which settings the
+    same preset now plans differently (a hand edit shows up here too, and is kept)."""
+    try:
+        preset = presets.load_preset(existing.preset)
+    except HCError:  # a preset file that is gone: nothing to compare with
+        return
+    machine = existing.machine.kind if existing.machine else None
+    fresh = parse_plans(planner.plan_experiment(fingerprint, preset, info, dataset_id, existing.memory.target_gb,
+                                                machine), "re-planned")
+    changed = settings_differences(existing, fresh)
+    if changed:
+        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+        print(f"warning: {path}: kept (hand edits survive), but preset '{existing.preset}' now plans "
+              f"{', '.join(changed[:6])}{more} differently; re-plan with 'hc_plan_and_preprocess -d {dataset_id} "
+              "--overwrite' to take them", file=sys.stderr)
 
 
 def plan_and_preprocess(dataset_id: int | str, gpu_memory_gb: float | None = None, preset: str | None = None,
