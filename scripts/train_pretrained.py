@@ -77,6 +77,9 @@ class Runner:
             with self.log.open("a", encoding="utf-8") as out:
                 out.write(f"\n$ {line}\n{output}")
             if proc.returncode != 0:
+                for other in procs:  # the others would go on running (and holding their folds) for nothing
+                    if other.poll() is None:
+                        other.terminate()
                 sys.exit(f"error: '{line}' failed with exit code {proc.returncode}; see {self.log}")
             print(f"  ({seconds[-1]:.0f} s) {line}", flush=True)
         return seconds

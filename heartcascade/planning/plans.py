@@ -535,7 +535,7 @@ REPORT: dict[str, tuple[str, ...] | None] = {
 
 def _is_report(path: str) -> bool:
     """Whether a dotted plans path (``net1.widths``, ``training.steps[2].predicted_peak_gb``) is a report field."""
-    top, _, rest = path.partition(".")
+    top = path.partition(".")[0]
     if top in REPORT and REPORT[top] is None:
         return True
     section, _, field = path.rpartition(".")
@@ -573,9 +573,8 @@ def check_override_keys(override: Mapping[str, Any], source: str = "--plans-over
         for key in data:
             if key not in _field_names(cls):
                 raise HCError(f"{source}: {where + ' has' if where else 'plans have'} unknown key {key!r}")
-            report = REPORT.get(where.split("[")[0]) if where else ()
-            if (not where and key in REPORT and REPORT[key] is None) or (report and key in report):
-                name = f"{where}.{key}" if where else key
+            name = f"{where}.{key}" if where else key
+            if _is_report(name):
                 raise HCError(f"{source}: {name} is part of the plans' report (what the planner recorded), not a "
                               "setting; re-plan with hc_plan_and_preprocess to change it")
     walk(override, Plans, "")
