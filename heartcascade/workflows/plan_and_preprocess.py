@@ -188,13 +188,12 @@ def _warn_if_preset_changed(existing: Plans, path: Path, info: DatasetInfo, fing
                             dataset_id: int) -> None:
     """A kept plans file is not silently stale: after an upgrade (or a preset edit) say which settings the
     same preset now plans differently (a hand edit shows up here too, and is kept)."""
-    try:
-        preset = presets.load_preset(existing.preset)
-    except HCError:  # a preset file that is gone: nothing to compare with
-        return
     machine = existing.machine.kind if existing.machine else None
-    fresh = parse_plans(planner.plan_experiment(fingerprint, preset, info, dataset_id, existing.memory.target_gb,
-                                                machine), "re-planned")
+    try:  # the kept plans stand on their own: a preset that is gone or no longer plans only skips the warning
+        fresh = parse_plans(planner.plan_experiment(fingerprint, presets.load_preset(existing.preset), info,
+                                                    dataset_id, existing.memory.target_gb, machine), "re-planned")
+    except HCError:
+        return
     changed = settings_differences(existing, fresh)
     if changed:
         more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
