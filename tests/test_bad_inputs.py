@@ -495,10 +495,11 @@ def test_preprocess_bad_cases_fail_alone_and_never_change_the_plan(world):
     assert storage.list_cases(out / "data") == ["tiny_000", "tiny_001", "tiny_002"]
     plans = json.loads((out / "plans.json").read_text())
     clean = json.loads((world["pre"] / "plans.json").read_text())
-    assert set(plans) == set(clean)
-    for key in set(plans) - {"dataset"}:
-        assert plans[key] == clean[key], key
-    assert set(plans["dataset"]["excluded_cases"]) == {"tiny_005"}
+    assert plans["settings"] == clean["settings"]
+    assert set(plans["report"]) == set(clean["report"])
+    for key in set(plans["report"]) - {"dataset"}:
+        assert plans["report"][key] == clean["report"][key], key
+    assert set(plans["report"]["dataset"]["excluded_cases"]) == {"tiny_005"}
 
 
 def test_preprocess_corrupt_plans_and_damaged_arrays(world):
@@ -680,7 +681,7 @@ def test_archive_naming_a_folder_outside_results_is_refused(world, archive, tmp_
         with zipfile.ZipFile(evil, "w") as zf:
             zf.writestr("heartcascade_model.json", json.dumps({
                 "format": "heartcascade-model", "format_version": 1, "dataset": "Dataset001_SyntheticCT",
-                "configuration": "cascade", "folds": [], "plans_version": 2, **fields}))
+                "configuration": "cascade", "folds": [], "plans_version": 3, **fields}))
             zf.writestr("README.md", "hello")
         before[evil.name] = hashlib.sha256(evil.read_bytes()).hexdigest()
         one_line_error(run("hc_install_model", evil, roots=roots), str(evil))
@@ -703,14 +704,14 @@ def test_broken_archive_never_replaces_a_working_model(world, archive, tmp_path)
     marker = tmp_path / "payload_ran"
     ckpt = MEMBER + "checkpoint_final.pth"
     broken = {
-        "plans_version_3": rezip(archive, tmp_path / "v3.zip", replace={ckpt: evil_checkpoint(world, None,
-                                                                                             plans_version=3)}),
+        "plans_version_4": rezip(archive, tmp_path / "v4.zip", replace={ckpt: evil_checkpoint(world, None,
+                                                                                             plans_version=4)}),
         "link_dataset_json": rezip(archive, tmp_path / "link.zip", links={MEMBER + "dataset.json": "/etc/passwd"}),
         "pickle_payload": rezip(archive, tmp_path / "pickle.zip", replace={ckpt: evil_checkpoint(world, marker)}),
         "missing_fold": rezip(archive, tmp_path / "missing.zip", manifest={"folds": ["all", "3"]}),
         "deep_json": rezip(archive, tmp_path / "deep.zip", replace={MEMBER + "plans.json": b"[" * 50000}),
     }
-    reasons = {"plans_version_3": "plans_version 3", "link_dataset_json": "symbolic link",
+    reasons = {"plans_version_4": "plans_version 4", "link_dataset_json": "symbolic link",
                "pickle_payload": "cannot read checkpoint", "missing_fold": "fold 3 is listed",
                "deep_json": "nested deeper"}
     for what, path in broken.items():
@@ -861,7 +862,7 @@ def test_one_run_per_fold_and_dataset_and_plans_identity(world, tmp_path):
     shutil.copytree(world["roots"]["pre"], pre)
     plans_file = pre / world["pre"].name / "plans.json"
     plans = json.loads(plans_file.read_text())
-    plans["sampling"]["max_locations_per_class"] += 1
+    plans["settings"]["sampling"]["max_locations_per_class"] += 1
     plans_file.write_text(json.dumps(plans))
     proc = run("hc_train", *base, "--continue", roots=dict(roots, pre=pre))
     one_line_error(proc, recorded)

@@ -45,7 +45,7 @@ def test_two_channels_plan_train_with_splits_predict_evaluate(tmp_path):
     assert proc.returncode == 0, proc.stderr
     pre = roots["pre"] / raw.name
     plans = json.loads((pre / "plans.json").read_text())
-    assert plans["num_input_channels"] == 2 and len(plans["normalization"]) == 2
+    assert plans["settings"]["num_input_channels"] == 2 and len(plans["settings"]["normalization"]) == 2
     assert np.load(pre / "data" / "tiny_000_image.npy", mmap_mode="r").shape[0] == 2
 
     splits = tmp_path / "splits.json"

@@ -68,7 +68,8 @@ def _planned(tmp_path_factory):
 
 def tiny_plans(K: int | None = None, input_mode: str | None = None, codes: bool = True, **inference) -> Plans:
     """The planned plans, with Net2's K / input mode and inference fields overridden for a test."""
-    plans = copy.deepcopy(_BASE_PLANS)
+    full = copy.deepcopy(_BASE_PLANS)
+    plans = full["settings"]
     plans["net1"]["dropout"] = 0.0
     if K is not None:
         plans["net2"]["K"] = K
@@ -78,7 +79,7 @@ def tiny_plans(K: int | None = None, input_mode: str | None = None, codes: bool 
     plans["inference"].update(inference)
     if not codes:
         plans["label_codes"] = None
-    return parse_plans(plans, "test plans")
+    return parse_plans(full, "test plans")
 
 
 def build(plans: Plans, configuration: str = "cascade", seed: int = 0) -> dict:
@@ -413,7 +414,7 @@ def test_tta_follows_the_plans_unless_the_caller_decides():
     from heartcascade.inference.predictor import tta_axes
     assert tta_axes(plans) == (2, 3, 4)  # trained without mirroring: every axis, as before
     flipped = on.to_dict()
-    flipped["augmentation"]["flip_axes"] = [1, 2]
+    flipped["settings"]["augmentation"]["flip_axes"] = [1, 2]
     assert tta_axes(parse_plans(flipped)) == (3, 4)
 
 
@@ -422,7 +423,7 @@ def test_roi_rule_from_plans():
     assert isinstance(Predictor(plans, [build(plans)], device="cpu").roi_rule, roi_mod.HeartComponentRoi)
     rule = Predictor(plans, [build(plans)], device="cpu").roi_rule
     assert rule == roi_mod.HeartComponentRoi(plans.inference.roi_margin_mm, 0.1, 0.0)
-    with pytest.raises(HCError, match="plans_version 1 is not 2; re-plan"):
+    with pytest.raises(HCError, match="plans_version 1 is not 3; re-plan"):
         parse_plans(dict(plans.to_dict(), plans_version=1))
     with pytest.raises(HCError, match="needs the typed plans"):
         Predictor(plans.to_dict(), [build(plans)], device="cpu")

@@ -142,7 +142,7 @@ def test_fold_averaging_refuses_another_label_order():
 
     a = tiny_plans()
     b = a.to_dict()
-    b["labels"] = {"background": 0, "LV": 1, "Myo": 2, "RV": 3}
+    b["settings"]["labels"] = {"background": 0, "LV": 1, "Myo": 2, "RV": 3}
     b = parse_plans(b)
     assert a.labels != b.labels
     check_compatible_plans(a, parse_plans(a.to_dict()), "fold_1")  # the same plans: fine
@@ -251,7 +251,7 @@ def test_unknown_plans_version_is_refused(tmp_path):
     state = torch.load(folder / "fold_0" / "checkpoint_final.pth", weights_only=True)
     state["plans"]["plans_version"] = 99  # a model from a newer release
     torch.save(state, folder / "fold_0" / "checkpoint_final.pth")
-    with pytest.raises(HCError, match=r"plans_version 99 is not 2; re-plan") as info:
+    with pytest.raises(HCError, match=r"plans_version 99 is not 3; re-plan") as info:
         load_fold(folder / "fold_0")
     assert "\n" not in str(info.value)
 
@@ -261,7 +261,7 @@ def test_archive_with_foreign_members_is_refused(tmp_path):
 
     archive = tmp_path / "evil.zip"
     manifest = {"format": "heartcascade-model", "format_version": 1, "dataset": "Dataset007_Tiny",
-                "configuration": "cascade", "folds": ["0"], "checkpoint": "final", "plans_version": 2}
+                "configuration": "cascade", "folds": ["0"], "checkpoint": "final", "plans_version": 3}
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr(MANIFEST, json.dumps(manifest))
         zf.writestr("Dataset007_Tiny/cascade/../../../etc/x", "no")

@@ -112,29 +112,31 @@ def test_inplane_spacing_rule():
 
 
 def _check_plans(plans: dict, usable_gb: float) -> None:
-    assert all(v % 16 == 0 for v in plans["net1"]["patch_shape"])
-    div = plans["net2"]["required_divisor"]
-    for step in plans["training"]["steps"]:
-        assert step["predicted_peak_gb"] <= usable_gb + 1e-6, step
+    assert all(v % 16 == 0 for v in plans["settings"]["net1"]["patch_shape"])
+    div = plans["settings"]["net2"]["required_divisor"]
+    peaks = plans["report"]["memory"]["predicted_peak_gb"]
+    assert set(peaks) == {"step1", "step2", "step3", "step4", "inference", "baseline"}
+    for step in plans["settings"]["training"]["steps"]:
+        assert peaks[f"step{step['step']}"] <= usable_gb + 1e-6, step
     for shape in parse_plans(plans).training.step(3).subvolume_shapes:
-        assert shape[1] % div == 0 and shape[2] % div == 0 and shape[0] >= plans["net2"]["K"]
+        assert shape[1] % div == 0 and shape[2] % div == 0 and shape[0] >= plans["settings"]["net2"]["K"]
     # the whole 95th-percentile field of view fits Net1's patch
-    fov = plans["fingerprint_summary"]["fov_mm_p95"]
-    assert all(p * s >= f - 1e-6 for p, s, f in zip(plans["net1"]["patch_shape"], plans["net1"]["coarse_spacing"], fov))
+    fov = plans["report"]["fingerprint_summary"]["fov_mm_p95"]
+    assert all(p * s >= f - 1e-6 for p, s, f in zip(plans["settings"]["net1"]["patch_shape"], plans["settings"]["net1"]["coarse_spacing"], fov))
 
 
 def test_plan_ct_geometry(paper):
     plans = planner.plan_experiment(MMWHS_CT, paper, CT_INFO, 1, gpu_memory_gb=12)
-    assert plans["plans_version"] == PLANS_VERSION and plans["preset"] == "paper"
-    assert plans["net2"]["K"] == 9 and plans["modality"] == "ct" and plans["num_classes"] == 8
-    assert plans["full_resolution"]["inplane_spacing"] is None
-    assert plans["normalization"][0] == {"channel": 0, "name": "CT", "scheme": "ct_clip", "clip_low": -150.0,
+    assert plans["plans_version"] == PLANS_VERSION and plans["report"]["preset"] == "paper"
+    assert plans["settings"]["net2"]["K"] == 9 and plans["settings"]["modality"] == "ct" and plans["settings"]["num_classes"] == 8
+    assert plans["settings"]["full_resolution"]["inplane_spacing"] is None
+    assert plans["settings"]["normalization"][0] == {"channel": 0, "name": "CT", "scheme": "ct_clip", "clip_low": -150.0,
                                          "clip_high": 650.0, "target_range": [-1.0, 1.0]}
-    assert [s["losses"] for s in plans["training"]["steps"]] == [["L1_ROI"], ["L1", "L1_ROI"], ["L1", "L2"], ["L2"]]
+    assert [s["losses"] for s in plans["settings"]["training"]["steps"]] == [["L1_ROI"], ["L1", "L1_ROI"], ["L1", "L2"], ["L2"]]
     assert parse_plans(plans).training.step(4).train == ("net2",) and parse_plans(plans).training.step(4).stack_shape[0] == 9
     assert all(s["epochs"] == 200 and s["iterations_per_epoch"] == 16 and s["lr"] == 1e-4
-               for s in plans["training"]["steps"])
-    _check_plans(plans, plans["memory"]["usable_gb"])
+               for s in plans["settings"]["training"]["steps"])
+    _check_plans(plans, plans["report"]["memory"]["usable_gb"])
     # the networks can be built from the plans
     from heartcascade.networks import Net1, Net2
 
@@ -146,13 +148,13 @@ def test_plan_ct_geometry(paper):
 
 def test_plan_mr_geometry(paper):
     plans = planner.plan_experiment(MSCMR, paper, MR_INFO, 2, gpu_memory_gb=12)
-    assert plans["net2"]["K"] == 3
-    assert plans["modality"] == "mr" and plans["label_codes"] == {"1": 200, "2": 500, "3": 600}
-    assert plans["net1"]["coarse_spacing"][0] == pytest.approx(7.99)  # thick slices are never resampled
-    assert plans["normalization"][0]["scheme"] == "percentile_clip"
-    assert plans["augmentation"]["rotation_deg"][1:] == [0.0, 0.0]  # in-plane rotation only
+    assert plans["settings"]["net2"]["K"] == 3
+    assert plans["settings"]["modality"] == "mr" and plans["settings"]["label_codes"] == {"1": 200, "2": 500, "3": 600}
+    assert plans["settings"]["net1"]["coarse_spacing"][0] == pytest.approx(7.99)  # thick slices are never resampled
+    assert plans["settings"]["normalization"][0]["scheme"] == "percentile_clip"
+    assert plans["settings"]["augmentation"]["rotation_deg"][1:] == [0.0, 0.0]  # in-plane rotation only
     assert all(s[0] <= 11 for s in parse_plans(plans).training.step(3).subvolume_shapes)
-    _check_plans(plans, plans["memory"]["usable_gb"])
+    _check_plans(plans, plans["report"]["memory"]["usable_gb"])
 
 
 def test_coarse_spacing_grows_as_memory_shrinks(paper):
@@ -177,14 +179,14 @@ def test_widths_and_batches_adapt_to_memory(paper):
     big = planner.plan_experiment(MSCMR, paper, MR_INFO, 2, gpu_memory_gb=16)
     small = planner.plan_experiment(MSCMR, paper, MR_INFO, 2, gpu_memory_gb=1.2)
     for plans in (big, small):
-        _check_plans(plans, plans["memory"]["usable_gb"])
-    batches = lambda p: [s["batch_size"] for s in p["training"]["steps"]]  # noqa: E731
+        _check_plans(plans, plans["report"]["memory"]["usable_gb"])
+    batches = lambda p: [s["batch_size"] for s in p["settings"]["training"]["steps"]]  # noqa: E731
     assert all(b >= s for b, s in zip(batches(big), batches(small)))
-    assert big["net2"]["base_features"] >= small["net2"]["base_features"]
-    assert big["net1"]["base_features"] >= small["net1"]["base_features"]
-    assert (batches(big) != batches(small) or big["net2"]["base_features"] > small["net2"]["base_features"]
-            or big["net1"]["base_features"] > small["net1"]["base_features"])
-    assert big["net2"]["base_features"] == paper["net2"]["base_features"]  # ample memory: the preset's widths
+    assert big["settings"]["net2"]["base_features"] >= small["settings"]["net2"]["base_features"]
+    assert big["settings"]["net1"]["base_features"] >= small["settings"]["net1"]["base_features"]
+    assert (batches(big) != batches(small) or big["settings"]["net2"]["base_features"] > small["settings"]["net2"]["base_features"]
+            or big["settings"]["net1"]["base_features"] > small["settings"]["net1"]["base_features"])
+    assert big["settings"]["net2"]["base_features"] == paper["net2"]["base_features"]  # ample memory: the preset's widths
     assert sum(batches(big)) > sum(batches(small))
 
 
@@ -206,19 +208,19 @@ def test_plans_roundtrip_and_validation(tmp_path):
     demo = presets.load_preset("demo")
     plans = planner.plan_experiment(synthetic_fingerprint([2.0, 2.0, 2.0], [50, 90, 90], [40, 80, 80], 32),
                                     demo, CT_INFO, 1)
-    assert plans["memory"]["target_source"] == "preset 'demo'"
+    assert plans["report"]["memory"]["target_source"] == "preset 'demo'"
     path = tmp_path / "plans.json"
     save_plans(path, plans)
     good = path.read_text()
     assert load_plans(tmp_path).to_dict() == plans
     assert preprocessing_hash(parse_plans(plans)) == preprocessing_hash(load_plans(path))
     changed = json.loads(path.read_text())
-    changed["training"]["steps"][0]["epochs"] = 1
+    changed["settings"]["training"]["steps"][0]["epochs"] = 1
     assert preprocessing_hash(parse_plans(changed)) == preprocessing_hash(parse_plans(plans))  # schedule: data valid
-    changed["net1"]["coarse_spacing"] = [6.0, 6.0, 6.0]
+    changed["settings"]["net1"]["coarse_spacing"] = [6.0, 6.0, 6.0]
     assert preprocessing_hash(parse_plans(changed)) != preprocessing_hash(parse_plans(plans))
-    for breaker, message in ((lambda p: p.pop("net2"), "missing field"), (lambda p: p.update(plans_version=99), "99"),
-                             (lambda p: p["net2"].update(K=4), "odd")):
+    for breaker, message in ((lambda p: p["settings"].pop("net2"), "lack field"), (lambda p: p.update(plans_version=99), "99"),
+                             (lambda p: p["settings"]["net2"].update(K=4), "odd")):
         bad = json.loads(good)
         breaker(bad)
         path.write_text(json.dumps(bad))
@@ -231,22 +233,22 @@ def test_preset_step_losses_and_dice_weighting_reach_the_plans(paper):
     custom["training"]["steps"][0]["losses"] = ["L1", "L1_ROI", "CE1"]
     custom["training"]["dice_weighting"] = "uniform"
     plans = planner.plan_experiment(MMWHS_CT, custom, CT_INFO, 1, gpu_memory_gb=12)
-    assert [s["losses"] for s in plans["training"]["steps"]] == [["L1", "L1_ROI", "CE1"], ["L1", "L1_ROI"],
+    assert [s["losses"] for s in plans["settings"]["training"]["steps"]] == [["L1", "L1_ROI", "CE1"], ["L1", "L1_ROI"],
                                                                 ["L1", "L2"], ["L2"]]
     from heartcascade.training.steps import check_losses
 
     p = parse_plans(plans)
     assert p.training.dice_weighting == "uniform" and p.training.step(1).losses == ("L1", "L1_ROI", "CE1")
-    plans["training"]["dice_weighting"] = "median"
+    plans["settings"]["training"]["dice_weighting"] = "median"
     with pytest.raises(HCError, match="dice_weighting"):
         parse_plans(plans)
-    plans["training"]["dice_weighting"] = "inverse_count"
-    plans["training"]["steps"][1]["losses"] = ["L1", "CE3"]
+    plans["settings"]["training"]["dice_weighting"] = "inverse_count"
+    plans["settings"]["training"]["steps"][1]["losses"] = ["L1", "CE3"]
     with pytest.raises(HCError, match="unknown loss"):
         check_losses(parse_plans(plans).training_steps("cascade"))
-    plans["training"]["steps"][1]["losses"] = ["L1", "L2"]  # step 2 runs Net1 alone
+    plans["settings"]["training"]["steps"][1]["losses"] = ["L1", "L2"]  # step 2 runs Net1 alone
     check_losses(parse_plans(plans).training_steps("cascade"))
-    plans["training"]["steps"][3]["losses"] = ["L1"]  # step 4's slice stacks have no Net1 output
+    plans["settings"]["training"]["steps"][3]["losses"] = ["L1"]  # step 4's slice stacks have no Net1 output
     with pytest.raises(HCError, match=r"training.steps\[4\].losses \['L1'\] read an output"):
         check_losses(parse_plans(plans).training_steps("cascade"))
 
@@ -261,16 +263,16 @@ def test_step4_stacks_capped_at_the_presets_inplane_mm(paper):
     capped["training"]["steps"][3]["max_inplane_mm"] = 160.0
     a = planner.plan_experiment(MSCMR, paper, MR_INFO, 2, gpu_memory_gb=12)
     b = planner.plan_experiment(MSCMR, capped, MR_INFO, 2, gpu_memory_gb=12)
-    divisor = b["net2"]["required_divisor"]
-    spacing = b["full_resolution"]["spacing"]
-    s4a, s4b = a["training"]["steps"][3], b["training"]["steps"][3]
-    assert not a["net2"]["tiling"] and s4a["stack_shape"][1:] == a["net2"]["full_slice_shape"]
+    divisor = b["settings"]["net2"]["required_divisor"]
+    spacing = b["settings"]["full_resolution"]["spacing"]
+    s4a, s4b = a["settings"]["training"]["steps"][3], b["settings"]["training"]["steps"][3]
+    assert not a["settings"]["net2"]["tiling"] and s4a["stack_shape"][1:] == a["settings"]["net2"]["full_slice_shape"]
     assert s4b["stack_shape"][0] == s4a["stack_shape"][0]
     for axis in (1, 2):
         edge = s4b["stack_shape"][axis]
         assert edge % divisor == 0 and edge * spacing[axis] >= 160.0 > (edge - divisor) * spacing[axis]
         assert edge < s4a["stack_shape"][axis]
-    assert b["inference"] == a["inference"] and b["net2"] == a["net2"]
+    assert b["settings"]["inference"] == a["settings"]["inference"] and b["settings"]["net2"] == a["settings"]["net2"]
 
 
 def test_plan_experiment_assembles_the_rule_functions(paper):
@@ -301,13 +303,16 @@ def test_plan_experiment_assembles_the_rule_functions(paper):
     assert [list(s) for s in p.training.step(2).subvolume_shapes] == shapes2
     assert [list(s) for s in p.training.step(3).subvolume_shapes] == shapes3
     assert list(p.training.step(4).stack_shape) == stack
-    assert [s["batch_size"] for s in plans["training"]["steps"]] == [batches[s][0] for s in (1, 2, 3, 4)]
-    assert plans["inference"]["z_chunk"] == z_chunk
-    assert plans["baseline_unet"] == planner.plan_baseline(ctx)  # rule 11
-    assert plans["baseline_unet"]["patch_shape"] == [32, 160, 160]
+    assert [s["batch_size"] for s in plans["settings"]["training"]["steps"]] == [batches[s][0] for s in (1, 2, 3, 4)]
+    assert plans["settings"]["inference"]["z_chunk"] == z_chunk
+    baseline, baseline_peak = planner.plan_baseline(ctx)  # rule 11
+    assert plans["settings"]["baseline_unet"] == {k: v for k, v in baseline.items() if k != "widths"}
+    assert plans["report"]["baseline_unet"] == {"widths": baseline["widths"]}
+    assert plans["report"]["memory"]["predicted_peak_gb"]["baseline"] == round(baseline_peak / 2**30, 3)
+    assert plans["settings"]["baseline_unet"]["patch_shape"] == [32, 160, 160]
     # one curriculum table: the planner's steps and training's step inputs
     steps = p.training_steps("cascade")
-    for row, entry in zip(CURRICULUM_STEPS, plans["training"]["steps"]):
+    for row, entry in zip(CURRICULUM_STEPS, plans["settings"]["training"]["steps"]):
         assert (entry["step"], entry["name"], entry["train"], entry["losses"], entry["input"]) == \
             (row.step, row.name, list(row.train), list(row.losses), row.input)
         assert steps[str(row.step)].input == row.input
@@ -351,32 +356,33 @@ def test_default_preset_is_the_planners_default_and_differs_by_machine():
     default = presets.load_preset("default")
     cpu = planner.plan_experiment(MSCMR, default, MR_INFO, 2, machine="cpu")
     cuda = planner.plan_experiment(MSCMR, default, MR_INFO, 2, gpu_memory_gb=40)
-    assert cpu["machine"]["kind"] == "cpu" and cpu["machine"]["source"] == "--machine"
-    assert cuda["machine"] == {**cuda["machine"], "kind": "cuda", "source": "--gpu-memory-gb", "gpu_memory_gb": 40.0}
+    assert cpu["report"]["machine"]["kind"] == "cpu" and cpu["report"]["machine"]["source"] == "--machine"
+    assert cuda["report"]["machine"] == {**cuda["report"]["machine"], "kind": "cuda", "source": "--gpu-memory-gb", "gpu_memory_gb": 40.0}
     # CPU: narrow networks, a one-hour budget shared by the steps; GPU: wider, the plans' iteration counts
-    assert cpu["training"]["time_budget_s"] == 3600 and cuda["training"]["time_budget_s"] is None
-    assert cpu["net1"]["max_features"] < cuda["net1"]["max_features"]
-    assert cpu["net2"]["base_features"] < cuda["net2"]["base_features"]
-    assert [s["time_fraction"] for s in cpu["training"]["steps"]] == [0.30, 0.05, 0.10, 0.60]
-    assert [s["enabled"] for s in cpu["training"]["steps"]] == [True, False, True, True]  # step 2 off (issue #21)
-    assert [s["iterations_per_epoch"] for s in cuda["training"]["steps"]] == [50] * 4
+    assert cpu["settings"]["training"]["time_budget_s"] == 3600 and cuda["settings"]["training"]["time_budget_s"] is None
+    assert cpu["settings"]["net1"]["max_features"] < cuda["settings"]["net1"]["max_features"]
+    assert cpu["settings"]["net2"]["base_features"] < cuda["settings"]["net2"]["base_features"]
+    assert [s["time_fraction"] for s in cpu["settings"]["training"]["steps"]] == [0.30, 0.05, 0.10, 0.60]
+    assert [s["enabled"] for s in cpu["settings"]["training"]["steps"]] == [True, False, True, True]  # step 2 off (issue #21)
+    assert [s["iterations_per_epoch"] for s in cuda["settings"]["training"]["steps"]] == [50] * 4
     # step 4 on heart-sized windows on the CPU (160 mm at 1.25 mm = 128), whole slices on the GPU
-    assert cpu["training"]["steps"][3]["stack_shape"][1:] == [128, 128]
-    assert not cuda["net2"]["tiling"] and cuda["training"]["steps"][3]["stack_shape"][1:] == cuda["net2"]["full_slice_shape"]
+    assert cpu["settings"]["training"]["steps"][3]["stack_shape"][1:] == [128, 128]
+    assert not cuda["settings"]["net2"]["tiling"] and cuda["settings"]["training"]["steps"][3]["stack_shape"][1:] == cuda["settings"]["net2"]["full_slice_shape"]
     for plans in (cpu, cuda):  # the recipe shared by both machines
-        tr = plans["training"]
+        tr = plans["settings"]["training"]
         assert tr["lr_schedule"] == "poly" and tr["keep_best_per_step"] and tr["warmup_iterations"] == 20
-        assert plans["net1"]["kernel_size"] == 3 and plans["net1"]["norm"] == "instance"
+        assert plans["settings"]["net1"]["kernel_size"] == 3 and plans["settings"]["net1"]["norm"] == "instance"
         # rule 12: cine MR is small enough for Net2 on the whole volume (the ROI never loses the heart)
-        assert plans["inference"]["roi_rule"] == "whole_volume" and plans["inference"]["tta"] is True
-        aug = plans["augmentation"]
+        assert plans["settings"]["inference"]["roi_rule"] == "whole_volume" and plans["settings"]["inference"]["tta"] is True
+        aug = plans["settings"]["augmentation"]
         assert aug["p_gamma"] > 0 and aug["p_bias_field"] > 0 and aug["flip_axes"] == [0, 1, 2]
         assert aug["rotation_deg"] == [180.0, 0.0, 0.0]  # full circle in-plane; none out of plane (8 mm slices)
     # a preset without machine sections plans the same on both (the paper preset)
     paper = presets.load_preset("paper")
     a = planner.plan_experiment(MSCMR, paper, MR_INFO, 2, gpu_memory_gb=12, machine="cpu")
     b = planner.plan_experiment(MSCMR, paper, MR_INFO, 2, gpu_memory_gb=12, machine="cuda")
-    assert {k: v for k, v in a.items() if k != "machine"} == {k: v for k, v in b.items() if k != "machine"}
+    assert a["settings"] == b["settings"]
+    assert {k: v for k, v in a["report"].items() if k != "machine"} == {k: v for k, v in b["report"].items() if k != "machine"}
     with pytest.raises(HCError, match="unknown machine"):
         planner.preset_for_machine(default, "tpu")
 
@@ -391,15 +397,15 @@ def test_training_plan_reads_budget_schedule_and_keep_best():
     steps = p.training_steps("cascade")
     assert time_fractions({n: steps[n] for n in "234"}) == {"2": 0.05, "3": 0.10, "4": 0.60}
     assert tr.checkpoint_interval(steps["1"]) == tr.checkpoint_interval_epochs * steps["1"].iterations_per_epoch
-    plans["training"]["lr_schedule"] = "cosine"
+    plans["settings"]["training"]["lr_schedule"] = "cosine"
     with pytest.raises(HCError, match="lr_schedule"):
         parse_plans(plans)
-    plans["training"]["lr_schedule"] = "poly"
-    plans["training"]["time_budget_s"] = -5
+    plans["settings"]["training"]["lr_schedule"] = "poly"
+    plans["settings"]["training"]["time_budget_s"] = -5
     with pytest.raises(HCError, match="time_budget_s"):
         parse_plans(plans)
-    plans["training"]["time_budget_s"] = None
-    plans["training"]["steps"][0]["time_fraction"] = 1.5
+    plans["settings"]["training"]["time_budget_s"] = None
+    plans["settings"]["training"]["steps"][0]["time_fraction"] = 1.5
     with pytest.raises(HCError, match="time_fraction"):
         parse_plans(plans)
 
@@ -423,24 +429,32 @@ def test_fresh_plans_parse_complete_and_without_dead_fields():
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.training.grad_clip = 1.0  # type: ignore[misc]
     # the values that take effect are written, not left to defaults
-    tr = plans["training"]
+    tr = plans["settings"]["training"]
     for key in ("grad_clip", "ema_momentum", "warmup_iterations", "budget_probe_iterations", "val_max_cases",
                 "checkpoint_interval_iterations", "num_workers", "seed", "weight_decay"):
         assert key in tr, key
-    assert plans["amp"] == "bf16" and "roi_margin_mm" in plans["inference"]
-    assert set(plans["augmentation"]) == {f.name for f in dataclasses.fields(AugmentationParams)}
+    assert plans["settings"]["amp"] == "bf16" and "roi_margin_mm" in plans["settings"]["inference"]
+    assert set(plans["settings"]["augmentation"]) == {f.name for f in dataclasses.fields(AugmentationParams)}
     # ... and nothing that has no effect
     for section, dead in (("training", ("precision", "optimizer", "lr", "amp")),
                           ("sampling", ("scheme", "subvolume_shape_choice")), ("net2", ("inplane_tile",)),
                           ("inference", ("inplane_tile",)), ("baseline_unet", ("kernel_size", "optimizer"))):
-        assert not set(dead) & set(plans[section]), section
+        assert not set(dead) & set(plans["settings"][section]), section
     assert all("frozen" not in s for s in tr["steps"])
     # every written field is a field of the typed sections (parse refuses others), and every typed field is
     # written: nothing falls back on a default (loss_weights is the one optional, unwritten field)
     typed = {"net1": p.net1, "net2": p.net2, "sampling": p.sampling, "inference": p.inference,
-             "baseline_unet": p.baseline_unet, "dataset": p.dataset, "machine": p.machine, "memory": p.memory}
+             "baseline_unet": p.baseline_unet, "full_resolution": p.full_resolution}
     for name, obj in typed.items():
-        assert set(plans[name]) == {f.name for f in dataclasses.fields(obj)}, name
+        assert set(plans["settings"][name]) == {f.name for f in dataclasses.fields(obj)}, name
+    r = p.report
+    for name, obj in {"dataset": r.dataset, "machine": r.machine, "memory": r.memory, "net1": r.net1,
+                      "net2": r.net2, "full_resolution": r.full_resolution, "baseline_unet": r.baseline_unet}.items():
+        assert set(plans["report"][name]) == {f.name for f in dataclasses.fields(obj)}, name
+    # settings and report are apart: no field in both
+    for name in set(plans["settings"]) & set(plans["report"]):
+        assert not set(plans["settings"][name]) & set(plans["report"][name]), name
+    assert set(plans) == {"plans_version", "settings", "report"}
     assert set(tr) == {f.name for f in dataclasses.fields(p.training)}
     for entry, st in zip(tr["steps"], p.training.steps):
         assert set(entry) | {"loss_weights"} >= {f.name for f in dataclasses.fields(st)} - {
@@ -450,9 +464,12 @@ def test_fresh_plans_parse_complete_and_without_dead_fields():
     assert p.net2.input_mode == "probabilities" and p.to_dict() == plans
 
 
-@pytest.mark.parametrize("where", ["", "net1", "net2", "training", "training.steps.1", "augmentation", "sampling",
-                                   "inference", "baseline_unet", "memory", "dataset", "normalization.0",
-                                   "cropping", "full_resolution", "fingerprint_summary", "machine"])
+@pytest.mark.parametrize("where", ["", "settings", "report", "settings.net1", "settings.net2", "settings.training",
+                                   "settings.training.steps.1", "settings.augmentation", "settings.sampling",
+                                   "settings.inference", "settings.baseline_unet", "report.memory", "report.dataset",
+                                   "settings.normalization.0", "settings.cropping", "settings.full_resolution",
+                                   "report.full_resolution", "report.net1", "report.fingerprint_summary",
+                                   "report.machine"])
 def test_unknown_keys_are_refused_in_every_section(tmp_path, where):
 
     plans = _fresh_demo()
@@ -464,8 +481,8 @@ def test_unknown_keys_are_refused_in_every_section(tmp_path, where):
     path.write_text(json.dumps(plans))
     with pytest.raises(HCError) as info:
         load_plans(path)
-    label = {"": "plans have", "training.steps.1": "training.steps[2] has",
-             "normalization.0": "normalization[0] has"}.get(where, f"{where} has")
+    label = {"": "plans have", "settings.training.steps.1": "settings.training.steps[2] has",
+             "settings.normalization.0": "settings.normalization[0] has"}.get(where, f"{where} has")
     assert str(info.value).startswith(f"{path}: {label} unknown key 'foo'"), str(info.value)
     assert "\n" not in str(info.value)
     with pytest.raises(HCError, match="unknown key 'foo'"):
@@ -474,11 +491,11 @@ def test_unknown_keys_are_refused_in_every_section(tmp_path, where):
 
 def test_wrong_values_are_one_line_errors_naming_the_field():
 
-    for edit, message in ((lambda p: p["training"].update(grad_clip="big"), "training.grad_clip must be a number"),
-                          (lambda p: p.update(amp="fp8"), "plans.amp must be one of"),
-                          (lambda p: p["training"]["steps"][2].pop("lr"), r"training.steps\[3\] lacks field 'lr'"),
-                          (lambda p: p["net2"].update(input_mode="probs"), "net2.input_mode must be one of"),
-                          (lambda p: p["inference"].update(z_chunk=0), "inference.z_chunk must be >= 1")):
+    for edit, message in ((lambda p: p["settings"]["training"].update(grad_clip="big"), "training.grad_clip must be a number"),
+                          (lambda p: p["settings"].update(amp="fp8"), "settings.amp must be one of"),
+                          (lambda p: p["settings"]["training"]["steps"][2].pop("lr"), r"training.steps\[3\] lacks field 'lr'"),
+                          (lambda p: p["settings"]["net2"].update(input_mode="probs"), "net2.input_mode must be one of"),
+                          (lambda p: p["settings"]["inference"].update(z_chunk=0), "inference.z_chunk must be >= 1")):
         plans = _fresh_demo()
         edit(plans)
         with pytest.raises(HCError, match=message):
@@ -489,7 +506,7 @@ def test_version_1_plans_are_refused_with_a_one_line_hint_to_replan(tmp_path):
     v1 = json.loads(V1_PLANS.read_text())
     assert v1["plans_version"] == 1
     (tmp_path / "plans.json").write_text(V1_PLANS.read_text())
-    with pytest.raises(HCError, match=r"plans.json: plans_version 1 is not 2; re-plan with "
+    with pytest.raises(HCError, match=r"plans.json: plans_version 1 is not 3; re-plan with "
                                       r"hc_plan_and_preprocess --overwrite") as info:
         load_plans(tmp_path)
     assert "\n" not in str(info.value)
@@ -504,12 +521,13 @@ def test_plans_override_keys_are_checked():
                           ('{"training": {"steps": {"3": {"bogus": 2}}}}', r"training.steps\[3\] has unknown key 'bogus'"),
                           ('{"net2": {"inplane_tile": [64, 64]}}', "net2 has unknown key 'inplane_tile'"),
                           ('{"augmentation": {"p_twist": 1}}', "augmentation has unknown key 'p_twist'"),
-                          ('{"fooo": 1}', "plans have unknown key 'fooo'"),
+                          ('{"fooo": 1}', "settings have unknown key 'fooo'"),
                           # the report (what the planner recorded) is not a setting
                           ('{"memory": {"target_gb": 2}}', "--plans-override: memory is part of the plans' report"),
                           ('{"net1": {"widths": [8]}}', "net1.widths is part of the plans' report"),
+                          ('{"preset": "paper"}', "preset is part of the plans' report"),
                           ('{"training": {"steps": {"2": {"predicted_peak_gb": 1}}}}',
-                           r"training.steps\[2\].predicted_peak_gb is part of the plans' report")):
+                           r"training.steps\[2\] has unknown key 'predicted_peak_gb'")):
         with pytest.raises(HCError, match=message) as info:
             parse_override(text)
         assert "\n" not in str(info.value)
@@ -558,7 +576,8 @@ def test_defaults_are_defined_once(tmp_path, monkeypatch):
     (tmp_path / "same.json").write_text(json.dumps(without(lambda default, value: default != value)))
     (tmp_path / "bare.json").write_text(json.dumps(without(lambda default, value: False)))
     same = planner.plan_experiment(MSCMR, presets.load_preset("same"), MR_INFO, 2, gpu_memory_gb=12)
-    assert dict(same, preset="paper") == full
+    assert same["settings"] == full["settings"]
+    assert dict(same["report"], preset="paper") == full["report"]
     bare = presets.load_preset("bare")
     assert bare["training"]["steps"][3]["epochs"] == defaults["training"]["steps"][3]["epochs"]
     planner.plan_experiment(MSCMR, bare, MR_INFO, 2, gpu_memory_gb=12)  # every key the planner reads exists

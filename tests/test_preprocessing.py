@@ -377,14 +377,15 @@ def test_kept_plans_name_what_the_preset_now_plans_differently(hc_roots, capsys)
     assert "warning" not in capsys.readouterr().err  # nothing to say right after planning
     path = hc_roots["preprocessed"] / "Dataset008_Kept" / "plans.json"
     plans = json.loads(path.read_text())
-    plans["inference"]["tta"] = not plans["inference"]["tta"]  # a hand edit (or an older release's choice)
-    plans["memory"]["predicted_peak_gb"]["step1"] = 99.0  # a report field: not a setting, never named
+    plans["settings"]["inference"]["tta"] = not plans["settings"]["inference"]["tta"]  # a hand edit (or an older release's)
+    plans["report"]["memory"]["predicted_peak_gb"]["step1"] = 99.0  # a report field: not a setting, never named
     path.write_text(json.dumps(plans))
     plan_and_preprocess(8, plan_only=True, progress=False)
     err = capsys.readouterr().err
     assert "kept (hand edits survive)" in err and "inference.tta" in err and "--overwrite" in err
     assert "predicted_peak_gb" not in err
-    assert json.loads(path.read_text())["inference"]["tta"] == plans["inference"]["tta"]  # the edit is kept
+    kept = json.loads(path.read_text())["settings"]["inference"]["tta"]
+    assert kept == plans["settings"]["inference"]["tta"]  # the edit is kept
 
 
 def test_cli(hc_roots, capsys):

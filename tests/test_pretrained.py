@@ -119,10 +119,11 @@ def test_incompatible_models_are_refused(model, tmp_path):
         with pytest.raises(HCError, match=match):
             check_finetune_compatible(plans, parse_plans(other), "cascade", "m.zip")
 
-    refused(lambda p: p.update(modality="ct"), r"m.zip: modality differs \(model: mr, this dataset's plans: ct\)")
-    refused(lambda p: p.update(labels={"background": 0, "big": 1, "side": 2, "inner": 3}), "labels differ")
-    refused(lambda p: p["net1"].update(base_features=p["net1"]["base_features"] * 2), "net1.base_features differs")
-    refused(lambda p: p["net2"].update(K=p["net2"]["K"] + 2), "net2.K differs")
+    refused(lambda p: p["settings"].update(modality="ct"), r"m.zip: modality differs \(model: mr, this dataset's plans: ct\)")
+    refused(lambda p: p["settings"].update(labels={"background": 0, "big": 1, "side": 2, "inner": 3}), "labels differ")
+    refused(lambda p: p["settings"]["net1"].update(base_features=p["settings"]["net1"]["base_features"] * 2),
+            "net1.base_features differs")
+    refused(lambda p: p["settings"]["net2"].update(K=p["settings"]["net2"]["K"] + 2), "net2.K differs")
     # whole run: an architecture change through --plans-override, and the wrong configuration
     convs = plans.net2.convs_per_level + 1
     with pytest.raises(HCError, match=r"--pretrained .*model.zip: net2\.convs_per_level differs .*--plans-override"):

@@ -87,7 +87,7 @@ def test_time_budget_run_ends_on_time_and_is_recorded(tiny):
     seconds = time.perf_counter() - t0
     folder = result.output_folder
     plans = json.loads((folder / "plans.json").read_text())
-    assert plans["training"]["time_budget_s"] is None  # the run's option, not written into the plans
+    assert plans["settings"]["training"]["time_budget_s"] is None  # the run's option, not written into the plans
     # On a quiet machine the run ends within the budget (+ the last checkpoint). On a loaded one a step
     # still runs its minimum (one iteration and its closing validation) after its deadline, so the wall
     # time is checked loosely and the schedule's logic exactly: shares add up to at most the budget, and a
@@ -108,7 +108,7 @@ def test_time_budget_run_ends_on_time_and_is_recorded(tiny):
     iterations = final["budget"]["iterations"]
     assert re.search(r"step 1 iteration \d+/\d+ \(as many as fit: \d+ s left in the step, \d+ s in the run\)", log)
     assert all(iterations[s] >= 1 for s in "1234"), iterations
-    planned = {str(e["step"]): e["epochs"] * e["iterations_per_epoch"] for e in plans["training"]["steps"]}
+    planned = {str(e["step"]): e["epochs"] * e["iterations_per_epoch"] for e in plans["settings"]["training"]["steps"]}
     assert sum(iterations.values()) < sum(planned.values()), (iterations, planned)  # the budget, not the counts
 
 

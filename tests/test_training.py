@@ -128,8 +128,8 @@ def test_four_steps_learn_and_validate(tiny):
     net1, net2 = from_plans.build_net1(parse_plans(final["plans"])), from_plans.build_net2(parse_plans(final["plans"]))
     net1.load_state_dict(final["networks"]["net1"])
     net2.load_state_dict(final["networks"]["net2"])
-    assert final["plans"]["net1"]["dropout"] == 0.0  # the override is recorded in the checkpoint
-    assert json.loads((folder / "plans.json").read_text())["net1"]["dropout"] == 0.0
+    assert final["plans"]["settings"]["net1"]["dropout"] == 0.0  # the override is recorded in the checkpoint
+    assert json.loads((folder / "plans.json").read_text())["settings"]["net1"]["dropout"] == 0.0
     best = load_checkpoint(folder / "checkpoint_best.pth")
     assert best["best"]["target"] == "cascade"
 
@@ -201,7 +201,7 @@ def test_cpu_training_settings(tiny):
     torch.set_num_threads(before)
     plans = json.loads((tiny["pre"] / "plans.json").read_text())
     for bad in (0, -1, 1.5, "2", True):
-        plans["training"]["num_threads"] = bad
+        plans["settings"]["training"]["num_threads"] = bad
         with pytest.raises(HCError, match="num_threads"):
             parse_plans(plans)
 

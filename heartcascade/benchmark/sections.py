@@ -83,13 +83,15 @@ def section_dataset(p: dict[str, Any], emit: Emit) -> None:
 
 
 def plans_summary(p: Plans) -> dict[str, Any]:
-    steps = {str(s.step): {k: getattr(s, k) for k in ("batch_size", "patch_shape", "subvolume_shapes", "stack_shape",
-                                                       "predicted_peak_gb") if getattr(s, k) is not None}
+    r = p.report
+    steps = {str(s.step): {**{k: getattr(s, k) for k in ("batch_size", "patch_shape", "subvolume_shapes", "stack_shape")
+                              if getattr(s, k) is not None},
+                           "predicted_peak_gb": r.step_peak_gb(s)}
              for s in p.training.steps}
-    return {"preset": p.preset, "K": p.net2.K, "net1_widths": p.net1.widths, "net1_coarse_spacing": p.net1.coarse_spacing,
-            "net1_patch_shape": p.net1.patch_shape, "net2_widths": p.net2.widths,
+    return {"preset": r.preset, "K": p.net2.K, "net1_widths": r.net1.widths, "net1_coarse_spacing": p.net1.coarse_spacing,
+            "net1_patch_shape": p.net1.patch_shape, "net2_widths": r.net2.widths,
             "net2_full_slice_shape": p.net2.full_slice_shape, "inference_z_chunk": p.inference.z_chunk,
-            "memory_target_gb": p.memory.target_gb, "predicted_peak_gb": p.memory.predicted_peak_gb, "steps": steps}
+            "memory_target_gb": r.memory.target_gb, "predicted_peak_gb": r.memory.predicted_peak_gb, "steps": steps}
 
 
 def section_preprocessing(p: dict[str, Any], emit: Emit) -> None:
@@ -222,7 +224,7 @@ def section_memory(p: dict[str, Any], emit: Emit) -> None:
             r = mm.check_cascade(n1, n2, mode, batch, shape, factors, str(device))
         emit(benchmark="memory_model", step=name, batch_size=batch, shape=shape, plan_shape=plan_shape,
              scaled=shape != plan_shape, predicted_gb=_round(r["predicted_gb"], 4), measured_gb=_round(r["measured_gb"], 4),
-             ratio=_round(r["ratio"], 3), plans_predicted_peak_gb=st.predicted_peak_gb,
+             ratio=_round(r["ratio"], 3), plans_predicted_peak_gb=plans.report.step_peak_gb(st),
              measured_with="torch.cuda.max_memory_allocated" if backend == "cuda" else "CPU profiler allocation trace",
              seconds=_round(time.perf_counter() - t, 1))
         gc.collect()
@@ -267,7 +269,7 @@ def section_training(p: dict[str, Any], emit: Emit) -> None:
         st = trainer.steps[step_name]
         base = dict(case=case.name, step=step_name, input=st.input, batch_size=st.batch_size,
                     patch_shapes=[list(s) for s in st.shapes] if st.shapes else None)
-        predicted = st.predicted_peak_gb
+        predicted = trainer.plans.report.step_peak_gb(st)
         too_big = (device.type == "cpu" and predicted is not None and budget is not None
                    and predicted * GiB > 0.8 * budget)
         precompute_s = None
@@ -401,7 +403,7 @@ def section_inprocess(p: dict[str, Any], emit: Emit) -> None:
              preprocessed_shape=shape, roi_box=roi, roi_shape=[b - a for a, b in roi],
              roi_fraction=_round(np.prod([b - a for a, b in roi]) / max(1, np.prod(shape)), 3),
              z_chunk=getattr(predictor, "last_z_chunk", None), peak_rss_gb=gb(rss.peak), rss_method=rss.method,
-             **gpu, plans_predicted_inference_peak_gb=plans.inference.predicted_peak_gb,
+             **gpu, plans_predicted_inference_peak_gb=plans.report.predicted_peak_gb("inference"),
              output=str(out))
         del result, labels, image
 

@@ -151,7 +151,7 @@ def export_model(dataset_id: int | str, configuration: str, output: str | os.Pat
                 raise HCError(f"{path}: checkpoint is a '{state['configuration']}' model, not '{configuration}'")
             typed = parse_plans(state["plans"], str(path))
             manifest.setdefault("plans_version", typed.plans_version)
-            manifest.setdefault("preset", typed.preset)
+            manifest.setdefault("preset", typed.report.preset)
             manifest.setdefault("num_input_channels", typed.num_input_channels)
             manifest.setdefault("num_classes", typed.num_classes)
             buffer = io.BytesIO()

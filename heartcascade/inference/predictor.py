@@ -271,7 +271,7 @@ class Predictor:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = GPU_BUDGET_FRACTION * free
-            usable = self.plans.memory.usable_gb
+            usable = self.plans.report.memory.usable_gb
             return min(budget, float(usable) * 2**30) if usable else budget
         return DEFAULT_CPU_BUDGET
 

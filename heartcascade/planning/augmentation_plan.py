@@ -51,39 +51,40 @@ class AugmentationParams:
     bias_field_coefficients: tuple[float, float] = (0.0, 0.5)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None, source: str = "plans") -> "AugmentationParams":
+    def from_dict(cls, data: Mapping[str, Any] | None, source: str = "plans",
+                  where: str = "augmentation") -> "AugmentationParams":
         """Build from the plans' augmentation section; unknown keys are an error, missing ones default."""
         if data is None:
             return cls()
         if not isinstance(data, Mapping):
-            raise HCError(f"{source}: augmentation must be an object")
+            raise HCError(f"{source}: {where} must be an object")
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise HCError(f"{source}: augmentation has unknown key '{unknown[0]}' (known: {', '.join(sorted(names))})")
+            raise HCError(f"{source}: {where} has unknown key '{unknown[0]}' (known: {', '.join(sorted(names))})")
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
             kwargs[key] = tuple(value) if isinstance(value, list) else value
         try:
             params = cls(**kwargs)
         except TypeError as exc:
-            raise HCError(f"{source}: augmentation: {exc}") from None
+            raise HCError(f"{source}: {where}: {exc}") from None
         if len(params.rotation_deg) != 3:
-            raise HCError(f"{source}: augmentation: rotation_deg needs 3 values (about D, H, W), got {params.rotation_deg}")
+            raise HCError(f"{source}: {where}: rotation_deg needs 3 values (about D, H, W), got {params.rotation_deg}")
         if len(params.scale_range) != 2 or min(params.scale_range) <= 0:
-            raise HCError(f"{source}: augmentation: scale_range must be two positive numbers, got {params.scale_range}")
+            raise HCError(f"{source}: {where}: scale_range must be two positive numbers, got {params.scale_range}")
         if isinstance(params.p_scale_per_axis, bool) or not 0 <= params.p_scale_per_axis <= 1:
-            raise HCError(f"{source}: augmentation: p_scale_per_axis must be a probability in [0, 1], "
+            raise HCError(f"{source}: {where}: p_scale_per_axis must be a probability in [0, 1], "
                           f"got {params.p_scale_per_axis!r}")
         if any(a not in (0, 1, 2) for a in params.flip_axes):
-            raise HCError(f"{source}: augmentation: flip_axes must be among 0, 1, 2, got {params.flip_axes}")
+            raise HCError(f"{source}: {where}: flip_axes must be among 0, 1, 2, got {params.flip_axes}")
         for p_name, range_name in INTENSITY_FIELDS:
             p = getattr(params, p_name)
             if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
-                raise HCError(f"{source}: augmentation: {p_name} must be a probability in [0, 1], got {p!r}")
+                raise HCError(f"{source}: {where}: {p_name} must be a probability in [0, 1], got {p!r}")
             lo_hi = getattr(params, range_name)
             if not isinstance(lo_hi, tuple) or len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1]:
-                raise HCError(f"{source}: augmentation: {range_name} must be two numbers 0 <= low <= high, got {lo_hi}")
+                raise HCError(f"{source}: {where}: {range_name} must be two numbers 0 <= low <= high, got {lo_hi}")
         return params
 
     def disabled(self) -> "AugmentationParams":

@@ -65,11 +65,11 @@ from heartcascade.planning.curriculum import CURRICULUM_STEPS, CurriculumStep
 from heartcascade.planning.augmentation_plan import AugmentationParams, augmentation_dict
 from heartcascade.planning.plans import (
     NET2_INPUT_MODES,
-    PLANS_VERSION,
     baseline_network_kwargs,
     net1_network_kwargs,
     net2_network_kwargs,
     parse_plans,
+    split_plans,
 )
 from heartcascade.preprocessing.preprocess import coarse_scale_factors
 from heartcascade.utils.errors import HCError
@@ -552,10 +552,10 @@ def choose_z_chunk(ctx: _Context, net1: Net1Choice, net2: Net2Choice) -> tuple[i
     return z, max(net1.inference_peak + net2_params, infer_peak(z))
 
 
-def plan_baseline(ctx: _Context) -> dict[str, Any]:
+def plan_baseline(ctx: _Context) -> tuple[dict[str, Any], int]:
     """Rule 11: the plain 3D U-Net comparator on a ~2 mm grid (native where coarser): the whole
     95th-percentile field of view if it fits, else shrunk along its longest axis; widths halved if even the
-    smallest patch fails; batch up to ``max_batch_size``. Returns the plans' ``baseline_unet``."""
+    smallest patch fails; batch up to ``max_batch_size``. Returns the plans' ``baseline_unet`` and its peak."""
     pb = ctx.preset["baseline_unet"]
     target = float(pb["spacing_mm"])
     spacing = [max(n, target) for n in ctx.native]
@@ -584,7 +584,7 @@ def plan_baseline(ctx: _Context) -> dict[str, Any]:
     return {"spacing": [round(s, 4) for s in spacing], "patch_shape": patch, "batch_size": batch, **network,
             "widths": widths(base, network["max_features"], levels),
             "lr": float(pb["lr"]), "epochs": int(pb["epochs"]), "iterations_per_epoch": int(pb["iterations_per_epoch"]),
-            "losses": list(pb["losses"]), "predicted_peak_gb": round(peak / GiB, 3)}
+            "losses": list(pb["losses"])}, peak
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -671,15 +671,15 @@ def net2_section(net2: Net2Choice) -> dict[str, Any]:
             "tiling": net2.tile != net2.full_slice}
 
 
-def step_entry(ctx: _Context, row: CurriculumStep, shapes: dict[str, Any], batch: int, peak: int) -> dict[str, Any]:
+def step_entry(ctx: _Context, row: CurriculumStep, shapes: dict[str, Any], batch: int) -> dict[str, Any]:
     """One ``training.steps`` entry: the curriculum row, the preset step's schedule, the step's input
-    ``shapes`` (rules 4-8), its batch size and peak (rule 9)."""
+    ``shapes`` (rules 4-8) and its batch size (rule 9)."""
     sp = ctx.step_presets[row.step]
     lr = sp["lr"] if sp["lr"] is not None else ctx.preset["training"]["lr"]  # null: the training lr
     return {"step": row.step, "name": row.name, "enabled": bool(sp["enabled"]), "train": list(row.train),
             "losses": list(sp["losses"]), "input": row.input, **shapes,
             "batch_size": int(batch), "epochs": int(sp["epochs"]), "iterations_per_epoch": int(sp["iterations_per_epoch"]),
-            "lr": float(lr), "predicted_peak_gb": round(peak / GiB, 3),
+            "lr": float(lr),
             "time_fraction": None if sp["time_fraction"] is None else float(sp["time_fraction"])}
 
 
@@ -691,7 +691,7 @@ def curriculum_steps(ctx: _Context, net1: Net1Choice, shapes2: list[list[int]], 
                   "coarse_patch_shapes": [coarse_subvolume(s, net1.scale_factors) for s in shapes2]},
               3: {"subvolume_shapes": shapes3},
               4: {"stack_shape": stack}}
-    return [step_entry(ctx, row, shapes[row.step], *batches[row.step]) for row in CURRICULUM_STEPS]
+    return [step_entry(ctx, row, shapes[row.step], batches[row.step][0]) for row in CURRICULUM_STEPS]
 
 
 def training_section(ctx: _Context, steps: list[dict[str, Any]]) -> dict[str, Any]:
@@ -742,26 +742,24 @@ def choose_roi_rule(ctx: _Context) -> str:
     return str(inf["roi_rule"])
 
 
-def inference_section(ctx: _Context, z_chunk: int, peak: int) -> dict[str, Any]:
-    """``inference``: the ROI rule (rule 12), rule 10's z-chunk and its predicted peak."""
+def inference_section(ctx: _Context, z_chunk: int) -> dict[str, Any]:
+    """``inference``: the ROI rule (rule 12) and rule 10's z-chunk."""
     inf = ctx.preset["inference"]
     return {"roi_margin_mm": float(inf["roi_margin_mm"]), "roi_rule": choose_roi_rule(ctx),
             "roi_min_component_fraction": inf["roi_min_component_fraction"],
             "roi_join_distance_mm": inf["roi_join_distance_mm"], "roi_centre_sigma": inf["roi_centre_sigma"],
             "tta": bool(inf["tta"]),
             "z_chunk": int(z_chunk),
-            "max_z_chunk": None, "memory_budget_gb": None, "predicted_peak_gb": round(peak / GiB, 3)}
+            "max_z_chunk": None, "memory_budget_gb": None}
 
 
-def memory_section(ctx: _Context, steps: list[dict[str, Any]], inference: Mapping[str, Any],
-                   baseline: Mapping[str, Any]) -> dict[str, Any]:
-    """``memory``: rule 1's target and usable memory, and every predicted peak."""
+def memory_section(ctx: _Context, peaks: Mapping[str, int]) -> dict[str, Any]:
+    """``memory``: rule 1's target and usable memory, and every predicted peak (``step1``..``step4``,
+    ``inference``, ``baseline``; bytes in, GB out)."""
     return {"target_gb": round(ctx.target_gb, 3), "target_source": ctx.target_source,
             "usable_gb": round(ctx.usable / GiB, 3),
             "model": "meta-device allocation trace of the real networks (fp32, Adam), see planning/memory_model.py",
-            "predicted_peak_gb": {**{f"step{s['step']}": s["predicted_peak_gb"] for s in steps},
-                                  "inference": inference["predicted_peak_gb"],
-                                  "baseline": baseline["predicted_peak_gb"]}}
+            "predicted_peak_gb": {name: round(peak / GiB, 3) for name, peak in peaks.items()}}
 
 
 def class_fractions(fingerprint: Mapping[str, Any]) -> list[float] | None:
@@ -803,11 +801,12 @@ def plan_experiment(fingerprint: dict[str, Any], preset: dict[str, Any], info: D
     shapes3 = step3_subvolumes(ctx, net1, net2)  # rule 7
     stack = step4_stack(ctx, net2)  # rule 8
     batches = choose_batch_sizes(ctx, net1, net2, shapes2, shapes3, stack)  # rule 9
-    inference = inference_section(ctx, *choose_z_chunk(ctx, net1, net2))  # rule 10
-    baseline = plan_baseline(ctx)  # rule 11
+    z_chunk, inference_peak = choose_z_chunk(ctx, net1, net2)  # rule 10
+    baseline, baseline_peak = plan_baseline(ctx)  # rule 11
     steps = curriculum_steps(ctx, net1, shapes2, shapes3, stack, batches)
-    plans: dict[str, Any] = {
-        "plans_version": PLANS_VERSION,
+    peaks = {**{f"step{step}": peak for step, (_, peak) in batches.items()}, "inference": inference_peak,
+             "baseline": baseline_peak}
+    planned: dict[str, Any] = {
         "planner_version": PLANNER_VERSION,
         "dataset": dataset_section(ctx, dataset_id, K),
         "preset": preset["name"],
@@ -822,10 +821,11 @@ def plan_experiment(fingerprint: dict[str, Any], preset: dict[str, Any], info: D
         "training": training_section(ctx, steps),
         "augmentation": augmentation_section(ctx),
         "sampling": sampling_section(ctx),
-        "inference": inference,
+        "inference": inference_section(ctx, z_chunk),
         "baseline_unet": baseline,
-        "memory": memory_section(ctx, steps, inference, baseline),
+        "memory": memory_section(ctx, peaks),
         "fingerprint_summary": fingerprint_summary(ctx),
     }
+    plans = split_plans(planned)  # settings apart from the report
     parse_plans(plans, "planner output")  # the planner writes only valid plans
     return plans

@@ -1,13 +1,18 @@
 """The plans file (``plans.json``): the one, complete, validated configuration of a dataset's model.
 
 On disk (and inside checkpoints) the plans are a plain JSON dict: humans read and occasionally edit them,
-and a dict round-trips through JSON and checkpoints without custom classes. In memory there is one form:
+and a dict round-trips through JSON and checkpoints without custom classes. It has two parts: ``settings``,
+what the planner chose and a user may override (``--plans-override`` merges into it), and ``report``, what the
+planner recorded beside them (fingerprint summary, memory target and estimates, the planning machine, widths
+for humans), which no override touches. :func:`split_plans` makes the two from the planner's sections, by
+:data:`REPORT`. In memory there is one form:
 :class:`Plans`, made once where the plans enter -- :func:`load_plans` (a file), :func:`parse_plans` (a
 checkpoint's or the planner's dict) -- and passed everywhere. Parsing checks every section once -- types,
 ranges, and *no unknown key anywhere* -- into frozen, typed sections (:class:`Net1Plan`, :class:`Net2Plan`,
 :class:`TrainingPlan` / :class:`StepPlan`, :class:`SamplingPlan`, :class:`InferencePlan`,
 :class:`BaselinePlan`, ...) whose fields carry the JSON's own names; consumers read those, never the dict
-(``Plans.to_dict()`` gives it back for files and checkpoints). The planner writes every field that takes
+(``Plans.to_dict()`` gives it back for files and checkpoints); the settings are the fields of
+:class:`Plans`, the records its :attr:`Plans.report`. The planner writes every field that takes
 effect (no hidden defaults later), and nothing that has none. Every field is documented in
 ``documentation/plans.md``.
 
@@ -36,8 +41,9 @@ from heartcascade.preprocessing.preprocess import PREPROCESSING_VERSION, Preproc
 from heartcascade.utils.atomic import atomic_write_json
 from heartcascade.utils.errors import HCError
 from heartcascade.utils.jsonio import load_json
+from heartcascade.utils.merge import deep_merge
 
-PLANS_VERSION = 2
+PLANS_VERSION = 3
 PLANS_FILE = "plans.json"
 
 #: ``inference.roi_rule`` values: the ROI from the heart's connected component(s) of Net1's whole-heart
@@ -212,24 +218,17 @@ class CroppingPlan:
 @dataclass(frozen=True)
 class FullResolutionPlan:
     inplane_spacing: tuple[float, float] | None = _f(_opt(_list(_num(0, open_lo=True), 2)))
-    inplane_spacing_ratio: float = _f(_num(0))
-    max_inplane_spacing_ratio: float = _f(_num(0))
-    median_spacing: tuple[float, float, float] = _f(_SPACING)
     spacing: tuple[float, float, float] = _f(_SPACING)
-    shape_p95: tuple[int, int, int] = _f(_list(_int(0), 3))
-    min_slices: int = _f(_int(0))
 
 
 @dataclass(frozen=True)
 class Net1Plan:
     coarse_spacing: tuple[float, float, float] = _f(_SPACING)
     patch_shape: tuple[int, int, int] = _f(_SHAPE)
-    coarse_shape_median: tuple[int, int, int] = _f(_list(_int(0), 3))
     in_channels: int = _f(_int(1))
     num_classes: int = _f(_int(2))
     base_features: int = _f(_int(1, _MAX_WIDTH))
     max_features: int = _f(_int(1, _MAX_WIDTH))
-    widths: tuple[int, ...] = _f(_list(_int(1, _MAX_WIDTH)))
     dilations: tuple[Any, ...] = _f(_list(_dilation, nonempty=True))
     bottleneck_dilation: int = _f(_int(1))
     dropout: float = _f(_num(0, 1))
@@ -246,7 +245,6 @@ class Net2Plan:
     num_classes: int = _f(_int(2))
     base_features: int = _f(_int(1, _MAX_WIDTH))
     max_features: int = _f(_int(1, _MAX_WIDTH))
-    widths: tuple[int, ...] = _f(_list(_int(1, _MAX_WIDTH)))
     num_levels: int = _f(_int(0))
     recursions: int = _f(_int(0))
     convs_per_level: int = _f(_int(1))
@@ -269,7 +267,6 @@ class StepPlan:
     epochs: int = _f(_int(0, _MAX_COUNT))
     iterations_per_epoch: int = _f(_int(1, _MAX_COUNT))
     lr: float = _f(_num(0, open_lo=True))
-    predicted_peak_gb: float | None = _f(_opt(_num(0)))
     time_fraction: float | None = _f(_opt(_num(0, 1)))
     patch_shape: tuple[int, int, int] | None = _f(_opt(_SHAPE), None)                   # step 1
     subvolume_shapes: tuple[tuple[int, int, int], ...] | None = _f(_opt(_list(_SHAPE, nonempty=True)), None)  # 2, 3
@@ -341,7 +338,6 @@ class InferencePlan:
     z_chunk: int | None = _f(_opt(_int(1, _MAX_SIDE)))
     max_z_chunk: int | None = _f(_opt(_int(1, _MAX_SIDE)))
     memory_budget_gb: float | None = _f(_opt(_num(0, open_lo=True)))
-    predicted_peak_gb: float | None = _f(_opt(_num(0)))
     roi_centre_sigma: float = _f(_num(0))  # 0 = components ranked by mass alone
     tta: bool = _f(_bool)  # mirroring test-time augmentation by default (hc_predict --tta/--disable_tta override)
 
@@ -355,19 +351,16 @@ class BaselinePlan:
     max_features: int = _f(_int(1, _MAX_WIDTH))
     num_levels: int = _f(_int(1))
     norm: str | None = _f(_opt(_str(("instance", "none"))))
-    widths: tuple[int, ...] = _f(_list(_int(1, _MAX_WIDTH)))
     lr: float = _f(_num(0, open_lo=True))
     epochs: int = _f(_int(0, _MAX_COUNT))
     iterations_per_epoch: int = _f(_int(1, _MAX_COUNT))
     losses: tuple[str, ...] = _f(_list(_str(), nonempty=True))
-    predicted_peak_gb: float | None = _f(_opt(_num(0)))
 
     def as_step(self) -> StepPlan:
         """The baseline's single training step, in the form of a curriculum step (input: subvolumes)."""
         return StepPlan(step=0, name=BASELINE_STEP, enabled=True, train=(BASELINE_STEP,), losses=self.losses,
                         input="subvolumes", batch_size=self.batch_size, epochs=self.epochs,
-                        iterations_per_epoch=self.iterations_per_epoch, lr=self.lr,
-                        predicted_peak_gb=self.predicted_peak_gb, time_fraction=None,
+                        iterations_per_epoch=self.iterations_per_epoch, lr=self.lr, time_fraction=None,
                         subvolume_shapes=(self.patch_shape,))
 
 
@@ -391,12 +384,54 @@ class FingerprintSummary:
 
 
 @dataclass(frozen=True)
-class Plans:
-    """The parsed plans: every section typed and frozen (``raw`` is the validated JSON dict)."""
+class FullResolutionReport:
+    inplane_spacing_ratio: float = _f(_num(0))
+    max_inplane_spacing_ratio: float = _f(_num(0))
+    median_spacing: tuple[float, float, float] = _f(_SPACING)
+    shape_p95: tuple[int, int, int] = _f(_list(_int(0), 3))
+    min_slices: int = _f(_int(0))
 
-    plans_version: int = _f(_int())
+
+@dataclass(frozen=True)
+class Net1Report:
+    coarse_shape_median: tuple[int, int, int] = _f(_list(_int(0), 3))
+    widths: tuple[int, ...] = _f(_list(_int(1, _MAX_WIDTH)))
+
+
+@dataclass(frozen=True)
+class WidthsReport:
+    widths: tuple[int, ...] = _f(_list(_int(1, _MAX_WIDTH)))
+
+
+@dataclass(frozen=True)
+class PlansReport:
+    """What the planner recorded beside the settings: read-only facts (overrides cannot touch them)."""
+
     planner_version: int = _f(_int())
     preset: str | None = _f(_opt(_str()))
+    dataset: DatasetPlan | None = None
+    machine: MachinePlan | None = None
+    memory: MemoryPlan | None = None
+    fingerprint_summary: FingerprintSummary | None = None
+    full_resolution: FullResolutionReport | None = None
+    net1: Net1Report | None = None
+    net2: WidthsReport | None = None
+    baseline_unet: WidthsReport | None = None
+
+    def predicted_peak_gb(self, what: str) -> float | None:
+        """The memory model's peak for ``step1``..``step4``, ``inference`` or ``baseline`` (GB), if planned."""
+        return self.memory.predicted_peak_gb.get(what) if self.memory else None
+
+    def step_peak_gb(self, step: "StepPlan") -> float | None:
+        """The predicted peak of a training step (the baseline's single step included)."""
+        return self.predicted_peak_gb(f"step{step.step}" if step.name != BASELINE_STEP else "baseline")
+
+
+@dataclass(frozen=True)
+class Plans:
+    """The parsed plans: the settings, every section typed and frozen, and the planner's :attr:`report`
+    (``raw`` is the validated JSON dict)."""
+
     modality: str = _f(_str())
     num_input_channels: int = _f(_int(1))
     channel_names: dict[str, str] = _f(_object)
@@ -405,8 +440,6 @@ class Plans:
     label_codes: dict[str, int] | None = _f(_opt(_object))
     amp: str = _f(_str(AMP_MODES))
     normalization: tuple[NormalizationPlan, ...] = dataclasses.field(default=())
-    dataset: DatasetPlan | None = None
-    machine: MachinePlan | None = None
     cropping: CroppingPlan | None = None
     full_resolution: FullResolutionPlan | None = None
     net1: Net1Plan | None = None
@@ -416,8 +449,8 @@ class Plans:
     sampling: SamplingPlan | None = None
     inference: InferencePlan | None = None
     baseline_unet: BaselinePlan | None = None
-    memory: MemoryPlan | None = None
-    fingerprint_summary: FingerprintSummary | None = None
+    report: PlansReport | None = None
+    plans_version: int = PLANS_VERSION
     raw: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -429,6 +462,10 @@ class Plans:
         """The plans as the JSON dict they were parsed from (a copy): for files and checkpoints."""
         return copy.deepcopy(dict(self.raw))
 
+    def settings_dict(self) -> dict[str, Any]:
+        """The settings part of the JSON dict (a copy): what ``--plans-override`` merges into."""
+        return copy.deepcopy(dict(self.raw["settings"]))
+
     def training_steps(self, configuration: str) -> dict[str, StepPlan]:
         """The training steps of ``configuration`` by name: ``"1"``..``"4"`` (cascade) or ``"baseline"``."""
         if configuration == "cascade":
@@ -438,61 +475,88 @@ class Plans:
         raise HCError(f"unknown configuration {configuration!r}; expected cascade or baseline")
 
 
-#: Sections parsed into their own types (besides ``training``, ``normalization`` and ``augmentation``).
+#: Settings sections parsed into their own types (besides ``training``, ``normalization``, ``augmentation``).
 _SECTIONS: dict[str, type] = {
-    "dataset": DatasetPlan, "machine": MachinePlan, "cropping": CroppingPlan, "full_resolution": FullResolutionPlan,
-    "net1": Net1Plan, "net2": Net2Plan, "sampling": SamplingPlan, "inference": InferencePlan,
-    "baseline_unet": BaselinePlan, "memory": MemoryPlan, "fingerprint_summary": FingerprintSummary,
+    "cropping": CroppingPlan, "full_resolution": FullResolutionPlan, "net1": Net1Plan, "net2": Net2Plan,
+    "sampling": SamplingPlan, "inference": InferencePlan, "baseline_unet": BaselinePlan,
 }
-_TOP_LEVEL = {f.name for f in dataclasses.fields(Plans) if f.name != "raw"}
+#: Report sections and their types.
+_REPORT_SECTIONS: dict[str, type] = {
+    "dataset": DatasetPlan, "machine": MachinePlan, "memory": MemoryPlan, "fingerprint_summary": FingerprintSummary,
+    "full_resolution": FullResolutionReport, "net1": Net1Report, "net2": WidthsReport, "baseline_unet": WidthsReport,
+}
+_SETTINGS = {f.name for f in dataclasses.fields(Plans) if f.name not in ("raw", "report", "plans_version")}
+_FILE_PARTS = ("plans_version", "settings", "report")
 
 
 def parse_plans(plans: Any, source: str = "plans") -> Plans:
     """Validate a plans dict of the current version and return its typed, frozen sections.
 
-    Every section refuses unknown keys and missing fields with a one-line :class:`HCError` naming
-    ``source`` and the field, e.g. ``plans.json: training.steps[2] has unknown key 'foo'``.
+    The dict has three keys: ``plans_version``, ``settings`` and ``report``. Every section refuses unknown
+    keys and missing fields with a one-line :class:`HCError` naming ``source`` and the field, e.g.
+    ``plans.json: settings.training.steps[2] has unknown key 'foo'``.
     """
     if not isinstance(plans, Mapping):
         raise HCError(f"{source}: plans must be a JSON object")
     check_plans_version(plans, source)
     for key in plans:
-        if key not in _TOP_LEVEL:
-            raise HCError(f"{source}: plans have unknown key {key!r}")
-    missing = [k for k in _TOP_LEVEL if k not in plans and k != "machine"]
-    if missing:
-        raise HCError(f"{source}: missing field(s) {', '.join(sorted(missing))}")
-    sections: dict[str, Any] = {}
-    for name, cls in _SECTIONS.items():
-        value = plans[name] if name in plans else None
-        sections[name] = None if value is None and name == "machine" else _section(cls, value, name, source)
-    training = plans["training"]
-    if not isinstance(training, Mapping):
-        raise HCError(f"{source}: training must be an object")
-    steps = training.get("steps")
-    if not isinstance(steps, list) or [s.get("step") if isinstance(s, Mapping) else None for s in steps] != [1, 2, 3, 4]:
-        raise HCError(f"{source}: training.steps must list steps 1, 2, 3, 4 in order")
-    parsed_steps = tuple(_section(StepPlan, s, f"training.steps[{s['step']}]", source) for s in steps)
-    for st in parsed_steps:
-        if st.input != STEP_INPUTS[st.step]:
-            raise HCError(f"{source}: training.steps[{st.step}].input must be {STEP_INPUTS[st.step]!r}, got {st.input!r}")
-        if not st.shapes:
-            need = {1: "patch_shape", 2: "subvolume_shapes", 3: "subvolume_shapes", 4: "stack_shape"}[st.step]
-            raise HCError(f"{source}: training.steps[{st.step}] needs '{need}'")
-        if st.loss_weights is not None and any(not _is_num(v) for v in st.loss_weights.values()):
-            raise HCError(f"{source}: training.steps[{st.step}].loss_weights must map loss names to numbers")
-    sections["training"] = _section(TrainingPlan, {k: v for k, v in training.items() if k != "steps"}, "training",
-                                    source, steps=parsed_steps)
-    norm = plans["normalization"]
-    if not isinstance(norm, list):
-        raise HCError(f"{source}: normalization must be a list, one entry per input channel")
-    sections["normalization"] = tuple(_section(NormalizationPlan, n, f"normalization[{i}]", source)
-                                      for i, n in enumerate(norm))
-    sections["augmentation"] = AugmentationParams.from_dict(plans["augmentation"], source)
-    top = {k: v for k, v in plans.items() if k not in sections and k in _TOP_LEVEL}
-    out = _section(Plans, top, "plans", source, **sections, raw=copy.deepcopy(dict(plans)))
+        if key not in _FILE_PARTS:
+            raise HCError(f"{source}: plans have unknown key {key!r} (a plans file has only "
+                          f"{', '.join(_FILE_PARTS)})")
+    for part in ("settings", "report"):
+        if not isinstance(plans.get(part), Mapping):
+            raise HCError(f"{source}: plans lack the '{part}' object")
+    sections, top = _parse_settings(plans["settings"], source)
+    out = _section(Plans, top, "settings", source, **sections, report=_parse_report(plans["report"], source),
+                   raw=copy.deepcopy(dict(plans)))
     _check_consistency(out, source)
     return out
+
+
+def _parse_settings(settings: Mapping[str, Any], source: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The typed settings sections, and the top-level scalar fields (checked by the caller's ``_section``)."""
+    for key in settings:
+        if key not in _SETTINGS:
+            raise HCError(f"{source}: settings has unknown key {key!r}")
+    missing = [k for k in _SETTINGS if k not in settings]
+    if missing:
+        raise HCError(f"{source}: settings lack field(s) {', '.join(sorted(missing))}")
+    sections: dict[str, Any] = {name: _section(cls, settings[name], f"settings.{name}", source)
+                                for name, cls in _SECTIONS.items()}
+    training = settings["training"]
+    if not isinstance(training, Mapping):
+        raise HCError(f"{source}: settings.training must be an object")
+    steps = training.get("steps")
+    if not isinstance(steps, list) or [s.get("step") if isinstance(s, Mapping) else None for s in steps] != [1, 2, 3, 4]:
+        raise HCError(f"{source}: settings.training.steps must list steps 1, 2, 3, 4 in order")
+    parsed_steps = tuple(_section(StepPlan, s, f"settings.training.steps[{s['step']}]", source) for s in steps)
+    for st in parsed_steps:
+        where = f"{source}: settings.training.steps[{st.step}]"
+        if st.input != STEP_INPUTS[st.step]:
+            raise HCError(f"{where}.input must be {STEP_INPUTS[st.step]!r}, got {st.input!r}")
+        if not st.shapes:
+            need = {1: "patch_shape", 2: "subvolume_shapes", 3: "subvolume_shapes", 4: "stack_shape"}[st.step]
+            raise HCError(f"{where} needs '{need}'")
+        if st.loss_weights is not None and any(not _is_num(v) for v in st.loss_weights.values()):
+            raise HCError(f"{where}.loss_weights must map loss names to numbers")
+    sections["training"] = _section(TrainingPlan, {k: v for k, v in training.items() if k != "steps"},
+                                    "settings.training", source, steps=parsed_steps)
+    norm = settings["normalization"]
+    if not isinstance(norm, list):
+        raise HCError(f"{source}: settings.normalization must be a list, one entry per input channel")
+    sections["normalization"] = tuple(_section(NormalizationPlan, n, f"settings.normalization[{i}]", source)
+                                      for i, n in enumerate(norm))
+    sections["augmentation"] = AugmentationParams.from_dict(settings["augmentation"], source, "settings.augmentation")
+    return sections, {k: v for k, v in settings.items() if k not in sections}
+
+
+def _parse_report(report: Mapping[str, Any], source: str) -> PlansReport:
+    missing = sorted(set(_REPORT_SECTIONS) - set(report))
+    if missing:
+        raise HCError(f"{source}: report lacks field(s) {', '.join(missing)}")
+    sections = {name: _section(cls, report[name], f"report.{name}", source) for name, cls in _REPORT_SECTIONS.items()}
+    top = {k: v for k, v in report.items() if k not in _REPORT_SECTIONS}
+    return _section(PlansReport, top, "report", source, **sections)
 
 
 def _check_consistency(p: Plans, source: str) -> None:
@@ -517,29 +581,41 @@ def _check_consistency(p: Plans, source: str) -> None:
 
 
 def _field_names(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls) if f.name != "raw"}
+    return {f.name for f in dataclasses.fields(cls)}
 
 
-#: The plans' report: what the planner recorded -- versions, the dataset and planning machine, the memory
-#: target and estimates, the fingerprint summary, predicted peaks, widths for humans -- beside the settings a
-#: user may override. A whole section (None) or some of its fields; ``training.steps`` names its entries' fields.
+#: The report's fields by the planner's section they are planned in: a whole section (None) or some of its
+#: fields. Derived from the report's types, so the split and the types cannot disagree.
 REPORT: dict[str, tuple[str, ...] | None] = {
-    "plans_version": None, "planner_version": None, "preset": None, "dataset": None, "machine": None,
-    "memory": None, "fingerprint_summary": None,
-    "full_resolution": ("inplane_spacing_ratio", "max_inplane_spacing_ratio", "median_spacing", "shape_p95",
-                        "min_slices"),
-    "net1": ("coarse_shape_median", "widths"), "net2": ("widths",), "baseline_unet": ("widths", "predicted_peak_gb"),
-    "inference": ("predicted_peak_gb",), "training.steps": ("predicted_peak_gb",),
+    **{f.name: None for f in dataclasses.fields(PlansReport) if "check" in f.metadata},
+    **{name: (tuple(f.name for f in dataclasses.fields(cls)) if name in _SECTIONS else None)
+       for name, cls in _REPORT_SECTIONS.items()},
 }
 
 
 def _is_report(path: str) -> bool:
-    """Whether a dotted plans path (``net1.widths``, ``training.steps[2].predicted_peak_gb``) is a report field."""
-    top = path.partition(".")[0]
-    if top in REPORT and REPORT[top] is None:
-        return True
-    section, _, field = path.rpartition(".")
-    return field in (REPORT.get(section.split("[")[0]) or ())
+    """Whether a dotted settings path (``net1.widths``, ``memory.target_gb``) names a report field."""
+    top, _, rest = path.partition(".")
+    if top not in REPORT:
+        return False
+    return REPORT[top] is None or rest.split(".")[0] in REPORT[top]
+
+
+def split_plans(planned: Mapping[str, Any]) -> dict[str, Any]:
+    """The plans file from the planner's sections (one flat dict): the :data:`REPORT` fields go to
+    ``report``, everything else to ``settings``."""
+    settings: dict[str, Any] = {}
+    report: dict[str, Any] = {}
+    for key, value in planned.items():
+        fields = REPORT.get(key, ())
+        if key in REPORT and fields is None:
+            report[key] = copy.deepcopy(value)
+            continue
+        if fields:
+            report[key] = {k: copy.deepcopy(value[k]) for k in fields if k in value}
+            value = {k: v for k, v in value.items() if k not in fields}
+        settings[key] = copy.deepcopy(value)
+    return {"plans_version": PLANS_VERSION, "settings": settings, "report": report}
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -557,37 +633,45 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def settings_differences(a: Plans, b: Plans) -> list[str]:
-    """The settings (not :data:`REPORT` fields) whose values differ between two plans, as dotted paths: what a
-    re-plan would change in a kept plans file."""
-    fa, fb = _flatten(a.to_dict()), _flatten(b.to_dict())
-    return sorted(k for k in set(fa) | set(fb) if not _is_report(k) and fa.get(k) != fb.get(k))
+    """The settings whose values differ between two plans, as dotted paths: what a re-plan would change in a
+    kept plans file (the report is left out)."""
+    fa, fb = _flatten(a.settings_dict()), _flatten(b.settings_dict())
+    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
+
+
+def with_settings(plans: Plans, override: Mapping[str, Any], source: str = "plans with --plans-override") -> Plans:
+    """``plans`` with a partial settings dict merged into its settings (dicts merge, training steps by number;
+    the report stays as the planner recorded it), checked again."""
+    data = plans.to_dict()
+    data["settings"] = deep_merge(data["settings"], override)
+    return parse_plans(data, source)
 
 
 def check_override_keys(override: Mapping[str, Any], source: str = "--plans-override") -> None:
-    """Every key of a partial plans dict (``--plans-override``) must be a plans setting; the first unknown key
-    or :data:`REPORT` field is a one-line HCError naming it (values are checked once the override is merged,
-    by :func:`parse_plans`)."""
-    def walk(data: Any, cls: type, where: str) -> None:
+    """Every key of a partial settings dict (``--plans-override``) must be a setting; the first unknown key
+    or report field is a one-line HCError naming it (values are checked once the override is merged into
+    the settings, by :func:`parse_plans`)."""
+    def walk(data: Any, fields: set[str], where: str) -> None:
         if not isinstance(data, Mapping):
             return
         for key in data:
-            if key not in _field_names(cls):
-                raise HCError(f"{source}: {where + ' has' if where else 'plans have'} unknown key {key!r}")
-            name = f"{where}.{key}" if where else key
+            name = f"{where}.{key}" if where else str(key)
+            if key in fields:
+                continue
             if _is_report(name):
                 raise HCError(f"{source}: {name} is part of the plans' report (what the planner recorded), not a "
                               "setting; re-plan with hc_plan_and_preprocess to change it")
-    walk(override, Plans, "")
-    for name, cls in {**_SECTIONS, "augmentation": AugmentationParams}.items():
-        walk(override.get(name), cls, name)
+            raise HCError(f"{source}: {where + ' has' if where else 'settings have'} unknown key {key!r}")
+    walk(override, _SETTINGS, "")
+    for name, cls in {**_SECTIONS, "augmentation": AugmentationParams, "training": TrainingPlan}.items():
+        walk(override.get(name), _field_names(cls), name)
     training = override.get("training")
     if isinstance(training, Mapping):
-        walk(training, TrainingPlan, "training")
         for entry in training.get("steps") or []:
             if isinstance(entry, Mapping):
-                walk(entry, StepPlan, f"training.steps[{entry.get('step')}]")
+                walk(entry, _field_names(StepPlan), f"training.steps[{entry.get('step')}]")
     for i, entry in enumerate(override.get("normalization") or []):
-        walk(entry, NormalizationPlan, f"normalization[{i}]")
+        walk(entry, _field_names(NormalizationPlan), f"normalization[{i}]")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -685,8 +769,9 @@ def baseline_kwargs(plans: Plans) -> dict[str, Any]:
 
 def plans_summary(p: Plans) -> str:
     """One line on what the planner chose: preset, machine, memory target, K, Net1's coarse spacing."""
-    return (f"preset {p.preset} for {p.machine.kind if p.machine else 'an unrecorded machine'}, memory target "
-            f"{p.memory.target_gb:g} GB from {p.memory.target_source}; K={p.net2.K}, Net1 coarse spacing "
+    r = p.report
+    return (f"preset {r.preset} for {r.machine.kind if r.machine else 'an unrecorded machine'}, memory target "
+            f"{r.memory.target_gb:g} GB from {r.memory.target_source}; K={p.net2.K}, Net1 coarse spacing "
             f"{', '.join(f'{v:g}' for v in p.net1.coarse_spacing)} mm")
 
 
@@ -694,14 +779,14 @@ def preprocess_settings(p: Plans) -> PreprocessSettings:
     """What preprocessing follows, from the typed plans."""
     return PreprocessSettings(
         modality=p.modality, num_input_channels=p.num_input_channels, num_classes=p.num_classes,
-        normalization=tuple(copy.deepcopy(dict(n)) for n in p.raw["normalization"]), margin_mm=p.cropping.margin_mm,
+        normalization=tuple(copy.deepcopy(dict(n)) for n in p.raw["settings"]["normalization"]), margin_mm=p.cropping.margin_mm,
         inplane_spacing=p.full_resolution.inplane_spacing, coarse_spacing=p.net1.coarse_spacing,
         max_locations_per_class=p.sampling.max_locations_per_class)
 
 
 def preprocessing_fields(p: Plans) -> dict[str, Any]:
     """The plans fields the preprocessed arrays depend on (changing anything else keeps them valid)."""
-    plans = p.raw
+    plans = p.raw["settings"]
     return {
         "preprocessing_version": PREPROCESSING_VERSION,
         "modality": plans["modality"],

@@ -7,12 +7,11 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from heartcascade.paths import find_dataset_name, parse_dataset_id, preprocessed_root, raw_root
-from heartcascade.planning.plans import (Plans, check_override_keys, load_plans, parse_plans, preprocessing_fields,
-                                         preprocessing_hash)
+from heartcascade.planning.plans import (Plans, check_override_keys, load_plans, preprocessing_fields,
+                                         preprocessing_hash, with_settings)
 from heartcascade.preprocessing.storage import list_cases
 from heartcascade.utils.errors import HCError
 from heartcascade.utils.jsonio import parse_json
-from heartcascade.utils.merge import deep_merge
 
 
 def find_preprocessed(dataset: int | str) -> Path:
@@ -79,7 +78,7 @@ def run_plans(pre_dir: Path, override: Mapping[str, Any] | None) -> Plans:
     the result is the fold folder's plans.json and the checkpoints' plans)."""
     plans = load_plans(pre_dir / "plans.json")
     if override:
-        merged = parse_plans(deep_merge(plans.to_dict(), dict(override)), "plans with --plans-override")
+        merged = with_settings(plans, override)
         before, after = preprocessing_fields(plans), preprocessing_fields(merged)
         changed = sorted(k for k in before if before[k] != after[k])
         if changed:

@@ -212,7 +212,7 @@ class TrainingSession:
         torch.manual_seed(self.seed)
         self.model = self.model_class(self.plans, self.device)
         self.networks: dict[str, nn.Module] = self.model.networks
-        fractions = self.plans.fingerprint_summary.class_fractions
+        fractions = self.plans.report.fingerprint_summary.class_fractions
         if self.plans.training.classifier_bias_init == "class_prior" and fractions:
             for net in self.networks.values():
                 init_classifier_bias(net.classifier, list(fractions))
@@ -237,7 +237,7 @@ class TrainingSession:
         for net in self.networks.values():
             net.to(self.device)
         self.logger.log(f"networks initialised from {self.pretrained} (fold {model.name} of its "
-                        f"{getattr(model.plans.dataset, 'name', None) or 'dataset'} model): fine-tuning")
+                        f"{getattr(model.plans.report.dataset, 'name', None) or 'dataset'} model): fine-tuning")
 
     # ------------------------------------------------------------------------------------------------
     # one curriculum step

@@ -175,9 +175,9 @@ def make_plans(info: DatasetInfo, out_dir: Path, dataset_id: int, preset_name: s
             raise HCError(f"{exc}; re-plan with 'hc_plan_and_preprocess -d {dataset_id} --overwrite"
                           f"{' --preset ' + preset_name if preset_name else ''}' (this preprocesses every case "
                           f"again) or restore the file") from None
-        same_preset = preset_name is None or existing.preset == preset.get("name")
-        same_memory = gpu_memory_gb is None or abs(existing.memory.target_gb - gpu_memory_gb) < 1e-6
-        same_machine = machine is None or (existing.machine.kind if existing.machine else None) == machine
+        same_preset = preset_name is None or existing.report.preset == preset.get("name")
+        same_memory = gpu_memory_gb is None or abs(existing.report.memory.target_gb - gpu_memory_gb) < 1e-6
+        same_machine = machine is None or (existing.report.machine.kind if existing.report.machine else None) == machine
         if same_preset and same_memory and same_machine:
             _warn_if_preset_changed(existing, path, info, fingerprint, dataset_id)
             return existing
@@ -188,16 +188,16 @@ def _warn_if_preset_changed(existing: Plans, path: Path, info: DatasetInfo, fing
                             dataset_id: int) -> None:
     """A kept plans file is not silently stale: after an upgrade (or a preset edit) say which settings the
     same preset now plans differently (a hand edit shows up here too, and is kept)."""
-    machine = existing.machine.kind if existing.machine else None
+    machine = existing.report.machine.kind if existing.report.machine else None
     try:  # the kept plans stand on their own: a preset that is gone or no longer plans only skips the warning
-        fresh = parse_plans(planner.plan_experiment(fingerprint, presets.load_preset(existing.preset), info,
-                                                    dataset_id, existing.memory.target_gb, machine), "re-planned")
+        fresh = parse_plans(planner.plan_experiment(fingerprint, presets.load_preset(existing.report.preset), info,
+                                                    dataset_id, existing.report.memory.target_gb, machine), "re-planned")
     except HCError:
         return
     changed = settings_differences(existing, fresh)
     if changed:
         more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
-        print(f"warning: {path}: kept (hand edits survive), but preset '{existing.preset}' now plans "
+        print(f"warning: {path}: kept (hand edits survive), but preset '{existing.report.preset}' now plans "
               f"{', '.join(changed[:6])}{more} differently; re-plan with 'hc_plan_and_preprocess -d {dataset_id} "
               "--overwrite' to take them", file=sys.stderr)
 
