@@ -9,8 +9,23 @@ import torch
 from heartcascade.utils.errors import HCError
 
 
+def flush_denormals() -> bool:
+    """Treat subnormal floats (below ~1.2e-38) as zero in this thread's CPU arithmetic and in the threads it
+    starts later (torch's OpenMP pool inherits the flag when it is created afterwards).
+
+    Why: trained networks produce subnormal activations and gradients, which x86 CPUs compute through a
+    slow microcode path. On this project's 2-core CPU one step-4 iteration with a trained Net2 took 1.3 s
+    instead of 0.08 s with the flag (documentation/benchmarks.md, "Subnormal numbers"); values that small
+    change no prediction. Returns False where the CPU has no such mode."""
+    return bool(torch.set_flush_denormal(True))
+
+
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` picks CUDA when torch sees a GPU; asking for CUDA without one is an HCError, not a crash."""
+    """``auto`` picks CUDA when torch sees a GPU; asking for CUDA without one is an HCError, not a crash.
+
+    Every path that computes (training, prediction, the benchmark) resolves its device here first, so this
+    is also where subnormal floats are switched off (:func:`flush_denormals`), before torch starts threads."""
+    flush_denormals()
     if isinstance(device, torch.device):
         return device
     name = (device or "auto").lower()
