@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -35,3 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     return run_cli(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
