@@ -172,12 +172,12 @@ def test_wheel_plans_and_preprocesses_in_fresh_venv(tmp_path):
 
     assert f"preset {DEFAULT_PRESET}" in result.stdout  # the packaged default preset was found
     out = roots["HC_PREPROCESSED"] / "Dataset077_WheelTest"
-    assert json.loads((out / "plans.json").read_text())["preset"] == DEFAULT_PRESET
+    assert json.loads((out / "plans.json").read_text())["report"]["preset"] == DEFAULT_PRESET
     assert len(list(out.rglob("w0*"))) >= 1 and len(list(out.rglob("w1*"))) >= 1
     listed = _run([vpython, "-c", "from heartcascade.planning.presets import available_presets as a; print(a())"],
                   env=env, cwd=tmp_path)
     assert {"paper", "demo", "cpu"} <= set(eval(listed.stdout)), listed.stdout
-    assert np.isfinite(json.loads((out / "plans.json").read_text())["memory"]["target_gb"])
+    assert np.isfinite(json.loads((out / "plans.json").read_text())["report"]["memory"]["target_gb"])
 
     # 4. the default model from the installed package: its card is found; without the shipped zip the
     #    command says so in one line, with it a real scan is segmented (the acceptance of issue #22)
