@@ -409,18 +409,18 @@ class PlansReport:
 
     planner_version: int = _f(_int())
     preset: str | None = _f(_opt(_str()))
-    dataset: DatasetPlan | None = None
-    machine: MachinePlan | None = None
-    memory: MemoryPlan | None = None
-    fingerprint_summary: FingerprintSummary | None = None
-    full_resolution: FullResolutionReport | None = None
-    net1: Net1Report | None = None
-    net2: WidthsReport | None = None
-    baseline_unet: WidthsReport | None = None
+    dataset: DatasetPlan
+    machine: MachinePlan
+    memory: MemoryPlan
+    fingerprint_summary: FingerprintSummary
+    full_resolution: FullResolutionReport
+    net1: Net1Report
+    net2: WidthsReport
+    baseline_unet: WidthsReport
 
     def predicted_peak_gb(self, what: str) -> float | None:
         """The memory model's peak for ``step1``..``step4``, ``inference`` or ``baseline`` (GB), if planned."""
-        return self.memory.predicted_peak_gb.get(what) if self.memory else None
+        return self.memory.predicted_peak_gb.get(what)
 
     def step_peak_gb(self, step: "StepPlan") -> float | None:
         """The predicted peak of a training step (the baseline's single step included)."""
@@ -770,7 +770,7 @@ def baseline_kwargs(plans: Plans) -> dict[str, Any]:
 def plans_summary(p: Plans) -> str:
     """One line on what the planner chose: preset, machine, memory target, K, Net1's coarse spacing."""
     r = p.report
-    return (f"preset {r.preset} for {r.machine.kind if r.machine else 'an unrecorded machine'}, memory target "
+    return (f"preset {r.preset} for {r.machine.kind}, memory target "
             f"{r.memory.target_gb:g} GB from {r.memory.target_source}; K={p.net2.K}, Net1 coarse spacing "
             f"{', '.join(f'{v:g}' for v in p.net1.coarse_spacing)} mm")
 

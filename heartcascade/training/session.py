@@ -237,7 +237,7 @@ class TrainingSession:
         for net in self.networks.values():
             net.to(self.device)
         self.logger.log(f"networks initialised from {self.pretrained} (fold {model.name} of its "
-                        f"{getattr(model.plans.report.dataset, 'name', None) or 'dataset'} model): fine-tuning")
+                        f"{model.plans.report.dataset.name} model): fine-tuning")
 
     # ------------------------------------------------------------------------------------------------
     # one curriculum step

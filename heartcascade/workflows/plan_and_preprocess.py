@@ -177,7 +177,7 @@ def make_plans(info: DatasetInfo, out_dir: Path, dataset_id: int, preset_name: s
                           f"again) or restore the file") from None
         same_preset = preset_name is None or existing.report.preset == preset.get("name")
         same_memory = gpu_memory_gb is None or abs(existing.report.memory.target_gb - gpu_memory_gb) < 1e-6
-        same_machine = machine is None or (existing.report.machine.kind if existing.report.machine else None) == machine
+        same_machine = machine is None or existing.report.machine.kind == machine
         if same_preset and same_memory and same_machine:
             _warn_if_preset_changed(existing, path, info, fingerprint, dataset_id)
             return existing
@@ -188,10 +188,10 @@ def _warn_if_preset_changed(existing: Plans, path: Path, info: DatasetInfo, fing
                             dataset_id: int) -> None:
     """A kept plans file is not silently stale: after an upgrade (or a preset edit) say which settings the
     same preset now plans differently (a hand edit shows up here too, and is kept)."""
-    machine = existing.report.machine.kind if existing.report.machine else None
     try:  # the kept plans stand on their own: a preset that is gone or no longer plans only skips the warning
         fresh = parse_plans(planner.plan_experiment(fingerprint, presets.load_preset(existing.report.preset), info,
-                                                    dataset_id, existing.report.memory.target_gb, machine), "re-planned")
+                                                    dataset_id, existing.report.memory.target_gb,
+                                                    existing.report.machine.kind), "re-planned")
     except HCError:
         return
     changed = settings_differences(existing, fresh)
