@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     tta = parser.add_mutually_exclusive_group()
     tta.add_argument("--tta", dest="tta", action="store_true", default=None,
                      help="test-time mirroring (Net1/baseline: the axes training mirrored, Net2: in-plane); slower; default: the "
-                          "model's plans (inference.tta, off in every preset)")
+                          "model's plans (inference.tta; on in the default preset)")
     tta.add_argument("--disable_tta", "--disable-tta", dest="tta", action="store_false",
                      help="no test-time mirroring (nnU-Net's spelling)")
     # --- probabilities (issue #22 item 6): nnU-Net's spelling --save_probabilities writes nnU-Net's files ---

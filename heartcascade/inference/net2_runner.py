@@ -17,44 +17,24 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from heartcascade.inference.roi import clamped_range
-from heartcascade.utils.device import autocast
+from heartcascade.inference.tta import IDENTITY, View, summed_softmax
 
 #: Net2 input for one fold: ``make_input(fold_index, z_indices) -> (1, Cin, len(z_indices), H, W)``.
 InputFn = Callable[[int, torch.Tensor], torch.Tensor]
 
-#: In-plane flips used for Net2 test-time augmentation (dims of a (N, C, D, H, W) tensor).
-NET2_TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (4,), (3,), (3, 4))
-
-
-def mirrored_softmax(net: torch.nn.Module, x: torch.Tensor, flips: Sequence[tuple[int, ...]],
-                     amp: str = "bf16") -> torch.Tensor:
-    """Sum over ``flips`` of ``softmax(net(flip(x)))`` flipped back (float32); ``amp``: the plans' autocast."""
-    total = None
-    for dims in flips:
-        xin = torch.flip(x, dims) if dims else x
-        with autocast(x.device, amp):
-            logits = net(xin)
-        probs = torch.softmax(logits.float(), dim=1)
-        del logits
-        if dims:
-            probs = torch.flip(probs, dims)
-        total = probs if total is None else total.add_(probs)
-    return total
-
-
 def net2_chunks(nets: Sequence[torch.nn.Module], make_input: InputFn, z_range: tuple[int, int], depth: int,
-                K: int, chunk: int, tta: bool = False, amp: str = "bf16") -> Iterator[tuple[int, int, torch.Tensor]]:
+                K: int, chunk: int, views_: Sequence[View] = IDENTITY,
+                amp: str = "bf16") -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield ``(a, b, probs)`` for consecutive chunks ``[a, b)`` of ``z_range``.
 
-    ``probs`` is Net2's softmax averaged over ``nets`` (folds) and, with ``tta``, over the in-plane
-    mirrorings: a float32 tensor (C, b - a, H, W) on the networks' device. ``depth`` is the number of
-    slices of the whole volume (indices beyond it are edge-replicated).
+    ``probs`` is Net2's softmax averaged over ``nets`` (folds) and the test-time ``views_``
+    (:mod:`heartcascade.inference.tta`): a float32 tensor (C, b - a, H, W) on the networks' device.
+    ``depth`` is the number of slices of the whole volume (indices beyond it are edge-replicated).
     """
     if K < 1 or K % 2 != 1:
         raise ValueError(f"Net2 K must be odd, got {K}")
     margin = (K - 1) // 2
     chunk = max(1, int(chunk))
-    flips = NET2_TTA_FLIPS if tta else ((),)
     z0, z1 = z_range
     for a in range(z0, z1, chunk):
         b = min(a + chunk, z1)
@@ -62,9 +42,9 @@ def net2_chunks(nets: Sequence[torch.nn.Module], make_input: InputFn, z_range: t
         total = None
         for i, net in enumerate(nets):
             x = make_input(i, z_idx)
-            probs = mirrored_softmax(net, x, flips, amp)
+            probs = summed_softmax(net, x, views_, amp)
             del x
             total = probs if total is None else total.add_(probs)
-        total.mul_(1.0 / (len(nets) * len(flips)))
+        total.mul_(1.0 / (len(nets) * len(views_)))
         yield a, b, total[0]
         del total

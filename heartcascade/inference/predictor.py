@@ -22,7 +22,6 @@ The baseline configuration resamples the normalised image to its coarse grid (2 
 """
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ import SimpleITK as sitk
 import torch
 
 from heartcascade.inference import roi as roi_mod
+from heartcascade.inference.tta import IDENTITY, summed_softmax, views as tta_views
 from heartcascade.inference.io_pipeline import tune_host_allocator
 from heartcascade.inference.model_loading import check_compatible_plans, load_folds, model_dir_for
 from heartcascade.inference.net2_runner import net2_chunks
@@ -42,13 +42,12 @@ from heartcascade.inference.results import (CaseResult, PredictionReport, RoiPro
 from heartcascade.inference.label_codes import code_lookup, label_codes_from
 from heartcascade.inference.sliding_window import sliding_window_softmax
 from heartcascade.inference.upsampling import upsample_at
-from heartcascade.networks.blocks import crop_to_shape, pad_to_multiple
 from heartcascade.planning import memory_model
 from heartcascade.planning.plans import Plans, preprocess_settings
 from heartcascade.preprocessing.preprocess import preprocess_images, restore_to_original
 from heartcascade.preprocessing.resampling import (bspline2_apply, bspline2_coefficients, bspline2_resample,
                                                    resample_torch, shape_for_spacing)
-from heartcascade.utils.device import autocast, resolve_device
+from heartcascade.utils.device import resolve_device
 from heartcascade.utils.errors import HCError
 
 #: Names other modules import from here (re-exported from where they live now).
@@ -65,10 +64,6 @@ GPU_BUDGET_FRACTION = 0.5
 # The predictor
 
 
-def _flip_sets(ndim_spatial: int, axes: Sequence[int]) -> list[tuple[int, ...]]:
-    return [combo for r in range(len(axes) + 1) for combo in itertools.combinations(axes, r)]
-
-
 def tta_axes(plans: Plans) -> tuple[int, ...]:
     """Tensor dims (of ``(B, C, D, H, W)``) that test-time mirroring flips for the 3D networks: the axes the
     model was trained mirrored along (the plans' ``augmentation.flip_axes``), since a mirroring it never saw
@@ -76,6 +71,10 @@ def tta_axes(plans: Plans) -> tuple[int, ...]:
     augmentation = plans.augmentation
     axes = tuple(sorted(int(a) + 2 for a in augmentation.flip_axes)) if augmentation is not None else ()
     return axes or (2, 3, 4)
+
+
+#: Net2's test-time mirrorings: in-plane only (Net2 reads its K slices in order, so never along z).
+NET2_TTA_DIMS = (3, 4)
 
 
 class Predictor:
@@ -136,7 +135,8 @@ class Predictor:
         self.inference = inf = plans.inference
         self.preprocess_settings = preprocess_settings(plans)
         self.tta = inf.tta if tta is None else bool(tta)
-        self._tta_flips = _flip_sets(3, tta_axes(plans)) if self.tta else [()]
+        self._views_3d = tta_views(tta_axes(plans)) if self.tta else IDENTITY
+        self._views_net2 = tta_views(NET2_TTA_DIMS) if self.tta else IDENTITY
         if roi_rule is None:
             roi_rule = roi_mod.make_roi_rule(inf.roi_rule, inf.roi_margin_mm, inf.roi_min_component_fraction,
                                              inf.roi_join_distance_mm, inf.roi_centre_sigma)
@@ -243,21 +243,11 @@ class Predictor:
         """Per fold: Net1 softmax on the case's coarse grid, (1, C, d, h, w) float32 on the device."""
         coarse_shape = tuple(int(n) for n in properties["coarse_shape"])
         coarse = resample_torch(image_t, coarse_shape, "auto")[None]  # (1, C, d, h, w)
-        flips = self._tta_flips
+        views = self._views_3d
         out = []
         for fold in self.folds:
-            net1 = fold["net1"]
-            total = None
-            for dims in flips:
-                x = torch.flip(coarse, dims) if dims else coarse
-                x = pad_to_multiple(x, net1.required_divisor)
-                with autocast(self.device, self.plans.amp):
-                    logits = net1(x)
-                probs = torch.softmax(crop_to_shape(logits.float(), coarse_shape), dim=1)
-                if dims:
-                    probs = torch.flip(probs, dims)
-                total = probs if total is None else total + probs
-            out.append(total / len(flips))
+            total = summed_softmax(fold["net1"], coarse, views, self.plans.amp, fold["net1"].required_divisor)
+            out.append(total / len(views))
         return out
 
     def roi_box(self, mean_probs: torch.Tensor, properties: dict[str, Any]) -> tuple[tuple[int, int], ...]:
@@ -359,7 +349,7 @@ class Predictor:
         chunk = self.z_chunk_for(net2, (len(inplane[0]), len(inplane[1])), box[0][1] - box[0][0])
         self.last_z_chunk = chunk
         (z0, _), (y0, y1), (x0, x1) = box
-        for a, b, probs in net2_chunks(nets, make_input, box[0], shape[0], K, chunk, tta=self.tta,
+        for a, b, probs in net2_chunks(nets, make_input, box[0], shape[0], K, chunk, self._views_net2,
                                          amp=self.plans.amp):
             probs = probs[:, :, crop[0], crop[1]]
             labels[a:b, y0:y1, x0:x1] = probs.argmax(0).to(torch.uint8).cpu().numpy()
@@ -414,21 +404,12 @@ class Predictor:
         divisor = int(getattr(net, "required_divisor", 16))
         patch = self.plans.baseline_unet.patch_shape
         padded_shape = [int(math.ceil(s / divisor) * divisor) for s in x.shape[2:]]
-        flips = self._tta_flips
+        views = self._views_3d
         whole = patch is None or int(np.prod(padded_shape)) <= int(np.prod(patch)) * 2 \
             or self._baseline_fits(net, padded_shape)
         if whole:
-            total = None
-            for dims in flips:
-                xin = torch.flip(x, dims) if dims else x
-                with autocast(self.device, self.plans.amp):
-                    logits = net(pad_to_multiple(xin, divisor))
-                p = torch.softmax(crop_to_shape(logits.float(), x.shape[2:]), dim=1)
-                if dims:
-                    p = torch.flip(p, dims)
-                total = p if total is None else total.add_(p)
-            return total / len(flips)
-        return sliding_window_softmax(net, x, patch, divisor, flips, self.device, amp=self.plans.amp)
+            return summed_softmax(net, x, views, self.plans.amp, divisor) / len(views)
+        return sliding_window_softmax(net, x, patch, divisor, views, amp=self.plans.amp)
 
     def _baseline_fits(self, net: torch.nn.Module, padded_shape: Sequence[int]) -> bool:
         widths = getattr(net, "widths", [32])

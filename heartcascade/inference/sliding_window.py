@@ -1,8 +1,8 @@
 """Sliding-window inference for whole-volume networks (the baseline U-Net on volumes too big for one pass).
 
 Tiles of ``patch`` overlap by ``overlap`` (a fraction of the patch edge); each tile's softmax (averaged
-over the mirrorings in ``flips``) is blended with a Gaussian weight of ``sigma_scale`` times the patch
-edge, so tile borders, where the network sees least context, count least.
+over the test-time ``views_``, :mod:`heartcascade.inference.tta`) is blended with a Gaussian weight of
+``sigma_scale`` times the patch edge, so tile borders, where the network sees least context, count least.
 """
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from heartcascade.inference.tta import View, summed_softmax
 from heartcascade.networks.blocks import pad_to_multiple
-from heartcascade.utils.device import autocast
+
 
 def gaussian_weights(patch: Sequence[int], device: torch.device, sigma_scale: float = 1.0 / 8) -> torch.Tensor:
     """Blending weights of a tile: a Gaussian of ``sigma_scale`` times each edge, 1 at the centre."""
@@ -27,7 +28,7 @@ def gaussian_weights(patch: Sequence[int], device: torch.device, sigma_scale: fl
 
 
 def sliding_window_softmax(net: torch.nn.Module, x: torch.Tensor, patch: Sequence[int], divisor: int,
-                           flips: Sequence[tuple[int, ...]], device: torch.device, overlap: float = 0.5,
+                           views_: Sequence[View], overlap: float = 0.5,
                            sigma_scale: float = 1.0 / 8, amp: str = "bf16") -> torch.Tensor:
     """Gaussian-weighted average of the softmax over tiles of ``patch`` overlapping by ``overlap``."""
     patch = [int(math.ceil(p / divisor) * divisor) for p in patch]
@@ -49,16 +50,8 @@ def sliding_window_softmax(net: torch.nn.Module, x: torch.Tensor, patch: Sequenc
             for w in starts[2]:
                 sl = (slice(z, z + patch[0]), slice(y, y + patch[1]), slice(w, w + patch[2]))
                 tile = x[(slice(None), slice(None)) + sl]
-                acc = None
-                for dims in flips:
-                    tin = torch.flip(tile, dims) if dims else tile
-                    with autocast(device, amp):
-                        logits = net(tin)
-                    p = torch.softmax(logits.float(), dim=1)
-                    if dims:
-                        p = torch.flip(p, dims)
-                    acc = p if acc is None else acc.add_(p)
-                total[(slice(None), slice(None)) + sl] += acc / len(flips) * weight
+                acc = summed_softmax(net, tile, views_, amp)
+                total[(slice(None), slice(None)) + sl] += acc / len(views_) * weight
                 norm[sl] += weight
     total /= norm
     return total[:, :, :shape[0], :shape[1], :shape[2]]
