@@ -27,8 +27,10 @@ from tqdm import tqdm
 
 from heartcascade.dataset.dataset_json import load_dataset
 from heartcascade.evaluation.diagnostics import case_diagnostics
+from heartcascade.inference.model_loading import load_folds
 from heartcascade.inference.predictor import Predictor
 from heartcascade.inference.roi import HeartComponentRoi, WholeVolumeRoi
+from heartcascade.planning.plans import with_settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,9 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-m", "--model", required=True, help="model folder (configuration folder or fold folder)")
     p.add_argument("-f", "--folds", nargs="+", default=None, help="folds to use (default: all available)")
     p.add_argument("--data", required=True, help="raw dataset folder (imagesTr/, labelsTr/, dataset.json)")
-    p.add_argument("--cases", default="*", help="case-id wildcard (default: every case)")
+    p.add_argument("--cases", nargs="+", default=["*"], help="case-id wildcards (default: every case)")
     p.add_argument("--tta", action="store_true", default=None, help="mirroring test-time augmentation on")
     p.add_argument("--no-tta", dest="tta", action="store_false", help="off (default: the model's plans)")
+    p.add_argument("--quarter-turns", action="store_true",
+                   help="with test-time augmentation, also the in-plane quarter turns (inference.tta_quarter_turns; "
+                        "the model must have been trained rotated in-plane by >= 90 degrees)")
     p.add_argument("--roi-centre-sigma", type=float, default=None,
                    help="try the heart-component ROI rule with this position weight instead of the model's plans")
     p.add_argument("--roi-whole", action="store_true", help="try Net2 on the whole volume (ROI = everything)")
@@ -53,8 +58,14 @@ def main(argv: list[str] | None = None) -> int:
         HeartComponentRoi(None, args.roi_min_fraction, centre_sigma=args.roi_centre_sigma)  # margin from the plans
     if args.roi_whole:
         rule = WholeVolumeRoi()
-    predictor = Predictor.from_model_dir(args.model, args.folds, device="cpu", tta=args.tta, roi_rule=rule)
-    cases = [c for c in info.training_cases() if fnmatch.fnmatch(c.case_id, args.cases)]
+    if args.quarter_turns:  # the model's networks with its plans' inference setting changed
+        loaded = load_folds(args.model, args.folds)
+        plans = with_settings(loaded[0].plans, {"inference": {"tta": True, "tta_quarter_turns": True}})
+        predictor = Predictor(plans, [f.networks for f in loaded], loaded[0].configuration, "cpu",
+                              dataset_json=loaded[0].dataset_json, roi_rule=rule)
+    else:
+        predictor = Predictor.from_model_dir(args.model, args.folds, device="cpu", tta=args.tta, roi_rule=rule)
+    cases = [c for c in info.training_cases() if any(fnmatch.fnmatch(c.case_id, w) for w in args.cases)]
     rows = []
     for case in tqdm(cases, desc="volumes", file=sys.stderr):
         rows.append(case_diagnostics(predictor, case.images[0], case.label, structures, case.case_id))
@@ -81,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
           f"ROI recall min {min(r['roi_recall'] for r in rows):.3f}; "
           f"volumes below 0.5: {sum(r['cascade_dice']['mean'] < 0.5 for r in rows)}")
     if args.output:
-        Path(args.output).write_text(json.dumps({"model": str(args.model), "tta": args.tta, "cases": rows},
+        Path(args.output).write_text(json.dumps({"model": str(args.model), "tta": args.tta, "quarter_turns": args.quarter_turns, "cases": rows},
                                                 indent=1))
     return 0
 

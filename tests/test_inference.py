@@ -418,6 +418,57 @@ def test_tta_follows_the_plans_unless_the_caller_decides():
     assert tta_axes(parse_plans(flipped)) == (3, 4)
 
 
+def _quarter_turn_plans(**inference) -> Plans:
+    """Tiny plans of a model trained rotated over the full circle in-plane and mirrored in-plane."""
+    full = tiny_plans(tta=True, **inference).to_dict()
+    full["settings"]["augmentation"].update(p_rotation=0.5, rotation_deg=[180.0, 0.0, 0.0], p_flip=0.5,
+                                            flip_axes=[1, 2])
+    full["settings"]["inference"]["tta_quarter_turns"] = True
+    return parse_plans(full, "test plans")
+
+
+def test_quarter_turns_average_the_eight_in_plane_symmetries_where_pixels_are_square():
+    from heartcascade.inference.predictor import square_pixels
+
+    with pytest.raises(HCError, match="tta_quarter_turns needs training rotated in-plane"):
+        tiny_plans(tta=True, tta_quarter_turns=True)  # the demo preset rotates by 15 degrees at most
+    assert tiny_plans().inference.tta_quarter_turns is False  # the planner writes it (off in the demo preset)
+    legacy = tiny_plans().to_dict()
+    del legacy["settings"]["inference"]["tta_quarter_turns"]
+    assert parse_plans(legacy).inference.tta_quarter_turns is None  # plans written before it: off
+    plans = _quarter_turn_plans()
+    nets = build(plans)
+    quarter = Predictor(plans, [nets], device="cpu")
+    mirrors = Predictor(plans, [nets], device="cpu", tta=False)
+    assert len(quarter.net2_views([5.0, 1.25, 1.25])) == 8
+    assert len(quarter.net2_views([5.0, 1.25, 1.4])) == 4  # oblong pixels: a quarter turn would stretch the heart
+    assert len(mirrors.net2_views([5.0, 1.25, 1.25])) == 1
+    assert square_pixels([3.0, 1.0, 1.005]) and not square_pixels([3.0, 1.0, 1.05])
+    # Net1: the mean over the four mirrorings and their transposes, each brought back
+    image, props = mirrors.preprocess([synth(size_xyz=(36, 36, 10))])
+    x = torch.from_numpy(image)
+    got = quarter._net1_probabilities(x, props)[0]
+    views = []
+    for swap in (False, True):
+        for dims in ((), (3,), (2,), (2, 3)):  # in-plane dims of the (C, D, H, W) image
+            views.append((dims, swap))
+    total = 0
+    for dims, swap in views:
+        xin = torch.flip(x, dims) if dims else x
+        if swap:
+            xin = xin.transpose(-2, -1)
+        props_v = dict(props, coarse_shape=[props["coarse_shape"][0]] + list(
+            reversed(props["coarse_shape"][1:])) if swap else props["coarse_shape"])
+        p = mirrors._net1_probabilities(xin.contiguous(), props_v)[0]
+        if swap:
+            p = p.transpose(-2, -1)
+        total = total + (torch.flip(p, [d + 1 for d in dims]) if dims else p)
+    assert torch.allclose(got, total / len(views), atol=1e-4)
+    # and the whole cascade predicts with them
+    labels, _ = quarter.predict_case([synth(size_xyz=(36, 36, 10))])
+    assert labels.shape == (10, 36, 36)
+
+
 def test_roi_rule_from_plans():
     plans = tiny_plans()
     assert isinstance(Predictor(plans, [build(plans)], device="cpu").roi_rule, roi_mod.HeartComponentRoi)

@@ -32,7 +32,7 @@ import SimpleITK as sitk
 import torch
 
 from heartcascade.inference import roi as roi_mod
-from heartcascade.inference.tta import IDENTITY, summed_softmax, views as tta_views
+from heartcascade.inference.tta import IDENTITY, View, summed_softmax, views as tta_views
 from heartcascade.inference.io_pipeline import tune_host_allocator
 from heartcascade.inference.model_loading import check_compatible_plans, load_folds, model_dir_for
 from heartcascade.inference.net2_runner import net2_chunks
@@ -77,6 +77,13 @@ def tta_axes(plans: Plans) -> tuple[int, ...]:
 NET2_TTA_DIMS = (3, 4)
 
 
+def square_pixels(spacing_zyx: Sequence[float], tolerance: float = 0.01) -> bool:
+    """Whether a grid's in-plane spacings agree (within ``tolerance``, relative): only then is a quarter turn
+    of a slice the same anatomy turned, not also stretched, so only then do quarter-turn views apply."""
+    dy, dx = float(spacing_zyx[1]), float(spacing_zyx[2])
+    return abs(dy - dx) <= tolerance * max(dy, dx)
+
+
 class Predictor:
     """Runs trained networks (one or more folds) on cases.
 
@@ -88,7 +95,8 @@ class Predictor:
         configuration: ``"cascade"`` or ``"baseline"`` (inferred from the network keys when omitted).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"auto"`` or a torch.device.
         tta: average over mirrorings (Net1/baseline: the axes training mirrored, :func:`tta_axes`; Net2:
-            in-plane only); None = the plans' ``inference.tta``.
+            in-plane only), with the plans' ``inference.tta_quarter_turns`` also over the in-plane quarter
+            turns where the grid's pixels are square (:func:`square_pixels`); None = the plans' ``inference.tta``.
         label_codes: training label -> code for written files (default: plans' ``label_codes``).
         postprocessing: connected-component steps applied to every label map (None = none; see
             :mod:`heartcascade.inference.postprocessing`); :meth:`from_model_dir` loads the model's.
@@ -135,8 +143,10 @@ class Predictor:
         self.inference = inf = plans.inference
         self.preprocess_settings = preprocess_settings(plans)
         self.tta = inf.tta if tta is None else bool(tta)
-        self._views_3d = tta_views(tta_axes(plans)) if self.tta else IDENTITY
-        self._views_net2 = tta_views(NET2_TTA_DIMS) if self.tta else IDENTITY
+        quarter = self.tta and bool(inf.tta_quarter_turns)
+        grid = plans.net1.coarse_spacing if self.configuration == "cascade" else plans.baseline_unet.spacing
+        self._views_3d = tta_views(tta_axes(plans), quarter and square_pixels(grid)) if self.tta else IDENTITY
+        self._net2_quarter_turns = quarter
         if roi_rule is None:
             roi_rule = roi_mod.make_roi_rule(inf.roi_rule, inf.roi_margin_mm, inf.roi_min_component_fraction,
                                              inf.roi_join_distance_mm, inf.roi_centre_sigma)
@@ -297,7 +307,8 @@ class Predictor:
             self._net1_only(mean, shape, box, labels, probs_out)
         else:
             del mean
-            self._run_net2(image_t, net1_probs, shape, box, labels, probs_out)
+            views = self.net2_views(properties["spacing"])
+            self._run_net2(image_t, net1_probs, shape, box, views, labels, probs_out)
         timings["net2" if not net1_only else "net1_upsample"] = time.perf_counter() - t
         probs = RoiProbabilities(probs_out, box, shape) if want_probs else None
         return labels, probs, box
@@ -316,8 +327,15 @@ class Predictor:
             if probs_out is not None:
                 probs_out[:, a - z0:b - z0] = p.to(torch.float16).cpu().numpy()
 
-    def _run_net2(self, image_t: torch.Tensor, net1_probs: list[torch.Tensor], shape, box, labels: np.ndarray,
-                  probs_out: np.ndarray | None) -> None:
+    def net2_views(self, spacing_zyx: Sequence[float]) -> tuple[View, ...]:
+        """Net2's test-time views for a case on a grid of ``spacing_zyx``: the in-plane mirrorings, and with the
+        plans' ``inference.tta_quarter_turns`` the quarter turns too where the case's pixels are square."""
+        if not self.tta:
+            return IDENTITY
+        return tta_views(NET2_TTA_DIMS, self._net2_quarter_turns and square_pixels(spacing_zyx))
+
+    def _run_net2(self, image_t: torch.Tensor, net1_probs: list[torch.Tensor], shape, box,
+                  views: Sequence[View], labels: np.ndarray, probs_out: np.ndarray | None) -> None:
         nets = [fold["net2"] for fold in self.folds]
         net2 = nets[0]
         K = int(net2.K)
@@ -349,7 +367,7 @@ class Predictor:
         chunk = self.z_chunk_for(net2, (len(inplane[0]), len(inplane[1])), box[0][1] - box[0][0])
         self.last_z_chunk = chunk
         (z0, _), (y0, y1), (x0, x1) = box
-        for a, b, probs in net2_chunks(nets, make_input, box[0], shape[0], K, chunk, self._views_net2,
+        for a, b, probs in net2_chunks(nets, make_input, box[0], shape[0], K, chunk, views,
                                          amp=self.plans.amp):
             probs = probs[:, :, crop[0], crop[1]]
             labels[a:b, y0:y1, x0:x1] = probs.argmax(0).to(torch.uint8).cpu().numpy()

@@ -748,7 +748,7 @@ def inference_section(ctx: _Context, z_chunk: int) -> dict[str, Any]:
     return {"roi_margin_mm": float(inf["roi_margin_mm"]), "roi_rule": choose_roi_rule(ctx),
             "roi_min_component_fraction": inf["roi_min_component_fraction"],
             "roi_join_distance_mm": inf["roi_join_distance_mm"], "roi_centre_sigma": inf["roi_centre_sigma"],
-            "tta": bool(inf["tta"]),
+            "tta": bool(inf["tta"]), "tta_quarter_turns": bool(inf["tta_quarter_turns"]),
             "z_chunk": int(z_chunk),
             "max_z_chunk": None, "memory_budget_gb": None}
 

@@ -340,6 +340,9 @@ class InferencePlan:
     memory_budget_gb: float | None = _f(_opt(_num(0, open_lo=True)))
     roi_centre_sigma: float = _f(_num(0))  # 0 = components ranked by mass alone
     tta: bool = _f(_bool)  # mirroring test-time augmentation by default (hc_predict --tta/--disable_tta override)
+    # with tta, also the in-plane quarter turns (8 in-plane views, not 4); needs training rotated in-plane >= 90
+    # degrees and mirrored in-plane. The planner writes it; None = plans written before it existed (off).
+    tta_quarter_turns: bool | None = _f(_opt(_bool), None)
 
 
 @dataclass(frozen=True)
@@ -573,11 +576,22 @@ def _check_consistency(p: Plans, source: str) -> None:
             raise HCError(f"{source}: {name}.num_classes is {net.num_classes}, the plans have {p.num_classes} classes")
     if p.net2.required_divisor != 2 ** p.net2.num_levels:
         raise HCError(f"{source}: net2.required_divisor must be 2**num_levels = {2 ** p.net2.num_levels}")
+    if p.inference.tta_quarter_turns and not trained_quarter_turns(p):
+        raise HCError(f"{source}: inference.tta_quarter_turns needs training rotated in-plane by at least 90 degrees "
+                      "and mirrored along an in-plane axis (augmentation.p_rotation, rotation_deg[0], flip_axes)")
     K, divisor = p.net2.K, p.net2.required_divisor
     for shape in p.training.step(3).shapes:
         if shape[0] < K or shape[1] % divisor or shape[2] % divisor:
             raise HCError(f"{source}: training.steps[3] subvolume {list(shape)} must have D >= K={K} and H, W "
                           f"divisible by {divisor} (Net2)")
+
+
+def trained_quarter_turns(p: Plans) -> bool:
+    """Whether training showed the networks every in-plane quarter turn and reflection of a slice: rotation
+    about the slice axis of at least 90 degrees either way, and mirroring along an in-plane axis."""
+    a = p.augmentation
+    return bool(a is not None and a.enabled and a.p_rotation > 0 and a.rotation_deg[0] >= 90
+                and a.p_flip > 0 and {1, 2} & set(a.flip_axes))
 
 
 def _field_names(cls: type) -> set[str]:
