@@ -27,10 +27,8 @@ from tqdm import tqdm
 
 from heartcascade.dataset.dataset_json import load_dataset
 from heartcascade.evaluation.diagnostics import case_diagnostics
-from heartcascade.inference.model_loading import load_folds
 from heartcascade.inference.predictor import Predictor
 from heartcascade.inference.roi import HeartComponentRoi, WholeVolumeRoi
-from heartcascade.planning.plans import with_settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,13 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         HeartComponentRoi(None, args.roi_min_fraction, centre_sigma=args.roi_centre_sigma)  # margin from the plans
     if args.roi_whole:
         rule = WholeVolumeRoi()
-    if args.quarter_turns:  # the model's networks with its plans' inference setting changed
-        loaded = load_folds(args.model, args.folds)
-        plans = with_settings(loaded[0].plans, {"inference": {"tta": True, "tta_quarter_turns": True}})
-        predictor = Predictor(plans, [f.networks for f in loaded], loaded[0].configuration, "cpu",
-                              dataset_json=loaded[0].dataset_json, roi_rule=rule)
-    else:
-        predictor = Predictor.from_model_dir(args.model, args.folds, device="cpu", tta=args.tta, roi_rule=rule)
+    # quarter turns: the model as it is (postprocessing included), with only that inference setting changed
+    predictor = Predictor.from_model_dir(args.model, args.folds, device="cpu",
+                                         tta=True if args.quarter_turns else args.tta, roi_rule=rule,
+                                         inference_settings={"tta_quarter_turns": True} if args.quarter_turns else None)
     cases = [c for c in info.training_cases() if any(fnmatch.fnmatch(c.case_id, w) for w in args.cases)]
     rows = []
     for case in tqdm(cases, desc="volumes", file=sys.stderr):
@@ -92,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
           f"ROI recall min {min(r['roi_recall'] for r in rows):.3f}; "
           f"volumes below 0.5: {sum(r['cascade_dice']['mean'] < 0.5 for r in rows)}")
     if args.output:
-        Path(args.output).write_text(json.dumps({"model": str(args.model), "tta": args.tta, "quarter_turns": args.quarter_turns, "cases": rows},
-                                                indent=1))
+        Path(args.output).write_text(json.dumps({"model": str(args.model), "tta": args.tta,
+                                                 "quarter_turns": args.quarter_turns, "cases": rows}, indent=1))
     return 0
 
 

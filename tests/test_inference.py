@@ -563,6 +563,22 @@ def test_tta_averages_the_mirrored_predictions():
 # Folds, codes, baseline
 
 
+def test_inference_settings_change_only_the_inference_section(tmp_path):
+    """from_model_dir(inference_settings=...) tries another inference setting on a model as it is (its
+    postprocessing included); the override is checked as the plans are."""
+    model = write_model(tmp_path / "model", tiny_plans())
+    (model / "fold_0" / "postprocessing.json").write_text(json.dumps(
+        {"format_version": 1, "connectivity": 26, "keep_largest_foreground": True, "keep_largest_per_label": []}))
+    tried = Predictor.from_model_dir(model, device="cpu", inference_settings={"tta": True, "roi_margin_mm": 4.0})
+    assert tried.tta is True and tried.plans.inference.roi_margin_mm == 4.0
+    assert tried.postprocessing is not None and tried.postprocessing_source is not None
+    assert Predictor.from_model_dir(model, device="cpu").plans.inference.roi_margin_mm != 4.0
+    with pytest.raises(HCError, match="inference has unknown key 'nope'"):
+        Predictor.from_model_dir(model, device="cpu", inference_settings={"nope": 1})
+    with pytest.raises(HCError, match="tta_quarter_turns needs training rotated"):
+        Predictor.from_model_dir(model, device="cpu", inference_settings={"tta_quarter_turns": True})
+
+
 def test_multiple_folds_average(tmp_path):
     plans = tiny_plans(roi_margin_mm=1e4)
     model = write_model(tmp_path / "model", plans, folds=(0, 1))

@@ -43,7 +43,7 @@ from heartcascade.inference.label_codes import code_lookup, label_codes_from
 from heartcascade.inference.sliding_window import sliding_window_softmax
 from heartcascade.inference.upsampling import upsample_at
 from heartcascade.planning import memory_model
-from heartcascade.planning.plans import Plans, preprocess_settings
+from heartcascade.planning.plans import Plans, check_override_keys, preprocess_settings, with_settings
 from heartcascade.preprocessing.preprocess import preprocess_images, restore_to_original
 from heartcascade.preprocessing.resampling import (bspline2_apply, bspline2_coefficients, bspline2_resample,
                                                    resample_torch, shape_for_spacing)
@@ -165,16 +165,22 @@ class Predictor:
                        checkpoint: str = "final", device: str | torch.device | None = "auto", tta: bool | None = None,
                        configuration: str | None = None, verbose: bool = False,
                        postprocessing: Postprocessing | str | Path | None = "auto",
-                       roi_rule: roi_mod.RoiRule | None = None) -> "Predictor":
+                       roi_rule: roi_mod.RoiRule | None = None,
+                       inference_settings: Mapping[str, Any] | None = None) -> "Predictor":
         """Load ``model_dir`` (a configuration folder holding ``fold_<f>/`` or one fold folder).
 
         ``postprocessing``: ``"auto"`` = the model's ``postprocessing.json`` (:func:`find_postprocessing`:
         for an ensemble the configuration folder's, else the first fold's), None = none, or a file / object.
+        ``inference_settings``: fields of the plans' ``inference`` section to try instead of the model's
+        (``{"tta_quarter_turns": True}``), everything else as the model has it; checked as the plans are.
         """
         loaded = load_folds(model_dir, folds, checkpoint, configuration)
         plans = loaded[0].plans
         for other in loaded[1:]:
             check_compatible_plans(plans, other.plans, other.folder)
+        if inference_settings:
+            check_override_keys({"inference": dict(inference_settings)}, "inference_settings")
+            plans = with_settings(plans, {"inference": dict(inference_settings)}, f"{model_dir} with inference_settings")
         source = None
         if isinstance(postprocessing, str) and postprocessing == "auto":
             source = find_postprocessing(model_dir, [f.folder for f in loaded if f.folder is not None])
