@@ -143,10 +143,8 @@ class Predictor:
         self.inference = inf = plans.inference
         self.preprocess_settings = preprocess_settings(plans)
         self.tta = inf.tta if tta is None else bool(tta)
-        quarter = self.tta and bool(inf.tta_quarter_turns)
         grid = plans.net1.coarse_spacing if self.configuration == "cascade" else plans.baseline_unet.spacing
-        self._views_3d = tta_views(tta_axes(plans), quarter and square_pixels(grid)) if self.tta else IDENTITY
-        self._net2_quarter_turns = quarter
+        self._views_3d = self._views(tta_axes(plans), grid)  # Net1 / baseline: one fixed grid per model
         if roi_rule is None:
             roi_rule = roi_mod.make_roi_rule(inf.roi_rule, inf.roi_margin_mm, inf.roi_min_component_fraction,
                                              inf.roi_join_distance_mm, inf.roi_centre_sigma)
@@ -334,11 +332,15 @@ class Predictor:
                 probs_out[:, a - z0:b - z0] = p.to(torch.float16).cpu().numpy()
 
     def net2_views(self, spacing_zyx: Sequence[float]) -> tuple[View, ...]:
-        """Net2's test-time views for a case on a grid of ``spacing_zyx``: the in-plane mirrorings, and with the
-        plans' ``inference.tta_quarter_turns`` the quarter turns too where the case's pixels are square."""
+        """Net2's test-time views for a case on a grid of ``spacing_zyx`` (its in-plane mirrorings)."""
+        return self._views(NET2_TTA_DIMS, spacing_zyx)
+
+    def _views(self, dims: Sequence[int], spacing_zyx: Sequence[float]) -> tuple[View, ...]:
+        """The test-time views over ``dims`` for a network on a grid of ``spacing_zyx``: none without TTA; with
+        the plans' ``inference.tta_quarter_turns`` the quarter turns too, where that grid's pixels are square."""
         if not self.tta:
             return IDENTITY
-        return tta_views(NET2_TTA_DIMS, self._net2_quarter_turns and square_pixels(spacing_zyx))
+        return tta_views(dims, bool(self.inference.tta_quarter_turns) and square_pixels(spacing_zyx))
 
     def _run_net2(self, image_t: torch.Tensor, net1_probs: list[torch.Tensor], shape, box,
                   views: Sequence[View], labels: np.ndarray, probs_out: np.ndarray | None) -> None:
