@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import json
 import statistics
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
+from heartcascade.cli.common import run_cli
 from heartcascade.dataset.dataset_json import load_dataset
 from heartcascade.evaluation.diagnostics import case_diagnostics
 from heartcascade.inference.predictor import Predictor
 from heartcascade.inference.roi import HeartComponentRoi, WholeVolumeRoi
+from heartcascade.utils.atomic import atomic_write_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,10 +88,10 @@ def main(argv: list[str] | None = None) -> int:
           f"ROI recall min {min(r['roi_recall'] for r in rows):.3f}; "
           f"volumes below 0.5: {sum(r['cascade_dice']['mean'] < 0.5 for r in rows)}")
     if args.output:
-        Path(args.output).write_text(json.dumps({"model": str(args.model), "tta": args.tta,
-                                                 "quarter_turns": args.quarter_turns, "cases": rows}, indent=1))
+        atomic_write_json(args.output, {"model": str(args.model), "tta": predictor.tta,
+                                        "quarter_turns": args.quarter_turns, "cases": rows}, indent=1)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))
