@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -48,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--roi-whole", action="store_true", help="try Net2 on the whole volume (ROI = everything)")
     p.add_argument("--roi-min-fraction", type=float, default=0.1,
                    help="with --roi-centre-sigma: keep components scoring at least this share of the best")
+    p.add_argument("--inference-settings", type=json.loads, default=None, metavar="JSON",
+                   help="fields of the plans' inference section to try instead of the model's, e.g. "
+                        "'{\"brightening\": {\"label\": 1, \"targets\": [0.62], \"gamma_min\": 0.5, \"min_voxels\": 50}}'")
     p.add_argument("-o", "--output", default=None, help="JSON file for the per-volume records")
     args = p.parse_args(argv)
 
@@ -57,10 +61,13 @@ def main(argv: list[str] | None = None) -> int:
         HeartComponentRoi(None, args.roi_min_fraction, centre_sigma=args.roi_centre_sigma)  # margin from the plans
     if args.roi_whole:
         rule = WholeVolumeRoi()
-    # quarter turns: the model as it is (postprocessing included), with only that inference setting changed
+    # the model as it is (postprocessing included), with only the named inference settings changed
+    settings = dict(args.inference_settings or {})
+    if args.quarter_turns:
+        settings["tta_quarter_turns"] = True
     predictor = Predictor.from_model_dir(args.model, args.folds, device="cpu",
                                          tta=True if args.quarter_turns else args.tta, roi_rule=rule,
-                                         inference_settings={"tta_quarter_turns": True} if args.quarter_turns else None)
+                                         inference_settings=settings or None)
     cases = [c for c in info.training_cases() if any(fnmatch.fnmatch(c.case_id, w) for w in args.cases)]
     rows = []
     for case in tqdm(cases, desc="volumes", file=sys.stderr):
@@ -89,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
           f"volumes below 0.5: {sum(r['cascade_dice']['mean'] < 0.5 for r in rows)}")
     if args.output:
         atomic_write_json(args.output, {"model": str(args.model), "tta": predictor.tta,
-                                        "quarter_turns": args.quarter_turns, "cases": rows}, indent=1)
+                                        "quarter_turns": args.quarter_turns,
+                                        "inference_settings": args.inference_settings, "cases": rows}, indent=1)
     return 0
 
 

@@ -500,6 +500,33 @@ def test_net1_only_is_upsampled_net1_argmax():
     assert np.array_equal(res.labels[confident], ref_labels[confident])
 
 
+def test_brightening_second_pass_runs_on_the_brightened_image():
+    """With inference.brightening, a case whose first pass finds the reference class darker than the target is
+    predicted again on the brightened image (and says so); a bright-enough case keeps its single pass."""
+    from heartcascade.inference import brightening
+
+    img = synth()
+    plans = tiny_plans()
+    nets = build(plans)
+    plain = Predictor(plans, [nets], device="cpu")
+    image, props = plain.preprocess([img])
+    first = plain.predict_preprocessed(image, props)
+    found = np.bincount(first.labels.ravel(), minlength=plans.num_classes)
+    label = int(np.argmax(found[1:]) + 1)  # what the untrained networks label most
+    assert found[label] > 0
+    rule = {"label": label, "gamma_min": 0.5, "min_voxels": 1}
+    dark = Predictor(tiny_plans(brightening={**rule, "targets": [0.999]}), [nets], device="cpu")
+    twice = dark.predict_preprocessed(image, props)
+    assert twice.brightening is not None and 0.5 <= twice.brightening[0] < 1.0
+    brightened = brightening.brighten(image, twice.brightening, [n.target_range for n in plans.normalization])
+    assert np.array_equal(twice.labels, plain.predict_preprocessed(brightened, props).labels)
+    assert "brightened_pass" in twice.timings
+    bright = Predictor(tiny_plans(brightening={**rule, "targets": [0.001]}), [nets], device="cpu")
+    once = bright.predict_preprocessed(image, props)
+    assert once.brightening is None and np.array_equal(once.labels, first.labels)
+    assert "brightened_pass" not in once.timings and first.brightening is None
+
+
 def test_label_input_mode_and_tta_run():
     img = synth()
     plans = tiny_plans(K=3, input_mode="labelmap")

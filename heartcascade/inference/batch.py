@@ -269,7 +269,9 @@ def predict_cases(predictor: CasePredictor, cases: Sequence[InputCase], output_d
                           options.probabilities, predictor.num_classes, finish)
             report.outputs[case.case_id] = out
             report.seconds[case.case_id] = seconds
-            progress.step(f"{case.case_id}: predicted in {seconds:.1f} s -> {out}")
+            brightened = "" if result.brightening is None else \
+                f" (brightened, gamma {', '.join(f'{g:.2f}' for g in result.brightening)})"
+            progress.step(f"{case.case_id}: predicted in {seconds:.1f} s{brightened} -> {out}")
             del result, labels, written, first
         except Exception as exc:  # one case failing must not stop the others
             report.failed[case.case_id] = one_line(exc)

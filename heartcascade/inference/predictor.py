@@ -14,7 +14,9 @@ Cascade pipeline for one case (documentation/prediction.md has the full descript
    voxels of the chunk; Net2 softmax averaged over folds (and in-plane mirrorings);
 5. argmax inside the ROI, paste into a background map, undo crop/transposition
    (:func:`~heartcascade.preprocessing.preprocess.restore_to_original`);
-6. the model's connected-component postprocessing, if it has a ``postprocessing.json``
+6. with the plans' ``inference.brightening``, steps 2-5 once more on a brightened image when the first pass
+   finds the blood pool darker than the training data's (:mod:`heartcascade.inference.brightening`);
+7. the model's connected-component postprocessing, if it has a ``postprocessing.json``
    (:mod:`heartcascade.inference.postprocessing`).
 
 The baseline configuration resamples the normalised image to its coarse grid (2 mm), runs the plain
@@ -31,6 +33,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from heartcascade.inference import brightening
 from heartcascade.inference import roi as roi_mod
 from heartcascade.inference.tta import IDENTITY, View, summed_softmax, views as tta_views
 from heartcascade.inference.io_pipeline import tune_host_allocator
@@ -142,6 +145,7 @@ class Predictor:
         self.num_channels = plans.num_input_channels
         self.inference = inf = plans.inference
         self.preprocess_settings = preprocess_settings(plans)
+        self._target_ranges = [n.target_range for n in plans.normalization]
         self.tta = inf.tta if tta is None else bool(tta)
         grid = plans.net1.coarse_spacing if self.configuration == "cascade" else plans.baseline_unet.spacing
         self._views_3d = self._views(tta_axes(plans), grid)  # Net1 / baseline: one fixed grid per model
@@ -230,13 +234,16 @@ class Predictor:
         """Run the networks on a preprocessed case and bring the result back to the original grid."""
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
+        if net1_only and self.configuration != "cascade":
+            raise HCError("--net1-only needs a cascade model, not a baseline")
         with torch.inference_mode():
-            if self.configuration == "cascade":
-                labels, probs, box = self._predict_cascade(image, properties, return_probabilities, net1_only, timings)
-            else:
-                if net1_only:
-                    raise HCError("--net1-only needs a cascade model, not a baseline")
-                labels, probs, box = self._predict_baseline(image, properties, return_probabilities, timings)
+            labels, probs, box = self._predict_networks(image, properties, return_probabilities, net1_only, timings)
+            gammas = self.brightening_gammas(image, labels)
+            if gammas is not None:  # a second pass on the brightened image (inference/brightening.py)
+                t = time.perf_counter()
+                image = brightening.brighten(image, gammas, self._target_ranges)
+                labels, probs, box = self._predict_networks(image, properties, return_probabilities, net1_only, {})
+                timings["brightened_pass"] = time.perf_counter() - t
         t1 = time.perf_counter()
         labels_zyx = restore_to_original(labels, properties)
         del labels
@@ -245,7 +252,23 @@ class Predictor:
         probs_zyx = restore_probabilities(probs, properties) if probs is not None else None
         timings["restore"] = time.perf_counter() - t1
         timings["total"] = time.perf_counter() - t0
-        return CaseResult(labels_zyx, probs_zyx, properties, box, timings)
+        return CaseResult(labels_zyx, probs_zyx, properties, box, timings, gammas)
+
+    def _predict_networks(self, image: np.ndarray, properties: dict[str, Any], want_probs: bool, net1_only: bool,
+                          timings: dict[str, float]):
+        """One pass of the model's networks: labels and probabilities on the preprocessed grid, and the box."""
+        if self.configuration == "cascade":
+            return self._predict_cascade(image, properties, want_probs, net1_only, timings)
+        return self._predict_baseline(image, properties, want_probs, timings)
+
+    def brightening_gammas(self, image: np.ndarray, labels: np.ndarray) -> list[float] | None:
+        """Per channel, the gamma the plans' ``inference.brightening`` gives a case whose first pass found
+        ``labels`` on the preprocessed ``image``; None when off or when the case is bright enough."""
+        rule = self.inference.brightening
+        if rule is None:
+            return None
+        measured = brightening.class_brightness(image, labels, rule.label, self._target_ranges, rule.min_voxels)
+        return brightening.brightening_gammas(measured, rule)
 
     # -- cascade ------------------------------------------------------------------------------
     def _image_tensor(self, image: np.ndarray) -> torch.Tensor:

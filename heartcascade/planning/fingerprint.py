@@ -4,7 +4,9 @@ Computed once per dataset (``dataset_fingerprint.json`` in the preprocessed data
 until the raw files change. Per case it records geometry (spacing, size, slice axis, canonical spacing
 and shape), the body crop and the cropped shape (Net1 sees cropped volumes, so its field of view is the
 *cropped* extent), the foreground (label > 0) bounding box in voxels and mm, intensity statistics of the
-foreground voxels per channel and voxel counts per class. Dataset-level aggregates (medians, 95th
+foreground voxels per channel, voxel counts per class and each class's brightness: its mean intensity on
+the case's own 0.5-99.5 percentile window of the body crop mapped to [0, 1] (the window MR normalisation
+uses), which the planner's test-time brightening rule takes its target from. Dataset-level aggregates (medians, 95th
 percentiles, pooled intensity percentiles) are computed from those.
 
 Memory is bounded: each case contributes at most ``SAMPLES_PER_CASE`` foreground intensities per channel
@@ -25,7 +27,7 @@ import torch
 
 from heartcascade.dataset import image_io, size_limits
 from heartcascade.dataset.dataset_json import Case, DatasetInfo
-from heartcascade.preprocessing import cropping
+from heartcascade.preprocessing import cropping, normalization
 from heartcascade.preprocessing.preprocess import read_labels
 from heartcascade.utils.atomic import atomic_write_json
 from heartcascade.utils.errors import HCError
@@ -33,7 +35,7 @@ from heartcascade.utils.jsonio import load_json
 from heartcascade.utils.progress import bars_enabled, progress_bar
 
 FINGERPRINT_FILE = "dataset_fingerprint.json"
-FINGERPRINT_VERSION = 1
+FINGERPRINT_VERSION = 2
 SAMPLES_PER_CASE = 10_000
 PERCENTILES = (0.5, 99.5)
 
@@ -110,6 +112,8 @@ def fingerprint_case(case: Case, modality: str, num_classes: int, seed: int = 0,
                           "mean": float(values.mean()), "std": float(values.std()), "min": float(values.min()),
                           "max": float(values.max()), "percentile_00_5": float(lo), "percentile_99_5": float(hi)})
         samples.append(sample.astype(np.float32))
+    crop = tuple(slice(a, b) for a, b in bbox)
+    brightness = [class_brightness(sitk.GetArrayViewFromImage(img)[crop], seg[crop], num_classes) for img in images]
     record = {
         "case_id": case.case_id,
         "size_xyz": [int(n) for n in geometry.size],
@@ -125,9 +129,21 @@ def fingerprint_case(case: Case, modality: str, num_classes: int, seed: int = 0,
         "foreground_extent_mm": fg_extent_mm,
         "class_voxels": [int(n) for n in counts],
         "intensity": intensity,
+        "class_brightness": brightness,
         "stamp": case_stamp(case),
     }
     return record, samples
+
+
+def class_brightness(array: np.ndarray, seg: np.ndarray, num_classes: int) -> list[float | None]:
+    """Mean of each class (None where absent) on the image's own 0.5-99.5 percentile window mapped to [0, 1]:
+    how bright a structure is in the terms percentile normalisation leaves, comparable across scanners."""
+    lo, hi = normalization.case_percentiles(array, *PERCENTILES)
+    scale = 1.0 / (hi - lo) if hi > lo else 0.0
+    values = np.clip((np.asarray(array, dtype=np.float64) - lo) * scale, 0.0, 1.0)
+    sums = np.bincount(seg.ravel(), weights=values.ravel(), minlength=num_classes)
+    counts = np.bincount(seg.ravel(), minlength=num_classes)
+    return [float(sums[c] / counts[c]) if counts[c] else None for c in range(num_classes)]
 
 
 def _worker(args: tuple) -> tuple[str, Any, Any]:
@@ -197,8 +213,18 @@ def aggregate(records: list[dict[str, Any]], samples: list[list[np.ndarray]], in
         "class_voxels_total": [int(v) for v in np.sum([r["class_voxels"] for r in records], 0)],
         "class_volume_mm3": {"median": [float(v) for v in np.median(class_volume, 0)],
                              "min": [float(v) for v in np.min(class_volume, 0)]},
+        "class_brightness_median": [_median_brightness(records, c, info.num_classes) for c in range(info.num_channels)],
         "class_present_in_cases": [int(v) for v in np.sum(np.array([r["class_voxels"] for r in records]) > 0, 0)],
     }
+
+
+def _median_brightness(records: list[dict[str, Any]], channel: int, num_classes: int) -> list[float | None]:
+    """Per class, the median over cases of :func:`class_brightness` (None for a class no case has)."""
+    out = []
+    for c in range(num_classes):
+        values = [r["class_brightness"][channel][c] for r in records if r["class_brightness"][channel][c] is not None]
+        out.append(float(np.median(values)) if values else None)
+    return out
 
 
 def compute_fingerprint(info: DatasetInfo, num_processes: int = 1, progress: bool = True) -> dict[str, Any]:

@@ -45,6 +45,9 @@ Rules, in the order they are applied (the functions that apply each in brackets)
 11. **Baseline 3D U-Net** (:func:`plan_baseline`) on data resampled to 2 mm (native where coarser): the
     whole 95th-percentile field of view if it fits, else shrunk along its longest axis; widths halved if
     even 32^3 fails.
+12. **Where Net2 runs** (:func:`choose_roi_rule`): the whole volume for MR-sized cases, else the preset's ROI rule.
+13. **Test-time brightening** (:func:`brightening_rule`), only where the preset asks for it: the reference class
+    and, per channel, the brightness a first pass must find it at (a quantile of the training cases').
 """
 from __future__ import annotations
 
@@ -56,6 +59,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from heartcascade.dataset.dataset_json import CT_NAMES, DatasetInfo
@@ -742,10 +746,33 @@ def choose_roi_rule(ctx: _Context) -> str:
     return str(inf["roi_rule"])
 
 
+def brightening_rule(ctx: _Context) -> dict[str, Any] | None:
+    """Rule 13: test-time brightening (off unless the preset's ``inference.brightening`` asks for it). The
+    reference is the class brightest in the median training case (the blood pool in bSSFP MR and contrast
+    CT); each channel's target is the preset's ``target_quantile`` (percent) of that class's brightness over
+    the training cases (the fingerprint's ``class_brightness``), so a case is brightened only where it is
+    darker than that share of the data the model learnt from."""
+    rule = ctx.preset["inference"]["brightening"]
+    if rule is None:
+        return None
+    medians = ctx.fp["class_brightness_median"][0]
+    label = max((c for c in range(1, len(medians)) if medians[c] is not None), key=lambda c: medians[c], default=None)
+    if label is None:
+        raise HCError("inference.brightening: no foreground class has a brightness in the fingerprint")
+    targets = []
+    for channel in range(ctx.info.num_channels):
+        values = [r["class_brightness"][channel][label] for r in ctx.fp["cases"]
+                  if r["class_brightness"][channel][label] is not None]
+        targets.append(round(float(np.percentile(values, float(rule["target_quantile"]))), 4))
+    return {"label": int(label), "targets": targets, "gamma_min": float(rule["gamma_min"]),
+            "min_voxels": int(rule["min_voxels"])}
+
+
 def inference_section(ctx: _Context, z_chunk: int) -> dict[str, Any]:
-    """``inference``: the ROI rule (rule 12) and rule 10's z-chunk."""
+    """``inference``: the ROI rule (rule 12), rule 10's z-chunk and rule 13's brightening."""
     inf = ctx.preset["inference"]
-    return {"roi_margin_mm": float(inf["roi_margin_mm"]), "roi_rule": choose_roi_rule(ctx),
+    return {"brightening": brightening_rule(ctx),
+            "roi_margin_mm": float(inf["roi_margin_mm"]), "roi_rule": choose_roi_rule(ctx),
             "roi_min_component_fraction": inf["roi_min_component_fraction"],
             "roi_join_distance_mm": inf["roi_join_distance_mm"], "roi_centre_sigma": inf["roi_centre_sigma"],
             "tta": bool(inf["tta"]), "tta_quarter_turns": bool(inf["tta_quarter_turns"]),

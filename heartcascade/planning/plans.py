@@ -330,6 +330,36 @@ class SamplingPlan:
 
 
 @dataclass(frozen=True)
+class BrighteningPlan:
+    """Test-time brightening (:mod:`heartcascade.inference.brightening`): a case whose ``label`` comes out
+    darker on the first pass than ``targets[channel]`` (mean on the case's normalisation window, [0, 1]) is
+    raised by a gamma no lower than ``gamma_min`` and predicted again; ``min_voxels`` of the label are needed."""
+    label: int = _f(_int(1))
+    targets: tuple[float, ...] = _f(_list(_num(0, 1, open_lo=True), nonempty=True))
+    gamma_min: float = _f(_num(0, 1, open_lo=True))
+    min_voxels: int = _f(_int(1))
+
+
+def _brightening(v: Any) -> BrighteningPlan:
+    if not isinstance(v, Mapping):
+        raise _Bad(f"must be null or an object, got {v!r}")
+    fields = {f.name: f for f in dataclasses.fields(BrighteningPlan)}
+    unknown = sorted(set(v) - set(fields))
+    if unknown:
+        raise _Bad(f"has unknown key {unknown[0]!r}")
+    missing = sorted(set(fields) - set(v))
+    if missing:
+        raise _Bad(f"lacks field {missing[0]!r}")
+    values = {}
+    for name, f in fields.items():
+        try:
+            values[name] = f.metadata["check"](v[name])
+        except _Bad as exc:
+            raise _Bad(f"field {name!r} {exc}") from None
+    return BrighteningPlan(**values)
+
+
+@dataclass(frozen=True)
 class InferencePlan:
     roi_margin_mm: float = _f(_num(0))
     roi_rule: str = _f(_str(ROI_RULES))
@@ -343,6 +373,8 @@ class InferencePlan:
     # with tta, also the in-plane quarter turns (8 in-plane views, not 4); needs training rotated in-plane >= 90
     # degrees and mirrored in-plane. The planner writes it; None = plans written before it existed (off).
     tta_quarter_turns: bool | None = _f(_opt(_bool), None)
+    # two passes for cases darker than the training data (BrighteningPlan); None = off (and plans before it)
+    brightening: BrighteningPlan | None = _f(_opt(_brightening), None)
 
 
 @dataclass(frozen=True)
@@ -579,6 +611,14 @@ def _check_consistency(p: Plans, source: str) -> None:
     if p.inference.tta_quarter_turns and not trained_quarter_turns(p):
         raise HCError(f"{source}: inference.tta_quarter_turns needs training rotated in-plane by at least 90 degrees "
                       "and mirrored along an in-plane axis (augmentation.p_rotation, rotation_deg[0], flip_axes)")
+    bright = p.inference.brightening
+    if bright is not None:
+        if bright.label >= p.num_classes:
+            raise HCError(f"{source}: inference.brightening.label {bright.label} is not a foreground class "
+                          f"(1..{p.num_classes - 1})")
+        if len(bright.targets) != p.num_input_channels:
+            raise HCError(f"{source}: inference.brightening.targets needs one entry per input channel "
+                          f"({p.num_input_channels})")
     K, divisor = p.net2.K, p.net2.required_divisor
     for shape in p.training.step(3).shapes:
         if shape[0] < K or shape[1] % divisor or shape[2] % divisor:
