@@ -244,6 +244,40 @@ def test_export_install_and_predict_from_zip(tmp_path, hc_roots, monkeypatch):
         assert install_model.main([str(archive), "--overwrite"]) == 0
 
 
+def test_export_with_inference_settings_changes_only_the_inference_section(tmp_path, hc_roots):
+    """hc_export_model --inference-settings: the archive's model gets the given inference fields (in every
+    checkpoint and plans.json, listed in the manifest); the weights and everything else stay as trained."""
+    from heartcascade.cli import export_model
+    from heartcascade.inference.model_archive import extracted_model, read_manifest
+    from heartcascade.inference.predictor import Predictor
+
+    (hc_roots["raw"] / "Dataset008_Tiny").mkdir()
+    trained = tiny_plans()
+    config = write_model(hc_roots["results"] / "Dataset008_Tiny" / "cascade", trained, folds=(0,))
+    archive = tmp_path / "model.zip"
+    rule = {"brightening": {"label": 1, "targets": [0.6], "gamma_min": 0.5, "min_voxels": 50}, "tta": True}
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert export_model.main(["-d", "8", "-f", "0", "-o", str(archive), "--inference-settings",
+                                  json.dumps(rule)]) == 0
+    assert read_manifest(archive)["inference_settings"] == rule
+    with extracted_model(archive) as (folder, _):
+        predictor = Predictor.from_model_dir(folder, device="cpu")
+        on_disk = json.loads((folder / "fold_0" / "plans.json").read_text())
+    assert predictor.tta is True and predictor.inference.brightening.targets == (0.6,)
+    assert on_disk["settings"]["inference"]["brightening"] == rule["brightening"]
+    assert {k: v for k, v in on_disk["settings"].items() if k != "inference"} == \
+        {k: v for k, v in trained.settings_dict().items() if k != "inference"}
+    original = torch.load(config / "fold_0" / "checkpoint_final.pth", weights_only=True)["networks"]
+    for net, weights in original.items():
+        for key, value in weights.items():
+            assert torch.equal(predictor.folds[0][net].state_dict()[key].cpu(), value), (net, key)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert export_model.main(["-d", "8", "-f", "0", "-o", str(tmp_path / "bad.zip"),
+                                  "--inference-settings", '{"nope": 1}']) == 1
+    assert "inference has unknown key 'nope'" in err.getvalue() and not (tmp_path / "bad.zip").exists()
+
+
 def test_unknown_plans_version_is_refused(tmp_path):
     from heartcascade.inference.model_loading import load_fold
 

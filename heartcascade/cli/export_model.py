@@ -22,6 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", "-chk", default="final",
                    help="final, best, latest or a checkpoint file name in the fold folders (default final)")
     p.add_argument("-o", "--output", required=True, help="the .zip file to write")
+    p.add_argument("--inference-settings", default=None, metavar="JSON",
+                   help="fields of the plans' inference section the exported model gets instead of the trained "
+                        "one's, e.g. '{\"tta\": false}' (checked as the plans are; the weights are unchanged; "
+                        "listed in the archive's manifest)")
     add_verbosity_arguments(p)
     return p
 
@@ -32,7 +36,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         from heartcascade.inference.model_archive import export_model  # deferred: torch, keeps --help instant
 
-        path = export_model(args.dataset, args.configuration, args.output, args.folds, args.checkpoint)
+        from heartcascade.utils.errors import HCError
+        from heartcascade.utils.jsonio import parse_json
+
+        settings = None
+        if args.inference_settings is not None:
+            settings = parse_json(args.inference_settings, "--inference-settings")
+            if not isinstance(settings, dict):
+                raise HCError("--inference-settings must be a JSON object, e.g. '{\"tta\": false}'")
+        path = export_model(args.dataset, args.configuration, args.output, args.folds, args.checkpoint, settings)
         print(f"hc_export_model: wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
         return 0
 

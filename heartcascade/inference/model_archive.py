@@ -38,7 +38,7 @@ import zipfile
 import zlib
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -47,7 +47,8 @@ from heartcascade.inference.model_loading import (CHECKPOINT_KINDS, CONFIGURATIO
                                                   model_dir_for, read_checkpoint, resolve_fold_dirs)
 from heartcascade.inference.postprocessing import load_postprocessing
 from heartcascade.paths import parse_dataset_id, results_root
-from heartcascade.planning.plans import PLANS_VERSION, check_plans_version, load_plans, parse_plans
+from heartcascade.planning.plans import (PLANS_VERSION, check_override_keys, check_plans_version, load_plans,
+                                        parse_plans, with_settings)
 from heartcascade.utils.atomic import atomic_path, is_disk_full, replace_folder, restore_replaced_folders
 from heartcascade.utils.errors import HCError
 from heartcascade.utils.jsonio import load_json, parse_json
@@ -123,11 +124,20 @@ def _readme(manifest: dict[str, Any], figures: dict[str, dict[str, Any]]) -> str
 
 
 def export_model(dataset_id: int | str, configuration: str, output: str | os.PathLike,
-                 folds: Sequence[str | int] | None = None, checkpoint: str = "final") -> Path:
-    """Write the weights-only archive of a trained model to ``output`` (atomically); returns its path."""
+                 folds: Sequence[str | int] | None = None, checkpoint: str = "final",
+                 inference_settings: Mapping[str, Any] | None = None) -> Path:
+    """Write the weights-only archive of a trained model to ``output`` (atomically); returns its path.
+
+    ``inference_settings``: fields of the plans' ``inference`` section the archive's model gets instead of
+    the trained one's (e.g. test-time brightening chosen on validation scans after training); checked as the
+    plans are, written into every fold's checkpoint and ``plans.json`` and listed in the manifest. The weights
+    are unchanged.
+    """
     output = Path(output)
     if output.suffix != ".zip":
         raise HCError(f"{output}: the model archive must end in .zip")
+    if inference_settings:
+        check_override_keys({"inference": dict(inference_settings)}, "inference_settings")
     model_dir = model_dir_for(dataset_id, configuration)
     dataset_name = model_dir.parent.name
     fold_dirs = resolve_fold_dirs(model_dir, folds)
@@ -141,7 +151,11 @@ def export_model(dataset_id: int | str, configuration: str, output: str | os.Pat
     sweep_temp_files_of(output)  # what an export killed before left beside the archive
     with atomic_path(output, suffix=".zip") as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
         for name in CONFIGURATION_FILES:
-            if (model_dir / name).is_file():
+            if name == "plans.json" and inference_settings and (model_dir / name).is_file():
+                typed_cfg = with_settings(load_plans(model_dir / name), {"inference": dict(inference_settings)},
+                                          f"{model_dir / name} with inference_settings")
+                zf.writestr(f"{prefix}/{name}", json.dumps(typed_cfg.to_dict(), indent=2) + "\n")
+            elif (model_dir / name).is_file():
                 zf.write(model_dir / name, f"{prefix}/{name}")
         for fold, folder in fold_dirs:
             path = checkpoint_file(folder, checkpoint)
@@ -150,6 +164,10 @@ def export_model(dataset_id: int | str, configuration: str, output: str | os.Pat
             if state["configuration"] != configuration:
                 raise HCError(f"{path}: checkpoint is a '{state['configuration']}' model, not '{configuration}'")
             typed = parse_plans(state["plans"], str(path))
+            if inference_settings:
+                typed = with_settings(typed, {"inference": dict(inference_settings)}, f"{path} with inference_settings")
+                state = {**state, "plans": typed.to_dict()}
+                manifest["inference_settings"] = dict(inference_settings)
             manifest.setdefault("plans_version", typed.plans_version)
             manifest.setdefault("preset", typed.report.preset)
             manifest.setdefault("num_input_channels", typed.num_input_channels)
@@ -158,7 +176,9 @@ def export_model(dataset_id: int | str, configuration: str, output: str | os.Pat
             torch.save({k: state[k] for k in INFERENCE_KEYS if k in state}, buffer)
             zf.writestr(f"{prefix}/fold_{fold}/{path.name}", buffer.getvalue())
             for name in FOLD_FILES:
-                if (folder / name).is_file():
+                if name == "plans.json" and inference_settings:
+                    zf.writestr(f"{prefix}/fold_{fold}/{name}", json.dumps(typed.to_dict(), indent=2) + "\n")
+                elif (folder / name).is_file():
                     zf.write(folder / name, f"{prefix}/fold_{fold}/{name}")
             summary = folder / "validation" / "summary.json"
             info: dict[str, Any] = {"mean_dice": _mean_dice(summary)}
