@@ -86,6 +86,14 @@ def test_planner_writes_the_rule_only_where_the_preset_asks(tmp_path):
     assert rule.label == brightest and rule.gamma_min == 0.6 and rule.min_voxels == 40
     values = [r["class_brightness"][0][brightest] for r in fp["cases"]]
     assert rule.targets == (pytest.approx(np.percentile(values, 25), abs=1e-4),)
+    # CT (HU window: contrast timing, not rendering; measured on cine MR only) keeps one pass
+    ct = make_raw_dataset(tmp_path / "ct", 9, "BrightCT", n_cases=2, modality="ct", spacing=(1.0, 1.0, 3.0),
+                          size_xyz=(40, 36, 12))
+    ct_info = load_dataset(ct.folder)
+    ct_plans = plan_experiment(fpmod.compute_fingerprint(ct_info, num_processes=1, progress=False), asked, ct_info, 9,
+                               gpu_memory_gb=2.0)
+    assert ct_plans["settings"]["normalization"][0]["scheme"] == "ct_clip"
+    assert ct_plans["settings"]["inference"]["brightening"] is None
 
 
 def test_plans_field_is_checked_with_one_line_errors(tmp_path):

@@ -751,10 +751,11 @@ def brightening_rule(ctx: _Context) -> dict[str, Any] | None:
     reference is the class brightest in the median training case (the blood pool in bSSFP MR and contrast
     CT); each channel's target is the preset's ``target_quantile`` (percent) of that class's brightness over
     the training cases (the fingerprint's ``class_brightness``), so a case is brightened only where it is
-    darker than that share of the data the model learnt from."""
+    darker than that share of the data the model learnt from. Only for percentile-normalised (MR) channels:
+    it was measured on cine MR, and CT keeps one pass."""
     rule = ctx.preset["inference"]["brightening"]
-    if rule is None:
-        return None
+    if rule is None or any(n["scheme"] != "percentile_clip" for n in normalization_section(ctx)):
+        return None  # a CT channel's fixed HU window measures contrast timing, not a scanner's rendering
     medians = ctx.fp["class_brightness_median"][0]
     label = max((c for c in range(1, len(medians)) if medians[c] is not None), key=lambda c: medians[c], default=None)
     if label is None:
