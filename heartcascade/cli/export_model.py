@@ -6,6 +6,8 @@ import sys
 from typing import Sequence
 
 from heartcascade.cli.common import HCArgumentParser, add_verbosity_arguments, dataset_id, run_cli
+from heartcascade.utils.errors import HCError
+from heartcascade.utils.jsonio import parse_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,9 +37,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         from heartcascade.inference.model_archive import export_model  # deferred: torch, keeps --help instant
-
-        from heartcascade.utils.errors import HCError
-        from heartcascade.utils.jsonio import parse_json
 
         settings = None
         if args.inference_settings is not None:
