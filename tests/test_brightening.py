@@ -105,11 +105,11 @@ def test_plans_field_is_checked_with_one_line_errors(tmp_path):
     good = {"label": 1, "targets": [0.6], "gamma_min": 0.5, "min_voxels": 50}
     for bad, message in (({**good, "label": 4}, "brightening.label 4 is not a foreground class"),
                          ({**good, "targets": [0.6, 0.5]}, "one entry per input channel"),
-                         ({**good, "targets": [1.5]}, "field 'targets' must be <= 1"),
-                         ({**good, "gamma_min": 0}, "field 'gamma_min' must be > 0"),
-                         ({**good, "extra": 1}, "unknown key 'extra'"),
-                         ({"label": 1}, "lacks field"),
-                         ([1], "must be null or an object")):
+                         ({**good, "targets": [1.5]}, "brightening.targets must be <= 1"),
+                         ({**good, "gamma_min": 0}, "brightening.gamma_min must be > 0"),
+                         ({**good, "extra": 1}, "brightening has unknown key 'extra'"),
+                         ({"label": 1}, "brightening lacks field 'targets'"),
+                         ([1], "brightening must be an object")):
         broken = copy.deepcopy(plans)
         broken["settings"]["inference"]["brightening"] = bad
         with pytest.raises(HCError, match=message) as err:

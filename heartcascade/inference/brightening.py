@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from heartcascade.planning.plans import BrighteningPlan
+from heartcascade.preprocessing.normalization import class_window_means
 
 
 def window_fraction(channel: np.ndarray, target_range: Sequence[float]) -> np.ndarray:
@@ -32,11 +33,12 @@ def window_fraction(channel: np.ndarray, target_range: Sequence[float]) -> np.nd
 
 def class_brightness(image: np.ndarray, labels: np.ndarray, label: int, target_ranges: Sequence[Sequence[float]],
                      min_voxels: int) -> list[float] | None:
-    """Per channel, the mean of ``label``'s voxels on the [0, 1] window; None when fewer than ``min_voxels``."""
-    mask = labels == label
-    if int(mask.sum()) < min_voxels:
+    """Per channel, the mean of ``label``'s voxels on the [0, 1] window (the fingerprint's measure,
+    :func:`~heartcascade.preprocessing.normalization.class_window_means`); None when fewer than ``min_voxels``."""
+    if int(np.count_nonzero(labels == label)) < min_voxels:
         return None
-    return [float(window_fraction(image[c][mask], r).mean()) for c, r in enumerate(target_ranges)]
+    return [class_window_means(image[c], labels, float(r[0]), float(r[1]), label + 1)[label]
+            for c, r in enumerate(target_ranges)]
 
 
 def brightening_gammas(brightness: Sequence[float] | None, rule: BrighteningPlan) -> list[float] | None:

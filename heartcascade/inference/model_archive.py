@@ -147,6 +147,8 @@ def export_model(dataset_id: int | str, configuration: str, output: str | os.Pat
                                 "folds": [name for name, _ in fold_dirs], "checkpoint": checkpoint,
                                 "heartcascade_version": _version(),
                                 "exported": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    if inference_settings:
+        manifest["inference_settings"] = dict(inference_settings)
     figures: dict[str, dict[str, Any]] = {}
     sweep_temp_files_of(output)  # what an export killed before left beside the archive
     with atomic_path(output, suffix=".zip") as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -167,7 +169,6 @@ def export_model(dataset_id: int | str, configuration: str, output: str | os.Pat
             if inference_settings:
                 typed = with_settings(typed, {"inference": dict(inference_settings)}, f"{path} with inference_settings")
                 state = {**state, "plans": typed.to_dict()}
-                manifest["inference_settings"] = dict(inference_settings)
             manifest.setdefault("plans_version", typed.plans_version)
             manifest.setdefault("preset", typed.report.preset)
             manifest.setdefault("num_input_channels", typed.num_input_channels)

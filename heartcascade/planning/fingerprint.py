@@ -38,7 +38,6 @@ FINGERPRINT_FILE = "dataset_fingerprint.json"
 FINGERPRINT_VERSION = 2
 SAMPLES_PER_CASE = 10_000
 PERCENTILES = (0.5, 99.5)
-_BRIGHTNESS_SLAB = 16  # slices per step of class_brightness (bounded memory on CT)
 
 
 def file_stamp(paths: Sequence[Path | None]) -> list[list]:
@@ -140,15 +139,7 @@ def class_brightness(array: np.ndarray, seg: np.ndarray, num_classes: int) -> li
     """Mean of each class (None where absent) on the image's own 0.5-99.5 percentile window mapped to [0, 1]:
     how bright a structure is in the terms percentile normalisation leaves, comparable across scanners."""
     lo, hi = normalization.case_percentiles(array, *PERCENTILES)
-    scale = np.float32(1.0 / (hi - lo) if hi > lo else 0.0)
-    sums = np.zeros(num_classes, dtype=np.float64)
-    counts = np.zeros(num_classes, dtype=np.int64)
-    for z in range(0, array.shape[0], _BRIGHTNESS_SLAB):  # slab by slab: a CT volume's copy would be GBs
-        values = np.clip((np.asarray(array[z:z + _BRIGHTNESS_SLAB], dtype=np.float32) - np.float32(lo)) * scale, 0, 1)
-        labels = np.asarray(seg[z:z + _BRIGHTNESS_SLAB]).ravel()
-        sums += np.bincount(labels, weights=values.ravel(), minlength=num_classes)[:num_classes]
-        counts += np.bincount(labels, minlength=num_classes)[:num_classes]
-    return [float(sums[c] / counts[c]) if counts[c] else None for c in range(num_classes)]
+    return normalization.class_window_means(array, seg, lo, hi, num_classes)
 
 
 def _worker(args: tuple) -> tuple[str, Any, Any]:

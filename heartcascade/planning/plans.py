@@ -149,9 +149,11 @@ _SHAPE = _list(_int(1, _MAX_SIDE), 3)
 _SPACING = _list(_num(0, open_lo=True), 3)
 
 
-def _f(check: Callable[[Any], Any], default: Any = dataclasses.MISSING) -> Any:
-    """A typed field: ``check`` converts and validates the JSON value; a default makes the field optional."""
-    return dataclasses.field(default=default, metadata={"check": check})
+def _f(check: Callable[[Any], Any], default: Any = dataclasses.MISSING, section: type | None = None) -> Any:
+    """A typed field: ``check`` converts and validates the JSON value; a default makes the field optional;
+    ``section``: the value (when not null) is itself a typed section, parsed by :func:`_section`."""
+    metadata = {"check": check} if section is None else {"check": check, "section": section}
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def _section(cls: type, data: Any, where: str, source: str, **extra: Any) -> Any:
@@ -174,6 +176,8 @@ def _section(cls: type, data: Any, where: str, source: str, **extra: Any) -> Any
             values[name] = f.metadata["check"](data[name])
         except _Bad as exc:
             raise HCError(f"{source}: {where}.{name} {exc}") from None
+        if f.metadata.get("section") is not None and values[name] is not None:
+            values[name] = _section(f.metadata["section"], values[name], f"{where}.{name}", source)
     return cls(**values, **extra)
 
 
@@ -340,25 +344,6 @@ class BrighteningPlan:
     min_voxels: int = _f(_int(1))
 
 
-def _brightening(v: Any) -> BrighteningPlan:
-    if not isinstance(v, Mapping):
-        raise _Bad(f"must be null or an object, got {v!r}")
-    fields = {f.name: f for f in dataclasses.fields(BrighteningPlan)}
-    unknown = sorted(set(v) - set(fields))
-    if unknown:
-        raise _Bad(f"has unknown key {unknown[0]!r}")
-    missing = sorted(set(fields) - set(v))
-    if missing:
-        raise _Bad(f"lacks field {missing[0]!r}")
-    values = {}
-    for name, f in fields.items():
-        try:
-            values[name] = f.metadata["check"](v[name])
-        except _Bad as exc:
-            raise _Bad(f"field {name!r} {exc}") from None
-    return BrighteningPlan(**values)
-
-
 @dataclass(frozen=True)
 class InferencePlan:
     roi_margin_mm: float = _f(_num(0))
@@ -374,7 +359,7 @@ class InferencePlan:
     # degrees and mirrored in-plane. The planner writes it; None = plans written before it existed (off).
     tta_quarter_turns: bool | None = _f(_opt(_bool), None)
     # two passes for cases darker than the training data (BrighteningPlan); None = off (and plans before it)
-    brightening: BrighteningPlan | None = _f(_opt(_brightening), None)
+    brightening: BrighteningPlan | None = _f(_opt(_object), None, section=BrighteningPlan)
 
 
 @dataclass(frozen=True)

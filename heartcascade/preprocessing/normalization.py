@@ -42,6 +42,27 @@ def case_percentiles(array: np.ndarray, low: float, high: float) -> tuple[float,
     return float(lo), float(hi)
 
 
+#: Slices per step of :func:`class_window_means` (bounded memory on CT).
+_MEANS_SLAB = 16
+
+
+def class_window_means(array: np.ndarray, seg: np.ndarray, lo: float, hi: float,
+                       num_classes: int) -> list[float | None]:
+    """Mean of each class (None where absent) on the window [lo, hi] mapped to [0, 1]: how bright a structure
+    is within the window normalisation uses. Slab by slab in float32 (a CT volume's copy would be GBs); the
+    fingerprint (raw image, the case's percentile window) and test-time brightening (normalised image, its
+    target range) take this one measure."""
+    scale = np.float32(1.0 / (hi - lo) if hi > lo else 0.0)
+    sums = np.zeros(num_classes, dtype=np.float64)
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for z in range(0, array.shape[0], _MEANS_SLAB):
+        values = np.clip((np.asarray(array[z:z + _MEANS_SLAB], dtype=np.float32) - np.float32(lo)) * scale, 0, 1)
+        labels = np.asarray(seg[z:z + _MEANS_SLAB]).ravel()
+        sums += np.bincount(labels, weights=values.ravel(), minlength=num_classes)[:num_classes]
+        counts += np.bincount(labels, minlength=num_classes)[:num_classes]
+    return [float(sums[c] / counts[c]) if counts[c] else None for c in range(num_classes)]
+
+
 def channel_window(array: np.ndarray, scheme: dict[str, Any]) -> tuple[float, float]:
     """The clip window a plans normalisation entry gives for one channel of one case."""
     kind = scheme.get("scheme")
