@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --roi-centre-sigma: keep components scoring at least this share of the best")
     p.add_argument("--inference-settings", type=json.loads, default=None, metavar="JSON",
                    help="fields of the plans' inference section to try instead of the model's, e.g. "
-                        "'{\"brightening\": {\"label\": 1, \"targets\": [0.62], \"gamma_min\": 0.5, \"min_voxels\": 50}}'")
+                        "'{\"brightening\": {\"label\": 1, \"targets\": [0.62], \"max_factor\": 2.0, \"min_voxels\": 50}}'")
     p.add_argument("-o", "--output", default=None, help="JSON file for the per-volume records")
     args = p.parse_args(argv)
 

@@ -1,11 +1,10 @@
-"""Test-time brightening (inference/brightening.py, planner rule 13): the measure, the gamma, the plans field.
+"""Test-time brightening (inference/brightening.py, planner rule 13): the measure, the factor, the plans field.
 
 The predictor's two passes are tested in test_inference.py (they need its tiny planned model).
 """
 from __future__ import annotations
 
 import copy
-import math
 
 import numpy as np
 import pytest
@@ -22,17 +21,17 @@ from heartcascade.utils.errors import HCError
 
 from test_preprocessing import make_raw_dataset, simple_settings  # noqa: E402 - shared tiny-dataset helpers
 
-RULE = BrighteningPlan(label=1, targets=(0.6,), gamma_min=0.5, min_voxels=10)
+RULE = BrighteningPlan(label=1, targets=(0.6,), max_factor=2.0, min_voxels=10)
 
 
-def test_gamma_lifts_the_blood_pool_to_the_target_and_no_further():
-    assert brightening.brightening_gammas([0.4], RULE) == [pytest.approx(math.log(0.6) / math.log(0.4))]
-    assert brightening.brightening_gammas([0.6], RULE) is None      # bright enough: one pass
-    assert brightening.brightening_gammas([0.9], RULE) is None
-    assert brightening.brightening_gammas([0.05], RULE) == [0.5]    # never below gamma_min
-    assert brightening.brightening_gammas(None, RULE) is None       # too few voxels of the class found
-    two = BrighteningPlan(label=1, targets=(0.6, 0.3), gamma_min=0.5, min_voxels=10)
-    assert brightening.brightening_gammas([0.7, 0.2], two) == [1.0, pytest.approx(math.log(0.3) / math.log(0.2))]
+def test_factor_lifts_the_blood_pool_to_the_target_and_no_further():
+    assert brightening.brightening_factors([0.4], RULE) == [pytest.approx(1.5)]
+    assert brightening.brightening_factors([0.6], RULE) is None      # bright enough: one pass
+    assert brightening.brightening_factors([0.9], RULE) is None
+    assert brightening.brightening_factors([0.05], RULE) == [2.0]    # never above max_factor
+    assert brightening.brightening_factors(None, RULE) is None       # too few voxels of the class found
+    two = BrighteningPlan(label=1, targets=(0.6, 0.3), max_factor=2.0, min_voxels=10)
+    assert brightening.brightening_factors([0.7, 0.2], two) == [1.0, pytest.approx(1.5)]
 
 
 def test_brighten_moves_a_uniform_class_exactly_to_the_target_and_keeps_the_range():
@@ -43,12 +42,15 @@ def test_brighten_moves_a_uniform_class_exactly_to_the_target_and_keeps_the_rang
     image[0][labels == 1] = 2 * 0.4 - 1  # the blood pool at 0.4 of the window
     measured = brightening.class_brightness(image, labels, 1, [(-1.0, 1.0)], RULE.min_voxels)
     assert measured == [pytest.approx(0.4)]
-    gammas = brightening.brightening_gammas(measured, RULE)
-    out = brightening.brighten(image, gammas, [(-1.0, 1.0)])
+    factors = brightening.brightening_factors(measured, RULE)
+    out = brightening.brighten(image, factors, [(-1.0, 1.0)])
     assert brightening.class_brightness(out, labels, 1, [(-1.0, 1.0)], 1) == [pytest.approx(0.6, abs=1e-5)]
     assert out.min() >= -1 and out.max() <= 1 and out.dtype == np.float32
     assert np.all(np.diff(np.sort(out.ravel())) >= 0)  # monotone: order of intensities kept
-    assert (out >= image - 1e-6).all()  # gamma < 1 only brightens
+    assert (out >= image - 1e-6).all()  # a factor > 1 only brightens
+    fraction, scaled = (image + 1) / 2, (out + 1) / 2  # linear below the top: contrast ratios are kept
+    below = fraction * 1.5 < 0.99
+    assert np.allclose(scaled[below], fraction[below] * 1.5, atol=1e-5) and np.allclose(scaled[~below], np.minimum(fraction[~below] * 1.5, 1), atol=1e-5)
     assert brightening.class_brightness(image, labels, 2, [(-1.0, 1.0)], 1) is None  # class absent
 
 
@@ -78,12 +80,12 @@ def test_planner_writes_the_rule_only_where_the_preset_asks(tmp_path):
     off = plan_experiment(fp, preset, dataset, 6, gpu_memory_gb=2.0)
     assert off["settings"]["inference"]["brightening"] is None and parse_plans(off).inference.brightening is None
     asked = copy.deepcopy(preset)
-    asked["inference"]["brightening"] = {"target_quantile": 25, "gamma_min": 0.6, "min_voxels": 40}
+    asked["inference"]["brightening"] = {"target_quantile": 25, "max_factor": 1.8, "min_voxels": 40}
     plans = parse_plans(plan_experiment(fp, asked, dataset, 6, gpu_memory_gb=2.0))
     rule = plans.inference.brightening
     medians = fp["class_brightness_median"][0]
     brightest = max(range(1, 4), key=lambda c: medians[c])
-    assert rule.label == brightest and rule.gamma_min == 0.6 and rule.min_voxels == 40
+    assert rule.label == brightest and rule.max_factor == 1.8 and rule.min_voxels == 40
     values = [r["class_brightness"][0][brightest] for r in fp["cases"]]
     assert rule.targets == (pytest.approx(np.percentile(values, 25), abs=1e-4),)
     # CT (HU window: contrast timing, not rendering; measured on cine MR only) keeps one pass
@@ -102,11 +104,12 @@ def test_plans_field_is_checked_with_one_line_errors(tmp_path):
     dataset = load_dataset(info.folder)
     plans = plan_experiment(fpmod.compute_fingerprint(dataset, num_processes=1, progress=False),
                             presets.load_preset("demo"), dataset, 7, gpu_memory_gb=2.0)
-    good = {"label": 1, "targets": [0.6], "gamma_min": 0.5, "min_voxels": 50}
+    good = {"label": 1, "targets": [0.6], "max_factor": 2.0, "min_voxels": 50}
     for bad, message in (({**good, "label": 4}, "brightening.label 4 is not a foreground class"),
                          ({**good, "targets": [0.6, 0.5]}, "one entry per input channel"),
                          ({**good, "targets": [1.5]}, "brightening.targets must be <= 1"),
-                         ({**good, "gamma_min": 0}, "brightening.gamma_min must be > 0"),
+                         ({**good, "max_factor": 1}, "brightening.max_factor must be > 1"),
+                         ({**good, "gamma_min": 0.5}, "brightening has unknown key 'gamma_min'"),
                          ({**good, "extra": 1}, "brightening has unknown key 'extra'"),
                          ({"label": 1}, "brightening lacks field 'targets'"),
                          ([1], "brightening must be an object")):
@@ -116,4 +119,4 @@ def test_plans_field_is_checked_with_one_line_errors(tmp_path):
             parse_plans(broken, "p.json")
         assert "\n" not in str(err.value) and "inference.brightening" in str(err.value)
     plans["settings"]["inference"]["brightening"] = good
-    assert parse_plans(plans).inference.brightening == BrighteningPlan(1, (0.6,), 0.5, 50)
+    assert parse_plans(plans).inference.brightening == BrighteningPlan(1, (0.6,), 2.0, 50)

@@ -514,10 +514,10 @@ def test_brightening_second_pass_runs_on_the_brightened_image():
     found = np.bincount(first.labels.ravel(), minlength=plans.num_classes)
     label = int(np.argmax(found[1:]) + 1)  # what the untrained networks label most
     assert found[label] > 0
-    rule = {"label": label, "gamma_min": 0.5, "min_voxels": 1}
+    rule = {"label": label, "max_factor": 2.0, "min_voxels": 1}
     dark = Predictor(tiny_plans(brightening={**rule, "targets": [0.999]}), [nets], device="cpu")
     twice = dark.predict_preprocessed(image, props)
-    assert twice.brightening is not None and 0.5 <= twice.brightening[0] < 1.0
+    assert twice.brightening is not None and 1.0 < twice.brightening[0] <= 2.0
     brightened = brightening.brighten(image, twice.brightening, [n.target_range for n in plans.normalization])
     assert np.array_equal(twice.labels, plain.predict_preprocessed(brightened, props).labels)
     assert "brightened_pass" in twice.timings

@@ -255,7 +255,7 @@ def test_export_with_inference_settings_changes_only_the_inference_section(tmp_p
     trained = tiny_plans()
     config = write_model(hc_roots["results"] / "Dataset008_Tiny" / "cascade", trained, folds=(0,))
     archive = tmp_path / "model.zip"
-    rule = {"brightening": {"label": 1, "targets": [0.6], "gamma_min": 0.5, "min_voxels": 50}, "tta": True}
+    rule = {"brightening": {"label": 1, "targets": [0.6], "max_factor": 2.0, "min_voxels": 50}, "tta": True}
     with contextlib.redirect_stdout(io.StringIO()):
         assert export_model.main(["-d", "8", "-f", "0", "-o", str(archive), "--inference-settings",
                                   json.dumps(rule)]) == 0

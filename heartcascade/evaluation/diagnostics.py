@@ -83,6 +83,6 @@ def case_diagnostics(predictor: Predictor, image_path: str | Path, label_path: s
         "roi_fraction_of_volume": round(float(roi.mean()), 3),
         "net1_dice": _dice_table(ref, net1.labels.astype(np.uint8), spacing_zyx, structures),
         "cascade_dice": _dice_table(ref, cascade.labels.astype(np.uint8), spacing_zyx, structures),
-        "brightening_gamma": cascade.brightening,  # the cascade's second-pass gammas (None: one pass)
+        "brightening_factor": cascade.brightening,  # the cascade's second-pass factors (None: one pass)
         "image": stats,
     }

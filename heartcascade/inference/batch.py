@@ -270,7 +270,7 @@ def predict_cases(predictor: CasePredictor, cases: Sequence[InputCase], output_d
             report.outputs[case.case_id] = out
             report.seconds[case.case_id] = seconds
             brightened = "" if result.brightening is None else \
-                f" (brightened, gamma {', '.join(f'{g:.2f}' for g in result.brightening)})"
+                f" (brightened x{', x'.join(f'{f:.2f}' for f in result.brightening)})"
             progress.step(f"{case.case_id}: predicted in {seconds:.1f} s{brightened} -> {out}")
             del result, labels, written, first
         except Exception as exc:  # one case failing must not stop the others

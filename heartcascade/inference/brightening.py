@@ -2,21 +2,24 @@
 
 Percentile normalisation maps every MR scan's 0.5-99.5 % window to the same range, but where the bright
 blood pool sits inside that window depends on the scanner and sequence: on another centre's cine MR the
-worst volumes are the ones whose blood pool lies far lower than in any training scan, and the networks,
-which learnt "bright = blood", lose it. The rule (the plans' ``inference.brightening``, planner rule 13):
+worst volumes are the ones whose blood pool lies far lower than in any training scan (a few very bright
+voxels, fat or a coil's hot spot, stretch the window), and the networks, which learnt "bright = blood", lose it.
+The rule (the plans' ``inference.brightening``, planner rule 13):
 
 1. predict as usual;
 2. measure the reference class (the blood pool) where the first pass put it: its mean on the normalised
    image's window mapped to [0, 1] (the fingerprint's ``class_brightness`` measure, channel by channel);
-3. where that mean ``m`` is below the channel's ``target`` t, raise the window by a gamma
-   ``g = ln t / ln m`` (so ``m ** g = t``), never below ``gamma_min``, and predict again on the brightened image.
+3. where that mean ``m`` is below the channel's ``target`` t, scale the window fraction by ``f = t / m``
+   (never above ``max_factor``; values pushed above the window's top stay at the top) and predict again.
 
-Scans at least as bright as the target, or where the first pass finds fewer than ``min_voxels`` of the class,
-keep the first pass (and cost nothing extra). Measured effect: documentation/results.md.
+The scaling is linear, so the ratio of blood to myocardium is kept: a gamma (the first version) lifted the
+darker myocardium more than the blood, and end-systolic cavities grew into it (ejection fraction error 5 -> 11
+points against 5 -> 7.7 with the scaling, same Dice gain; documentation/results.md). Scans at least as bright
+as the target, or where the first pass finds fewer than ``min_voxels`` of the class, keep the first pass (and
+cost nothing extra).
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
@@ -41,25 +44,24 @@ def class_brightness(image: np.ndarray, labels: np.ndarray, label: int, target_r
             for c, r in enumerate(target_ranges)]
 
 
-def brightening_gammas(brightness: Sequence[float] | None, rule: BrighteningPlan) -> list[float] | None:
-    """Per channel, the gamma that lifts the measured brightness to the target (1 where it is bright enough,
-    never below ``gamma_min``); None when no channel needs a change."""
+def brightening_factors(brightness: Sequence[float] | None, rule: BrighteningPlan) -> list[float] | None:
+    """Per channel, the factor that lifts the measured brightness to the target (1 where it is bright enough,
+    never above ``max_factor``); None when no channel needs a change."""
     if brightness is None:
         return None
-    gammas = []
-    for m, t in zip(brightness, rule.targets):
-        g = 1.0 if m >= t or m <= 0.0 else max(rule.gamma_min, math.log(t) / math.log(m))
-        gammas.append(min(1.0, g))
-    return gammas if any(g < 1.0 for g in gammas) else None
+    factors = [1.0 if m >= t or m <= 0.0 else min(rule.max_factor, t / m) for m, t in zip(brightness, rule.targets)]
+    return factors if any(f > 1.0 for f in factors) else None
 
 
-def brighten(image: np.ndarray, gammas: Sequence[float], target_ranges: Sequence[Sequence[float]]) -> np.ndarray:
-    """A new normalised (C, ...) image with each channel's window fraction raised to its gamma."""
+def brighten(image: np.ndarray, factors: Sequence[float], target_ranges: Sequence[Sequence[float]]) -> np.ndarray:
+    """A new normalised (C, ...) image with each channel's window fraction scaled by its factor, capped at the
+    window's top."""
     out = np.empty(image.shape, dtype=np.float32)
-    for c, (g, r) in enumerate(zip(gammas, target_ranges)):
+    for c, (f, r) in enumerate(zip(factors, target_ranges)):
         low, high = float(r[0]), float(r[1])
         fraction = window_fraction(image[c], r)
-        if g != 1.0:
-            np.power(fraction, np.float32(g), out=fraction)
+        if f != 1.0:
+            np.multiply(fraction, np.float32(f), out=fraction)
+            np.minimum(fraction, np.float32(1.0), out=fraction)
         out[c] = fraction * np.float32(high - low) + np.float32(low)
     return out

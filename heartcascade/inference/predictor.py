@@ -238,10 +238,10 @@ class Predictor:
             raise HCError("--net1-only needs a cascade model, not a baseline")
         with torch.inference_mode():
             labels, probs, box = self._predict_networks(image, properties, return_probabilities, net1_only, timings)
-            gammas = self.brightening_gammas(image, labels)
-            if gammas is not None:  # a second pass on the brightened image (inference/brightening.py)
+            factors = self.brightening_factors(image, labels)
+            if factors is not None:  # a second pass on the brightened image (inference/brightening.py)
                 t = time.perf_counter()
-                image = brightening.brighten(image, gammas, self._target_ranges)
+                image = brightening.brighten(image, factors, self._target_ranges)
                 labels, probs, box = self._predict_networks(image, properties, return_probabilities, net1_only, {})
                 timings["brightened_pass"] = time.perf_counter() - t
         t1 = time.perf_counter()
@@ -252,7 +252,7 @@ class Predictor:
         probs_zyx = restore_probabilities(probs, properties) if probs is not None else None
         timings["restore"] = time.perf_counter() - t1
         timings["total"] = time.perf_counter() - t0
-        return CaseResult(labels_zyx, probs_zyx, properties, box, timings, gammas)
+        return CaseResult(labels_zyx, probs_zyx, properties, box, timings, factors)
 
     def _predict_networks(self, image: np.ndarray, properties: dict[str, Any], want_probs: bool, net1_only: bool,
                           timings: dict[str, float]):
@@ -261,14 +261,14 @@ class Predictor:
             return self._predict_cascade(image, properties, want_probs, net1_only, timings)
         return self._predict_baseline(image, properties, want_probs, timings)
 
-    def brightening_gammas(self, image: np.ndarray, labels: np.ndarray) -> list[float] | None:
-        """Per channel, the gamma the plans' ``inference.brightening`` gives a case whose first pass found
+    def brightening_factors(self, image: np.ndarray, labels: np.ndarray) -> list[float] | None:
+        """Per channel, the factor the plans' ``inference.brightening`` gives a case whose first pass found
         ``labels`` on the preprocessed ``image``; None when off or when the case is bright enough."""
         rule = self.inference.brightening
         if rule is None:
             return None
         measured = brightening.class_brightness(image, labels, rule.label, self._target_ranges, rule.min_voxels)
-        return brightening.brightening_gammas(measured, rule)
+        return brightening.brightening_factors(measured, rule)
 
     # -- cascade ------------------------------------------------------------------------------
     def _image_tensor(self, image: np.ndarray) -> torch.Tensor:

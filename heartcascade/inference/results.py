@@ -41,7 +41,7 @@ class CaseResult:
     properties: dict[str, Any]
     roi_box: tuple[tuple[int, int], ...]     # canonical preprocessed grid
     timings: dict[str, float] = field(default_factory=dict)
-    brightening: list[float] | None = None   # per channel gamma of the second pass; None = one pass
+    brightening: list[float] | None = None   # per channel factor of the second pass; None = one pass
 
 
 @dataclass

@@ -765,7 +765,7 @@ def brightening_rule(ctx: _Context) -> dict[str, Any] | None:
         values = [r["class_brightness"][channel][label] for r in ctx.fp["cases"]
                   if r["class_brightness"][channel][label] is not None]
         targets.append(round(float(np.percentile(values, float(rule["target_quantile"]))), 4))
-    return {"label": int(label), "targets": targets, "gamma_min": float(rule["gamma_min"]),
+    return {"label": int(label), "targets": targets, "max_factor": float(rule["max_factor"]),
             "min_voxels": int(rule["min_voxels"])}
 
 

@@ -337,10 +337,11 @@ class SamplingPlan:
 class BrighteningPlan:
     """Test-time brightening (:mod:`heartcascade.inference.brightening`): a case whose ``label`` comes out
     darker on the first pass than ``targets[channel]`` (mean on the case's normalisation window, [0, 1]) is
-    raised by a gamma no lower than ``gamma_min`` and predicted again; ``min_voxels`` of the label are needed."""
+    scaled up on that window by a factor no higher than ``max_factor`` and predicted again; ``min_voxels`` of
+    the label are needed."""
     label: int = _f(_int(1))
     targets: tuple[float, ...] = _f(_list(_num(0, 1, open_lo=True), nonempty=True))
-    gamma_min: float = _f(_num(0, 1, open_lo=True))
+    max_factor: float = _f(_num(1, open_lo=True))
     min_voxels: int = _f(_int(1))
 
 

@@ -51,7 +51,7 @@ PRESET_DEFAULTS: dict[str, Any] = {
     "inference": {"roi_margin_mm": 10.0, "roi_rule": "heart_components", "roi_min_component_fraction": 0.1,
                   "roi_join_distance_mm": 0.0, "roi_centre_sigma": 0.0, "tta": False, "tta_quarter_turns": False,
                   "max_z_chunk": 64, "whole_volume_max_voxels": None,
-                  # null: off; else {"target_quantile": q, "gamma_min": g, "min_voxels": n} (planner rule 13)
+                  # null: off; else {"target_quantile": q, "max_factor": f, "min_voxels": n} (planner rule 13)
                   "brightening": None},
     "baseline_unet": {"spacing_mm": 2.0, "num_levels": 4, "norm": "instance", "max_batch_size": 2, "lr": 1e-4,
                       "epochs": 800, "iterations_per_epoch": 16, "losses": ["L"]},
