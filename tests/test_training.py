@@ -560,7 +560,7 @@ def _with_workers(trainer, start, workers):
 # intensity augmentation
 
 INTENSITY_P = ("p_gaussian_noise", "p_gaussian_blur", "p_brightness", "p_contrast", "p_low_resolution", "p_gamma",
-               "p_gamma_inverted", "p_bias_field")
+               "p_gamma_inverted", "p_bias_field", "p_histogram_shift")
 
 
 def _batch(n: int, seed: int = 0) -> dict:
@@ -593,12 +593,32 @@ def test_intensity_transforms_only_touch_image_channels():
         assert sum(changed) >= (4 if key in ("p_gaussian_blur", "p_low_resolution") else 16), (key, sum(changed))
         np.testing.assert_array_equal(out["data"][:, 1:], batch["data"][:, 1:])  # Net1 probabilities untouched
         np.testing.assert_array_equal(out["seg"], batch["seg"])
-        if key.startswith("p_gamma") or key in ("p_contrast", "p_bias_field"):  # range-preserving
+        if key.startswith("p_gamma") or key in ("p_contrast", "p_bias_field", "p_histogram_shift"):  # range-preserving
             assert out["data"][:, 0].min() >= batch["data"][:, 0].min() - 1e-5
             assert out["data"][:, 0].max() <= batch["data"][:, 0].max() + 1e-5
         again = _run(transform, batch, seed=3)
         np.testing.assert_array_equal(out["data"], again["data"])  # a fixed seed gives the same batch
         assert not np.array_equal(_run(transform, batch, seed=4)["data"], out["data"])
+
+
+def test_histogram_shift_is_a_monotone_curve_that_keeps_the_range_and_moves_the_middle():
+    """The remap keeps the order of intensities (no tissue swaps brightness with another), the patch's darkest
+    and brightest values, and moves mid-range values by up to the configured share of the range."""
+    from heartcascade.training.augmentation import HistogramShiftTransform
+
+    image = np.linspace(-1, 1, 5 * 16 * 16, dtype=np.float32).reshape(1, 1, 5, 16, 16)
+    moved = []
+    for seed in range(20):
+        np.random.seed(seed)
+        out = HistogramShiftTransform((0.1, 0.25), p_per_sample=1.0)(data=image.copy())["data"]
+        flat = out.ravel()
+        assert np.all(np.diff(flat) >= -1e-6) and flat[0] == -1 and flat[-1] == pytest.approx(1)
+        middle = (out - image)[np.abs(image) < 0.05]
+        assert np.abs(middle).max() <= 2 * 0.25 + 1e-5
+        moved.append(float(np.abs(middle).mean()))
+    assert min(moved) > 0 and max(moved) > 0.1  # every draw moves the middle; some by a tenth of the range
+    np.random.seed(0)
+    assert np.array_equal(HistogramShiftTransform((0.1, 0.25), p_per_sample=0.0)(data=image.copy())["data"], image)
 
 
 def test_scaling_per_axis_and_full_circle_inplane_rotation():

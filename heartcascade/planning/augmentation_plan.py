@@ -49,6 +49,10 @@ class AugmentationParams:
     # MR receive-coil shading: a smooth multiplicative field exp(polynomial), coefficients up to this size
     p_bias_field: float = 0.0
     bias_field_coefficients: tuple[float, float] = (0.0, 0.5)
+    # Another scanner's intensity curve: a random monotone piecewise-linear remap of the patch's range whose
+    # three inner control points (at 1/4, 1/2, 3/4 of the range) move by up to this share of the range
+    p_histogram_shift: float = 0.0
+    histogram_shift_range: tuple[float, float] = (0.0, 0.2)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None, source: str = "plans",
@@ -99,7 +103,8 @@ class AugmentationParams:
 INTENSITY_FIELDS = (("p_gaussian_noise", "noise_std"), ("p_gaussian_blur", "blur_sigma"),
                     ("p_brightness", "brightness_range"), ("p_contrast", "contrast_range"),
                     ("p_low_resolution", "low_resolution_zoom"), ("p_gamma", "gamma_range"),
-                    ("p_gamma_inverted", "gamma_range"), ("p_bias_field", "bias_field_coefficients"))
+                    ("p_gamma_inverted", "gamma_range"), ("p_bias_field", "bias_field_coefficients"),
+                    ("p_histogram_shift", "histogram_shift_range"))
 
 
 def augmentation_dict(params: AugmentationParams) -> dict[str, Any]:

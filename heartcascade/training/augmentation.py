@@ -13,7 +13,8 @@ batchgenerators has rotation, scaling and elastic deformation in ``SpatialTransf
 and no translation; and it rotates a pre-cut crop. Hence this module. Flipping uses batchgenerators'
 ``MirrorTransform`` in the worker pipeline (:func:`batch_transforms`), and so do the intensity
 transforms (Gaussian noise, Gaussian blur, multiplicative brightness, contrast, simulated low
-resolution, gamma -- nnU-Net's set -- plus an MR bias field, :class:`BiasFieldTransform`), after the spatial transform and only on the *image* channels:
+resolution, gamma -- nnU-Net's set -- plus an MR bias field, :class:`BiasFieldTransform`, and a random
+intensity curve, :class:`HistogramShiftTransform`), after the spatial transform and only on the *image* channels:
 :class:`ImageChannelsTransform` hands them a copy of the first ``image_channels`` channels of
 ``data``, so Net1's probability channels of step 4 and the label maps are never altered.
 
@@ -326,6 +327,8 @@ def intensity_transforms(params: AugmentationParams) -> list[Any]:
         (params.p_gamma, lambda p: GammaTransform(tuple(params.gamma_range), invert_image=False, per_channel=True,
                                                   retain_stats=False, p_per_sample=p)),
         (params.p_bias_field, lambda p: BiasFieldTransform(tuple(params.bias_field_coefficients), p_per_sample=p)),
+        (params.p_histogram_shift, lambda p: HistogramShiftTransform(tuple(params.histogram_shift_range),
+                                                                     p_per_sample=p)),
     ]
     return [make(float(p)) for p, make in candidates if p > 0]
 
@@ -372,6 +375,48 @@ class BiasFieldTransform:
                 x = data[b, c]
                 lo, hi = float(x.min()), float(x.max())
                 data[b, c] = np.clip((x - lo) * gain + lo, lo, hi)
+        return data_dict
+
+
+class HistogramShiftTransform:
+    """Another scanner's intensity curve: a random monotone piecewise-linear remap of each image channel.
+
+    Percentile normalisation fixes a scan's darkest and brightest values, not where the tissues lie between
+    them: on another centre's cine MR the blood pool sits at 0.35-0.55 of the window against about 0.62 in
+    the training scans, while Net1's instance norm cancels a global scale or offset. A gamma bends the
+    whole curve one way; this moves three control points (at 1/4, 1/2 and 3/4 of the patch's range) each by a
+    random share of the range (size drawn from ``shift_range``, random sign), sorts them so the curve stays
+    monotone, and maps the patch through it, keeping its darkest and brightest values. Draws from numpy's
+    global generator, which the loaders reseed per batch.
+    """
+
+    POINTS = (0.25, 0.5, 0.75)
+
+    def __init__(self, shift_range: tuple[float, float], p_per_sample: float) -> None:
+        self.shift_range = (float(shift_range[0]), float(shift_range[1]))
+        self.p_per_sample = float(p_per_sample)
+
+    def curve(self) -> tuple[np.ndarray, np.ndarray]:
+        """Control points (x, y) on [0, 1]: the ends fixed, the inner ones moved and kept in order."""
+        x = np.array((0.0, *self.POINTS, 1.0))
+        lo, hi = self.shift_range
+        moved = [p + np.random.uniform(lo, hi) * np.random.choice((-1.0, 1.0)) for p in self.POINTS]
+        y = np.array((0.0, *np.sort(np.clip(moved, 0.0, 1.0)), 1.0))
+        return x, y
+
+    def __call__(self, **data_dict: Any) -> dict[str, Any]:
+        data = data_dict["data"]
+        for b in range(data.shape[0]):
+            if np.random.uniform() >= self.p_per_sample:
+                continue
+            for c in range(data.shape[1]):
+                x = data[b, c]
+                lo, hi = float(x.min()), float(x.max())
+                if hi <= lo:
+                    continue
+                px, py = self.curve()
+                fraction = np.interp((x - lo) / (hi - lo), px, py)
+                data[b, c] = (fraction * (hi - lo) + lo).astype(data.dtype, copy=False)
         return data_dict
 
 
