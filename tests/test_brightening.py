@@ -50,7 +50,8 @@ def test_brighten_moves_a_uniform_class_exactly_to_the_target_and_keeps_the_rang
     assert (out >= image - 1e-6).all()  # a factor > 1 only brightens
     fraction, scaled = (image + 1) / 2, (out + 1) / 2  # linear below the top: contrast ratios are kept
     below = fraction * 1.5 < 0.99
-    assert np.allclose(scaled[below], fraction[below] * 1.5, atol=1e-5) and np.allclose(scaled[~below], np.minimum(fraction[~below] * 1.5, 1), atol=1e-5)
+    assert np.allclose(scaled[below], fraction[below] * 1.5, atol=1e-5)
+    assert np.allclose(scaled[~below], np.minimum(fraction[~below] * 1.5, 1), atol=1e-5)  # the top stays the top
     assert brightening.class_brightness(image, labels, 2, [(-1.0, 1.0)], 1) is None  # class absent
 
 
