@@ -560,7 +560,7 @@ def _with_workers(trainer, start, workers):
 # intensity augmentation
 
 INTENSITY_P = ("p_gaussian_noise", "p_gaussian_blur", "p_brightness", "p_contrast", "p_low_resolution", "p_gamma",
-               "p_gamma_inverted", "p_bias_field", "p_histogram_shift")
+               "p_gamma_inverted", "p_bias_field", "p_histogram_shift", "p_class_intensity")
 
 
 def _batch(n: int, seed: int = 0) -> dict:
@@ -593,7 +593,8 @@ def test_intensity_transforms_only_touch_image_channels():
         assert sum(changed) >= (4 if key in ("p_gaussian_blur", "p_low_resolution") else 16), (key, sum(changed))
         np.testing.assert_array_equal(out["data"][:, 1:], batch["data"][:, 1:])  # Net1 probabilities untouched
         np.testing.assert_array_equal(out["seg"], batch["seg"])
-        if key.startswith("p_gamma") or key in ("p_contrast", "p_bias_field", "p_histogram_shift"):  # range-preserving
+        if key.startswith("p_gamma") or key in ("p_contrast", "p_bias_field", "p_histogram_shift",
+                                                "p_class_intensity"):  # range-preserving
             assert out["data"][:, 0].min() >= batch["data"][:, 0].min() - 1e-5
             assert out["data"][:, 0].max() <= batch["data"][:, 0].max() + 1e-5
         again = _run(transform, batch, seed=3)
@@ -619,6 +620,37 @@ def test_histogram_shift_is_a_monotone_curve_that_keeps_the_range_and_moves_the_
     assert min(moved) > 0 and max(moved) > 0.1  # every draw moves the middle; some by a tenth of the range
     np.random.seed(0)
     assert np.array_equal(HistogramShiftTransform((0.1, 0.25), p_per_sample=0.0)(data=image.copy())["data"], image)
+
+
+def test_class_intensity_scales_each_structure_by_its_own_gain_with_a_soft_edge():
+    """Inside a labelled structure the image is scaled (above the patch's darkest value) by that label's factor,
+    far from every structure it is unchanged, the edge is a blend, the labels are only read, and the batch
+    path hands the labels to the transform."""
+    from heartcascade.training.augmentation import AugmentationParams, ClassIntensityTransform, batch_transforms
+
+    image = np.full((1, 2, 3, 32, 32), 0.5, dtype=np.float32)
+    image[:, :, :, 0, 0] = -1.0  # the patch's darkest value
+    seg = np.zeros((1, 1, 3, 32, 32), dtype=np.int16)
+    seg[..., 4:14, 4:14] = 1
+    seg[..., 18:28, 18:28] = 2
+    np.random.seed(0)
+    out = ClassIntensityTransform((0.6, 0.6), p_per_sample=1.0)(data=image.copy(), seg=seg.copy())
+    np.testing.assert_array_equal(out["seg"], seg)
+    for c in range(2):
+        assert out["data"][0, c, 1, 9, 9] == pytest.approx(-1 + 1.5 * 0.6, abs=1e-4)  # inside label 1
+        assert out["data"][0, c, 1, 23, 23] == pytest.approx(-1 + 1.5 * 0.6, abs=1e-4)  # inside label 2
+        assert out["data"][0, c, 1, 9, 26] == pytest.approx(0.5)  # far from both
+        edge = out["data"][0, c, 1, 9, 13:16]
+        assert -0.1 < edge.min() and edge.max() < 0.5 and np.all(np.diff(edge) > 0)  # fades, no step
+    np.random.seed(1)
+    out = ClassIntensityTransform((0.5, 1.5), p_per_sample=1.0)(data=image.copy(), seg=seg.copy())["data"]
+    assert out[0, 0, 1, 9, 9] != pytest.approx(out[0, 0, 1, 23, 23])  # each label draws its own factor
+    assert out.min() >= -1 and out.max() <= 0.5 + 1e-6  # clipped to the patch's range
+    batch = {"data": np.concatenate([image[:, :1], image[:, 1:]], axis=1), "seg": seg}
+    transform = batch_transforms(AugmentationParams.from_dict({"p_class_intensity": 1.0,
+                                                               "class_intensity_range": [0.6, 0.6]}), image_channels=1)
+    moved = _run(transform, batch, seed=0)["data"]
+    assert moved[0, 0, 1, 9, 9] == pytest.approx(-0.1, abs=1e-4) and moved[0, 1, 1, 9, 9] == 0.5  # image channel only
 
 
 def test_scaling_per_axis_and_full_circle_inplane_rotation():

@@ -53,6 +53,10 @@ class AugmentationParams:
     # three inner control points (at 1/4, 1/2, 3/4 of the range) move by up to this share of the range
     p_histogram_shift: float = 0.0
     histogram_shift_range: tuple[float, float] = (0.0, 0.2)
+    # Another protocol's tissue contrast: each labelled structure present in the patch multiplied by its own
+    # factor drawn from this range (a smooth in-plane mask, so no label-shaped edge gives the answer away)
+    p_class_intensity: float = 0.0
+    class_intensity_range: tuple[float, float] = (0.6, 1.4)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None, source: str = "plans",
@@ -104,7 +108,8 @@ INTENSITY_FIELDS = (("p_gaussian_noise", "noise_std"), ("p_gaussian_blur", "blur
                     ("p_brightness", "brightness_range"), ("p_contrast", "contrast_range"),
                     ("p_low_resolution", "low_resolution_zoom"), ("p_gamma", "gamma_range"),
                     ("p_gamma_inverted", "gamma_range"), ("p_bias_field", "bias_field_coefficients"),
-                    ("p_histogram_shift", "histogram_shift_range"))
+                    ("p_histogram_shift", "histogram_shift_range"),
+                    ("p_class_intensity", "class_intensity_range"))
 
 
 def augmentation_dict(params: AugmentationParams) -> dict[str, Any]:
