@@ -646,7 +646,7 @@ def test_class_intensity_scales_each_structure_by_its_own_gain_with_a_soft_edge(
     out = ClassIntensityTransform((0.5, 1.5), p_per_sample=1.0)(data=image.copy(), seg=seg.copy())["data"]
     assert out[0, 0, 1, 9, 9] != pytest.approx(out[0, 0, 1, 23, 23])  # each label draws its own factor
     assert out.min() >= -1 and out.max() <= 0.5 + 1e-6  # clipped to the patch's range
-    batch = {"data": np.concatenate([image[:, :1], image[:, 1:]], axis=1), "seg": seg}
+    batch = {"data": image, "seg": seg}
     transform = batch_transforms(AugmentationParams.from_dict({"p_class_intensity": 1.0,
                                                                "class_intensity_range": [0.6, 0.6]}), image_channels=1)
     moved = _run(transform, batch, seed=0)["data"]

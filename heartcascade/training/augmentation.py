@@ -336,6 +336,16 @@ def intensity_transforms(params: AugmentationParams) -> list[Any]:
     return [make(float(p)) for p, make in candidates if p > 0]
 
 
+def gain_above_minimum(x: np.ndarray, gain: np.ndarray) -> np.ndarray:
+    """``x`` with its signal above its darkest value multiplied by ``gain``, clipped back to its own range.
+
+    The images are normalised, not raw signal, so a multiplicative change (coil shading, a tissue's
+    contrast) acts on the distance from the patch's floor and keeps the patch's range.
+    """
+    lo, hi = float(x.min()), float(x.max())
+    return np.clip((x - lo) * gain + lo, lo, hi)
+
+
 class BiasFieldTransform:
     """MR intensity shading: multiply the signal by ``exp(P(z, y, x))``, P a random cubic polynomial.
 
@@ -375,9 +385,7 @@ class BiasFieldTransform:
                 continue
             gain = self.field(data.shape[2:])
             for c in range(data.shape[1]):
-                x = data[b, c]
-                lo, hi = float(x.min()), float(x.max())
-                data[b, c] = np.clip((x - lo) * gain + lo, lo, hi)
+                data[b, c] = gain_above_minimum(data[b, c], gain)
         return data_dict
 
 
@@ -433,8 +441,8 @@ class ClassIntensityTransform:
     draws a factor from ``factor_range``; the gain is 1 plus the sum of (factor - 1) times the label's
     mask blurred in-plane (sigma 1 voxel), so the change fades over a voxel or two instead of drawing
     the label's outline into the image. As :class:`BiasFieldTransform`, the gain acts above the patch's
-    darkest value and the result is clipped to the patch's range. Reads ``seg``, never writes it; draws
-    from numpy's global generator, which the loaders reseed per batch.
+    darkest value and the result is clipped to the patch's range (:func:`gain_above_minimum`). Reads
+    ``seg``, never writes it; draws from numpy's global generator, which the loaders reseed per batch.
     """
 
     SIGMA = (0.0, 1.0, 1.0)  # voxels along (D, H, W): in-plane only, the slice axis is often coarse
@@ -463,9 +471,7 @@ class ClassIntensityTransform:
                 continue
             gain = self.gain(seg[b, 0])
             for c in range(data.shape[1]):
-                x = data[b, c]
-                lo, hi = float(x.min()), float(x.max())
-                data[b, c] = np.clip((x - lo) * gain + lo, lo, hi)
+                data[b, c] = gain_above_minimum(data[b, c], gain)
         return data_dict
 
 
