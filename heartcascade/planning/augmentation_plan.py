@@ -57,6 +57,12 @@ class AugmentationParams:
     # factor drawn from this range (a smooth in-plane mask, so no label-shaped edge gives the answer away)
     p_class_intensity: float = 0.0
     class_intensity_range: tuple[float, float] = (0.6, 1.4)
+    # A contracted left ventricle (systole, a thick wall): the cavity's radius times a factor from this range,
+    # the wall keeping its area (training.shape_augmentation); labels = the (cavity, wall) label values, which
+    # the planner finds by name (LV, Myo); empty where the dataset has no such pair
+    p_cavity_contraction: float = 0.0
+    cavity_contraction_range: tuple[float, float] = (0.4, 1.0)
+    cavity_contraction_labels: tuple[int, ...] = ()
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None, source: str = "plans",
@@ -93,6 +99,7 @@ class AugmentationParams:
             lo_hi = getattr(params, range_name)
             if not isinstance(lo_hi, tuple) or len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1]:
                 raise HCError(f"{source}: {where}: {range_name} must be two numbers 0 <= low <= high, got {lo_hi}")
+        _check_contraction(params, f"{source}: {where}")
         return params
 
     def disabled(self) -> "AugmentationParams":
@@ -101,6 +108,20 @@ class AugmentationParams:
     @property
     def any_intensity(self) -> bool:
         return self.enabled and any(getattr(self, p_name) > 0 for p_name, _ in INTENSITY_FIELDS)
+
+
+def _check_contraction(params: AugmentationParams, where: str) -> None:
+    p, lo_hi, labels = params.p_cavity_contraction, params.cavity_contraction_range, params.cavity_contraction_labels
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+        raise HCError(f"{where}: p_cavity_contraction must be a probability in [0, 1], got {p!r}")
+    if not isinstance(lo_hi, tuple) or len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1.5:
+        raise HCError(f"{where}: cavity_contraction_range must be two factors 0 < low <= high <= 1.5, got {lo_hi}")
+    if len(labels) not in (0, 2) or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in labels):
+        raise HCError(f"{where}: cavity_contraction_labels must be two foreground label values (cavity, wall) "
+                      f"or empty, got {list(labels)}")
+    if p > 0 and len(labels) != 2:
+        raise HCError(f"{where}: p_cavity_contraction is {p} but cavity_contraction_labels is empty (the dataset "
+                      f"has no labels named LV and Myo; give the (cavity, wall) label values)")
 
 
 #: (probability, range) field pairs of the intensity transforms

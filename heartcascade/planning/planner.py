@@ -63,6 +63,7 @@ import numpy as np
 import torch
 
 from heartcascade.dataset.dataset_json import CT_NAMES, DatasetInfo
+from heartcascade.dataset.segments import structure_key
 from heartcascade.planning import fingerprint as fpmod
 from heartcascade.planning import memory_model
 from heartcascade.planning.curriculum import CURRICULUM_STEPS, CurriculumStep
@@ -724,7 +725,15 @@ def augmentation_section(ctx: _Context) -> dict[str, Any]:
     if ctx.spacing[0] > 3.0 * min(ctx.spacing[1:]):
         rot = list(aug["rotation_deg"])
         aug["rotation_deg"] = [rot[0], 0.0, 0.0]
+    if not aug["cavity_contraction_labels"]:
+        aug["cavity_contraction_labels"] = cavity_and_wall(ctx.info.labels)
     return augmentation_dict(AugmentationParams.from_dict(aug, "preset"))  # every field, defaults written out
+
+
+def cavity_and_wall(labels: dict[str, int]) -> list[int]:
+    """The label values of the LV cavity and its myocardium, found by name, or [] when either is missing."""
+    found = {structure_key(name): int(value) for name, value in labels.items() if int(value) > 0}
+    return [found["lv"], found["myo"]] if "lv" in found and "myo" in found else []
 
 
 def sampling_section(ctx: _Context) -> dict[str, Any]:

@@ -45,6 +45,7 @@ from scipy import ndimage
 
 from heartcascade.planning.augmentation_plan import AugmentationParams
 from heartcascade.preprocessing.resampling import linear_source_weights
+from heartcascade.training.shape_augmentation import CavityContractionTransform
 
 
 @dataclass
@@ -496,12 +497,17 @@ class ImageChannelsTransform:
 
 
 def batch_transforms(params: AugmentationParams, image_channels: int | None = None):
-    """The transforms run in the worker processes on whole batches (flipping, then intensity), or None.
+    """The transforms run in the worker processes on whole batches (a contracted cavity, flipping, then
+    intensity), or None.
 
     ``image_channels``: how many leading channels of ``data`` are image (the rest, Net1's
     probabilities in step 4, are left alone by the intensity transforms); None = no intensity transforms.
     """
     transforms: list[Any] = []
+    if params.enabled and params.p_cavity_contraction > 0:
+        transforms.append(CavityContractionTransform(tuple(params.cavity_contraction_range),
+                                                     params.cavity_contraction_labels,
+                                                     p_per_sample=float(params.p_cavity_contraction)))
     if params.enabled and params.p_flip > 0 and params.flip_axes:
         transforms.append(MirrorTransform(axes=tuple(int(a) for a in params.flip_axes), data_key="data",
                                           label_key="seg", p_per_sample=float(params.p_flip)))
