@@ -87,15 +87,11 @@ class AugmentationParams:
             raise HCError(f"{source}: {where}: rotation_deg needs 3 values (about D, H, W), got {params.rotation_deg}")
         if len(params.scale_range) != 2 or min(params.scale_range) <= 0:
             raise HCError(f"{source}: {where}: scale_range must be two positive numbers, got {params.scale_range}")
-        if isinstance(params.p_scale_per_axis, bool) or not 0 <= params.p_scale_per_axis <= 1:
-            raise HCError(f"{source}: {where}: p_scale_per_axis must be a probability in [0, 1], "
-                          f"got {params.p_scale_per_axis!r}")
+        _check_probability(params, "p_scale_per_axis", f"{source}: {where}")
         if any(a not in (0, 1, 2) for a in params.flip_axes):
             raise HCError(f"{source}: {where}: flip_axes must be among 0, 1, 2, got {params.flip_axes}")
         for p_name, range_name in INTENSITY_FIELDS:
-            p = getattr(params, p_name)
-            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
-                raise HCError(f"{source}: {where}: {p_name} must be a probability in [0, 1], got {p!r}")
+            _check_probability(params, p_name, f"{source}: {where}")
             lo_hi = getattr(params, range_name)
             if not isinstance(lo_hi, tuple) or len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1]:
                 raise HCError(f"{source}: {where}: {range_name} must be two numbers 0 <= low <= high, got {lo_hi}")
@@ -110,10 +106,15 @@ class AugmentationParams:
         return self.enabled and any(getattr(self, p_name) > 0 for p_name, _ in INTENSITY_FIELDS)
 
 
-def _check_contraction(params: AugmentationParams, where: str) -> None:
-    p, lo_hi, labels = params.p_cavity_contraction, params.cavity_contraction_range, params.cavity_contraction_labels
+def _check_probability(params: AugmentationParams, name: str, where: str) -> None:
+    p = getattr(params, name)
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
-        raise HCError(f"{where}: p_cavity_contraction must be a probability in [0, 1], got {p!r}")
+        raise HCError(f"{where}: {name} must be a probability in [0, 1], got {p!r}")
+
+
+def _check_contraction(params: AugmentationParams, where: str) -> None:
+    _check_probability(params, "p_cavity_contraction", where)
+    p, lo_hi, labels = params.p_cavity_contraction, params.cavity_contraction_range, params.cavity_contraction_labels
     if not isinstance(lo_hi, tuple) or len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1.5:
         raise HCError(f"{where}: cavity_contraction_range must be two factors 0 < low <= high <= 1.5, got {lo_hi}")
     if len(labels) not in (0, 2) or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in labels):
